@@ -1,0 +1,28 @@
+"""expand_mm: ExpandNets for OpenMMLab detectors and segmenters.
+
+Train a compact model with every selected conv / linear layer expanded into a
+chain of linear layers, then multiply the chains back into a stock compact
+checkpoint. Importing the package registers ``type='ExpandNet'`` in MMEngine's
+``MODELS``, the checkpoint hooks in ``HOOKS``, and lets ``torch.load`` read
+MMEngine's own checkpoints on torch >= 2.6.
+"""
+from .compat import allow_mmengine_checkpoints
+from .layers import ExpandConv2d, ExpandedLayer, ExpandLinear
+from .surgery import (ExpansionReport, contract_model, expand_model, expanded_layers,
+                      set_expand_mode, verify_contraction)
+
+allow_mmengine_checkpoints()
+
+from . import models  # noqa: E402  (registers ExpandNet and the compact models)
+from . import hooks  # noqa: E402  (registers the checkpoint hooks)
+from .checkpoint import CheckpointError, match_state_dict, read_checkpoint  # noqa: E402
+from .models import deployable_model  # noqa: E402
+
+__version__ = '0.1.0'
+
+__all__ = [
+    'ExpandConv2d', 'ExpandLinear', 'ExpandedLayer', 'ExpansionReport', 'expand_model',
+    'contract_model', 'verify_contraction', 'expanded_layers', 'set_expand_mode',
+    'deployable_model', 'CheckpointError', 'read_checkpoint', 'match_state_dict',
+    'allow_mmengine_checkpoints', 'hooks', 'models',
+]

@@ -1,0 +1,188 @@
+"""Checkpoints of expanded models: read safely, recognise, convert.
+
+A model built by ``type='ExpandNet'`` can meet two kinds of state dict:
+
+* the *expanded* form it writes itself while training (factor keys such as
+  ``backbone.conv1.conv.convs.0.weight``), which loads as is;
+* the *compact* form of the stock model (``backbone.conv1.conv.weight``), e.g. a
+  pretrained compact model or a compact checkpoint written by
+  :class:`~expand_mm.hooks.ContractCheckpointHook`. It is converted by
+  factorising every compact kernel exactly (``keep_weights``), so the expanded
+  model computes what the compact checkpoint did.
+
+Anything else is refused with the keys that do not fit, before a single tensor
+is loaded. Independent of mmdet / mmseg.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from .layers import ExpandConv2d, ExpandedLayer, ExpandLinear
+from .surgery import expanded_layers
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not fit the model."""
+
+
+def read_checkpoint(path: str, map_location: Any = 'cpu') -> dict:
+    """Load a checkpoint file with a clear error when it is missing or corrupt.
+
+    Args:
+        path: Local path of a ``.pth`` file.
+        map_location: Passed to ``torch.load``.
+
+    Returns:
+        The checkpoint dict; a bare state dict is wrapped as ``{'state_dict': ...}``.
+
+    Raises:
+        CheckpointError: Missing, unreadable, truncated, or not a checkpoint.
+    """
+    if not os.path.isfile(path):
+        raise CheckpointError(f'checkpoint {path!r} does not exist')
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile,
+            OSError, ValueError, AttributeError) as err:
+        raise CheckpointError(
+            f'cannot read checkpoint {path!r}: {type(err).__name__}: {str(err)[:300]}. '
+            'The file is corrupt or truncated, or not a PyTorch checkpoint; '
+            'use a checkpoint written by the training runner or tools/contract.py') from err
+    if isinstance(checkpoint, Mapping) and 'state_dict' not in checkpoint and checkpoint \
+            and all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+        checkpoint = {'state_dict': dict(checkpoint)}
+    if not isinstance(checkpoint, Mapping) or not isinstance(checkpoint.get('state_dict'),
+                                                             Mapping):
+        raise CheckpointError(f'{path!r} holds no state_dict (found {type(checkpoint).__name__}'
+                              f' with keys {list(checkpoint)[:5] if isinstance(checkpoint, Mapping) else "-"})')
+    return dict(checkpoint)
+
+
+def strip_prefix(state_dict: Mapping[str, Any], prefix: str = 'module.') -> dict:
+    """``state_dict`` with ``prefix`` removed from the keys that start with it."""
+    return {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in state_dict.items()}
+
+
+@dataclass
+class KeyMismatch:
+    """How a state dict differs from the keys and shapes a model expects."""
+
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    wrong_shape: list[str] = field(default_factory=list)
+
+    @property
+    def count(self) -> int:
+        """Total number of problems."""
+        return len(self.missing) + len(self.unexpected) + len(self.wrong_shape)
+
+    def describe(self, limit: int = 6) -> str:
+        """One line per kind of problem, at most ``limit`` keys each."""
+        parts = []
+        for name, keys in (('missing', self.missing), ('unexpected', self.unexpected),
+                           ('wrong shape', self.wrong_shape)):
+            if keys:
+                more = f' (+{len(keys) - limit} more)' if len(keys) > limit else ''
+                parts.append(f'{name} ({len(keys)}): {", ".join(keys[:limit])}{more}')
+        return '; '.join(parts) or 'none'
+
+
+def _compare(expected: Mapping[str, torch.Size], state_dict: Mapping[str, Any]) -> KeyMismatch:
+    mismatch = KeyMismatch()
+    for key, shape in expected.items():
+        if key not in state_dict:
+            mismatch.missing.append(key)
+        elif tuple(state_dict[key].shape) != tuple(shape):
+            mismatch.wrong_shape.append(
+                f'{key} {tuple(state_dict[key].shape)} != {tuple(shape)}')
+    mismatch.unexpected = [k for k in state_dict if k not in expected]
+    return mismatch
+
+
+def expanded_key_shapes(model: nn.Module) -> dict[str, torch.Size]:
+    """Keys and shapes of ``model.state_dict()`` (the expanded form)."""
+    return {k: v.shape for k, v in model.state_dict().items()}
+
+
+def compact_key_shapes(model: nn.Module) -> dict[str, torch.Size]:
+    """Keys and shapes the contracted ``model`` would have (without copying it)."""
+    layers = expanded_layers(model)
+    prefixes = tuple(p + '.' for p, _ in layers)
+    shapes = {k: v.shape for k, v in model.state_dict().items() if not k.startswith(prefixes)}
+    for path, layer in layers:
+        shapes[path + '.weight'] = layer.weight.shape
+        if layer.bias is not None:
+            shapes[path + '.bias'] = layer.bias.shape
+    return shapes
+
+
+def _refactorise(layer: ExpandedLayer, weight: torch.Tensor,
+                 bias: torch.Tensor | None, name: str) -> dict[str, torch.Tensor]:
+    """Factor tensors that make ``layer``'s chain compute ``(weight, bias)`` exactly."""
+    compact = layer.contract()
+    with torch.no_grad():
+        compact.weight.copy_(weight)
+        if bias is not None:
+            compact.bias.copy_(bias)
+    if isinstance(layer, ExpandConv2d):
+        new = ExpandConv2d.from_conv(compact, strategy=layer.strategy, ratio=layer.ratio,
+                                     mode=layer.mode, keep_weights=True, name=name)
+    else:
+        new = ExpandLinear.from_linear(compact, ratio=layer.ratio, mode=layer.mode,
+                                       keep_weights=True, name=name)
+    return new.state_dict()
+
+
+def match_state_dict(model: nn.Module, state_dict: Mapping[str, Any],
+                     strict: bool = True, source: str = 'checkpoint') -> tuple[str, dict]:
+    """Recognise ``state_dict`` as the expanded or compact form of ``model``.
+
+    Args:
+        model: The (expanded) model the state dict is meant for.
+        state_dict: Its keys may carry a DDP ``module.`` prefix.
+        strict: If False, a partial compact / expanded state dict is accepted
+            (e.g. a backbone-only or a different-head checkpoint for
+            fine-tuning): the compact kernels that are present are factorised
+            and the rest is left to the loader's own missing-key warnings.
+        source: Name used in error messages (e.g. the file path).
+
+    Returns:
+        ``(kind, state_dict)`` where kind is ``'expanded'`` or ``'compact'`` and
+        the state dict is ready for ``model.load_state_dict`` (compact kernels
+        replaced by exact factors).
+
+    Raises:
+        CheckpointError: If the state dict fits neither form (with ``strict``),
+            naming the keys that do not fit.
+    """
+    state_dict = strip_prefix(state_dict)
+    expanded_mismatch = _compare(expanded_key_shapes(model), state_dict)
+    if expanded_mismatch.count == 0:
+        return 'expanded', dict(state_dict)
+    compact_mismatch = _compare(compact_key_shapes(model), state_dict)
+    if strict and compact_mismatch.count:
+        best = min((expanded_mismatch, 'expanded (training) checkpoint'),
+                   (compact_mismatch, 'compact (stock) checkpoint'), key=lambda t: t[0].count)
+        raise CheckpointError(
+            f'{source} fits neither the expanded nor the compact form of '
+            f'{type(model).__name__}. Closest: a {best[1]}, but {best[0].describe()}. '
+            'Use a checkpoint of this config (training or *_compact.pth) or of its '
+            'stock compact config.')
+    if not strict and expanded_mismatch.count <= compact_mismatch.count:
+        return 'expanded', dict(state_dict)
+    converted = dict(state_dict)
+    for path, layer in expanded_layers(model):
+        weight = converted.pop(path + '.weight', None)
+        bias = converted.pop(path + '.bias', None)
+        if weight is None or tuple(weight.shape) != tuple(layer.weight.shape):
+            continue
+        for key, value in _refactorise(layer, weight, bias, path).items():
+            converted[f'{path}.{key}'] = value
+    return 'compact', converted

@@ -1,0 +1,133 @@
+"""Hooks that connect ExpandNets to MMEngine's checkpointing."""
+from __future__ import annotations
+
+import os.path as osp
+from typing import Sequence
+
+from mmengine.dist import is_main_process
+from mmengine.hooks import Hook
+from mmengine.registry import HOOKS
+
+from ..checkpoint import CheckpointError, match_state_dict
+from ..deploy import DEFAULT_PROBE_SHAPE, compact_checkpoint_path, write_compact_checkpoint
+from ..models.expandnet import deployable_model
+from ..surgery import expanded_layers
+
+
+@HOOKS.register_module()
+class ContractCheckpointHook(Hook):
+    """Write a stock compact checkpoint beside every checkpoint the runner saves.
+
+    Acts after ``CheckpointHook`` (priority ``LOWEST``) at the end of every
+    train iteration / epoch, validation epoch and of training: when MMEngine's
+    message hub names a new ``last_ckpt`` or ``best_ckpt*``, the file is read
+    back (so what is contracted is exactly what was saved: with ``EMAHook`` on,
+    the saved ``state_dict`` already holds the EMA weights), contracted, checked
+    on a probe input, and written as ``<name>_compact.pth``. Only the main
+    process writes; nothing here uses collective calls, so DDP cannot hang.
+
+    Args:
+        suffix: Added to the checkpoint's stem.
+        probe_shape: Input shape of the contraction check (NCHW).
+        rtol: A relative error above this raises instead of writing.
+        verify: Run the contraction check (logged with its error).
+    """
+
+    priority = 'LOWEST'
+
+    def __init__(self, suffix: str = '_compact',
+                 probe_shape: Sequence[int] = DEFAULT_PROBE_SHAPE,
+                 rtol: float = 1e-4, verify: bool = True) -> None:
+        self.suffix = suffix
+        self.probe_shape = tuple(probe_shape)
+        self.rtol = rtol
+        self.verify = verify
+        self._done: set[str] = set()
+
+    def before_train(self, runner) -> None:
+        """Check there is something to contract; remember the resumed checkpoint."""
+        if not expanded_layers(deployable_model(runner.model)):
+            raise ValueError('ContractCheckpointHook: the model has no expanded layer; use '
+                             "model=dict(type='ExpandNet', model=..., ...) in the config")
+        resumed = runner.message_hub.get_info('last_ckpt')
+        if resumed and osp.isfile(compact_checkpoint_path(resumed, self.suffix)):
+            self._done.add(resumed)
+
+    def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None) -> None:
+        """Contract a checkpoint saved at this iteration."""
+        self._contract_new(runner)
+
+    def after_train_epoch(self, runner) -> None:
+        """Contract a checkpoint saved at this epoch."""
+        self._contract_new(runner)
+
+    def after_val_epoch(self, runner, metrics=None) -> None:
+        """Contract a new best checkpoint."""
+        self._contract_new(runner)
+
+    def after_train(self, runner) -> None:
+        """Contract the last checkpoint."""
+        self._contract_new(runner)
+
+    def _saved_paths(self, runner) -> list[str]:
+        info = runner.message_hub.runtime_info
+        return [v for k, v in info.items()
+                if (k == 'last_ckpt' or k.startswith('best_ckpt')) and isinstance(v, str)]
+
+    def _contract_new(self, runner) -> None:
+        if not is_main_process():
+            return
+        for path in self._saved_paths(runner):
+            if path in self._done or not osp.isfile(path):
+                continue
+            dst, errors = write_compact_checkpoint(
+                runner.model, path, compact_checkpoint_path(path, self.suffix),
+                self.probe_shape, self.rtol, self.verify)
+            self._done.add(path)
+            check = (f'max abs error {errors["max_abs"]:.2e}, relative {errors["max_rel"]:.2e}'
+                     if errors else 'not verified')
+            runner.logger.info(f'ContractCheckpointHook: wrote compact checkpoint {dst} '
+                               f'({check})')
+
+
+@HOOKS.register_module()
+class ExpandCheckpointLoadHook(Hook):
+    """Let an ExpandNet load compact checkpoints and refuse ones that do not fit.
+
+    Acts in ``after_load_checkpoint`` -- after the runner has read a
+    ``load_from`` / ``resume`` file and before it copies the weights into the
+    model -- with priority ``VERY_HIGH`` so it runs before ``EMAHook`` copies the
+    weights into its averaged model. A compact checkpoint (stock keys, e.g. a
+    pretrained compact model or a ``*_compact.pth``) is converted to exact
+    factors so the ExpandNet computes what it did; an expanded training
+    checkpoint passes unchanged; anything else raises, naming the keys that do
+    not fit, before anything is loaded.
+
+    Args:
+        strict: If False, accept partial checkpoints (e.g. fine-tuning a model
+            with another head): what fits is converted, the rest is left to the
+            runner's missing-key warnings.
+    """
+
+    priority = 'VERY_HIGH'
+
+    def __init__(self, strict: bool = True) -> None:
+        self.strict = strict
+
+    def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
+        """Convert or check ``checkpoint['state_dict']`` in place."""
+        model = deployable_model(runner.model)
+        if not expanded_layers(model):
+            return
+        source = runner._load_from if not runner._resume else 'resumed checkpoint'
+        kind, state_dict = match_state_dict(model, checkpoint['state_dict'],
+                                            strict=self.strict, source=str(source))
+        if kind == 'compact' and runner._resume:
+            raise CheckpointError(
+                f'{source} is a compact checkpoint: it has no factors or optimizer state to '
+                'resume from. Use it with load_from=... to start an ExpandNet from it, or '
+                'resume from the training checkpoint (epoch_N.pth / iter_N.pth)')
+        checkpoint['state_dict'] = state_dict
+        runner.logger.info(f'ExpandCheckpointLoadHook: {source} is a {kind} checkpoint'
+                           + (' (factorised exactly into the expanded layers)'
+                              if kind == 'compact' else ''))

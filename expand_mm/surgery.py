@@ -1,0 +1,452 @@
+"""Model surgery: expand the selected layers of any ``nn.Module`` and contract back.
+
+This module knows nothing of mmdet or mmseg. It walks ``named_modules()``,
+selects layers by glob patterns over their module paths, and swaps each one for
+its :class:`~expand_mm.layers.ExpandConv2d` / :class:`~expand_mm.layers.ExpandLinear`
+(in place, so the optimizer built afterwards sees the factors). Contraction is the
+reverse on a deep copy, so the training model is never touched.
+
+mmcv ``ConvModule``s hold their convolution as ``.conv``; replacing exactly that
+child keeps the norm and the activation where they were, and keeps every
+state-dict key outside the conv unchanged.
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+import fnmatch
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from .layers import ExpandConv2d, ExpandedLayer, ExpandLinear
+
+STRATEGIES = ('cl', 'ck', 'auto')
+MODES = ('online', 'explicit')
+
+
+@dataclass
+class ExpandedLayerRecord:
+    """One expanded layer of an :class:`ExpansionReport`.
+
+    Attributes:
+        path: Module path of the replaced layer (e.g. ``'backbone.conv1.conv'``).
+        layer_type: ``'Conv2d'`` or ``'Linear'``.
+        shape: Human-readable compact shape, e.g. ``'32->64 k3x3 s2 g1'``.
+        strategy: ``'cl'``, ``'ck'`` or ``'fc'``.
+        compact_params: Parameters of the compact layer.
+        expanded_params: Parameters of its expanded chain.
+    """
+
+    path: str
+    layer_type: str
+    shape: str
+    strategy: str
+    compact_params: int
+    expanded_params: int
+
+
+@dataclass
+class ExpansionReport:
+    """What :func:`expand_model` did: every expanded layer and the totals.
+
+    Attributes:
+        layers: One record per expanded layer, in module order.
+        skipped: ``(path, reason)`` for candidate layers that were left compact.
+        model_params_before: Parameters of the whole model before expansion.
+        model_params_after: Parameters of the whole model after expansion.
+        ratio: Expansion ratio used.
+        mode: Training mode of the expanded layers.
+    """
+
+    layers: list[ExpandedLayerRecord] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    model_params_before: int = 0
+    model_params_after: int = 0
+    ratio: int = 4
+    mode: str = 'online'
+
+    @property
+    def compact_params(self) -> int:
+        """Parameters of the expanded layers in their compact form."""
+        return sum(r.compact_params for r in self.layers)
+
+    @property
+    def expanded_params(self) -> int:
+        """Parameters of the expanded layers in their expanded form."""
+        return sum(r.expanded_params for r in self.layers)
+
+    @property
+    def param_ratio(self) -> float:
+        """Whole-model parameter count after / before expansion."""
+        return self.model_params_after / max(self.model_params_before, 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-friendly summary (used in logs and benchmark files)."""
+        return dict(
+            num_expanded=len(self.layers),
+            ratio=self.ratio,
+            mode=self.mode,
+            model_params_before=self.model_params_before,
+            model_params_after=self.model_params_after,
+            param_ratio=self.param_ratio,
+            layers=[r.__dict__ for r in self.layers],
+            skipped=[dict(path=p, reason=r) for p, r in self.skipped],
+        )
+
+    def __str__(self) -> str:
+        rows = [('layer', 'shape', 'strategy', 'compact', 'expanded')]
+        rows += [(r.path, r.shape, r.strategy, f'{r.compact_params:,}',
+                  f'{r.expanded_params:,}') for r in self.layers]
+        widths = [max(len(row[i]) for row in rows) for i in range(5)]
+        lines = ['  '.join(c.ljust(w) if i < 3 else c.rjust(w)
+                           for i, (c, w) in enumerate(zip(row, widths)))
+                 for row in rows]
+        lines.insert(1, '-' * len(lines[0]))
+        lines.append(
+            f'{len(self.layers)} layers expanded (ratio {self.ratio}, {self.mode}): '
+            f'{self.compact_params:,} -> {self.expanded_params:,} params in those layers; '
+            f'model {self.model_params_before:,} -> {self.model_params_after:,} '
+            f'({self.param_ratio:.2f}x)')
+        if self.skipped:
+            lines.append(f'{len(self.skipped)} candidate layers left compact '
+                         '(see report.skipped for why)')
+        return '\n'.join(lines)
+
+
+def count_params(module: nn.Module) -> int:
+    """Number of parameters (trainable or not) in ``module``."""
+    return sum(p.numel() for p in module.parameters())
+
+
+def _matches(path: str, patterns: Sequence[str]) -> str | None:
+    """The first pattern matching ``path`` or one of its ancestors, else None."""
+    parts = path.split('.')
+    prefixes = ['.'.join(parts[:i]) for i in range(len(parts), 0, -1)]
+    for pattern in patterns:
+        if any(fnmatch.fnmatchcase(p, pattern) for p in prefixes):
+            return pattern
+    return None
+
+
+def _is_plain_conv(module: nn.Module) -> bool:
+    """Whether ``module`` computes exactly ``nn.Conv2d.forward``.
+
+    Subclasses that override ``forward`` (e.g. mmcv's adaptive-padding conv) do
+    something the chain would not reproduce, so they are refused. mmcv's
+    ``Conv2d`` wrapper only adds empty-batch handling and is accepted.
+    """
+    if not isinstance(module, nn.Conv2d):
+        return False
+    forward = type(module).forward
+    if forward is nn.Conv2d.forward:
+        return True
+    try:
+        from mmcv.cnn.bricks.wrappers import Conv2d as MMCVConv2d
+    except ImportError:  # mmcv is optional for the surgery itself
+        return False
+    return forward is MMCVConv2d.forward
+
+
+def _is_plain_linear(module: nn.Module) -> bool:
+    """Whether ``module`` computes exactly ``nn.Linear.forward``."""
+    if not isinstance(module, nn.Linear):
+        return False
+    forward = type(module).forward
+    if forward is nn.Linear.forward:
+        return True
+    try:
+        from mmcv.cnn.bricks.wrappers import Linear as MMCVLinear
+    except ImportError:
+        return False
+    return forward is MMCVLinear.forward
+
+
+def _conv_shape(conv: nn.Conv2d) -> str:
+    k = 'x'.join(map(str, conv.kernel_size))
+    s = 'x'.join(map(str, conv.stride)) if len(set(conv.stride)) > 1 else str(conv.stride[0])
+    return f'{conv.in_channels}->{conv.out_channels} k{k} s{s} g{conv.groups}'
+
+
+def _conv_strategy(conv: nn.Conv2d, strategy: str) -> str | None:
+    """The strategy to use for ``conv``, or None when CK is impossible for it."""
+    kh, kw = conv.kernel_size
+    ck_possible = kh % 2 == 1 and kw % 2 == 1 and max(kh, kw) >= 5
+    if strategy == 'cl':
+        return 'cl'
+    if strategy == 'ck':
+        return 'ck' if ck_possible else None
+    return 'ck' if ck_possible else 'cl'
+
+
+def _set_child(root: nn.Module, path: str, new: nn.Module) -> None:
+    parent_path, _, name = path.rpartition('.')
+    parent = root.get_submodule(parent_path) if parent_path else root
+    setattr(parent, name, new)
+
+
+def _check_settings(strategy: str, ratio: Any, mode: str) -> None:
+    if strategy not in STRATEGIES:
+        raise ValueError(f"expand_model: strategy={strategy!r} is not one of {STRATEGIES} "
+                         "('auto' = CK for odd kernels >= 5, CL otherwise)")
+    if isinstance(ratio, bool) or not isinstance(ratio, int) or ratio < 1:
+        raise ValueError(f'expand_model: ratio={ratio!r} must be an integer >= 1 '
+                         '(the paper uses 4)')
+    if mode not in MODES:
+        raise ValueError(f'expand_model: mode={mode!r} is not one of {MODES}')
+
+
+def _unmatched_pattern_error(kind: str, pattern: str, paths: list[str],
+                             skipped: dict[str, str]) -> ValueError:
+    skipped_hits = [f'{p} ({r})' for p, r in skipped.items()
+                    if _matches(p, [pattern])]
+    near = difflib.get_close_matches(pattern.replace('*', ''), paths, n=5, cutoff=0.3)
+    if not near:
+        near = [p for p in paths if p.split('.')[0] == pattern.split('.')[0]][:5] or paths[:5]
+    msg = f'{kind} pattern {pattern!r} matches no expandable layer.'
+    if skipped_hits:
+        msg += ' It matches only layers left compact: ' + ', '.join(skipped_hits[:5]) + '.'
+    msg += ' Nearest module paths: ' + ', '.join(near)
+    msg += " (patterns are fnmatch globs over module paths, e.g. 'backbone.*')"
+    return ValueError(msg)
+
+
+def expand_model(model: nn.Module,
+                 strategy: str = 'cl',
+                 ratio: int = 4,
+                 mode: str = 'online',
+                 include: Iterable[str] | None = None,
+                 exclude: Iterable[str] | None = None,
+                 expand_1x1: bool = False,
+                 expand_linear: bool = False,
+                 keep_weights: bool = False) -> ExpansionReport:
+    """Replace the selected conv / linear layers of ``model`` by expanded chains.
+
+    Works in place, so call it before the optimizer collects parameters.
+
+    Args:
+        model: Any module (an mmdet detector, an mmseg segmentor, a plain net).
+        strategy: ``'cl'`` (k×k → 1×1, k×k, 1×1), ``'ck'`` (odd k ≥ 5 → chain of
+            3×3; a selected layer where CK is impossible is an error) or
+            ``'auto'`` (CK where possible, CL otherwise).
+        ratio: Expansion ratio r ≥ 1 (integer).
+        mode: ``'online'`` (compose the kernel in ``forward``) or ``'explicit'``
+            (run the chain on activations).
+        include: Glob patterns over module paths; a layer is selected when its
+            path or an ancestor's path matches one. ``None`` selects all.
+        exclude: Glob patterns of layers to leave compact (applied after include).
+        expand_1x1: Also expand 1×1 convs (the paper leaves them compact).
+        expand_linear: Also expand ``nn.Linear`` layers (FC expansion).
+        keep_weights: Choose factors so every expanded layer computes exactly what
+            its compact layer did (for pretrained compact weights).
+
+    Returns:
+        An :class:`ExpansionReport` listing every expanded layer.
+
+    Raises:
+        ValueError: For an unknown strategy / mode, a bad ratio, a pattern that
+            matches no expandable layer (naming the nearest module paths), or a
+            layer that cannot take the requested strategy.
+    """
+    _check_settings(strategy, ratio, mode)
+    include = list(include) if include is not None else None
+    exclude = list(exclude or [])
+    report = ExpansionReport(model_params_before=count_params(model), ratio=ratio, mode=mode)
+
+    all_paths: list[str] = []
+    candidates: list[tuple[str, nn.Module]] = []
+    skipped: dict[str, str] = {}
+    inside_expanded: list[str] = []
+    for path, module in model.named_modules():
+        if not path:
+            continue
+        all_paths.append(path)
+        if any(path.startswith(p + '.') for p in inside_expanded):
+            continue
+        if isinstance(module, ExpandedLayer):
+            inside_expanded.append(path)
+            skipped[path] = 'already expanded'
+            continue
+        if isinstance(module, nn.Conv2d):
+            if not _is_plain_conv(module):
+                skipped[path] = (f'{type(module).__name__} overrides Conv2d.forward; '
+                                 'only plain nn.Conv2d can be contracted exactly')
+            elif module.kernel_size == (1, 1) and not expand_1x1:
+                skipped[path] = '1x1 conv (pass expand_1x1=True to expand it)'
+            else:
+                candidates.append((path, module))
+        elif isinstance(module, nn.Linear):
+            if not expand_linear:
+                skipped[path] = 'linear layer (pass expand_linear=True to expand it)'
+            elif not _is_plain_linear(module):
+                skipped[path] = f'{type(module).__name__} overrides Linear.forward'
+            else:
+                candidates.append((path, module))
+        elif isinstance(module, (nn.Conv1d, nn.Conv3d, nn.ConvTranspose2d)):
+            skipped[path] = f'{type(module).__name__} is not supported (Conv2d and Linear are)'
+
+    for kind, patterns in (('include', include or []), ('exclude', exclude)):
+        for pattern in patterns:
+            if not any(_matches(p, [pattern]) for p, _ in candidates):
+                raise _unmatched_pattern_error(kind, pattern, all_paths, skipped)
+
+    selected = [(p, m) for p, m in candidates
+                if (include is None or _matches(p, include)) and not _matches(p, exclude)]
+    selected_paths = {p for p, _ in selected}
+    for path, _ in candidates:
+        if path not in selected_paths:
+            skipped[path] = 'not selected by include/exclude'
+
+    impossible = [p for p, m in selected
+                  if isinstance(m, nn.Conv2d) and _conv_strategy(m, strategy) is None]
+    if impossible:
+        raise ValueError(
+            f"strategy='ck' needs odd kernels >= 5, but these selected layers are not: "
+            f"{', '.join(impossible[:8])}{' ...' if len(impossible) > 8 else ''}. "
+            "Use strategy='auto' (CK where possible, CL elsewhere) or restrict `include`.")
+    if not selected:
+        raise ValueError('expand_model selected no layer to expand; candidates left compact: '
+                         + ', '.join(f'{p} ({r})' for p, r in list(skipped.items())[:8]))
+
+    for path, module in selected:
+        if isinstance(module, nn.Conv2d):
+            layer_strategy = _conv_strategy(module, strategy)
+            new = ExpandConv2d.from_conv(module, strategy=layer_strategy, ratio=ratio,
+                                         mode=mode, keep_weights=keep_weights, name=path)
+            record = ExpandedLayerRecord(path, 'Conv2d', _conv_shape(module), layer_strategy,
+                                         count_params(module), count_params(new))
+        else:
+            new = ExpandLinear.from_linear(module, ratio=ratio, mode=mode,
+                                           keep_weights=keep_weights, name=path)
+            record = ExpandedLayerRecord(path, 'Linear',
+                                         f'{module.in_features}->{module.out_features}', 'fc',
+                                         count_params(module), count_params(new))
+        _set_child(model, path, new)
+        report.layers.append(record)
+
+    report.skipped = sorted(skipped.items())
+    report.model_params_after = count_params(model)
+    return report
+
+
+def expanded_layers(model: nn.Module) -> list[tuple[str, ExpandedLayer]]:
+    """``(path, layer)`` for every expanded layer in ``model``."""
+    return [(p, m) for p, m in model.named_modules() if isinstance(m, ExpandedLayer)]
+
+
+def set_expand_mode(model: nn.Module, mode: str) -> int:
+    """Switch every expanded layer of ``model`` to ``mode``; returns how many."""
+    if mode not in MODES:
+        raise ValueError(f'mode={mode!r} is not one of {MODES}')
+    layers = expanded_layers(model)
+    for _, layer in layers:
+        layer.set_mode(mode)
+    return len(layers)
+
+
+def contract_model_(model: nn.Module) -> nn.Module:
+    """Contract every expanded layer of ``model`` in place and return it.
+
+    Prefer :func:`contract_model`, which leaves its input untouched; this form
+    exists for callers that already own a copy (e.g. a checkpoint writer).
+    """
+    for path, layer in expanded_layers(model):
+        _set_child(model, path, layer.contract())
+    return model
+
+
+def contract_model(model: nn.Module,
+                   verify_inputs: Any = None,
+                   forward_fn: Callable[[nn.Module, Any], Any] | None = None,
+                   rtol: float = 1e-4) -> nn.Module:
+    """A compact deep copy of ``model`` with every expanded layer contracted.
+
+    The input model is not modified. The copy's ``state_dict`` has exactly the
+    keys and shapes the model had before :func:`expand_model`.
+
+    Args:
+        model: A model that went through :func:`expand_model` (or any module).
+        verify_inputs: If given, both models are run on it in eval mode and a
+            relative error above ``rtol`` raises (see :func:`verify_contraction`).
+        forward_fn: How to call a model on ``verify_inputs``.
+        rtol: Tolerance of the self-check, relative to ``max|y|``.
+
+    Returns:
+        The compact model.
+
+    Raises:
+        RuntimeError: If the self-check finds a mismatch above ``rtol``.
+    """
+    compact = contract_model_(copy.deepcopy(model))
+    if verify_inputs is not None:
+        errors = verify_contraction(model, compact, verify_inputs, forward_fn)
+        if not errors['max_rel'] <= rtol:
+            raise RuntimeError(
+                f'contraction check failed: max relative error {errors["max_rel"]:.3g} > '
+                f'{rtol:g} (max abs {errors["max_abs"]:.3g}); the compact model would not '
+                'compute what the expanded one does')
+    return compact
+
+
+def _flatten_tensors(out: Any) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        return [t for k in sorted(out) for t in _flatten_tensors(out[k])]
+    if isinstance(out, (list, tuple)):
+        return [t for o in out for t in _flatten_tensors(o)]
+    if hasattr(out, 'to_dict'):  # mmengine data elements
+        return _flatten_tensors(out.to_dict())
+    return []
+
+
+def _default_forward(model: nn.Module, inputs: Any) -> Any:
+    if isinstance(inputs, dict):
+        return model(**inputs)
+    if isinstance(inputs, (tuple, list)):
+        return model(*inputs)
+    return model(inputs)
+
+
+@torch.no_grad()
+def verify_contraction(expanded: nn.Module, compact: nn.Module, inputs: Any,
+                       forward_fn: Callable[[nn.Module, Any], Any] | None = None
+                       ) -> dict[str, float]:
+    """Run both models in eval mode on ``inputs`` and compare every output tensor.
+
+    Both models' train/eval flags are restored afterwards.
+
+    Args:
+        expanded: The model with expanded layers.
+        compact: Its contraction.
+        inputs: A tensor, a tuple of positional args or a dict of keyword args.
+        forward_fn: ``forward_fn(model, inputs)`` when a plain call does not fit
+            (e.g. mm models: ``lambda m, x: m(x, mode='tensor')``).
+
+    Returns:
+        ``{'max_abs': ..., 'max_rel': ..., 'max_ref': ...}`` where ``max_rel`` is
+        ``max_abs`` divided by the largest magnitude of the compact outputs.
+
+    Raises:
+        ValueError: If the two models return different output structures.
+    """
+    forward_fn = forward_fn or _default_forward
+    flags = [(m, m.training) for m in (expanded, compact)]
+    try:
+        expanded.eval()
+        compact.eval()
+        ys = _flatten_tensors(forward_fn(expanded, inputs))
+        yc = _flatten_tensors(forward_fn(compact, inputs))
+    finally:
+        for m, flag in flags:
+            m.train(flag)
+    if len(ys) != len(yc) or any(a.shape != b.shape for a, b in zip(ys, yc)):
+        raise ValueError('verify_contraction: the expanded and compact models return '
+                         f'different outputs ({[tuple(t.shape) for t in ys]} vs '
+                         f'{[tuple(t.shape) for t in yc]})')
+    max_abs = max((float((a.double() - b.double()).abs().max()) for a, b in zip(ys, yc)
+                   if a.numel()), default=0.0)
+    max_ref = max((float(b.double().abs().max()) for b in yc if b.numel()), default=0.0)
+    return dict(max_abs=max_abs, max_rel=max_abs / max(max_ref, 1e-12), max_ref=max_ref)

@@ -1,0 +1,127 @@
+"""Every ExpandNet config trains through the stock Runner, saves, resumes, and
+yields a compact checkpoint that the stock mmdet / mmseg clients load and that
+predicts what the expanded model predicts."""
+import glob
+import os
+import os.path as osp
+
+import numpy as np
+import pytest
+import torch
+from mmengine.config import Config
+from mmengine.runner import Runner
+
+import expand_mm
+from data_factory import make_cityscapes, make_coco, make_voc
+from mm_test_utils import dataset_types, shrink_for_test
+
+ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+EXPANDNET_CONFIGS = sorted(glob.glob(osp.join(ROOT, 'configs', 'expandnet', '*.py')))
+COCO_NAMES = ('person', 'bicycle', 'car')
+
+
+def make_data(cfg, root: str) -> tuple[str, tuple[int, int]]:
+    """Tiny data in the config's format; returns (data_root, image size)."""
+    types = dataset_types(cfg)
+    if 'CocoDataset' in types:
+        for split in ('train2017', 'val2017'):
+            make_coco(root, num_images=4, size=96, split=split, class_names=COCO_NAMES)
+        return root + '/', (96, 96)
+    if 'VOCDataset' in types:
+        make_voc(root, num_images=3, size=96)
+        return root + '/', (96, 96)
+    if 'CityscapesDataset' in types:
+        make_cityscapes(root, num_images=2, size=(64, 128))
+        return root + '/', (64, 128)
+    raise AssertionError(f'no tiny-data factory for {types}')
+
+
+def sample_image(cfg, data_root: str) -> str:
+    """Path of one image of the tiny dataset."""
+    patterns = ['val2017/*.png', 'VOC2007/JPEGImages/*.jpg', 'leftImg8bit/val/city/*.png']
+    return sorted(p for pat in patterns for p in glob.glob(osp.join(data_root, pat)))[0]
+
+
+def keep_all_detections(model_cfg) -> None:
+    """Zero the score thresholds of a detector config (in place)."""
+    if isinstance(model_cfg, dict):
+        for key in ('score_thr', 'conf_thr'):
+            if key in model_cfg:
+                model_cfg[key] = 0.0
+        for value in model_cfg.values():
+            keep_all_detections(value)
+
+
+def assert_same_detections(a, b, top: int = 20) -> None:
+    """Each of ``a``'s best boxes is in ``b`` with the same label, box and score."""
+    assert len(a) > 0 and abs(len(a) - len(b)) <= 1
+    scale = float(a.scores.max())
+    for i in torch.argsort(a.scores, descending=True)[:top]:
+        same = ((b.labels == a.labels[i])
+                & ((b.bboxes - a.bboxes[i]).abs().max(dim=1).values < 1e-2)
+                & ((b.scores - a.scores[i]).abs() <= 1e-4 * scale + 1e-6))
+        assert same.any(), f'box {a.bboxes[i].tolist()} score {float(a.scores[i])} not found'
+
+
+@pytest.mark.parametrize('config', EXPANDNET_CONFIGS, ids=osp.basename)
+def test_train_resume_contract_and_stock_inference(config, tmp_path):
+    cfg = Config.fromfile(config)
+    data_root, size = make_data(cfg, str(tmp_path / 'data'))
+    work = str(tmp_path / 'work')
+    shrink_for_test(cfg, work, data_root, size, max_iters=2)
+    runner = Runner.from_cfg(cfg)
+    runner.train()
+    assert expand_mm.expanded_layers(runner.model), 'the model trained was not expanded'
+    for name in ('iter_2.pth', 'iter_2_compact.pth'):
+        assert osp.isfile(osp.join(work, name)), name
+
+    # Resume: continues from iteration 2 with the same factors and optimizer state.
+    cfg = Config.fromfile(config)
+    shrink_for_test(cfg, work, data_root, size, max_iters=3)
+    cfg.default_hooks.checkpoint.interval = 1
+    cfg.resume = True
+    cfg.load_from = osp.join(work, 'iter_2.pth')
+    resumed = Runner.from_cfg(cfg)
+    resumed.train()
+    assert resumed.iter == 3
+    saved = torch.load(osp.join(work, 'iter_3.pth'))
+    assert saved['message_hub']['log_scalars']['train/loss'].data[0].shape[0] == 3
+
+    # The compact checkpoint loads strictly into the stock compact config ...
+    compact_cfg = Config.fromfile(config)
+    shrink_for_test(compact_cfg, work, data_root, size)
+    compact_cfg.model = expand_mm.models.compact_model_cfg(compact_cfg.model)
+    compact_ckpt = osp.join(work, 'iter_3_compact.pth')
+    state = torch.load(compact_ckpt)
+    with expand_mm.models.expandnet.DefaultScope.overwrite_default_scope(cfg.default_scope):
+        stock = expand_mm.models.expandnet.MODELS.build(compact_cfg.model)
+    stock.load_state_dict(state['state_dict'], strict=True)
+
+    # ... and the stock inference API predicts what the expanded model predicts.
+    expanded_cfg = Config.fromfile(config)
+    shrink_for_test(expanded_cfg, work, data_root, size)
+    for c in (compact_cfg, expanded_cfg):  # keep every box: an untrained model scores low
+        keep_all_detections(c.model)
+    image = sample_image(cfg, data_root)
+    if cfg.default_scope == 'mmdet':
+        from mmdet.apis import inference_detector, init_detector
+        deployed = init_detector(compact_cfg, compact_ckpt, device='cpu')
+        trained = init_detector(expanded_cfg, osp.join(work, 'iter_3.pth'), device='cpu',
+                                cfg_options={})
+        assert not expand_mm.expanded_layers(deployed)
+        assert expand_mm.expanded_layers(trained)
+        a = inference_detector(deployed, image).pred_instances
+        b = inference_detector(trained, image).pred_instances
+        assert_same_detections(a, b)
+    else:
+        from mmseg.apis import inference_model, init_model
+        deployed = init_model(compact_cfg, compact_ckpt, device='cpu')
+        trained = init_model(expanded_cfg, osp.join(work, 'iter_3.pth'), device='cpu')
+        assert not expand_mm.expanded_layers(deployed)
+        assert expand_mm.expanded_layers(trained)
+        a, b = inference_model(deployed, image), inference_model(trained, image)
+        logits_a, logits_b = a.seg_logits.data, b.seg_logits.data
+        torch.testing.assert_close(logits_a, logits_b, rtol=1e-4,
+                                   atol=1e-4 * float(logits_a.abs().max()))
+        agree = (a.pred_sem_seg.data == b.pred_sem_seg.data).float().mean()
+        assert agree > 0.999

@@ -1,0 +1,89 @@
+"""Evaluate a checkpoint with the stock MMEngine Runner, metrics and visualiser.
+
+    python tools/test.py CONFIG CKPT [--work-dir DIR] [--show-dir DIR] [--cfg-options ...]
+
+CONFIG may be an ExpandNet config; CKPT may be its training checkpoint (the
+expanded model is evaluated) or a compact checkpoint (``*_compact.pth``, or any
+stock checkpoint of the compact model): then the compact model -- what is
+deployed -- is built from the compact config inside the ExpandNet config and
+evaluated directly.
+"""
+import argparse
+import os
+import os.path as osp
+
+import expand_mm  # noqa: F401  (registers ExpandNet, the hooks, torch.load fix)
+from expand_mm.checkpoint import read_checkpoint, strip_prefix
+from expand_mm.datasets_check import check_datasets
+from expand_mm.models import compact_model_cfg
+from mmengine.config import Config, DictAction
+from mmengine.registry import MODELS, RUNNERS, DefaultScope
+from mmengine.runner import Runner
+
+
+def parse_args() -> argparse.Namespace:
+    """Command-line arguments (mmdet / mmseg conventions)."""
+    parser = argparse.ArgumentParser(description='Test (and evaluate) a checkpoint')
+    parser.add_argument('config', help='test config file path')
+    parser.add_argument('checkpoint', help='training or compact checkpoint')
+    parser.add_argument('--work-dir', help='the directory to save the evaluation metrics')
+    parser.add_argument('--show-dir', help='directory where painted images are saved')
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
+                        help='override config settings')
+    parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'],
+                        default='none')
+    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
+    args = parser.parse_args()
+    if 'LOCAL_RANK' not in os.environ:
+        os.environ['LOCAL_RANK'] = str(args.local_rank)
+    return args
+
+
+def is_compact_checkpoint(cfg: Config, state_dict: dict) -> bool:
+    """Whether ``state_dict`` matches the compact model of ``cfg`` key for key."""
+    compact_cfg = compact_model_cfg(cfg.model)
+    if compact_cfg is cfg.model:
+        return False
+    with DefaultScope.overwrite_default_scope(cfg.get('default_scope')):
+        compact = MODELS.build(compact_cfg)
+    expected = compact.state_dict()
+    state_dict = strip_prefix(state_dict)
+    return set(expected) == set(state_dict) and all(
+        tuple(expected[k].shape) == tuple(v.shape) for k, v in state_dict.items())
+
+
+def enable_visualisation(cfg: Config, show_dir: str) -> None:
+    """Ask the stock visualisation hook to draw predictions into ``show_dir``."""
+    hook = cfg.default_hooks.get('visualization')
+    if hook is None:
+        raise KeyError('--show-dir needs default_hooks.visualization in the config')
+    hook['draw'] = True
+    if hook['type'] == 'DetVisualizationHook':
+        hook['test_out_dir'] = show_dir
+    else:  # mmseg's SegVisualizationHook draws through the visualizer's save_dir
+        cfg.visualizer['save_dir'] = show_dir
+
+
+def main() -> None:
+    """Build the runner for the right (compact or expanded) model and test."""
+    args = parse_args()
+    cfg = Config.fromfile(args.config)
+    cfg.launcher = args.launcher
+    if args.cfg_options is not None:
+        cfg.merge_from_dict(args.cfg_options)
+    cfg.work_dir = args.work_dir or cfg.get('work_dir') or osp.join(
+        './work_dirs', osp.splitext(osp.basename(args.config))[0])
+    checkpoint = read_checkpoint(args.checkpoint)
+    if is_compact_checkpoint(cfg, checkpoint['state_dict']):
+        print(f'{args.checkpoint} is a compact checkpoint: evaluating the compact model')
+        cfg.model = compact_model_cfg(cfg.model)
+    cfg.load_from = args.checkpoint
+    if args.show_dir:
+        enable_visualisation(cfg, args.show_dir)
+    check_datasets(cfg, ('test_dataloader',))
+    runner = Runner.from_cfg(cfg) if 'runner_type' not in cfg else RUNNERS.build(cfg)
+    runner.test()
+
+
+if __name__ == '__main__':
+    main()
