@@ -24,7 +24,6 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from .layers import ExpandConv2d, ExpandedLayer, ExpandLinear
 from .surgery import expanded_layers
 
 
@@ -123,66 +122,41 @@ def compact_key_shapes(model: nn.Module) -> dict[str, torch.Size]:
     return shapes
 
 
-def _refactorise(layer: ExpandedLayer, weight: torch.Tensor,
-                 bias: torch.Tensor | None, name: str) -> dict[str, torch.Tensor]:
-    """Factor tensors that make ``layer``'s chain compute ``(weight, bias)`` exactly."""
-    compact = layer.contract()
-    with torch.no_grad():
-        compact.weight.copy_(weight)
-        if bias is not None:
-            compact.bias.copy_(bias)
-    if isinstance(layer, ExpandConv2d):
-        new = ExpandConv2d.from_conv(compact, strategy=layer.strategy, ratio=layer.ratio,
-                                     mode=layer.mode, keep_weights=True, name=name)
-    else:
-        new = ExpandLinear.from_linear(compact, ratio=layer.ratio, mode=layer.mode,
-                                       keep_weights=True, name=name)
-    return new.state_dict()
-
-
 def match_state_dict(model: nn.Module, state_dict: Mapping[str, Any],
-                     strict: bool = True, source: str = 'checkpoint') -> tuple[str, dict]:
-    """Recognise ``state_dict`` as the expanded or compact form of ``model``.
+                     strict: bool = True, source: str = 'checkpoint') -> str:
+    """Recognise ``state_dict`` as the expanded or the compact form of ``model``.
+
+    Both forms load with ``model.load_state_dict``: expanded layers factorise
+    compact kernels themselves (see ``ExpandedLayer._load_from_state_dict``).
 
     Args:
         model: The (expanded) model the state dict is meant for.
         state_dict: Its keys may carry a DDP ``module.`` prefix.
-        strict: If False, a partial compact / expanded state dict is accepted
-            (e.g. a backbone-only or a different-head checkpoint for
-            fine-tuning): the compact kernels that are present are factorised
-            and the rest is left to the loader's own missing-key warnings.
+        strict: If False, a partial state dict (e.g. a backbone-only or a
+            different-head checkpoint for fine-tuning) is accepted as the form
+            it is closest to; the loader reports the rest.
         source: Name used in error messages (e.g. the file path).
 
     Returns:
-        ``(kind, state_dict)`` where kind is ``'expanded'`` or ``'compact'`` and
-        the state dict is ready for ``model.load_state_dict`` (compact kernels
-        replaced by exact factors).
+        ``'expanded'`` or ``'compact'``.
 
     Raises:
-        CheckpointError: If the state dict fits neither form (with ``strict``),
+        CheckpointError: If, with ``strict``, the state dict fits neither form,
             naming the keys that do not fit.
     """
     state_dict = strip_prefix(state_dict)
     expanded_mismatch = _compare(expanded_key_shapes(model), state_dict)
     if expanded_mismatch.count == 0:
-        return 'expanded', dict(state_dict)
+        return 'expanded'
     compact_mismatch = _compare(compact_key_shapes(model), state_dict)
-    if strict and compact_mismatch.count:
-        best = min((expanded_mismatch, 'expanded (training) checkpoint'),
-                   (compact_mismatch, 'compact (stock) checkpoint'), key=lambda t: t[0].count)
-        raise CheckpointError(
-            f'{source} fits neither the expanded nor the compact form of '
-            f'{type(model).__name__}. Closest: a {best[1]}, but {best[0].describe()}. '
-            'Use a checkpoint of this config (training or *_compact.pth) or of its '
-            'stock compact config.')
-    if not strict and expanded_mismatch.count <= compact_mismatch.count:
-        return 'expanded', dict(state_dict)
-    converted = dict(state_dict)
-    for path, layer in expanded_layers(model):
-        weight = converted.pop(path + '.weight', None)
-        bias = converted.pop(path + '.bias', None)
-        if weight is None or tuple(weight.shape) != tuple(layer.weight.shape):
-            continue
-        for key, value in _refactorise(layer, weight, bias, path).items():
-            converted[f'{path}.{key}'] = value
-    return 'compact', converted
+    if compact_mismatch.count == 0:
+        return 'compact'
+    best, kind = min((expanded_mismatch, 'expanded'), (compact_mismatch, 'compact'),
+                     key=lambda t: t[0].count)
+    if not strict:
+        return kind
+    raise CheckpointError(
+        f'{source} fits neither the expanded nor the compact form of '
+        f'{type(model).__name__}. Closest: the {kind} form, but {best.describe()}. '
+        'Use a checkpoint of this config (iter_N.pth / epoch_N.pth or *_compact.pth) '
+        'or of its stock compact config.')

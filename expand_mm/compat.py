@@ -5,8 +5,17 @@ writes a few non-tensor objects into its checkpoints (the message hub's
 ``HistoryBuffer`` holding numpy arrays), so its own ``resume`` fails with an
 ``UnpicklingError``. Rather than switching safe loading off, we allowlist exactly
 those types; any other pickled object is still refused by torch.
+
+One of them needs more than an allowlist: a pickled ``HistoryBuffer`` carries
+its statistics methods, stored as ``getattr(HistoryBuffer, 'mean')``, and
+allowlisting ``getattr`` would let a checkpoint reach any attribute of any
+allowed object. So we also register a reducer that pickles a ``HistoryBuffer``
+by its data alone (log history, count history, max length); it is rebuilt
+through its constructor, which restores the default statistics methods.
 """
 from __future__ import annotations
+
+import copyreg
 
 import numpy as np
 import torch
@@ -32,10 +41,19 @@ def mmengine_checkpoint_globals() -> list:
     return [HistoryBuffer, _reconstruct, scalar, np.ndarray, np.dtype, *dtype_classes]
 
 
+def _reduce_history_buffer(buffer):
+    """Pickle a ``HistoryBuffer`` as ``HistoryBuffer(log, count, max_length)``."""
+    log_history, count_history = buffer.data
+    return type(buffer), (log_history, count_history, buffer.max_length)
+
+
 def allow_mmengine_checkpoints() -> None:
     """Let ``torch.load(weights_only=True)`` read mmengine's own checkpoints.
 
-    Idempotent. Has no effect on torch versions without safe globals.
+    Checkpoints written while expand_mm is imported load safely; older ones
+    written by plain mmengine hold ``getattr`` references and are still refused
+    (torch's error names the global). Idempotent. No effect on torch versions
+    without safe globals.
     """
     add_safe_globals = getattr(torch.serialization, 'add_safe_globals', None)
     if add_safe_globals is None:  # pragma: no cover - torch < 2.4
@@ -44,4 +62,6 @@ def allow_mmengine_checkpoints() -> None:
         import mmengine  # noqa: F401
     except ImportError:  # the layers and surgery work without mmengine
         return
+    from mmengine.logging.history_buffer import HistoryBuffer
+    copyreg.pickle(HistoryBuffer, _reduce_history_buffer)
     add_safe_globals(mmengine_checkpoint_globals())

@@ -14,7 +14,7 @@ import torch
 from mmengine.model import BaseModel
 from torch import nn
 
-from .checkpoint import match_state_dict, read_checkpoint
+from .checkpoint import match_state_dict, read_checkpoint, strip_prefix
 from .models.expandnet import deployable_model
 from .surgery import contract_model_, expanded_layers, verify_contraction
 
@@ -66,8 +66,8 @@ def contract_state_dict(model: nn.Module, state_dict: dict, probe_shape=DEFAULT_
     expanded = copy.deepcopy(deployable_model(model))
     if not expanded_layers(expanded):
         raise ValueError(f'{type(expanded).__name__} has no expanded layer: nothing to contract')
-    _, state_dict = match_state_dict(expanded, state_dict)
-    expanded.load_state_dict(state_dict, strict=True)
+    match_state_dict(expanded, state_dict)
+    expanded.load_state_dict(strip_prefix(state_dict), strict=True)
     compact = contract_model_(copy.deepcopy(expanded))
     errors = None
     if verify:

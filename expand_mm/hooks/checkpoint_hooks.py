@@ -99,9 +99,9 @@ class ExpandCheckpointLoadHook(Hook):
     model -- with priority ``VERY_HIGH`` so it runs before ``EMAHook`` copies the
     weights into its averaged model. A compact checkpoint (stock keys, e.g. a
     pretrained compact model or a ``*_compact.pth``) is converted to exact
-    factors so the ExpandNet computes what it did; an expanded training
-    checkpoint passes unchanged; anything else raises, naming the keys that do
-    not fit, before anything is loaded.
+    factors (by the expanded layers as they load it) so the ExpandNet computes
+    what it did; an expanded training checkpoint loads as is; anything else
+    raises, naming the keys that do not fit, before anything is loaded.
 
     Args:
         strict: If False, accept partial checkpoints (e.g. fine-tuning a model
@@ -120,14 +120,13 @@ class ExpandCheckpointLoadHook(Hook):
         if not expanded_layers(model):
             return
         source = runner._load_from if not runner._resume else 'resumed checkpoint'
-        kind, state_dict = match_state_dict(model, checkpoint['state_dict'],
-                                            strict=self.strict, source=str(source))
+        kind = match_state_dict(model, checkpoint['state_dict'], strict=self.strict,
+                                source=str(source))
         if kind == 'compact' and runner._resume:
             raise CheckpointError(
                 f'{source} is a compact checkpoint: it has no factors or optimizer state to '
                 'resume from. Use it with load_from=... to start an ExpandNet from it, or '
                 'resume from the training checkpoint (epoch_N.pth / iter_N.pth)')
-        checkpoint['state_dict'] = state_dict
         runner.logger.info(f'ExpandCheckpointLoadHook: {source} is a {kind} checkpoint'
                            + (' (factorised exactly into the expanded layers)'
                               if kind == 'compact' else ''))

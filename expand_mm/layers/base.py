@@ -1,0 +1,207 @@
+"""Common base of expanded layers: modes, nonlinearity slot, composed-weight cache."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+MODES = ('online', 'explicit')
+
+
+class ExpandedLayer(nn.Module):
+    """A compact layer trained as a chain of purely linear sub-layers.
+
+    Subclasses hold the chain in an ``nn.ModuleList`` (:attr:`sublayers`) and
+    implement :meth:`_compose`, :meth:`contract` and :meth:`set_compact`.
+
+    Modes (switch with :meth:`set_mode`):
+
+    - ``'explicit'``: run the chain on activations (the paper's way).
+    - ``'online'``: compose the compact weight from the factors inside
+      ``forward`` and run one compact layer. Same function and same factor
+      gradients, at close to compact cost.
+
+    Out of training mode the online composed weight is cached; the cache is
+    keyed on every parameter's storage, version counter, device and dtype, so an
+    in-place update (optimizer step, ``load_state_dict``) or a move invalidates
+    it. Nothing is cached while autograd could need the graph.
+
+    Attributes:
+        strategy (str): ``'cl'``, ``'ck'`` (convs) or ``'fc'`` (linear).
+        ratio (int): Expansion ratio ``r``.
+        name (str | None): Module path, used in error messages.
+        nonlinearity (nn.Module | None): Applied between sub-layers in explicit
+            mode (nonlinear-counterpart init). While set, the chain is not linear:
+            online mode, :attr:`weight`, :attr:`bias` and :meth:`contract` raise.
+    """
+
+    strategy: str = ''
+
+    def __init__(self, *, ratio: int, mode: str = 'online', name: str | None = None):
+        super().__init__()
+        if isinstance(ratio, bool) or not isinstance(ratio, int) or ratio < 1:
+            raise ValueError(f'{type(self).__name__} {name!r}: ratio must be an int '
+                             f'>= 1, got {ratio!r}')
+        self.ratio = ratio
+        self.name = name
+        self.nonlinearity: nn.Module | None = None
+        self._cache: tuple[Any, tuple[Tensor, Tensor | None]] | None = None
+        self._mode = 'online'
+        self.set_mode(mode)
+
+    # ----------------------------------------------------------------- to override
+    @property
+    def sublayers(self) -> nn.ModuleList:
+        """The chain of sub-layers, first applied first."""
+        raise NotImplementedError
+
+    def _compose(self, dtype: torch.dtype | None) -> tuple[Tensor, Tensor | None]:
+        """Compose the chain; ``dtype=None`` keeps the parameters' dtype."""
+        raise NotImplementedError
+
+    def contract(self) -> nn.Module:
+        """Return the equivalent compact layer (composed in float64)."""
+        raise NotImplementedError
+
+    def set_compact(self, weight: Tensor, bias: Tensor | None = None, *,
+                    generator: torch.Generator | None = None) -> None:
+        """Set the factors so that the chain computes the given compact layer."""
+        raise NotImplementedError
+
+    def compact_weight_shape(self) -> tuple[int, ...]:
+        """Shape of the compact layer's weight."""
+        raise NotImplementedError
+
+    def _has_bias(self) -> bool:
+        return self.sublayers[-1].bias is not None
+
+    # --------------------------------------------------------------------- shared
+    def _describe(self) -> str:
+        return f'{type(self).__name__} {self.name!r}' if self.name else type(self).__name__
+
+    @property
+    def mode(self) -> str:
+        """``'online'`` or ``'explicit'``."""
+        return self._mode
+
+    def set_mode(self, mode: str) -> 'ExpandedLayer':
+        """Switch between ``'online'`` and ``'explicit'``; returns ``self``."""
+        if mode not in MODES:
+            raise ValueError(f'{self._describe()}: mode must be one of {MODES}, '
+                             f'got {mode!r}')
+        if mode == 'online':
+            self._check_linear('online mode')
+        self._mode = mode
+        return self
+
+    def set_nonlinearity(self, module: nn.Module | None) -> 'ExpandedLayer':
+        """Put ``module`` between the sub-layers (explicit mode only), or remove it.
+
+        Setting a nonlinearity needs explicit mode; pass ``None`` to make the
+        chain linear again. The parameters are not touched. Returns ``self``.
+        """
+        if module is not None and self._mode != 'explicit':
+            raise RuntimeError(f'{self._describe()}: a nonlinearity needs explicit '
+                               f"mode; call set_mode('explicit') first")
+        self.nonlinearity = module
+        self._cache = None
+        return self
+
+    def _check_linear(self, what: str) -> None:
+        if self.nonlinearity is not None:
+            raise RuntimeError(
+                f'{self._describe()}: {what} needs a linear chain, but a nonlinearity '
+                f'({type(self.nonlinearity).__name__}) is set between the sub-layers; '
+                f'call set_nonlinearity(None) first')
+
+    def _cache_key(self) -> tuple:
+        return tuple((p.data_ptr(), p._version, p.device, p.dtype, tuple(p.shape))
+                     for p in self.parameters())
+
+    def composed(self) -> tuple[Tensor, Tensor | None]:
+        """Compact ``(weight, bias)`` composed in the parameters' dtype.
+
+        Differentiable w.r.t. the factors; cached only out of training mode and
+        when no gradient can flow to a parameter.
+        """
+        self._check_linear('composing the compact weight')
+        cacheable = not self.training and not (
+            torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()))
+        if not cacheable:
+            self._cache = None
+            return self._compose(None)
+        key = self._cache_key()
+        if self._cache is None or self._cache[0] != key:
+            self._cache = (key, self._compose(None))
+        return self._cache[1]
+
+    @property
+    def weight(self) -> Tensor:
+        """Composed compact weight (differentiable, parameters' dtype)."""
+        return self.composed()[0]
+
+    @property
+    def bias(self) -> Tensor | None:
+        """Composed compact bias, ``None`` when the compact layer has none."""
+        return self.composed()[1]
+
+    def train(self, mode: bool = True) -> 'ExpandedLayer':
+        """Set training mode and drop the eval-time cache."""
+        self._cache = None
+        return super().train(mode)
+
+    def num_params_compact(self) -> int:
+        """Number of parameters of the contracted layer."""
+        w = 1
+        for s in self.compact_weight_shape():
+            w *= s
+        return w + (self.compact_weight_shape()[0] if self._has_bias() else 0)
+
+    def num_params_expanded(self) -> int:
+        """Number of parameters of the chain."""
+        return sum(p.numel() for p in self.sublayers.parameters())
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict,
+                              missing_keys, unexpected_keys, error_msgs) -> None:
+        """Accept the compact layer's keys (``weight``, ``bias``) as well as the factors.
+
+        A compact state dict (a pretrained or a contracted checkpoint, loaded by
+        ``load_state_dict``, mmengine's ``load_checkpoint``, ``init_cfg``
+        ``Pretrained`` or ``init_detector``) is factorised exactly with
+        :meth:`set_compact`, so the chain computes what the compact layer did.
+        The factor entries are written into ``state_dict`` for the sub-layers to
+        load, so strict loading sees no missing or unexpected key.
+        """
+        own = [prefix + name for name, _ in self.named_parameters()]
+        weight_key, bias_key = prefix + 'weight', prefix + 'bias'
+        if weight_key in state_dict and not any(k in state_dict for k in own):
+            weight = state_dict.pop(weight_key)
+            bias = state_dict.pop(bias_key, None)
+            if tuple(weight.shape) != tuple(self.compact_weight_shape()):
+                error_msgs.append(
+                    f'size mismatch for {weight_key}: copying a param with shape '
+                    f'{tuple(weight.shape)} from checkpoint, the shape in current model '
+                    f'is {tuple(self.compact_weight_shape())} (compact form of '
+                    f'{self._describe()}).')
+                return super()._load_from_state_dict(
+                    state_dict, prefix, local_metadata, strict, missing_keys,
+                    unexpected_keys, error_msgs)
+            if bias is not None and not self._has_bias():
+                unexpected_keys.append(bias_key)
+                bias = None
+            elif bias is None and self._has_bias() and strict:
+                missing_keys.append(bias_key)
+            ref = next(self.parameters())
+            self.set_compact(weight.to(ref), None if bias is None else bias.to(ref))
+            for name, param in self.named_parameters():
+                state_dict[prefix + name] = param.detach().clone()
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict,
+                                      missing_keys, unexpected_keys, error_msgs)
+
+    def __getstate__(self) -> dict:
+        # Copies and pickles must not carry the cached composition.
+        state = super().__getstate__()
+        state['_cache'] = None
+        return state

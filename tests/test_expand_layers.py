@@ -1,0 +1,486 @@
+"""Tests of ExpandConv2d / ExpandLinear: exactness, modes, gradients, caching, errors."""
+
+import copy
+import pickle
+from dataclasses import dataclass
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from expand_mm.layers import ExpandConv2d, ExpandedLayer, ExpandLinear
+from expand_mm.ops import ck_exact_min_ratio, ck_kernel_sizes
+
+F64 = torch.float64
+PROPERTY = settings(max_examples=60, deadline=None)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
+@dataclass
+class ConvCase:
+    conv_kwargs: dict
+    strategy: str
+    ratio: int
+    input_shape: tuple
+    seed: int
+
+    def conv(self, dtype=torch.float32) -> nn.Conv2d:
+        torch.manual_seed(self.seed)
+        conv = nn.Conv2d(**self.conv_kwargs).to(dtype)
+        with torch.no_grad():  # make the bias matter as much as the weight
+            if conv.bias is not None:
+                conv.bias.normal_()
+        return conv
+
+    def expanded(self, dtype=torch.float32, **kw) -> ExpandConv2d:
+        torch.manual_seed(self.seed + 1)
+        layer = ExpandConv2d.from_conv(self.conv(dtype), strategy=self.strategy,
+                                       ratio=self.ratio, name='neck.conv', **kw)
+        with torch.no_grad():  # non-zero biases on every sub-layer
+            for c in layer.convs:
+                if c.bias is not None:
+                    c.bias.normal_()
+        return layer
+
+    def input(self, dtype=torch.float32) -> torch.Tensor:
+        return torch.randn(*self.input_shape, generator=torch.Generator().manual_seed(self.seed),
+                           dtype=dtype)
+
+
+@st.composite
+def conv_cases(draw, strategy=None, ratio_min=1):
+    strategy = strategy or draw(st.sampled_from(['cl', 'ck']))
+    kind = draw(st.sampled_from(['plain', 'grouped', 'depthwise', 'depthwise_mult']))
+    if kind == 'plain':
+        g, m_g, n_g = 1, draw(st.integers(1, 4)), draw(st.integers(1, 4))
+    elif kind == 'grouped':
+        g, m_g, n_g = draw(st.integers(2, 3)), draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    elif kind == 'depthwise':
+        g, m_g, n_g = draw(st.integers(1, 6)), 1, 1
+    else:
+        g, m_g, n_g = draw(st.integers(1, 4)), 1, draw(st.integers(2, 3))
+    if strategy == 'cl':
+        side = st.integers(1, 7)
+        square = draw(st.booleans())
+        kh = draw(side)
+        kw = kh if square else draw(side)
+    else:
+        odd = st.sampled_from([1, 3, 5, 7])
+        kh, kw = draw(odd), draw(odd)
+        if max(kh, kw) < 5:
+            kh = 5 if draw(st.booleans()) else 7
+    stride = draw(st.integers(1, 3))
+    dilation = draw(st.integers(1, 2))
+    padding_mode = draw(st.sampled_from(['zeros', 'reflect', 'replicate', 'circular']))
+    padding_kind = draw(st.sampled_from(['int', 'tuple', 'string']))
+    if padding_kind == 'string':
+        padding = draw(st.sampled_from(['same', 'valid']))
+        if padding == 'same':
+            stride = 1  # torch allows 'same' with stride 1 only
+        pad_h = pad_w = (dilation * (max(kh, kw) - 1) + 1) // 2 + 1 if padding == 'same' else 0
+    elif padding_kind == 'tuple':
+        pad_h, pad_w = draw(st.integers(0, kh)), draw(st.integers(0, kw))
+        padding = (pad_h, pad_w)
+    else:
+        pad_h = pad_w = padding = draw(st.integers(0, max(kh, kw)))
+    # Input big enough for the kernel after padding, and for reflect/circular
+    # padding (pad < size); odd sizes included.
+    min_h = max(1, dilation * (kh - 1) + 1 - 2 * (pad_h if padding != 'same' else 0),
+                pad_h + 1)
+    min_w = max(1, dilation * (kw - 1) + 1 - 2 * (pad_w if padding != 'same' else 0),
+                pad_w + 1)
+    h = draw(st.integers(min_h, min_h + 6))
+    w = draw(st.integers(min_w, min_w + 6))
+    ratio = draw(st.integers(ratio_min, 4))
+    return ConvCase(
+        conv_kwargs=dict(in_channels=g * m_g, out_channels=g * n_g, kernel_size=(kh, kw),
+                         stride=stride, padding=padding, dilation=dilation, groups=g,
+                         bias=draw(st.booleans()), padding_mode=padding_mode),
+        strategy=strategy, ratio=ratio, input_shape=(2, g * m_g, h, w),
+        seed=draw(st.integers(0, 2**16)))
+
+
+def assert_same_hyper_parameters(contracted: nn.Conv2d, conv: nn.Conv2d) -> None:
+    assert type(contracted) is nn.Conv2d
+    for attr in ('in_channels', 'out_channels', 'kernel_size', 'stride', 'padding',
+                 'dilation', 'groups', 'padding_mode'):
+        assert getattr(contracted, attr) == getattr(conv, attr), attr
+    assert (contracted.bias is None) == (conv.bias is None)
+    assert contracted.weight.dtype == conv.weight.dtype
+    assert contracted.weight.device == conv.weight.device
+    assert contracted.state_dict().keys() == conv.state_dict().keys()
+
+
+# ------------------------------------------------------------------ exactness
+
+
+@PROPERTY
+@given(conv_cases())
+def test_conv_explicit_online_contracted_agree_float32(case):
+    conv = case.conv()
+    layer = case.expanded(mode='explicit')
+    x = case.input()
+    y_explicit = layer(x)
+    contracted = layer.contract()
+    assert_same_hyper_parameters(contracted, conv)
+    y_contracted = contracted(x)
+    assert y_contracted.shape == conv(x).shape
+    assert rel_err(y_contracted, y_explicit) <= 1e-5
+    y_online = layer.set_mode('online')(x)
+    assert rel_err(y_online, y_contracted) <= 1e-5
+
+
+@PROPERTY
+@given(conv_cases())
+def test_conv_explicit_online_contracted_agree_float64(case):
+    layer = case.expanded(F64, mode='explicit')
+    x = case.input(F64)
+    y_explicit = layer(x)
+    contracted = layer.contract()
+    assert contracted.weight.dtype == F64
+    assert rel_err(contracted(x), y_explicit) <= 1e-10
+    assert rel_err(layer.set_mode('online')(x), y_explicit) <= 1e-10
+
+
+@settings(max_examples=40, deadline=None)
+@given(conv_cases())
+def test_conv_online_and_explicit_give_the_same_loss_and_gradients(case):
+    layer = case.expanded()
+    x = case.input()
+    results = {}
+    for mode in ('explicit', 'online'):
+        layer.set_mode(mode)
+        layer.zero_grad()
+        y = layer(x)
+        target = torch.linspace(-1, 1, y.numel()).reshape(y.shape)
+        loss = ((y - target) ** 2).mean()
+        loss.backward()
+        results[mode] = (loss.detach(), {n: p.grad.clone() for n, p in layer.named_parameters()})
+    (l_e, g_e), (l_o, g_o) = results['explicit'], results['online']
+    assert rel_err(l_o, l_e) <= 1e-4
+    assert g_e.keys() == g_o.keys() and g_e
+    for name in g_e:
+        assert rel_err(g_o[name], g_e[name]) <= 1e-4, name
+
+
+@settings(max_examples=40, deadline=None)
+@given(conv_cases(ratio_min=1), st.booleans())
+def test_keep_weights_reproduces_the_compact_conv(case, double):
+    dtype = F64 if double else torch.float32
+    tol = 1e-10 if double else 1e-5
+    conv = case.conv(dtype)
+    if case.strategy == 'ck':
+        g = conv.groups
+        case.ratio = max(case.ratio, ck_exact_min_ratio(
+            conv.in_channels // g, conv.out_channels // g, ck_kernel_sizes(conv.kernel_size)))
+    x = case.input(dtype)
+    y = conv(x)
+    layer = ExpandConv2d.from_conv(conv, strategy=case.strategy, ratio=case.ratio,
+                                   keep_weights=True, name='backbone.stem')
+    assert rel_err(layer.set_mode('online')(x), y) <= tol
+    assert rel_err(layer.set_mode('explicit')(x), y) <= tol
+    contracted = layer.contract()
+    assert rel_err(contracted.weight, conv.weight) <= tol
+    if conv.bias is not None:
+        assert rel_err(contracted.bias, conv.bias) <= tol
+        for c in layer.convs[:-1]:
+            assert torch.count_nonzero(c.bias) == 0
+    assert_same_hyper_parameters(contracted, conv)
+
+
+def test_keep_weights_ck_too_small_ratio_names_the_layer():
+    conv = nn.Conv2d(4, 4, 7, padding=3)
+    with pytest.raises(ValueError, match=r"head\.conv7.*ratio >= 9.*strategy='cl'"):
+        ExpandConv2d.from_conv(conv, strategy='ck', ratio=4, keep_weights=True,
+                               name='head.conv7')
+    with pytest.raises(ValueError, match=r'ratio >= 4'):
+        ExpandConv2d.from_conv(nn.Conv2d(2, 2, 5), strategy='ck', ratio=3, keep_weights=True)
+
+
+def test_keep_weights_cl_uses_orthonormal_outer_factors():
+    conv = nn.Conv2d(6, 4, 3, groups=2)
+    layer = ExpandConv2d.from_conv(conv, ratio=3, keep_weights=True,
+                                   generator=torch.Generator().manual_seed(0))
+    a = layer.convs[0].weight.detach().double().reshape(2, 9, 3)
+    c = layer.convs[2].weight.detach().double().reshape(2, 2, 6)
+    assert (a.transpose(1, 2) @ a - torch.eye(3, dtype=F64)).abs().max() <= 1e-6
+    assert (c @ c.transpose(1, 2) - torch.eye(2, dtype=F64)).abs().max() <= 1e-6
+
+
+# ------------------------------------------------------------------ structure
+
+
+def test_cl_chain_structure_follows_the_exactness_rules():
+    conv = nn.Conv2d(8, 12, 3, stride=2, padding=1, dilation=2, groups=4, bias=False,
+                     padding_mode='reflect')
+    layer = ExpandConv2d.from_conv(conv, strategy='cl', ratio=3)
+    shapes = [(c.in_channels, c.out_channels, c.kernel_size, c.stride, c.dilation)
+              for c in layer.convs]
+    assert shapes == [(8, 24, (1, 1), (1, 1), (1, 1)),
+                      (24, 36, (3, 3), (2, 2), (2, 2)),
+                      (36, 12, (1, 1), (1, 1), (1, 1))]
+    assert all(c.padding == (0, 0) and c.groups == 4 and c.bias is None for c in layer.convs)
+    assert list(layer.state_dict()) == ['convs.0.weight', 'convs.1.weight', 'convs.2.weight']
+    for attr in ('in_channels', 'out_channels', 'kernel_size', 'stride', 'padding',
+                 'dilation', 'groups', 'padding_mode'):
+        assert getattr(layer, attr) == getattr(conv, attr), attr
+    assert layer.bias is None
+    assert layer.weight.shape == conv.weight.shape
+    assert isinstance(layer, ExpandedLayer)
+    assert layer.num_params_compact() == conv.weight.numel()
+    assert layer.num_params_expanded() == 24 * 2 + 36 * 6 * 9 + 12 * 9
+
+
+@pytest.mark.parametrize('kernel,sizes,widths', [
+    (5, [(3, 3), (3, 3)], [4, 8, 6]),
+    (7, [(3, 3)] * 3, [4, 8, 12, 6]),
+    ((3, 7), [(1, 3), (1, 3), (3, 3)], [4, 8, 12, 6]),
+])
+def test_ck_chain_structure(kernel, sizes, widths):
+    conv = nn.Conv2d(4, 6, kernel, stride=2, dilation=2, groups=2)
+    layer = ExpandConv2d.from_conv(conv, strategy='ck', ratio=2)
+    assert [c.kernel_size for c in layer.convs] == sizes
+    assert [layer.convs[0].in_channels] + [c.out_channels for c in layer.convs] == widths
+    assert [c.stride for c in layer.convs] == [(1, 1)] * (len(sizes) - 1) + [(2, 2)]
+    assert all(c.dilation == (2, 2) and c.padding == (0, 0) and c.groups == 2
+               and c.bias is not None for c in layer.convs)
+
+
+def test_fresh_init_is_standalone_conv_init():
+    torch.manual_seed(3)
+    layer = ExpandConv2d(4, 6, 3, groups=2, strategy='cl', ratio=2)
+    torch.manual_seed(3)
+    ref = [nn.Conv2d(4, 8, 1, groups=2), nn.Conv2d(8, 12, 3, groups=2),
+           nn.Conv2d(12, 6, 1, groups=2)]
+    for c, r in zip(layer.convs, ref):
+        assert torch.equal(c.weight, r.weight) and torch.equal(c.bias, r.bias)
+
+
+def test_from_conv_keeps_dtype_device_and_training_state():
+    conv = nn.Conv2d(3, 4, 3).double().eval()
+    layer = ExpandConv2d.from_conv(conv)
+    assert all(p.dtype == F64 for p in layer.parameters())
+    assert not layer.training and not layer.contract().training
+    assert 'strategy=cl, ratio=4, mode=online, compact=(4, 3, 3, 3)' in repr(layer)
+
+
+def test_weight_property_is_differentiable_and_matches_contract():
+    layer = ExpandConv2d(3, 5, 5, strategy='ck', ratio=2)
+    w, b = layer.weight, layer.bias
+    assert w.requires_grad and w.grad_fn is not None
+    contracted = layer.contract()
+    assert rel_err(w.detach(), contracted.weight) <= 1e-5
+    assert rel_err(b.detach(), contracted.bias) <= 1e-5
+    (w ** 2).sum().backward()  # e.g. weight decay on the product
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in
+               (c.weight for c in layer.convs))
+
+
+def test_deepcopy_and_pickle_give_the_same_function():
+    layer = ExpandConv2d(3, 4, 3, padding=1).eval()
+    x = torch.randn(1, 3, 6, 6)
+    with torch.no_grad():
+        y = layer(x)
+    for other in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+        assert other._cache is None
+        with torch.no_grad():
+            assert rel_err(other(x), y) <= 1e-6
+
+
+# ------------------------------------------------------------------ cache
+
+
+def test_eval_cache_is_reused_and_invalidated_by_in_place_updates():
+    torch.manual_seed(0)
+    layer = ExpandConv2d(4, 4, 3, padding=1, strategy='cl', ratio=2)
+    x = torch.randn(2, 4, 8, 8)
+    opt = torch.optim.SGD(layer.parameters(), lr=0.5)
+    layer.train()
+    layer(x).square().mean().backward()
+    assert layer._cache is None  # never cached in training
+    layer.eval()
+    with torch.no_grad():
+        y0 = layer(x)
+        assert layer.weight is layer.weight  # cached
+        opt.step()  # in-place update while in eval mode
+        y1 = layer(x)
+        y_ref = layer.contract()(x)
+        assert rel_err(y1, y_ref) <= 1e-5
+        assert (y1 - y0).abs().max() > 1e-3
+        layer.convs[1].weight.mul_(2.0)
+        assert rel_err(layer(x), layer.contract()(x)) <= 1e-5
+        layer.convs[2].bias.data = layer.convs[2].bias.data + 1.0  # new storage
+        assert rel_err(layer(x), layer.contract()(x)) <= 1e-5
+        layer.load_state_dict({k: v * 0.5 for k, v in layer.state_dict().items()})
+        assert rel_err(layer(x), layer.contract()(x)) <= 1e-5
+        layer.double()
+        assert layer(x.double()).dtype == F64
+
+
+def test_eval_with_grad_enabled_does_not_cache_a_graph():
+    layer = ExpandConv2d(2, 2, 3, padding=1).eval()
+    x = torch.randn(1, 2, 5, 5)
+    for _ in range(2):  # a cached graph would fail on the second backward
+        layer(x).sum().backward()
+    assert layer._cache is None
+
+
+# ------------------------------------------------------------------ errors
+
+
+@pytest.mark.parametrize('kernel', [3, 4, (5, 4), (3, 1), 1, 2])
+def test_ck_on_a_small_or_even_kernel_raises_naming_the_layer(kernel):
+    with pytest.raises(ValueError, match=r"backbone\.layer2\.conv.*strategy='cl'"):
+        ExpandConv2d.from_conv(nn.Conv2d(2, 2, kernel), strategy='ck',
+                               name='backbone.layer2.conv')
+
+
+def test_bad_arguments_raise():
+    with pytest.raises(ValueError, match='strategy'):
+        ExpandConv2d(2, 2, 3, strategy='xx')
+    with pytest.raises(ValueError, match='ratio'):
+        ExpandConv2d(2, 2, 3, ratio=0)
+    with pytest.raises(ValueError, match='groups'):
+        ExpandConv2d(3, 2, 3, groups=2)
+    with pytest.raises(ValueError, match='mode'):
+        ExpandConv2d(2, 2, 3).set_mode('fast')
+    with pytest.raises(TypeError):
+        ExpandConv2d.from_conv(nn.Linear(2, 2))
+    with pytest.raises(ValueError, match='shape'):
+        ExpandConv2d(2, 2, 3).set_compact(torch.randn(2, 2, 5, 5))
+    with pytest.raises(ValueError, match='bias'):
+        ExpandConv2d(2, 2, 3, bias=False).set_compact(torch.randn(2, 2, 3, 3),
+                                                        torch.randn(2))
+
+
+def test_nonlinearity_runs_between_sub_layers_in_explicit_mode_only():
+    torch.manual_seed(0)
+    layer = ExpandConv2d(3, 4, 3, padding=1, mode='explicit', name='head.cls')
+    x = torch.randn(2, 3, 6, 6)
+    y_linear = layer(x)
+    with pytest.raises(RuntimeError, match='explicit'):
+        ExpandConv2d(3, 4, 3).set_nonlinearity(nn.ReLU())
+    layer.set_nonlinearity(nn.ReLU())
+    y = layer(x)
+    manual = F.pad(x, (1, 1, 1, 1))
+    manual = layer.convs[2](F.relu(layer.convs[1](F.relu(layer.convs[0](manual)))))
+    assert rel_err(y, manual) <= 1e-6
+    assert (y - y_linear).abs().max() > 1e-3
+    with pytest.raises(RuntimeError, match=r"head\.cls.*nonlinearity"):
+        layer.contract()
+    with pytest.raises(RuntimeError, match='nonlinearity'):
+        layer.set_mode('online')
+    with pytest.raises(RuntimeError, match='nonlinearity'):
+        layer.weight
+    layer.set_nonlinearity(None)
+    assert rel_err(layer.contract()(x), y_linear) <= 1e-5
+
+
+# ------------------------------------------------------------------ linear
+
+
+@st.composite
+def linear_cases(draw):
+    return dict(m=draw(st.integers(1, 8)), n=draw(st.integers(1, 8)),
+                bias=draw(st.booleans()), ratio=draw(st.integers(1, 4)),
+                lead=tuple(draw(st.lists(st.integers(1, 3), min_size=1, max_size=3))),
+                seed=draw(st.integers(0, 2**16)))
+
+
+def _linear(case, dtype=torch.float32):
+    torch.manual_seed(case['seed'])
+    lin = nn.Linear(case['m'], case['n'], bias=case['bias']).to(dtype)
+    layer = ExpandLinear.from_linear(lin, ratio=case['ratio'], mode='explicit', name='fc')
+    with torch.no_grad():
+        for sub in layer.linears:
+            if sub.bias is not None:
+                sub.bias.normal_()
+    x = torch.randn(*case['lead'], case['m'], dtype=dtype)
+    return lin, layer, x
+
+
+@PROPERTY
+@given(linear_cases(), st.booleans())
+def test_linear_explicit_online_contracted_agree(case, double):
+    dtype, tol = (F64, 1e-10) if double else (torch.float32, 1e-5)
+    lin, layer, x = _linear(case, dtype)
+    y = layer(x)
+    contracted = layer.contract()
+    assert type(contracted) is nn.Linear
+    assert (contracted.in_features, contracted.out_features) == (case['m'], case['n'])
+    assert (contracted.bias is None) == (not case['bias'])
+    assert contracted.state_dict().keys() == lin.state_dict().keys()
+    assert contracted.weight.dtype == dtype
+    assert rel_err(contracted(x), y) <= tol
+    assert rel_err(layer.set_mode('online')(x), y) <= tol
+
+
+@PROPERTY
+@given(linear_cases())
+def test_linear_online_and_explicit_gradients_agree(case):
+    _, layer, x = _linear(case)
+    grads = {}
+    for mode in ('explicit', 'online'):
+        layer.set_mode(mode).zero_grad()
+        (layer(x).sin().sum()).backward()
+        grads[mode] = {n: p.grad.clone() for n, p in layer.named_parameters()}
+    for name in grads['explicit']:
+        assert rel_err(grads['online'][name], grads['explicit'][name]) <= 1e-4, name
+
+
+@PROPERTY
+@given(linear_cases())
+def test_linear_keep_weights_is_exact(case):
+    lin, _, x = _linear(case, F64)
+    layer = ExpandLinear.from_linear(lin, ratio=case['ratio'], keep_weights=True)
+    y = lin(x)
+    assert rel_err(layer(x), y) <= 1e-10
+    assert rel_err(layer.set_mode('explicit')(x), y) <= 1e-10
+    contracted = layer.contract()
+    assert rel_err(contracted.weight, lin.weight) <= 1e-10
+    if case['bias']:
+        assert rel_err(contracted.bias, lin.bias) <= 1e-10
+
+
+def test_linear_structure_cache_and_errors():
+    lin = nn.Linear(3, 5, bias=False)
+    layer = ExpandLinear.from_linear(lin, ratio=2, name='head.fc')
+    assert isinstance(layer, ExpandedLayer) and layer.strategy == 'fc'
+    assert [(s.in_features, s.out_features) for s in layer.linears] == [(3, 6), (6, 10),
+                                                                         (10, 5)]
+    assert list(layer.state_dict()) == ['linears.0.weight', 'linears.1.weight',
+                                        'linears.2.weight']
+    assert layer.bias is None and layer.weight.shape == (5, 3)
+    assert layer.num_params_compact() == 15 and layer.num_params_expanded() == 18 + 60 + 50
+    layer.eval()
+    x = torch.randn(4, 3)
+    with torch.no_grad():
+        y0 = layer(x)
+        layer.linears[0].weight.add_(1.0)
+        assert rel_err(layer(x), layer.contract()(x)) <= 1e-5
+        assert (layer(x) - y0).abs().max() > 1e-3
+    layer.set_mode('explicit').set_nonlinearity(nn.Tanh())
+    with pytest.raises(RuntimeError, match=r"head\.fc"):
+        layer.contract()
+    with pytest.raises(TypeError):
+        ExpandLinear.from_linear(nn.Conv2d(2, 2, 1))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
+def test_cuda_layers_stay_on_device_and_agree():
+    conv = nn.Conv2d(4, 8, 5, padding=2, groups=2).cuda()
+    x = torch.randn(2, 4, 9, 9, device='cuda')
+    for strategy in ('cl', 'ck'):
+        layer = ExpandConv2d.from_conv(conv, strategy=strategy, keep_weights=True)
+        assert all(p.is_cuda for p in layer.parameters())
+        contracted = layer.contract()
+        assert contracted.weight.is_cuda
+        assert rel_err(layer(x), conv(x)) <= 1e-4  # TF32 may be on
+        assert rel_err(contracted.weight, conv.weight) <= 1e-5

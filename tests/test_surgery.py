@@ -1,0 +1,138 @@
+"""Model surgery and checkpoint forms on small plain and mmcv models."""
+import pytest
+import torch
+from mmcv.cnn import ConvModule
+from torch import nn
+
+import expand_mm
+from expand_mm import CheckpointError, contract_model, expand_model, match_state_dict
+from expand_mm.checkpoint import read_checkpoint
+
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.backbone = nn.Sequential(
+            ConvModule(3, 8, 3, padding=1, norm_cfg=dict(type='BN')),
+            ConvModule(8, 8, 3, padding=1, groups=8, norm_cfg=dict(type='BN')),
+            ConvModule(8, 16, 1, norm_cfg=dict(type='BN')),
+            nn.Conv2d(16, 16, 5, stride=2, padding=2))
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 4))
+
+    def forward(self, x):
+        return self.head(self.backbone(x))
+
+
+def eval_out(model, x):
+    model.eval()
+    with torch.no_grad():
+        return model(x)
+
+
+def test_expand_report_and_conv_module_structure():
+    model = Tiny()
+    report = expand_model(model, strategy='auto', ratio=2)
+    paths = [r.path for r in report.layers]
+    assert paths == ['backbone.0.conv', 'backbone.1.conv', 'backbone.3']
+    assert [r.strategy for r in report.layers] == ['cl', 'cl', 'ck']
+    assert isinstance(model.backbone[0].bn, nn.BatchNorm2d)  # norm stays outside
+    assert isinstance(model.backbone[2].conv, nn.Conv2d)  # 1x1 left compact
+    assert isinstance(model.head[2], nn.Linear)  # linear left compact by default
+    assert report.model_params_after - report.model_params_before == \
+        report.expanded_params - report.compact_params
+    assert 'backbone.3' in str(report)
+
+
+def test_expand_1x1_and_linear_and_patterns():
+    model = Tiny()
+    report = expand_model(model, include=['backbone.*', 'head'], exclude=['backbone.1*'],
+                          expand_1x1=True, expand_linear=True)
+    assert [r.path for r in report.layers] == ['backbone.0.conv', 'backbone.2.conv',
+                                               'backbone.3', 'head.2']
+    assert isinstance(model.head[2], expand_mm.ExpandLinear)
+
+
+def test_contract_is_a_copy_with_stock_keys_and_same_function():
+    torch.manual_seed(0)
+    model = Tiny()
+    stock = {k: v.shape for k, v in model.state_dict().items()}
+    expand_model(model, strategy='auto', ratio=3, expand_linear=True)
+    x = torch.randn(2, 3, 17, 23)
+    compact = contract_model(model, verify_inputs=x)
+    assert expand_mm.expanded_layers(model) and not expand_mm.expanded_layers(compact)
+    assert {k: v.shape for k, v in compact.state_dict().items()} == stock
+    torch.testing.assert_close(eval_out(compact, x), eval_out(model, x), rtol=1e-5, atol=1e-6)
+    errors = expand_mm.verify_contraction(model, compact, x)
+    assert errors['max_rel'] < 1e-5
+
+
+@pytest.mark.parametrize('kwargs, message', [
+    (dict(include=['backbone.9*']), "include pattern 'backbone.9*' matches no expandable"),
+    (dict(exclude=['neck.*']), "exclude pattern 'neck.*'"),
+    (dict(include=['backbone.2']), 'only layers left compact: backbone.2.conv (1x1 conv'),
+    (dict(strategy='xx'), "strategy='xx' is not one of"),
+    (dict(ratio=0), 'ratio=0 must be an integer >= 1'),
+    (dict(ratio=2.5), 'ratio=2.5'),
+    (dict(mode='fast'), "mode='fast'"),
+    (dict(strategy='ck'), "strategy='ck' needs odd kernels >= 5, but these selected layers"),
+])
+def test_bad_settings_name_the_culprit(kwargs, message):
+    with pytest.raises(ValueError, match=None) as err:
+        expand_model(Tiny(), **kwargs)
+    assert message in str(err.value)
+
+
+def test_unmatched_pattern_suggests_nearest_paths():
+    with pytest.raises(ValueError) as err:
+        expand_model(Tiny(), include=['backbone.0.cnv'])
+    assert 'backbone.0.conv' in str(err.value)
+
+
+def test_unsupported_conv_subclass_is_left_compact_with_a_reason():
+    class Padded(nn.Conv2d):
+        def forward(self, x):
+            return super().forward(nn.functional.pad(x, (1, 0, 1, 0)))
+
+    model = nn.Sequential(Padded(3, 4, 3), nn.Conv2d(4, 4, 3))
+    report = expand_model(model)
+    assert [r.path for r in report.layers] == ['1']
+    assert 'overrides Conv2d.forward' in dict(report.skipped)['0']
+    with pytest.raises(ValueError, match='overrides Conv2d.forward'):
+        expand_model(nn.Sequential(Padded(3, 4, 3), nn.Conv2d(4, 4, 3)), include=['0'])
+
+
+def test_compact_state_dict_loads_into_expanded_model_exactly():
+    torch.manual_seed(0)
+    trained = Tiny()
+    x = torch.randn(1, 3, 16, 16)
+    reference = eval_out(trained, x)
+    compact_sd = trained.state_dict()
+    model = Tiny()
+    expand_model(model, strategy='cl', ratio=4)
+    assert match_state_dict(model, compact_sd) == 'compact'
+    model.load_state_dict(compact_sd, strict=True)
+    torch.testing.assert_close(eval_out(model, x), reference, rtol=1e-5, atol=1e-5)
+    assert match_state_dict(model, model.state_dict()) == 'expanded'
+
+
+def test_other_models_checkpoint_is_refused_with_keys():
+    model = Tiny()
+    expand_model(model)
+    other = nn.Sequential(nn.Conv2d(3, 4, 3)).state_dict()
+    with pytest.raises(CheckpointError) as err:
+        match_state_dict(model, other, source='other.pth')
+    assert 'other.pth fits neither' in str(err.value) and 'missing' in str(err.value)
+    wrong_shape = Tiny().state_dict()
+    wrong_shape['backbone.0.conv.weight'] = torch.zeros(8, 3, 5, 5)
+    with pytest.raises(CheckpointError, match=r'backbone.0.conv.weight \(8, 3, 5, 5\)'):
+        match_state_dict(model, wrong_shape)
+
+
+def test_corrupt_and_missing_checkpoint_files(tmp_path):
+    path = tmp_path / 'model.pth'
+    torch.save({'state_dict': Tiny().state_dict()}, path)
+    path.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(CheckpointError, match='corrupt or truncated'):
+        read_checkpoint(str(path))
+    with pytest.raises(CheckpointError, match='does not exist'):
+        read_checkpoint(str(tmp_path / 'nope.pth'))
