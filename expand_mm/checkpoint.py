@@ -31,12 +31,14 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be read or does not fit the model."""
 
 
-def read_checkpoint(path: str, map_location: Any = 'cpu') -> dict:
+def read_checkpoint(path: str, map_location: Any = 'cpu', mmap: bool = False) -> dict:
     """Load a checkpoint file with a clear error when it is missing or corrupt.
 
     Args:
         path: Local path of a ``.pth`` file.
         map_location: Passed to ``torch.load``.
+        mmap: Memory-map the tensors instead of reading them (a cheap check of
+            a file that will be loaded again later).
 
     Returns:
         The checkpoint dict; a bare state dict is wrapped as ``{'state_dict': ...}``.
@@ -47,7 +49,7 @@ def read_checkpoint(path: str, map_location: Any = 'cpu') -> dict:
     if not os.path.isfile(path):
         raise CheckpointError(f'checkpoint {path!r} does not exist')
     try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile,
             OSError, ValueError, AttributeError) as err:
         raise CheckpointError(

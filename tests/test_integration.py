@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from mmengine.config import Config
+from mmengine.registry import MODELS, DefaultScope
 from mmengine.runner import Runner
 
 import expand_mm
@@ -93,8 +94,8 @@ def test_train_resume_contract_and_stock_inference(config, tmp_path):
     compact_cfg.model = expand_mm.models.compact_model_cfg(compact_cfg.model)
     compact_ckpt = osp.join(work, 'iter_3_compact.pth')
     state = torch.load(compact_ckpt)
-    with expand_mm.models.expandnet.DefaultScope.overwrite_default_scope(cfg.default_scope):
-        stock = expand_mm.models.expandnet.MODELS.build(compact_cfg.model)
+    with DefaultScope.overwrite_default_scope(cfg.default_scope):
+        stock = MODELS.build(compact_cfg.model)
     stock.load_state_dict(state['state_dict'], strict=True)
 
     # ... and the stock inference API predicts what the expanded model predicts.

@@ -8,7 +8,7 @@ from mmengine.dist import is_main_process
 from mmengine.hooks import Hook
 from mmengine.registry import HOOKS
 
-from ..checkpoint import CheckpointError, match_state_dict
+from ..checkpoint import CheckpointError, match_state_dict, read_checkpoint
 from ..deploy import DEFAULT_PROBE_SHAPE, compact_checkpoint_path, write_compact_checkpoint
 from ..models.expandnet import deployable_model
 from ..surgery import expanded_layers
@@ -113,6 +113,16 @@ class ExpandCheckpointLoadHook(Hook):
 
     def __init__(self, strict: bool = True) -> None:
         self.strict = strict
+
+    def before_run(self, runner) -> None:
+        """Refuse a missing or corrupt ``load_from`` file with a clear message.
+
+        MMEngine would otherwise fail inside ``torch.load`` with a pickle or
+        zip error; the file is memory-mapped, not read, so this costs little.
+        """
+        load_from = runner._load_from
+        if isinstance(load_from, str) and '://' not in load_from:
+            read_checkpoint(load_from, mmap=True)
 
     def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
         """Convert or check ``checkpoint['state_dict']`` in place."""

@@ -49,7 +49,8 @@ def build_expandnet(model: dict,
                     expand_1x1: bool = False,
                     expand_linear: bool = False,
                     keep_weights: bool | Sequence[str] = False,
-                    init: str = 'fresh') -> nn.Module:
+                    init: str = 'fresh',
+                    data_preprocessor: dict | None = None) -> nn.Module:
     """Build the compact model from ``model`` and expand it in place.
 
     The compact model is initialised first (its ``init_cfg``, including
@@ -75,6 +76,9 @@ def build_expandnet(model: dict,
             standalone conv of its shape (the paper); ``'compact'``: every
             expanded layer starts from the compact model's own initialisation
             (same as ``keep_weights=True``).
+        data_preprocessor: Passed on to the compact model when its config has
+            none (MMEngine's Runner adds the config's top-level
+            ``data_preprocessor`` to the model dict it builds).
 
     Returns:
         The stock model instance, expanded, with ``expandnet_cfg`` and
@@ -86,7 +90,10 @@ def build_expandnet(model: dict,
         raise ValueError('ExpandNet: `model` must be the config dict of the compact model '
                          "(e.g. model=dict(type='ExpandNet', model={{_base_.model}}, ...))")
     logger = MMLogger.get_current_instance()
-    compact = MODELS.build(copy.deepcopy(model))
+    model = copy.deepcopy(model)
+    if data_preprocessor is not None:
+        model.setdefault('data_preprocessor', data_preprocessor)
+    compact = MODELS.build(model)
     if isinstance(compact, BaseModule):
         compact.init_weights()
 

@@ -1,0 +1,86 @@
+"""The checkpoint hooks inside real Runner runs: EMA, load_from compact, bad files."""
+import os.path as osp
+
+import pytest
+import torch
+from mmengine.config import Config
+from mmengine.runner import Runner
+
+import expand_mm
+from data_factory import make_voc
+from mm_test_utils import shrink_for_test
+
+ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+CONFIG = osp.join(ROOT, 'configs', 'expandnet', 'expandnet-cl-r4_yolo-lite_8xb16-100e_voc0712.py')
+
+
+def tiny_cfg(tmp_path, max_iters=2):
+    data_root = str(tmp_path / 'data')
+    if not osp.isdir(data_root):
+        make_voc(data_root, num_images=3, size=96)
+    cfg = Config.fromfile(CONFIG)
+    shrink_for_test(cfg, str(tmp_path / 'work'), data_root + '/', (96, 96), max_iters)
+    return cfg
+
+
+def assert_state_dicts_close(a, b, rtol=1e-5):
+    assert set(a) == set(b)
+    for key in a:
+        if a[key].is_floating_point():
+            torch.testing.assert_close(a[key], b[key], rtol=rtol,
+                                       atol=rtol * float(a[key].abs().max() + 1e-12))
+        else:
+            assert torch.equal(a[key], b[key]), key
+
+
+def test_compact_checkpoint_is_the_contracted_ema_model(tmp_path):
+    cfg = tiny_cfg(tmp_path)
+    cfg.custom_hooks = list(cfg.custom_hooks) + [dict(type='EMAHook', momentum=0.5)]
+    runner = Runner.from_cfg(cfg)
+    runner.train()
+    ema_hook = next(h for h in runner.hooks if type(h).__name__ == 'EMAHook')
+    compact = torch.load(osp.join(cfg.work_dir, 'iter_2_compact.pth'))['state_dict']
+    ema = expand_mm.contract_model(ema_hook.ema_model.module).state_dict()
+    raw = expand_mm.contract_model(runner.model).state_dict()
+    assert_state_dicts_close(compact, ema)
+    differs = [k for k in raw if raw[k].is_floating_point() and
+               not torch.allclose(raw[k], ema[k], rtol=1e-3, atol=1e-6)]
+    assert differs, 'EMA and raw weights coincide: the test would not tell them apart'
+
+
+def test_load_from_compact_checkpoint_keeps_its_function(tmp_path):
+    cfg = tiny_cfg(tmp_path)
+    Runner.from_cfg(cfg).train()
+    compact_path = osp.join(cfg.work_dir, 'iter_2_compact.pth')
+    compact = torch.load(compact_path)['state_dict']
+
+    cfg = tiny_cfg(tmp_path)
+    cfg.work_dir = str(tmp_path / 'work2')
+    runner = Runner.from_cfg(cfg)
+    runner.load_checkpoint(compact_path)  # what load_from= does, hooks included
+    assert_state_dicts_close(expand_mm.contract_model(runner.model).state_dict(), compact,
+                             rtol=1e-4)
+
+
+def test_checkpoint_of_another_model_is_refused(tmp_path):
+    other = tmp_path / 'other.pth'
+    torch.save({'state_dict': {'backbone.conv1.weight': torch.zeros(8, 3, 3, 3)},
+                'meta': {}}, other)
+    cfg = tiny_cfg(tmp_path)
+    runner = Runner.from_cfg(cfg)
+    with pytest.raises(expand_mm.CheckpointError) as err:
+        runner.load_checkpoint(str(other))
+    message = str(err.value)
+    assert 'fits neither' in message and 'backbone.conv1.weight' in message
+
+
+def test_corrupt_load_from_fails_before_training(tmp_path):
+    corrupt = tmp_path / 'corrupt.pth'
+    torch.save({'state_dict': {'w': torch.zeros(1000)}}, corrupt)
+    corrupt.write_bytes(corrupt.read_bytes()[:300])
+    cfg = tiny_cfg(tmp_path)
+    cfg.load_from = str(corrupt)
+    runner = Runner.from_cfg(cfg)
+    with pytest.raises(expand_mm.CheckpointError, match='corrupt or truncated'):
+        runner.train()
+    assert not osp.exists(osp.join(cfg.work_dir, 'iter_1.pth'))
