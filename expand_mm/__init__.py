@@ -6,12 +6,13 @@ checkpoint. Importing the package registers ``type='ExpandNet'`` in MMEngine's
 ``MODELS``, the checkpoint hooks in ``HOOKS``, and lets ``torch.load`` read
 MMEngine's own checkpoints on torch >= 2.6.
 """
-from .compat import allow_mmengine_checkpoints
+from .compat import allow_mmengine_checkpoints, patch_mmdet_ssd_head
 from .layers import ExpandConv2d, ExpandedLayer, ExpandLinear
 from .surgery import (ExpansionReport, contract_model, expand_model, expanded_layers,
                       set_expand_mode, verify_contraction)
 
 allow_mmengine_checkpoints()
+patch_mmdet_ssd_head()
 
 from . import models  # noqa: E402  (registers ExpandNet and the compact models)
 from . import hooks  # noqa: E402  (registers the checkpoint hooks)

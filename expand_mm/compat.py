@@ -65,3 +65,20 @@ def allow_mmengine_checkpoints() -> None:
     from mmengine.logging.history_buffer import HistoryBuffer
     copyreg.pickle(HistoryBuffer, _reduce_history_buffer)
     add_safe_globals(mmengine_checkpoint_globals())
+
+
+def patch_mmdet_ssd_head() -> None:
+    """Let mmdet 3.3.0's ``SSDHead`` predict (open upstream bug, mmdet#11780).
+
+    ``BaseDenseHead._predict_by_feat_single`` reads ``self.loss_cls``, which
+    ``SSDHead`` never creates, so every SSD / SSDLite validation, test and
+    ``inference_detector`` call fails with ``AttributeError``. A class-level
+    ``loss_cls = None`` makes that check fall through to the sigmoid/softmax
+    branch SSD always used. Only applied when the attribute is missing.
+    """
+    try:
+        from mmdet.models.dense_heads import SSDHead
+    except ImportError:
+        return
+    if not hasattr(SSDHead, 'loss_cls') and 'loss_cls' not in SSDHead.__init__.__code__.co_names:
+        SSDHead.loss_cls = None

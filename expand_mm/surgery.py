@@ -121,7 +121,7 @@ def count_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def _matches(path: str, patterns: Sequence[str]) -> str | None:
+def path_matches(path: str, patterns: Sequence[str]) -> str | None:
     """The first pattern matching ``path`` or one of its ancestors, else None."""
     parts = path.split('.')
     prefixes = ['.'.join(parts[:i]) for i in range(len(parts), 0, -1)]
@@ -181,7 +181,8 @@ def _conv_strategy(conv: nn.Conv2d, strategy: str) -> str | None:
     return 'ck' if ck_possible else 'cl'
 
 
-def _set_child(root: nn.Module, path: str, new: nn.Module) -> None:
+def replace_submodule(root: nn.Module, path: str, new: nn.Module) -> None:
+    """Put ``new`` at module path ``path`` of ``root`` (e.g. ``'backbone.conv1.conv'``)."""
     parent_path, _, name = path.rpartition('.')
     parent = root.get_submodule(parent_path) if parent_path else root
     setattr(parent, name, new)
@@ -201,7 +202,7 @@ def _check_settings(strategy: str, ratio: Any, mode: str) -> None:
 def _unmatched_pattern_error(kind: str, pattern: str, paths: list[str],
                              skipped: dict[str, str]) -> ValueError:
     skipped_hits = [f'{p} ({r})' for p, r in skipped.items()
-                    if _matches(p, [pattern])]
+                    if path_matches(p, [pattern])]
     near = difflib.get_close_matches(pattern.replace('*', ''), paths, n=5, cutoff=0.3)
     if not near:
         near = [p for p in paths if p.split('.')[0] == pattern.split('.')[0]][:5] or paths[:5]
@@ -289,11 +290,11 @@ def expand_model(model: nn.Module,
 
     for kind, patterns in (('include', include or []), ('exclude', exclude)):
         for pattern in patterns:
-            if not any(_matches(p, [pattern]) for p, _ in candidates):
+            if not any(path_matches(p, [pattern]) for p, _ in candidates):
                 raise _unmatched_pattern_error(kind, pattern, all_paths, skipped)
 
     selected = [(p, m) for p, m in candidates
-                if (include is None or _matches(p, include)) and not _matches(p, exclude)]
+                if (include is None or path_matches(p, include)) and not path_matches(p, exclude)]
     selected_paths = {p for p, _ in selected}
     for path, _ in candidates:
         if path not in selected_paths:
@@ -323,7 +324,7 @@ def expand_model(model: nn.Module,
             record = ExpandedLayerRecord(path, 'Linear',
                                          f'{module.in_features}->{module.out_features}', 'fc',
                                          count_params(module), count_params(new))
-        _set_child(model, path, new)
+        replace_submodule(model, path, new)
         report.layers.append(record)
 
     report.skipped = sorted(skipped.items())
@@ -353,7 +354,7 @@ def contract_model_(model: nn.Module) -> nn.Module:
     exists for callers that already own a copy (e.g. a checkpoint writer).
     """
     for path, layer in expanded_layers(model):
-        _set_child(model, path, layer.contract())
+        replace_submodule(model, path, layer.contract())
     return model
 
 

@@ -52,7 +52,6 @@ def shrink_for_test(cfg, work_dir: str, data_root: str, size: tuple[int, int],
             key = SIZE_KEYS.get(node.get('type'))
             if key:
                 node[key] = (size[1], size[0]) if key == 'scale' else size
-                node.pop('ratio_range', None) if node.get('type') == 'RandomResize' else None
     for node in _walk(cfg.model):
         if node.get('type', '').endswith('DataPreprocessor') and 'size' in node:
             node['size'] = size

@@ -10,12 +10,13 @@ mmseg code path -- ``train_step``, the data preprocessor, ``predict``, metrics,
 visualisation hooks, ``init_detector`` / ``init_model``, hooks that reach into
 ``model.bbox_head`` -- sees the class it expects, and the state-dict keys outside
 the expanded layers stay the stock ones. The expansion settings and report are
-attached to the model as ``model.expandnet_cfg`` / ``model.expansion_report``.
+attached to the model as ``model.expandnet_cfg`` / ``model.expansion_report``, and
+its ``init_weights`` is replaced by :func:`init_expanded_weights`.
 """
 from __future__ import annotations
 
 import copy
-import types
+import functools
 from typing import Any, Sequence
 
 from mmengine.logging import MMLogger
@@ -23,7 +24,7 @@ from mmengine.model import BaseModule, is_model_wrapper
 from mmengine.registry import MODELS
 from torch import nn
 
-from ..surgery import ExpansionReport, expand_model
+from ..surgery import ExpansionReport, path_matches, replace_submodule, expand_model, expanded_layers
 
 EXPANDNET_KEYS = ('strategy', 'ratio', 'mode', 'include', 'exclude', 'expand_1x1',
                   'expand_linear', 'keep_weights', 'init')
@@ -50,13 +51,15 @@ def build_expandnet(model: dict,
                     expand_linear: bool = False,
                     keep_weights: bool | Sequence[str] = False,
                     init: str = 'fresh',
-                    data_preprocessor: dict | None = None) -> nn.Module:
+                    data_preprocessor: dict | None = None,
+                    **model_overrides: Any) -> nn.Module:
     """Build the compact model from ``model`` and expand it in place.
 
-    The compact model is initialised first (its ``init_cfg``, including
-    ``Pretrained`` backbones, acts on the compact layers whose keys it knows),
-    then expanded, so the optimizer that the runner builds afterwards sees the
-    factors. The runner's later ``init_weights()`` call is then a no-op.
+    Expansion happens here, at build time, so the optimizer that the runner
+    builds afterwards collects the factors. Initialisation stays where MMEngine
+    puts it (``runner.train()`` calls ``model.init_weights()``; testing and
+    inference never do, so nothing is downloaded for them) but acts on the
+    compact form: see :func:`init_expanded_weights`.
 
     Args:
         model: Config of the stock compact model (e.g. ``{{_base_.model}}``).
@@ -68,17 +71,20 @@ def build_expandnet(model: dict,
         exclude: Glob patterns of module paths to leave compact.
         expand_1x1: Also expand 1×1 convs.
         expand_linear: Also expand linear layers.
-        keep_weights: ``True`` / a list of path patterns: factorise those layers
-            so they compute exactly what the initialised compact layer did.
-            Layers under a module with a ``Pretrained`` ``init_cfg`` always keep
-            their (pretrained) weights.
-        init: ``'fresh'``: every other expanded sub-layer is initialised as a
-            standalone conv of its shape (the paper); ``'compact'``: every
-            expanded layer starts from the compact model's own initialisation
-            (same as ``keep_weights=True``).
-        data_preprocessor: Passed on to the compact model when its config has
-            none (MMEngine's Runner adds the config's top-level
-            ``data_preprocessor`` to the model dict it builds).
+        keep_weights: ``True`` or glob patterns of module paths: at
+            ``init_weights()`` these layers are factorised so that they compute
+            exactly what the initialised compact layer does. Layers under a
+            module with a ``Pretrained`` ``init_cfg`` always keep their
+            (pretrained) weights.
+        init: ``'fresh'``: the other expanded layers keep the standalone init of
+            each sub-layer (the paper); ``'compact'``: every expanded layer
+            starts from the compact model's initialisation (= ``keep_weights=True``).
+        data_preprocessor: Given to the compact model when its config has none
+            (MMEngine's Runner adds the config's top-level ``data_preprocessor``
+            to the model dict it builds).
+        **model_overrides: Other keys that mm APIs set on the top-level model
+            dict (mmseg's ``init_model`` sets ``pretrained`` and ``train_cfg``);
+            they are applied to the compact model's config.
 
     Returns:
         The stock model instance, expanded, with ``expandnet_cfg`` and
@@ -89,13 +95,15 @@ def build_expandnet(model: dict,
     if not isinstance(model, dict) or 'type' not in model:
         raise ValueError('ExpandNet: `model` must be the config dict of the compact model '
                          "(e.g. model=dict(type='ExpandNet', model={{_base_.model}}, ...))")
-    logger = MMLogger.get_current_instance()
+    if not isinstance(keep_weights, bool) and (
+            isinstance(keep_weights, str) or not all(isinstance(p, str) for p in keep_weights)):
+        raise ValueError(f'ExpandNet: keep_weights={keep_weights!r} must be True/False or a '
+                         "list of module-path glob patterns such as ['backbone.*']")
     model = copy.deepcopy(model)
     if data_preprocessor is not None:
         model.setdefault('data_preprocessor', data_preprocessor)
+    model.update(model_overrides)
     compact = MODELS.build(model)
-    if isinstance(compact, BaseModule):
-        compact.init_weights()
 
     if init == 'compact' or keep_weights is True:
         keep: bool | list[str] = True
@@ -103,32 +111,53 @@ def build_expandnet(model: dict,
         keep = list(keep_weights or []) + _pretrained_paths(compact)
     report = expand_model(compact, strategy=strategy, ratio=ratio, mode=mode,
                           include=include, exclude=exclude, expand_1x1=expand_1x1,
-                          expand_linear=expand_linear, keep_weights=keep or False)
-    _skip_later_init(compact)
+                          expand_linear=expand_linear)
     compact.expandnet_cfg = dict(strategy=strategy, ratio=ratio, mode=mode, include=include,
                                  exclude=exclude, expand_1x1=expand_1x1,
                                  expand_linear=expand_linear, keep_weights=keep_weights,
-                                 init=init)
+                                 init=init, keep_paths=keep)
     compact.expansion_report = report
-    logger.info(f'ExpandNet ({type(compact).__name__}):\n{report}')
+    if isinstance(compact, BaseModule):
+        compact.init_weights = functools.partial(init_expanded_weights, compact)
+    MMLogger.get_current_instance().info(f'ExpandNet ({type(compact).__name__}):\n{report}')
     return compact
 
 
 MODELS.register_module(name='ExpandNet', module=build_expandnet)
 
 
-def _skip_later_init(model: nn.Module) -> None:
-    """Make the runner's ``init_weights()`` call a logged no-op.
+def init_expanded_weights(model: BaseModule) -> None:
+    """``init_weights()`` of an ExpandNet: initialise the compact form, then the factors.
 
-    The model was initialised before expansion; a second pass would re-run the
-    ``init_cfg``s on the expanded sub-layers (e.g. ``Normal(layer='Conv2d')`` on
-    every factor) and MMEngine would warn that it was called twice.
+    Every expanded layer is swapped for a compact stand-in while the model's own
+    ``init_weights`` runs, so each ``init_cfg`` -- ``Pretrained`` checkpoints
+    with their stock keys, ``Normal(layer='Conv2d')``, ``ConvModule``'s kaiming,
+    a head's prior bias -- acts on the layers it was written for, not on every
+    factor. Then the expanded layers are put back (same parameter objects, so
+    the optimizer is unaffected); those selected by ``keep_paths`` (pretrained
+    modules, ``keep_weights``, ``init='compact'``) are factorised exactly from
+    their initialised compact stand-in, the others keep their fresh factors.
     """
-    def init_weights(self) -> None:
-        MMLogger.get_current_instance().info(
-            'ExpandNet: weights were initialised before expansion; skipping init_weights()')
-
-    model.init_weights = types.MethodType(init_weights, model)
+    layers = expanded_layers(model)
+    for path, layer in layers:
+        replace_submodule(model, path, layer.contract())
+    try:
+        type(model).init_weights(model)
+    finally:
+        stand_ins = {path: model.get_submodule(path) for path, _ in layers}
+        for path, layer in layers:
+            replace_submodule(model, path, layer)
+    keep = model.expandnet_cfg['keep_paths']
+    kept = 0
+    for path, layer in layers:
+        if keep is True or (keep and path_matches(path, keep)):
+            stand_in = stand_ins[path]
+            layer.set_compact(stand_in.weight.detach(),
+                              None if stand_in.bias is None else stand_in.bias.detach())
+            kept += 1
+    MMLogger.get_current_instance().info(
+        f'ExpandNet: initialised the compact form; {kept} of {len(layers)} expanded layers '
+        'factorised from it exactly, the others keep fresh factors')
 
 
 def deployable_model(model: nn.Module) -> nn.Module:

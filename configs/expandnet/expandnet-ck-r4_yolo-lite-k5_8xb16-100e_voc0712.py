@@ -1,0 +1,23 @@
+# ExpandNet-CK (r=4) of YOLO-LITE with 5x5 backbone kernels on PASCAL VOC 07+12.
+#
+# strategy='auto': every 5x5 backbone conv is trained as a chain of two 3x3
+# convs (CK, 4x the channels in between); the 3x3 convs of the neck and head,
+# where CK does not apply, get CL (1x1 -> 3x3 -> 1x1). With strategy='ck' a
+# selected 3x3 would be an error, so pure CK would need include=['backbone.*'].
+_base_ = '../yolo_lite/yolo-lite-k5_8xb16-100e_voc0712.py'
+
+custom_imports = dict(imports=['expand_mm'], allow_failed_imports=False)
+
+# The compact model of the base, built and then expanded in place: its k x k
+# convs (k > 1) become linear chains that contract back into it exactly.
+model = dict(
+    _delete_=True,
+    type='ExpandNet',
+    model={{_base_.model}},
+    strategy='auto',
+    ratio=4,
+    mode='online')
+
+# Load compact checkpoints (e.g. load_from=a compact model) into the factors;
+# write a stock compact checkpoint (*_compact.pth) beside every saved one.
+custom_hooks = [dict(type='ExpandCheckpointLoadHook'), dict(type='ContractCheckpointHook')]

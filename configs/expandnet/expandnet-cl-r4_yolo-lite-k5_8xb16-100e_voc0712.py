@@ -1,0 +1,22 @@
+# ExpandNet-CL (r=4) of YOLO-LITE with 5x5 backbone kernels on PASCAL VOC 07+12.
+#
+# The CL counterpart of expandnet-ck-r4_yolo-lite-k5_8xb16-100e_voc0712.py on
+# the same compact model: every k x k conv (5x5 in the backbone, 3x3 in the
+# neck and head) becomes 1x1 -> k x k -> 1x1 with 4x the channels inside.
+_base_ = '../yolo_lite/yolo-lite-k5_8xb16-100e_voc0712.py'
+
+custom_imports = dict(imports=['expand_mm'], allow_failed_imports=False)
+
+# The compact model of the base, built and then expanded in place: its k x k
+# convs (k > 1) become linear chains that contract back into it exactly.
+model = dict(
+    _delete_=True,
+    type='ExpandNet',
+    model={{_base_.model}},
+    strategy='cl',
+    ratio=4,
+    mode='online')
+
+# Load compact checkpoints (e.g. load_from=a compact model) into the factors;
+# write a stock compact checkpoint (*_compact.pth) beside every saved one.
+custom_hooks = [dict(type='ExpandCheckpointLoadHook'), dict(type='ContractCheckpointHook')]

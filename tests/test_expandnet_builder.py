@@ -1,0 +1,60 @@
+"""type='ExpandNet': build-time expansion, init on the compact form, pretrained weights."""
+import os.path as osp
+
+import pytest
+import torch
+from mmengine.config import Config
+from mmengine.registry import MODELS, DefaultScope
+
+import expand_mm
+
+ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+COMPACT = osp.join(ROOT, 'configs', 'yolo_lite', 'yolo-lite_8xb16-100e_voc0712.py')
+
+
+def build(model_cfg):
+    with DefaultScope.overwrite_default_scope('mmdet'):
+        return MODELS.build(model_cfg)
+
+
+def expandnet_cfg(**kwargs):
+    compact = Config.fromfile(COMPACT).model
+    return dict(type='ExpandNet', model=compact, **kwargs)
+
+
+def test_pretrained_backbone_is_kept_exactly_and_the_rest_is_fresh(tmp_path):
+    torch.manual_seed(0)
+    pretrained = build(Config.fromfile(COMPACT).model)
+    ckpt = tmp_path / 'backbone.pth'
+    torch.save({'state_dict': pretrained.backbone.state_dict()}, ckpt)
+
+    cfg = expandnet_cfg(strategy='cl', ratio=2)
+    cfg['model']['backbone']['init_cfg'] = dict(type='Pretrained', checkpoint=str(ckpt))
+    model = build(cfg)  # building must not initialise (nothing may be fetched for tests)
+    assert expand_mm.expanded_layers(model)
+    model.init_weights()
+    compact = expand_mm.contract_model(model)
+    for key, value in pretrained.backbone.state_dict().items():
+        torch.testing.assert_close(compact.backbone.state_dict()[key], value,
+                                   rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize('init, stock_like', [('compact', True), ('fresh', False)])
+def test_init_compact_factorises_every_layer_from_the_stock_init(init, stock_like):
+    torch.manual_seed(0)
+    model = build(expandnet_cfg(strategy='cl', ratio=2, init=init))
+    model.init_weights()
+    # YOLOV3Head.init_weights draws every head conv from N(0, 0.01): with
+    # init='compact' the expanded head convs compose to exactly such kernels;
+    # with init='fresh' they compose whatever their standalone factors give.
+    weight = dict(expand_mm.expanded_layers(model))['bbox_head.convs_bridge.0.conv'].weight
+    assert (abs(float(weight.std()) - 0.01) < 0.001) == stock_like, float(weight.std())
+
+
+def test_bad_builder_arguments_name_the_key():
+    with pytest.raises(ValueError, match="init='zero'"):
+        build(expandnet_cfg(init='zero'))
+    with pytest.raises(ValueError, match="keep_weights='backbone'"):
+        build(expandnet_cfg(keep_weights='backbone'))
+    with pytest.raises(ValueError, match="include pattern 'backbon.*'"):
+        build(expandnet_cfg(include=['backbon.*']))

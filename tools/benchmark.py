@@ -1,0 +1,581 @@
+"""Benchmark an ExpandNet config: training cost, inference cost, contraction, size.
+
+    python tools/benchmark.py [CONFIG] [--batch-size 8] [--img-size 320 [320]]
+                              [--iters 10] [--warmup 2] [--device cpu|cuda]
+                              [--threads N] [--out JSON]
+
+CONFIG is an ExpandNet config (``model.type == 'ExpandNet'``); its inner
+``model`` is the compact model. Pretrained-weight loading is switched off (the
+weights do not change any cost measured here). On the same random batch, after
+``--warmup`` rounds, the variants run interleaved (A B C A B C ...) so that a
+slow phase of a shared machine hits all of them alike; every figure is the
+median over ``--iters`` rounds:
+
+- train step (``model.train_step``: data preprocessor, loss, backward, SGD step
+  through an MMEngine ``OptimWrapper``) of the compact model, the ExpandNet in
+  explicit mode and the ExpandNet in online mode: time and peak memory;
+- inference (``mode='tensor'`` under ``no_grad``) of the compact model, the
+  ExpandNet (online, eval) and its contraction;
+- the time of ``contract_model`` on the whole model;
+- parameters and MACs per image of the compact model, the training form
+  (explicit chain; online: compact convs plus the kernel compositions) and the
+  deployed (contracted) model.
+
+Peak memory is the peak of the bytes allocated during one train step above
+what was allocated when it began (activations, gradients, temporaries, new
+optimizer state), plus the persistent training state (parameters, buffers,
+optimizer state). On CUDA the step peak is ``torch.cuda.max_memory_allocated``;
+on CPU it is the peak of the running sum of the allocations and frees that
+``torch.profiler`` records with ``profile_memory=True`` (tensor allocations,
+not process RSS).
+
+A table with every figure and its ratio to the compact model is printed, and
+everything is written as JSON to ``--out`` (default
+``work_dirs/benchmark/<config stem>.json``).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import os.path as osp
+import platform
+import shlex
+import statistics
+import sys
+import time
+import warnings
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from torch.autograd import DeviceType
+
+import expand_mm
+from expand_mm.deploy import probe_forward
+from expand_mm.models import compact_model_cfg
+from expand_mm.ops import chain_order
+from expand_mm.surgery import count_params, expanded_layers, set_expand_mode
+from mmengine.config import Config
+from mmengine.registry import MODELS, DefaultScope
+
+REPO_ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+DEFAULT_CONFIG = osp.relpath(osp.join(
+    REPO_ROOT, 'configs', 'expandnet',
+    'expandnet-cl-r4_yolov3-mobilenetv2_8xb24-320-300e_coco.py'))
+TRAIN_VARIANTS = ('compact', 'explicit', 'online')
+INFER_VARIANTS = ('compact', 'online', 'contracted')
+TARGETS = dict(online_train_time=1.15, online_train_peak_memory=1.10)
+MIB = 1024 ** 2
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line arguments; the defaults are the issue's default setting."""
+    parser = argparse.ArgumentParser(
+        description=__doc__.split('\n\n')[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument('config', nargs='?', default=DEFAULT_CONFIG,
+                        help='ExpandNet config (model.type == "ExpandNet")')
+    parser.add_argument('--batch-size', type=int, default=8)
+    parser.add_argument('--img-size', type=int, nargs='+', default=[320],
+                        metavar='S', help='square size S, or H W')
+    parser.add_argument('--iters', type=int, default=10,
+                        help='timed rounds (each runs every variant once)')
+    parser.add_argument('--warmup', type=int, default=2, help='untimed rounds first')
+    parser.add_argument('--contract-iters', type=int, default=5,
+                        help='timed runs of contract_model')
+    parser.add_argument('--device', choices=('cpu', 'cuda'),
+                        default='cuda' if torch.cuda.is_available() else 'cpu')
+    parser.add_argument('--threads', type=int, default=None,
+                        help='torch intra-op threads (default: torch\'s own choice)')
+    parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--out', default=None,
+                        help='JSON file (default: work_dirs/benchmark/<config stem>.json)')
+    args = parser.parse_args(argv)
+    if len(args.img_size) == 1:
+        args.img_size = args.img_size * 2
+    if len(args.img_size) != 2:
+        parser.error(f'--img-size takes S or H W, got {args.img_size}')
+    for key in ('batch_size', 'iters'):
+        if getattr(args, key) < 1:
+            parser.error(f'--{key.replace("_", "-")} must be >= 1')
+    if args.device == 'cuda' and not torch.cuda.is_available():
+        parser.error('--device cuda: CUDA is not available here')
+    if args.out is None:
+        stem = osp.splitext(osp.basename(args.config))[0]
+        args.out = osp.join('work_dirs', 'benchmark', f'{stem}.json')
+    return args
+
+
+# ----------------------------------------------------------------- building
+
+def disable_pretrained(cfg: Any) -> None:
+    """Switch off every pretrained-weight load in a model config, in place.
+
+    ``pretrained=...`` becomes ``None`` and ``init_cfg``s of type ``Pretrained``
+    are dropped, at any depth: nothing may be downloaded, and weights do not
+    change what is measured.
+    """
+    if isinstance(cfg, dict):
+        if cfg.get('pretrained') is not None:
+            cfg['pretrained'] = None
+        init_cfg = cfg.get('init_cfg')
+        if isinstance(init_cfg, dict) and init_cfg.get('type') == 'Pretrained':
+            cfg['init_cfg'] = None
+        elif isinstance(init_cfg, list):
+            cfg['init_cfg'] = [c for c in init_cfg
+                               if not (isinstance(c, dict) and c.get('type') == 'Pretrained')]
+        for value in cfg.values():
+            disable_pretrained(value)
+    elif isinstance(cfg, (list, tuple)):
+        for value in cfg:
+            disable_pretrained(value)
+
+
+def load_config(path: str) -> Config:
+    """Read an ExpandNet config; raise ``ValueError`` naming the key otherwise."""
+    cfg = Config.fromfile(path)
+    if compact_model_cfg(cfg.model) is cfg.model:
+        raise ValueError(f'{path}: model.type is {cfg.model.get("type")!r}; the benchmark '
+                         "needs an ExpandNet config (model.type == 'ExpandNet')")
+    return cfg
+
+
+def _fit_preprocessor(model_cfg: dict, img_size: tuple[int, int]) -> None:
+    """Make a segmentation preprocessor pad to the benchmark size, not the crop size.
+
+    mmseg's ``SegDataPreProcessor`` pads every batch to ``size`` (the training
+    crop, e.g. 512x1024); left as is, every variant would run at the crop size
+    whatever ``--img-size`` says.
+    """
+    pre = model_cfg.get('data_preprocessor')
+    if isinstance(pre, dict) and pre.get('size') is not None:
+        pre['size'] = tuple(img_size)
+
+
+def build_models(cfg: Config, img_size: tuple[int, int], device: torch.device,
+                 seed: int) -> tuple[nn.Module, nn.Module]:
+    """The compact model (inner cfg) and the ExpandNet (the config's own builder).
+
+    Both are in training mode on ``device``; SyncBN becomes BN (one process).
+    """
+    from mmengine.model import revert_sync_batchnorm
+
+    inner = copy.deepcopy(compact_model_cfg(cfg.model))
+    disable_pretrained(inner)
+    _fit_preprocessor(inner, img_size)
+    expand_cfg = copy.deepcopy(cfg.model)
+    expand_cfg['model'] = inner
+    with DefaultScope.overwrite_default_scope(cfg.get('default_scope')):
+        torch.manual_seed(seed)
+        compact = MODELS.build(copy.deepcopy(inner))
+        compact.init_weights()
+        torch.manual_seed(seed)
+        expanded = MODELS.build(expand_cfg)
+    if not expanded_layers(expanded):
+        raise ValueError('the ExpandNet config expanded no layer')
+    compact = revert_sync_batchnorm(compact).to(device).train()
+    expanded = revert_sync_batchnorm(expanded).to(device).train()
+    return compact, expanded
+
+
+def num_classes(model: nn.Module) -> int:
+    """Classes of a detector's ``bbox_head`` or a segmentor's ``decode_head``."""
+    for head in ('bbox_head', 'decode_head'):
+        if hasattr(model, head):
+            return int(getattr(model, head).num_classes)
+    raise ValueError(f'{type(model).__name__} has neither bbox_head nor decode_head: '
+                     'only mmdet detectors and mmseg segmentors are supported')
+
+
+def make_batch(model: nn.Module, batch_size: int, img_size: tuple[int, int],
+               seed: int) -> dict:
+    """A random training batch in the model's data format (before preprocessing).
+
+    Detectors get ``DetDataSample``s with 1-9 random boxes per image (mmdet's
+    ``demo_mm_inputs``); segmentors get ``SegDataSample``s with a random
+    ``gt_sem_seg``. Images are uint8 like a loader's.
+    """
+    h, w = img_size
+    n_cls = num_classes(model)
+    if hasattr(model, 'bbox_head'):
+        from mmdet.testing import demo_mm_inputs
+        return demo_mm_inputs(batch_size, image_shapes=(3, h, w), num_classes=n_cls)
+    from mmengine.structures import PixelData
+    from mmseg.structures import SegDataSample
+    gen = torch.Generator().manual_seed(seed)
+    inputs, samples = [], []
+    for i in range(batch_size):
+        inputs.append(torch.randint(0, 256, (3, h, w), generator=gen, dtype=torch.uint8))
+        sample = SegDataSample(metainfo=dict(img_id=i, img_shape=(h, w), ori_shape=(h, w),
+                                             pad_shape=(h, w), scale_factor=(1.0, 1.0),
+                                             flip=False, flip_direction=None))
+        sample.gt_sem_seg = PixelData(
+            data=torch.randint(0, n_cls, (1, h, w), generator=gen, dtype=torch.long))
+        samples.append(sample)
+    return dict(inputs=inputs, data_samples=samples)
+
+
+def build_optim_wrapper(model: nn.Module, cfg: Config):
+    """A plain (fp32) ``OptimWrapper`` around SGD for ``model``.
+
+    Learning rate, momentum, weight decay, gradient clipping and
+    ``paramwise_cfg`` come from the config when its optimizer is SGD, so the
+    step costs what a real one does; AMP is not used (it does not exist on CPU
+    and would make the variants incomparable across devices).
+    """
+    from mmengine.optim import build_optim_wrapper as build
+
+    src = cfg.get('optim_wrapper') or {}
+    opt = dict(src.get('optimizer') or {})
+    sgd = dict(type='SGD', lr=0.01, momentum=0.9, weight_decay=5e-4)
+    if opt.get('type') == 'SGD':
+        sgd.update({k: opt[k] for k in ('lr', 'momentum', 'weight_decay', 'nesterov')
+                    if k in opt})
+    wrapper = dict(type='OptimWrapper', optimizer=sgd)
+    if src.get('clip_grad'):
+        wrapper['clip_grad'] = dict(src['clip_grad'])
+    if src.get('paramwise_cfg'):
+        wrapper['paramwise_cfg'] = dict(src['paramwise_cfg'])
+    with DefaultScope.overwrite_default_scope(cfg.get('default_scope')):
+        return build(model, wrapper)
+
+
+# ------------------------------------------------------------------ measuring
+
+def _sync(device: torch.device) -> None:
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
+    """``(seconds, result)`` of one call, the device synchronised on both ends."""
+    _sync(device)
+    start = time.perf_counter()
+    out = fn()
+    _sync(device)
+    return time.perf_counter() - start, out
+
+
+def peak_step_bytes(fn: Callable[[], Any], device: torch.device) -> int:
+    """Peak bytes allocated during ``fn()`` above those allocated when it began.
+
+    CUDA: ``max_memory_allocated`` after a peak reset. CPU: the peak of the
+    running sum of the allocation / free events that ``torch.profiler`` records
+    with ``profile_memory=True``, in time order.
+    """
+    if device.type == 'cuda':
+        _sync(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        _sync(device)
+        return int(torch.cuda.max_memory_allocated(device) - base)
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    # The kineto events hold every allocation and free (FunctionEvents fold the
+    # ones made inside an op into that op); nbytes() is negative for a free.
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == '[memory]' and e.device_type() == DeviceType.CPU)
+    running = peak = 0
+    for _, size in events:
+        running += size
+        peak = max(peak, running)
+    return int(peak)
+
+
+def state_bytes(model: nn.Module, optim_wrapper) -> int:
+    """Bytes of the persistent training state: parameters, buffers, optimizer state."""
+    seen: set[int] = set()
+    total = 0
+    tensors = list(model.parameters()) + list(model.buffers())
+    for state in optim_wrapper.optimizer.state.values():
+        tensors += [v for v in state.values() if isinstance(v, torch.Tensor)]
+    for t in tensors:
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+def macs(model: nn.Module, img_size: tuple[int, int]) -> int:
+    """Multiply-accumulates of one ``mode='tensor'`` forward of one image.
+
+    mmengine's ``FlopAnalyzer`` (a jit trace) in the model's current
+    train/eval state and expand mode; it counts one multiply-add as one flop.
+    """
+    from mmengine.analysis import FlopAnalyzer
+    param = next(model.parameters())
+    inputs = (torch.randn(1, 3, *img_size, device=param.device, dtype=param.dtype),)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        analyzer = FlopAnalyzer(model, inputs)
+        analyzer.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+        analyzer.tracer_warnings('none')
+        return int(analyzer.total())
+
+
+def composition_macs(model: nn.Module) -> int:
+    """Multiply-adds of composing every expanded kernel once (online forward).
+
+    The sum of :func:`expand_mm.ops.chain_order` costs of the layers' chains:
+    it grows with channels and kernel sizes, not with batch or image size.
+    """
+    total = 0
+    for _, layer in expanded_layers(model):
+        subs = list(layer.sublayers)
+        if isinstance(subs[0], nn.Conv2d):
+            channels = [subs[0].in_channels] + [c.out_channels for c in subs]
+            sizes = [tuple(c.kernel_size) for c in subs]
+            total += chain_order(channels, sizes, subs[0].groups)[1]
+        else:
+            total += chain_order([subs[0].in_features] + [s.out_features for s in subs])[1]
+    return total
+
+
+def _stats(samples: list[float]) -> dict[str, Any]:
+    return dict(median=statistics.median(samples), min=min(samples), max=max(samples),
+                samples=samples)
+
+
+def bench_training(compact: nn.Module, expanded: nn.Module, data: dict, cfg: Config,
+                   device: torch.device, iters: int, warmup: int
+                   ) -> tuple[dict[str, dict], dict[str, dict], dict[str, float]]:
+    """Interleaved train steps of the three variants: times, memory, last losses.
+
+    Explicit and online share the ExpandNet's parameters and optimizer (they
+    are the same model, trained two ways).
+    """
+    wrappers = dict(compact=build_optim_wrapper(compact, cfg))
+    wrappers['explicit'] = wrappers['online'] = build_optim_wrapper(expanded, cfg)
+    models = dict(compact=compact, explicit=expanded, online=expanded)
+    losses: dict[str, float] = {}
+
+    def step(name: str) -> Callable[[], Any]:
+        model = models[name]
+        if name != 'compact':
+            set_expand_mode(model, name)
+
+        def run() -> Any:
+            log_vars = model.train_step(data, wrappers[name])
+            return log_vars
+        return run
+
+    times: dict[str, list[float]] = {n: [] for n in TRAIN_VARIANTS}
+    for i in range(warmup + iters):
+        for name in TRAIN_VARIANTS:
+            seconds, log_vars = timed(step(name), device)
+            losses[name] = float(log_vars['loss'].detach())
+            if i >= warmup:
+                times[name].append(seconds * 1e3)
+    # Memory is measured in its own pass: the CPU profiler slows the step down.
+    peaks: dict[str, dict] = {}
+    for name in TRAIN_VARIANTS:
+        step_bytes = peak_step_bytes(step(name), device)
+        state = state_bytes(models[name], wrappers[name])
+        peaks[name] = dict(step_peak_mib=step_bytes / MIB, state_mib=state / MIB,
+                           peak_mib=(step_bytes + state) / MIB)
+    set_expand_mode(expanded, 'online')
+    return {n: _stats(t) for n, t in times.items()}, peaks, losses
+
+
+@torch.no_grad()
+def bench_inference(models: dict[str, nn.Module], inputs: torch.Tensor,
+                    device: torch.device, iters: int, warmup: int) -> dict[str, dict]:
+    """Interleaved ``mode='tensor'`` forwards of eval models under ``no_grad``."""
+    times: dict[str, list[float]] = {n: [] for n in models}
+    for i in range(warmup + iters):
+        for name, model in models.items():
+            seconds, _ = timed(lambda: probe_forward(model, inputs), device)
+            if i >= warmup:
+                times[name].append(seconds * 1e3)
+    return {n: _stats(t) for n, t in times.items()}
+
+
+# ------------------------------------------------------------------ reporting
+
+def environment(device: torch.device) -> dict[str, Any]:
+    """Device, library versions and thread count, for the record."""
+    import mmengine
+    env = dict(device=str(device), torch=torch.__version__, mmengine=mmengine.__version__,
+               expand_mm=expand_mm.__version__, threads=torch.get_num_threads(),
+               python=platform.python_version(), cpu=platform.processor() or platform.machine(),
+               cpu_count=os.cpu_count())
+    for pkg in ('mmdet', 'mmseg', 'mmcv'):
+        try:
+            env[pkg] = __import__(pkg).__version__
+        except ImportError:
+            pass
+    if device.type == 'cuda':
+        env['gpu'] = torch.cuda.get_device_name(device)
+        env['cuda'] = torch.version.cuda
+    return env
+
+
+def _ratio(value: float, ref: float) -> float | None:
+    return value / ref if ref else None
+
+
+def build_figures(train: dict, memory: dict, infer: dict, contract: dict,
+                  size: dict) -> list[dict[str, Any]]:
+    """One row per figure: ``name``, ``variant``, ``value``, ``unit``, ``ratio``.
+
+    ``ratio`` is to the compact model's same figure (``None`` where there is no
+    compact counterpart, e.g. the contraction time).
+    """
+    rows: list[dict[str, Any]] = []
+
+    def add(name: str, variant: str, value: float, unit: str, ref: float | None) -> None:
+        rows.append(dict(name=name, variant=variant, value=value, unit=unit,
+                         ratio=None if ref is None else _ratio(value, ref)))
+
+    for v in TRAIN_VARIANTS:
+        add('train_step_time', v, train[v]['median'], 'ms', train['compact']['median'])
+    for key in ('peak_mib', 'step_peak_mib', 'state_mib'):
+        for v in TRAIN_VARIANTS:
+            add(f'train_{key.replace("_mib", "")}_memory', v, memory[v][key], 'MiB',
+                memory['compact'][key])
+    for v in INFER_VARIANTS:
+        add('inference_time', v, infer[v]['median'], 'ms', infer['compact']['median'])
+    add('contract_time', 'contract_model', contract['median'], 's', None)
+    for v, key in (('compact', 'compact'), ('training', 'expanded'),
+                   ('deployed', 'contracted')):
+        add('params', v, size['params'][key], 'count', size['params']['compact'])
+    for v, key in (('compact', 'compact'), ('training_explicit', 'explicit'),
+                   ('training_online', 'online'), ('deployed', 'contracted')):
+        add('macs_per_image', v, size['macs'][key], 'MAC', size['macs']['compact'])
+    return rows
+
+
+def _fmt(value: float, unit: str) -> str:
+    if unit == 'count':
+        return f'{value / 1e6:,.3f} M'
+    if unit == 'MAC':
+        return f'{value / 1e9:,.3f} G'
+    if unit == 's':
+        return f'{value:,.3f} s'
+    return f'{value:,.1f} {unit}'
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """Fixed-width table of :func:`build_figures` rows."""
+    lines = [f'{"figure":<26}{"variant":<20}{"value":>16}{"x compact":>12}']
+    lines.append('-' * len(lines[0]))
+    for r in rows:
+        ratio = '' if r['ratio'] is None else f'{r["ratio"]:.3f}'
+        lines.append(f'{r["name"]:<26}{r["variant"]:<20}{_fmt(r["value"], r["unit"]):>16}'
+                     f'{ratio:>12}')
+    return '\n'.join(lines)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Run every measurement and return the JSON-ready result."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    img_size = tuple(args.img_size)
+    command = ' '.join(shlex.quote(a) for a in [sys.executable] + sys.argv)
+    env = environment(device)
+    print(f'command: {command}')
+    print('env: ' + ', '.join(f'{k}={v}' for k, v in env.items()))
+
+    cfg = load_config(args.config)
+    compact, expanded = build_models(cfg, img_size, device, args.seed)
+    report = expanded.expansion_report
+    print(f'{len(report.layers)} layers expanded ({cfg.model.get("strategy", "cl")}, '
+          f'r={report.ratio}): {report.model_params_before:,} -> '
+          f'{report.model_params_after:,} params')
+    data = make_batch(compact, args.batch_size, img_size, args.seed)
+
+    print(f'train: {args.warmup} warm-up + {args.iters} rounds of {TRAIN_VARIANTS} '
+          f'(batch {args.batch_size}, {img_size[0]}x{img_size[1]})', flush=True)
+    train, memory, losses = bench_training(compact, expanded, data, cfg, device,
+                                           args.iters, args.warmup)
+
+    contract_times = []
+    for _ in range(max(args.contract_iters, 1)):
+        seconds, contracted = timed(lambda: expand_mm.contract_model(expanded), device)
+        contract_times.append(seconds)
+    contract = _stats(contract_times)
+
+    compact.eval()
+    expanded.eval()
+    contracted.eval()
+    with torch.no_grad():
+        inputs = compact.data_preprocessor(data, False)['inputs']
+    errors = expand_mm.verify_contraction(expanded, contracted, inputs[:1],
+                                          forward_fn=probe_forward)
+    print(f'inference: {args.warmup} warm-up + {args.iters} rounds of {INFER_VARIANTS}',
+          flush=True)
+    infer = bench_inference(dict(compact=compact, online=expanded, contracted=contracted),
+                            inputs, device, args.iters, args.warmup)
+
+    set_expand_mode(expanded, 'explicit')
+    explicit_macs = macs(expanded, img_size)
+    set_expand_mode(expanded, 'online')
+    compact_macs = macs(compact, img_size)
+    size = dict(
+        params=dict(compact=count_params(compact), expanded=count_params(expanded),
+                    contracted=count_params(contracted)),
+        macs=dict(compact=compact_macs, explicit=explicit_macs,
+                  online=compact_macs + composition_macs(expanded),
+                  contracted=macs(contracted, img_size)))
+
+    rows = build_figures(train, memory, infer, contract, size)
+    ratio = {(r['name'], r['variant']): r['ratio'] for r in rows}
+    targets = dict(
+        online_train_time=dict(
+            ratio=ratio[('train_step_time', 'online')], max=TARGETS['online_train_time']),
+        online_train_peak_memory=dict(
+            ratio=ratio[('train_peak_memory', 'online')],
+            max=TARGETS['online_train_peak_memory']),
+        contracted_same_params=dict(
+            ok=size['params']['contracted'] == size['params']['compact']),
+        contracted_same_macs=dict(ok=size['macs']['contracted'] == size['macs']['compact']),
+        contract_under_1s=dict(ok=contract['median'] < 1.0))
+    for t in targets.values():
+        if 'ratio' in t:
+            t['ok'] = t['ratio'] is not None and t['ratio'] <= t['max']
+
+    memory_measure = (
+        'cuda: torch.cuda.max_memory_allocated during a step minus memory_allocated at its '
+        'start' if device.type == 'cuda' else
+        'cpu: peak of the running sum of tensor allocations/frees recorded by '
+        'torch.profiler(profile_memory=True) during a step')
+    return dict(
+        config=args.config, command=command, env=env,
+        settings=dict(batch_size=args.batch_size, img_size=list(img_size), iters=args.iters,
+                      warmup=args.warmup, contract_iters=args.contract_iters,
+                      seed=args.seed),
+        memory_measure=memory_measure + '; plus persistent state (parameters, buffers, '
+        'optimizer state)',
+        expansion=dict(num_layers=len(report.layers), ratio=report.ratio,
+                       strategy=cfg.model.get('strategy', 'cl'),
+                       params_before=report.model_params_before,
+                       params_after=report.model_params_after),
+        figures=rows, train_step_ms=train, train_memory_mib=memory, inference_ms=infer,
+        contract_s=contract, params=size['params'], macs=size['macs'],
+        contraction_error=errors, final_losses=losses, targets=targets)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Benchmark, print the table, write the JSON."""
+    args = parse_args(argv)
+    result = run(args)
+    print(format_table(result['figures']))
+    print(f'memory: {result["memory_measure"]}')
+    print(f'contraction error: max relative {result["contraction_error"]["max_rel"]:.2e}')
+    for name, t in result['targets'].items():
+        detail = f' ({t["ratio"]:.3f} <= {t["max"]})' if 'ratio' in t else ''
+        print(f'target {name}: {"met" if t["ok"] else "MISSED"}{detail}')
+    os.makedirs(osp.dirname(osp.abspath(args.out)), exist_ok=True)
+    with open(args.out, 'w') as f:
+        json.dump(result, f, indent=1)
+    print(f'wrote {args.out}')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
