@@ -1,4 +1,5 @@
 """The checkpoint hooks inside real Runner runs: EMA, load_from compact, bad files."""
+import os
 import os.path as osp
 
 import pytest
@@ -84,3 +85,12 @@ def test_corrupt_load_from_fails_before_training(tmp_path):
     with pytest.raises(expand_mm.CheckpointError, match='corrupt or truncated'):
         runner.train()
     assert not osp.exists(osp.join(cfg.work_dir, 'iter_1.pth'))
+
+
+def test_compact_twins_follow_max_keep_ckpts(tmp_path):
+    cfg = tiny_cfg(tmp_path, max_iters=3)
+    cfg.default_hooks.checkpoint = dict(type='CheckpointHook', interval=1, by_epoch=False,
+                                        max_keep_ckpts=1)
+    Runner.from_cfg(cfg).train()
+    kept = sorted(f for f in os.listdir(cfg.work_dir) if f.endswith(".pth"))
+    assert kept == ['iter_3.pth', 'iter_3_compact.pth']

@@ -1,6 +1,7 @@
 """Hooks that connect ExpandNets to MMEngine's checkpointing."""
 from __future__ import annotations
 
+import os
 import os.path as osp
 from typing import Sequence
 
@@ -23,8 +24,12 @@ class ContractCheckpointHook(Hook):
     message hub names a new ``last_ckpt`` or ``best_ckpt*``, the file is read
     back (so what is contracted is exactly what was saved: with ``EMAHook`` on,
     the saved ``state_dict`` already holds the EMA weights), contracted, checked
-    on a probe input, and written as ``<name>_compact.pth``. Only the main
-    process writes; nothing here uses collective calls, so DDP cannot hang.
+    on a probe input, and written as ``<name>_compact.pth``. When
+    ``CheckpointHook`` removes a checkpoint (``max_keep_ckpts``, a replaced
+    ``best_*``), its compact twin is removed too. Only the main process writes;
+    nothing here uses collective calls, so DDP cannot hang. Checkpoints on
+    remote storage backends are not contracted (a warning says so); use
+    ``tools/contract.py`` on a local copy.
 
     Args:
         suffix: Added to the checkpoint's stem.
@@ -42,7 +47,8 @@ class ContractCheckpointHook(Hook):
         self.probe_shape = tuple(probe_shape)
         self.rtol = rtol
         self.verify = verify
-        self._done: set[str] = set()
+        self._done: dict[str, str] = {}
+        self._warned_remote = False
 
     def before_train(self, runner) -> None:
         """Check there is something to contract; remember the resumed checkpoint."""
@@ -51,7 +57,7 @@ class ContractCheckpointHook(Hook):
                              "model=dict(type='ExpandNet', model=..., ...) in the config")
         resumed = runner.message_hub.get_info('last_ckpt')
         if resumed and osp.isfile(compact_checkpoint_path(resumed, self.suffix)):
-            self._done.add(resumed)
+            self._done[resumed] = compact_checkpoint_path(resumed, self.suffix)
 
     def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None) -> None:
         """Contract a checkpoint saved at this iteration."""
@@ -77,13 +83,24 @@ class ContractCheckpointHook(Hook):
     def _contract_new(self, runner) -> None:
         if not is_main_process():
             return
+        for src, dst in list(self._done.items()):
+            if not osp.exists(src):  # CheckpointHook dropped it: drop its twin
+                if osp.isfile(dst):
+                    os.remove(dst)
+                del self._done[src]
         for path in self._saved_paths(runner):
-            if path in self._done or not osp.isfile(path):
+            if path in self._done:
+                continue
+            if not osp.isfile(path):
+                if '://' in path and not self._warned_remote:
+                    runner.logger.warning(f'ContractCheckpointHook: {path} is on a remote '
+                                          'backend; only local checkpoints are contracted')
+                    self._warned_remote = True
                 continue
             dst, errors = write_compact_checkpoint(
                 runner.model, path, compact_checkpoint_path(path, self.suffix),
                 self.probe_shape, self.rtol, self.verify)
-            self._done.add(path)
+            self._done[path] = dst
             check = (f'max abs error {errors["max_abs"]:.2e}, relative {errors["max_rel"]:.2e}'
                      if errors else 'not verified')
             runner.logger.info(f'ContractCheckpointHook: wrote compact checkpoint {dst} '

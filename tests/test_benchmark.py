@@ -1,0 +1,116 @@
+"""Smoke test of ``tools/benchmark.py``: it runs on a tiny setting and writes every figure.
+
+Timings are not asserted (they are measurements, not properties); only that
+each figure exists, is finite and carries its ratio to the compact model, and
+that the deployed model has exactly the compact size.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TOOL = ROOT / 'tools' / 'benchmark.py'
+CONFIGS = ROOT / 'configs'
+DET_CONFIG = CONFIGS / 'expandnet' / 'expandnet-cl-r4_yolo-lite_8xb16-100e_voc0712.py'
+SEG_CONFIG = (CONFIGS / 'expandnet' /
+              'expandnet-cl-r4_unet-s5-d16-c16-fcn_4xb4-160k_cityscapes-512x1024.py')
+
+
+def tiny(iters: int) -> list[str]:
+    """Arguments of a seconds-long run."""
+    return ['--iters', str(iters), '--warmup', '0', '--contract-iters', '1', '--img-size',
+            '64', '--batch-size', '1', '--device', 'cpu']
+
+
+EXPECTED_FIGURES = {
+    ('train_step_time', v) for v in ('compact', 'explicit', 'online')} | {
+    (f'train_{k}_memory', v) for k in ('peak', 'step_peak', 'state')
+    for v in ('compact', 'explicit', 'online')} | {
+    ('inference_time', v) for v in ('compact', 'online', 'contracted')} | {
+    ('contract_time', 'contract_model')} | {
+    ('params', v) for v in ('compact', 'training', 'deployed')} | {
+    ('macs_per_image', v) for v in ('compact', 'training_explicit', 'deployed')} | {
+    ('forward_macs_per_step', v) for v in ('compact', 'explicit', 'online')} | {
+    ('composition_macs_per_step', 'online')}
+
+
+def _load_tool():
+    spec = importlib.util.spec_from_file_location('benchmark_tool', TOOL)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def check_result(result: dict) -> None:
+    """Every figure present, finite, with its ratio; contraction exact in size."""
+    figures = {(r['name'], r['variant']): r for r in result['figures']}
+    assert set(figures) == EXPECTED_FIGURES
+    for key, row in figures.items():
+        assert math.isfinite(row['value']) and row['value'] >= 0, key
+        if key[0] == 'contract_time':
+            assert row['ratio'] is None
+        else:
+            assert math.isfinite(row['ratio']), key
+        if key[1] == 'compact':
+            assert row['ratio'] == pytest.approx(1.0)
+    assert figures[('params', 'deployed')]['value'] == figures[('params', 'compact')]['value']
+    assert figures[('params', 'training')]['ratio'] > 1
+    assert figures[('macs_per_image', 'deployed')]['ratio'] == 1.0
+    assert figures[('macs_per_image', 'training_explicit')]['ratio'] > 1
+    assert figures[('composition_macs_per_step', 'online')]['value'] > 0
+    assert result['contraction_error']['max_rel'] < 1e-4
+    assert all(math.isfinite(v) for v in result['final_losses'].values())
+    for name in ('device', 'torch', 'threads'):
+        assert name in result['env']
+    assert result['settings']['img_size'] == [64, 64]
+    assert result['memory_measure'].startswith('cpu: ')
+    assert {'online_train_time', 'online_train_peak_memory', 'contracted_same_params',
+            'contracted_same_macs', 'contract_under_1s'} <= set(result['targets'])
+    assert result['targets']['contracted_same_params']['ok']
+    assert result['targets']['contracted_same_macs']['ok']
+
+
+def test_cli_on_a_detector(tmp_path):
+    out = tmp_path / 'bench.json'
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    proc = subprocess.run([sys.executable, str(TOOL), str(DET_CONFIG), *tiny(2), '--out', str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for text in ('command:', 'threads=', 'torch=', 'train_step_time', 'x compact',
+                 f'wrote {out}'):
+        assert text in proc.stdout
+    result = json.loads(out.read_text())
+    check_result(result)
+    assert result['config'] == str(DET_CONFIG)
+    assert str(DET_CONFIG) in result['command']
+
+
+def test_segmentor_in_process(tmp_path):
+    tool = _load_tool()
+    out = tmp_path / 'seg.json'
+    assert tool.main([str(SEG_CONFIG), *tiny(1), '--out', str(out)]) == 0
+    check_result(json.loads(out.read_text()))
+
+
+def test_defaults_are_the_issue_setting():
+    tool = _load_tool()
+    args = tool.parse_args([])
+    assert Path(args.config).resolve() == (
+        CONFIGS / 'expandnet' / 'expandnet-cl-r4_yolov3-mobilenetv2_8xb24-320-300e_coco.py')
+    assert (args.batch_size, args.img_size) == (8, [320, 320])
+    assert args.out.endswith(os.path.join(
+        'benchmark', 'expandnet-cl-r4_yolov3-mobilenetv2_8xb24-320-300e_coco.json'))
+
+
+def test_refuses_a_compact_config():
+    tool = _load_tool()
+    with pytest.raises(ValueError, match="model.type is 'YOLOV3'.*ExpandNet"):
+        tool.load_config(str(CONFIGS / 'yolo_lite' / 'yolo-lite_8xb16-100e_voc0712.py'))
