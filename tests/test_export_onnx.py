@@ -1,0 +1,44 @@
+"""ONNX export of the deployed compact model, from a training or a compact checkpoint."""
+import os.path as osp
+import subprocess
+import sys
+
+import torch
+from mmengine.config import Config
+from mmengine.registry import MODELS, DefaultScope
+
+ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+EXPANDNET = osp.join(ROOT, 'configs', 'expandnet', 'expandnet-cl-r4_yolo-lite_8xb16-100e_voc0712.py')
+
+
+def test_export_from_a_training_checkpoint_matches_onnxruntime(tmp_path):
+    import expand_mm  # noqa: F401
+    cfg = Config.fromfile(EXPANDNET)
+    torch.manual_seed(0)
+    with DefaultScope.overwrite_default_scope('mmdet'):
+        model = MODELS.build(cfg.model)
+    ckpt = tmp_path / 'iter_1.pth'
+    torch.save({'state_dict': model.state_dict(), 'meta': {}}, ckpt)
+    out = tmp_path / 'model.onnx'
+    result = subprocess.run([sys.executable, osp.join(ROOT, 'tools', 'export_onnx.py'),
+                             EXPANDNET, str(ckpt), str(out), '--img-size', '96', '96'],
+                            capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
+    error = float(result.stdout.rsplit('max abs error', 1)[1])
+    assert error < 1e-3
+    import onnx
+    graph = onnx.load(str(out)).graph
+    convs = [n for n in graph.node if n.op_type == 'Conv']
+    compact_convs = sum(isinstance(m, torch.nn.Conv2d)
+                        for m in expand_mm.contract_model(model).modules())
+    assert len(convs) == compact_convs  # the deployed graph has the compact layers only
+
+
+def test_export_refuses_a_checkpoint_of_another_model(tmp_path):
+    ckpt = tmp_path / 'other.pth'
+    torch.save({'state_dict': {'conv.weight': torch.zeros(4, 3, 3, 3)}}, ckpt)
+    result = subprocess.run([sys.executable, osp.join(ROOT, 'tools', 'export_onnx.py'),
+                             EXPANDNET, str(ckpt), str(tmp_path / 'x.onnx')],
+                            capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 2
+    assert 'fits neither' in result.stderr and 'conv.weight' in result.stderr

@@ -1,0 +1,96 @@
+"""Export the deployed (compact) network of a config to ONNX and check it.
+
+    python tools/export_onnx.py CONFIG CKPT OUT.onnx [--img-size H W] [--opset 17]
+
+CONFIG may be an ExpandNet config or a stock compact one; CKPT may be a compact
+checkpoint (``*_compact.pth``) or an ExpandNet training checkpoint (contracted
+first). What is exported is the network's raw output (``mode='tensor'``: the
+detection head's per-level maps, the segmentation logits); box decoding and NMS
+stay in the host code, as with mmdet / mmseg's own ``mode='tensor'``. The file
+is run with onnxruntime on a random input and compared with PyTorch.
+"""
+import argparse
+import sys
+
+import numpy as np
+import torch
+from mmengine.config import Config
+from mmengine.registry import MODELS, DefaultScope
+
+import expand_mm
+from expand_mm.checkpoint import CheckpointError, read_checkpoint, strip_prefix
+from expand_mm.models import compact_model_cfg
+from expand_mm.surgery import _flatten_tensors
+
+
+class RawOutputs(torch.nn.Module):
+    """``model(x, mode='tensor')`` flattened into a tuple of tensors (ONNX outputs)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, inputs: torch.Tensor) -> tuple:
+        """Raw network outputs for a normalised NCHW batch."""
+        return tuple(_flatten_tensors(self.model(inputs, mode='tensor')))
+
+
+def build_compact(config: str, checkpoint: str) -> torch.nn.Module:
+    """The compact model of ``config`` with the weights of ``checkpoint``.
+
+    Raises:
+        CheckpointError: If the checkpoint is unreadable or fits neither form.
+    """
+    cfg = Config.fromfile(config)
+    state_dict = strip_prefix(read_checkpoint(checkpoint)['state_dict'])
+    with DefaultScope.overwrite_default_scope(cfg.get('default_scope')):
+        compact = MODELS.build(compact_model_cfg(cfg.model))
+        if compact_model_cfg(cfg.model) is not cfg.model:
+            expanded = MODELS.build(cfg.model)
+            if expand_mm.match_state_dict(expanded, state_dict,
+                                          source=checkpoint) == 'expanded':
+                expanded.load_state_dict(state_dict)
+                state_dict = expand_mm.contract_model(expanded).state_dict()
+    missing, unexpected = compact.load_state_dict(state_dict, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f'{checkpoint} does not fit the compact model of {config}: '
+                              f'missing {missing[:5]}, unexpected {unexpected[:5]}')
+    return compact.eval()
+
+
+def export(model: torch.nn.Module, out: str, img_size, opset: int = 17) -> float:
+    """Write ``out`` and return the largest |onnxruntime - torch| on a random input."""
+    import onnxruntime
+    wrapped = RawOutputs(model).eval()
+    x = torch.randn(1, 3, *img_size, generator=torch.Generator().manual_seed(0))
+    torch.onnx.export(wrapped, (x,), out, dynamo=False, opset_version=opset,
+                      input_names=['inputs'])
+    session = onnxruntime.InferenceSession(out, providers=['CPUExecutionProvider'])
+    onnx_out = session.run(None, {'inputs': x.numpy()})
+    with torch.no_grad():
+        torch_out = wrapped(x)
+    return max(float(np.abs(a - b.numpy()).max()) for a, b in zip(onnx_out, torch_out))
+
+
+def main() -> int:
+    """Build, export, check."""
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('config')
+    parser.add_argument('checkpoint')
+    parser.add_argument('out')
+    parser.add_argument('--img-size', type=int, nargs=2, default=(320, 320), metavar=('H', 'W'))
+    parser.add_argument('--opset', type=int, default=17)
+    args = parser.parse_args()
+    try:
+        model = build_compact(args.config, args.checkpoint)
+    except CheckpointError as err:
+        print(f'error: {err}', file=sys.stderr)
+        return 2
+    error = export(model, args.out, args.img_size, args.opset)
+    print(f'wrote {args.out}: {sum(p.numel() for p in model.parameters()):,} params; '
+          f'onnxruntime vs torch max abs error {error:.2e}')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
