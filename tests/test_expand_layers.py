@@ -484,3 +484,20 @@ def test_cuda_layers_stay_on_device_and_agree():
         assert contracted.weight.is_cuda
         assert rel_err(layer(x), conv(x)) <= 1e-4  # TF32 may be on
         assert rel_err(contracted.weight, conv.weight) <= 1e-5
+
+
+def test_online_mode_under_autocast_tracks_float32():
+    """AMP (autocast) composes and convolves in low precision; stay close to fp32."""
+    torch.manual_seed(0)
+    layer = ExpandConv2d.from_conv(nn.Conv2d(8, 16, 3, padding=1), ratio=4)
+    x = torch.randn(2, 8, 12, 12)
+    reference = layer(x)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        out = layer(x)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), reference, rtol=0.05,
+                               atol=0.02 * float(reference.abs().max()))
+    out.float().square().mean().backward()
+    grads = [p.grad for p in layer.parameters()]
+    assert all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all()
+               for g in grads)
