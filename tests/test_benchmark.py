@@ -31,10 +31,12 @@ def tiny(iters: int) -> list[str]:
 
 
 EXPECTED_FIGURES = {
-    ('train_step_time', v) for v in ('compact', 'explicit', 'online')} | {
+    (f'train_step{t}_time', v) for t in ('', '_cpu')
+    for v in ('compact', 'explicit', 'online')} | {
     (f'train_{k}_memory', v) for k in ('peak', 'step_peak', 'state')
     for v in ('compact', 'explicit', 'online')} | {
-    ('inference_time', v) for v in ('compact', 'online', 'contracted')} | {
+    (f'inference{t}_time', v) for t in ('', '_cpu')
+    for v in ('compact', 'online', 'contracted')} | {
     ('contract_time', 'contract_model')} | {
     ('params', v) for v in ('compact', 'training', 'deployed')} | {
     ('macs_per_image', v) for v in ('compact', 'training_explicit', 'deployed')} | {
@@ -73,7 +75,8 @@ def check_result(result: dict) -> None:
     assert result['settings']['img_size'] == [64, 64]
     assert result['memory_measure'].startswith('cpu: ')
     assert {'online_train_time', 'online_train_peak_memory', 'contracted_same_params',
-            'contracted_same_macs', 'contract_under_1s'} <= set(result['targets'])
+            'contracted_same_macs', 'contract_under_1s', 'online_train_cpu_time'
+            } <= set(result['targets'])
     assert result['targets']['contracted_same_params']['ok']
     assert result['targets']['contracted_same_macs']['ok']
 

@@ -183,7 +183,16 @@ class ExpandConv2d(ExpandedLayer):
         kernels = [c.weight if dtype is None else c.weight.to(dtype) for c in self.convs]
         biases = [None if c.bias is None else
                   (c.bias if dtype is None else c.bias.to(dtype)) for c in self.convs]
-        return (compose_conv_chain(kernels, self.groups),
+        weight = compose_conv_chain(kernels, self.groups)
+        # The composition's strides depend on the order it took (some come out
+        # channels-last). A conv follows its weight's memory format, so an
+        # accidental one would switch the whole net's activation layout; give
+        # the conv the layout the compact conv would have: that of the k x k
+        # factor (channels-last only after model.to(memory_format=...)).
+        ref = max(self.convs, key=lambda c: c.kernel_size[0] * c.kernel_size[1]).weight
+        fmt = (torch.channels_last if ref.is_contiguous(memory_format=torch.channels_last)
+               and not ref.is_contiguous() else torch.contiguous_format)
+        return (weight.contiguous(memory_format=fmt),
                 propagate_conv_bias(kernels, biases, self.groups))
 
     def forward(self, x: Tensor) -> Tensor:
