@@ -330,17 +330,44 @@ def demo_cfg(path: str, task: str, data_root: str, work_dir: str, seed: int, qui
     return cfg
 
 
-def train_command(spec: TaskSpec, variant: str, work_dir: str, seed: int) -> str:
+def data_root_options(spec: TaskSpec, data_root: str) -> str:
+    """``--cfg-options`` that point a digits config at ``data_root`` (empty if it already does).
+
+    Args:
+        spec: The task.
+        data_root: The task's dataset root used by the demo.
+
+    Returns:
+        ``key=value`` pairs separated by spaces, or ``''``.
+    """
+    default = Config.fromfile(spec.compact_config).train_dataloader.dataset.data_root
+    if osp.normpath(osp.abspath(default)) == osp.normpath(osp.abspath(data_root)):
+        return ''
+    root = data_root.rstrip('/') + '/'
+    options = [f'{key}.dataset.data_root={shlex.quote(root)}'
+               for key in ('train_dataloader', 'val_dataloader', 'test_dataloader')]
+    if spec.name == 'det':
+        ann = shlex.quote(root + 'annotations/instances_val.json')
+        options += [f'val_evaluator.ann_file={ann}', f'test_evaluator.ann_file={ann}']
+    return ' '.join(options)
+
+
+def train_command(spec: TaskSpec, variant: str, work_dir: str, seed: int,
+                  data_root: str) -> str:
     """The ``tools/train.py`` command equivalent to one training of the demo."""
     config = spec.compact_config if variant == 'compact' else spec.expandnet_config
+    options = ' '.join(filter(None, [f'randomness.seed={seed}',
+                                     data_root_options(spec, data_root)]))
     return (f'python tools/train.py {osp.relpath(config, REPO_ROOT)} --work-dir '
-            f'{shlex.quote(work_dir)} --cfg-options randomness.seed={seed}')
+            f'{shlex.quote(work_dir)} --cfg-options {options}')
 
 
-def test_command(spec: TaskSpec, ckpt: str, work_dir: str) -> str:
+def test_command(spec: TaskSpec, ckpt: str, work_dir: str, data_root: str) -> str:
     """The ``tools/test.py`` command equivalent to one evaluation of the demo."""
+    options = data_root_options(spec, data_root)
     return (f'python tools/test.py {osp.relpath(spec.compact_config, REPO_ROOT)} '
-            f'{shlex.quote(ckpt)} --work-dir {shlex.quote(work_dir)}')
+            f'{shlex.quote(ckpt)} --work-dir {shlex.quote(work_dir)}'
+            + (f' --cfg-options {options}' if options else ''))
 
 
 # ----------------------------------------------------------------------------
@@ -548,7 +575,7 @@ def run_task(spec: TaskSpec, args: argparse.Namespace, data_root: str, logger: M
         run['batch_size'] = cfg.train_dataloader.batch_size
         run['optimizer'] = dict(cfg.optim_wrapper.optimizer)
         result['runs'][variant] = run
-        result['commands'].append(train_command(spec, variant, run_dir, args.seed))
+        result['commands'].append(train_command(spec, variant, run_dir, args.seed, data_root))
 
     models, dataset = {}, None
     for variant in VARIANTS:
@@ -573,7 +600,8 @@ def run_task(spec: TaskSpec, args: argparse.Namespace, data_root: str, logger: M
         run['deployed_macs'] = model_macs(model, size)
         run['input_size'] = size
         models[variant] = model
-        result['commands'].append(test_command(spec, run['deployed_checkpoint'], eval_dir))
+        result['commands'].append(
+            test_command(spec, run['deployed_checkpoint'], eval_dir, data_root))
         logger.info(f'{spec.name} {VARIANT_TITLES[variant]}: {spec.metric_name} '
                     f'{run["metric"]:.2f}')
 
@@ -621,27 +649,34 @@ def draw_predictions(spec: TaskSpec, dataset, preds: dict[str, list], work_dir: 
     from PIL import Image
 
     n = len(preds['compact'])
-    columns = ['ground truth'] + [VARIANT_TITLES[v] for v in VARIANTS]
-    fig, axes = plt.subplots(n, 3, figsize=(9, 3 * n + 0.4), squeeze=False)
+    det = spec.name == 'det'
+    # det: boxes drawn on the image; seg: the image, then the label maps.
+    columns = ([] if det else ['image']) + ['ground truth'] + [VARIANT_TITLES[v]
+                                                               for v in VARIANTS]
+    fig, axes = plt.subplots(n, len(columns), figsize=(2.6 * len(columns), 2.6 * n + 0.5),
+                             squeeze=False)
     classes = dataset.metainfo['classes']
     palette = _palette(dataset)
+    lut = np.full((256, 3), 1.0)  # white: the ignored edge band (255)
+    lut[:len(palette)] = palette
     for row in range(n):
         sample = preds['compact'][row]
         image = np.asarray(Image.open(sample.img_path).convert('RGB'))
-        for col in range(3):
+        for col, title in enumerate(columns):
             ax = axes[row][col]
             ax.set_xticks([])
             ax.set_yticks([])
             if row == 0:
-                ax.set_title(columns[col], fontsize=10)
-            if spec.name == 'det':
+                ax.set_title(title, fontsize=9)
+            source = VARIANTS[col - len(columns) + 2] if col >= len(columns) - 2 else None
+            if det:
                 ax.imshow(image)
-                if col == 0:
+                if source is None:
                     info = dataset.get_data_info(row)
                     boxes = [(inst['bbox'], inst['bbox_label'], None)
                              for inst in info['instances']]
                 else:
-                    inst = preds[VARIANTS[col - 1]][row].pred_instances
+                    inst = preds[source][row].pred_instances
                     keep = inst.scores >= DET_SCORE_THR
                     boxes = list(zip(inst.bboxes[keep].tolist(), inst.labels[keep].tolist(),
                                      inst.scores[keep].tolist()))
@@ -650,21 +685,20 @@ def draw_predictions(spec: TaskSpec, dataset, preds: dict[str, list], work_dir: 
                     ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False,
                                            edgecolor=colour, linewidth=1.5))
                     text = classes[label] + ('' if score is None else f' {score:.2f}')
-                    ax.text(x1, y1 - 1, text, color='white', fontsize=7,
+                    ax.text(x1, y1 - 1, text, color='black', fontsize=6,
                             bbox=dict(facecolor=colour, alpha=0.8, pad=0.5, linewidth=0))
+            elif title == 'image':
+                ax.imshow(image)
             else:
-                if col == 0:
-                    label_map = np.asarray(Image.open(sample.seg_map_path))
+                if source is None:
+                    label_map = np.asarray(Image.open(sample.seg_map_path)).astype(np.int64)
                 else:
-                    label_map = (preds[VARIANTS[col - 1]][row].pred_sem_seg.data[0]
-                                 .numpy().astype(np.int64))
-                lut = np.full((256, 3), 1.0)
-                lut[:len(palette)] = palette
-                ax.imshow(np.concatenate([image / 255.0, lut[label_map]], axis=1))
+                    label_map = preds[source][row].pred_sem_seg.data[0].numpy().astype(np.int64)
+                ax.imshow(lut[label_map])
     if spec.name == 'det':
         note = f'predictions with score >= {DET_SCORE_THR}'
     else:
-        note = 'image | label map (white: ignored edge band)'
+        note = 'label maps (black: background, white: ignored edge band)'
     fig.suptitle(f'{spec.title}: {note}', fontsize=10)
     fig.tight_layout()
     path = osp.join(work_dir, f'{spec.name}_predictions.png')
@@ -876,7 +910,9 @@ def write_report(results: list[dict], args: argparse.Namespace, info: dict[str, 
         md += res['commands']
     md += ['```', '',
            '(The demo skips the in-training validation of tools/train.py: it evaluates the '
-           'deployed checkpoints instead.)', '']
+           'deployed checkpoints instead.'
+           + (' --quick also shrinks the schedule, the batch and the loaders; see Settings.'
+              if args.quick else '') + ')', '']
     md += ['## Settings', '']
     for res in results:
         for variant in VARIANTS:
