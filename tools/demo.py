@@ -98,10 +98,11 @@ TASKS: dict[str, TaskSpec] = {
         metric_key='coco/bbox_mAP', metric_name='mAP', metric_scale=100.0,
         extra_keys={'coco/bbox_mAP_50': 'mAP50'}),
     'seg': TaskSpec(
-        name='seg', title='digit segmentation (U-Net S4-D8, 16 channels)',
-        compact_config=osp.join(CONFIG_DIR, 'unet-s4-d8-c16_fcn_1xb8-600i_digits-seg-64x64.py'),
+        name='seg', title='digit segmentation (U-Net S4-D16, 16 channels)',
+        compact_config=osp.join(CONFIG_DIR,
+                                'unet-s4-d16-c16_fcn_1xb16-1000i_digits-seg-64x64.py'),
         expandnet_config=osp.join(
-            CONFIG_DIR, 'expandnet-cl-r4_unet-s4-d8-c16-fcn_1xb8-600i_digits-seg-64x64.py'),
+            CONFIG_DIR, 'expandnet-cl-r4_unet-s4-d16-c16-fcn_1xb16-1000i_digits-seg-64x64.py'),
         metric_key='mIoU', metric_name='mIoU', metric_scale=1.0,
         extra_keys={'aAcc': 'aAcc'}),
 }
@@ -153,20 +154,37 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def configure_threads() -> int:
-    """Sets torch's intra-op threads for CPU training; returns the number used.
+def configure_threads() -> tuple[int, str]:
+    """Sets torch's intra-op threads for CPU training.
 
-    On CPU, one core is left to the data loader worker and the rest of the
-    system: with the demo's small inputs a second compute thread gains little,
-    and on a shared 2-core machine it loses a lot. ``OMP_NUM_THREADS`` set by
-    the user, or a CUDA device, leaves torch's default alone.
+    Measured on a 2-core machine (one train step of the digits U-Net
+    ExpandNet): 2 threads were 1.4x faster than 1 while the machine was
+    otherwise idle, and slower than 1 once other jobs kept the cores busy.
+    So: all usable cores when the 1-minute load average says they are free,
+    one core fewer otherwise (left to the data loader worker and the other
+    jobs). ``OMP_NUM_THREADS`` set by the user, or a CUDA device, leaves
+    torch's default alone.
+
+    Returns:
+        ``(threads, why)``.
     """
-    if torch.cuda.is_available() or 'OMP_NUM_THREADS' in os.environ:
-        return torch.get_num_threads()
+    if torch.cuda.is_available():
+        return torch.get_num_threads(), 'CUDA device: torch default'
+    if 'OMP_NUM_THREADS' in os.environ:
+        return torch.get_num_threads(), 'OMP_NUM_THREADS set by the user'
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
-    threads = max(1, (cpus or 1) - 1)
+    cpus = cpus or 1
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        load = float(cpus)
+    if load < 1.0:
+        threads, why = cpus, f'load average {load:.2f} < 1: all {cpus} cores'
+    else:
+        threads = max(1, cpus - 1)
+        why = f'load average {load:.2f} >= 1 (shared machine): {threads} of {cpus} cores'
     torch.set_num_threads(threads)
-    return threads
+    return threads, why
 
 
 # ----------------------------------------------------------------------------
@@ -929,7 +947,9 @@ def write_report(results: list[dict], args: argparse.Namespace, info: dict[str, 
     md.append(f'- data ({made}): `{data["out"]}`, {data["settings"]}')
     md += ['', '## Machine', '',
            f'- {info["cpu"]}, {info["cpu_count"]} CPUs ({info["usable_cpus"]} usable), torch '
-           f'{info["torch"]} with {info["torch_threads"]} threads, accelerator: '
+           f'{info["torch"]} with {info["torch_threads"]} intra-op thread(s) '
+           f'({info.get("threads_why", "")}), OMP_WAIT_POLICY='
+           f'{os.environ.get("OMP_WAIT_POLICY")}, accelerator: '
            f'{info["cuda"] or "none (CPU)"}, trained on {results[0]["runs"]["compact"]["device"]}',
            f'- Python {info["python"]}, {info["platform"]}',
            f'- load average (1, 5, 15 min) at start: {loads[0]}; at end: {loads[1]} '
@@ -969,11 +989,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     logger = MMLogger.get_instance('expand_mm_demo', logger_name='expand_mm_demo',
                                    log_file=osp.join(args.work_dir, 'demo.log'))
     tasks = ['det', 'seg'] if args.task == 'both' else [args.task]
-    configure_threads()
+    threads, threads_why = configure_threads()
     info = machine_info()
+    info['threads_why'] = threads_why
     logger.info(f'expand_mm demo: tasks {tasks}, seed {args.seed}, '
                 f'{"QUICK smoke test, " if args.quick else ""}work dir {args.work_dir}; '
-                f'{info["cpu_count"]} CPUs, torch threads {info["torch_threads"]}, '
+                f'{info["cpu_count"]} CPUs, torch threads {info["torch_threads"]} '
+                f'({threads_why}), '
                 f'CUDA: {info["cuda"] or "none"}; load average {load_start}')
 
     mdd = load_data_tool()
