@@ -92,9 +92,9 @@ class TaskSpec:
 TASKS: dict[str, TaskSpec] = {
     'det': TaskSpec(
         name='det', title='digit detection (YOLO-LITE-style detector)',
-        compact_config=osp.join(CONFIG_DIR, 'yolo-lite_1xb16-1000i_digits-det-64x64.py'),
+        compact_config=osp.join(CONFIG_DIR, 'yolo-lite_1xb16-900i_digits-det-64x64.py'),
         expandnet_config=osp.join(
-            CONFIG_DIR, 'expandnet-cl-r4_yolo-lite_1xb16-1000i_digits-det-64x64.py'),
+            CONFIG_DIR, 'expandnet-cl-r4_yolo-lite_1xb16-900i_digits-det-64x64.py'),
         metric_key='coco/bbox_mAP', metric_name='mAP', metric_scale=100.0,
         extra_keys={'coco/bbox_mAP_50': 'mAP50'}),
     'seg': TaskSpec(

@@ -5,7 +5,7 @@
 # mode: the chain is composed into one kernel inside forward); the deployed
 # model is the compact detector of the base config, trained on the same data
 # with the same schedule.
-_base_ = './yolo-lite_1xb16-1000i_digits-det-64x64.py'
+_base_ = './yolo-lite_1xb16-900i_digits-det-64x64.py'
 
 model = dict(
     _delete_=True,

@@ -8,7 +8,7 @@
 #
 # Sized to train in a few CPU minutes (tools/demo.py; calibration in its
 # report): 64x64 canvases with 16-32 px digits (the data base's 128x128
-# canvases with 16-48 px digits, resized to 64x64, learnt far slower -- mAP 13
+# canvases with 16-48 px digits, resized to 64x64, learnt far slower: mAP 13
 # after 1,500 iterations), the two deepest widths halved (16-32-64-64-128-128
 # instead of 16-32-64-128-128-256: the kernel composition that an online
 # ExpandNet pays per step grows with the cube of the width), 10 classes,
@@ -128,14 +128,14 @@ test_evaluator = val_evaluator
 
 # AdamW (insensitive to the scale of YOLOv3's sum-reduced losses), a short
 # linear warm-up, cosine decay; validation once, at the end.
-max_iters = 1000
+max_iters = 900
 warmup_iters = 50
 train_cfg = dict(type='IterBasedTrainLoop', max_iters=max_iters, val_interval=max_iters)
 val_cfg = dict(type='ValLoop')
 test_cfg = dict(type='TestLoop')
 optim_wrapper = dict(
     type='OptimWrapper',
-    optimizer=dict(type='AdamW', lr=0.002, weight_decay=0.01),
+    optimizer=dict(type='AdamW', lr=0.004, weight_decay=0.01),
     clip_grad=dict(max_norm=35, norm_type=2))
 param_scheduler = [
     dict(type='LinearLR', start_factor=0.01, by_epoch=False, begin=0, end=warmup_iters),

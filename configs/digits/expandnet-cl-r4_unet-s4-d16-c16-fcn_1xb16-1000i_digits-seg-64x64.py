@@ -1,0 +1,22 @@
+# ExpandNet-CL (r=4) of the compact U-Net + FCN head on the 64x64 digits.
+#
+# Every 3x3 conv of the encoder, the decoder and the heads is trained as a
+# 1x1 -> 3x3 -> 1x1 chain with 4x the channels inside (online mode; the
+# strided stem conv keeps its stride on the 3x3); the 1x1 convs (upsampling
+# InterpConvs, classifiers) stay compact. The deployed model is the compact
+# U-Net of the base config, trained on the same data with the same schedule.
+_base_ = './unet-s4-d16-c16_fcn_1xb16-1000i_digits-seg-64x64.py'
+
+custom_imports = dict(imports=['expand_mm'], allow_failed_imports=False)
+
+model = dict(
+    _delete_=True,
+    type='ExpandNet',
+    model={{_base_.model}},
+    strategy='cl',
+    ratio=4,
+    mode='online')
+
+# Write a stock compact checkpoint (*_compact.pth) beside every saved one;
+# let load_from= take compact checkpoints.
+custom_hooks = [dict(type='ExpandCheckpointLoadHook'), dict(type='ContractCheckpointHook')]
