@@ -100,9 +100,9 @@ TASKS: dict[str, TaskSpec] = {
     'seg': TaskSpec(
         name='seg', title='digit segmentation (U-Net S4-D16, 16 channels)',
         compact_config=osp.join(CONFIG_DIR,
-                                'unet-s4-d16-c16_fcn_1xb16-1000i_digits-seg-64x64.py'),
+                                'unet-s4-d16-c16_fcn_1xb16-1200i_digits-seg-64x64.py'),
         expandnet_config=osp.join(
-            CONFIG_DIR, 'expandnet-cl-r4_unet-s4-d16-c16-fcn_1xb16-1000i_digits-seg-64x64.py'),
+            CONFIG_DIR, 'expandnet-cl-r4_unet-s4-d16-c16-fcn_1xb16-1200i_digits-seg-64x64.py'),
         metric_key='mIoU', metric_name='mIoU', metric_scale=1.0,
         extra_keys={'aAcc': 'aAcc'}),
 }
@@ -858,10 +858,11 @@ def verdicts(results: list[dict], quick: bool) -> list[str]:
     for res in results:
         c, e = res['runs']['compact'], res['runs']['expandnet']
         gain = res['gain']
-        word = 'gain' if gain > 0 else ('loss' if gain < 0 else 'no change')
+        change = (f'gain of {gain:.2f} points' if gain > 0 else
+                  f'loss of {-gain:.2f} points' if gain < 0 else 'no change')
         lines.append(
             f'{res["task"]}: compact {res["metric_name"]} {c["metric"]:.2f}, ExpandNet-CL r=4 '
-            f'contracted {e["metric"]:.2f} -> {word} of {gain:+.2f} points, at identical '
+            f'contracted {e["metric"]:.2f} ({gain:+.2f}): {change}, at identical '
             f'deployed params ({_fmt_int(c["deployed_params"])}) and MACs '
             f'({_fmt_macs(c["deployed_macs"])}); training form '
             f'{_fmt_int(e["training_params"])} params '
