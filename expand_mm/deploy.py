@@ -34,6 +34,31 @@ def probe_forward(model: nn.Module, inputs: torch.Tensor) -> Any:
     return model(inputs)
 
 
+def count_macs(model: nn.Module, img_size: Sequence[int]) -> int:
+    """Multiply-accumulates of one forward of one ``(3, H, W)`` image.
+
+    mmengine's ``FlopAnalyzer`` (a jit trace of ``model(x)``, i.e.
+    ``mode='tensor'`` for MMEngine models: network only) in the model's current
+    train / eval state and expand mode, on its device and dtype; it counts one
+    multiply-add as one flop. The model is not modified.
+
+    Args:
+        model: Any module taking a ``(1, 3, H, W)`` tensor.
+        img_size: ``(H, W)``.
+    """
+    import warnings
+
+    from mmengine.analysis import FlopAnalyzer
+    param = next(model.parameters())
+    inputs = (torch.zeros(1, 3, *img_size, device=param.device, dtype=param.dtype),)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')  # jit tracer warnings about data-dependent code
+        analyzer = FlopAnalyzer(model, inputs)
+        analyzer.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+        analyzer.tracer_warnings('none')
+        return int(analyzer.total())
+
+
 def make_probe(model: nn.Module, shape: Sequence[int] = DEFAULT_PROBE_SHAPE) -> torch.Tensor:
     """A fixed pseudo-random input on the model's device (seeded: reproducible)."""
     param = next(model.parameters())

@@ -501,3 +501,40 @@ def test_online_mode_under_autocast_tracks_float32():
     grads = [p.grad for p in layer.parameters()]
     assert all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all()
                for g in grads)
+
+
+@pytest.mark.parametrize('strategy,kernel,groups', [('cl', 3, 1), ('cl', 3, 4), ('ck', 5, 1),
+                                                    ('ck', 7, 2)])
+def test_composed_kernel_keeps_the_compact_memory_format(strategy, kernel, groups):
+    """Online mode must not switch the net's activation layout behind the user's back."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 16, kernel, padding=kernel // 2, groups=groups)
+    layer = ExpandConv2d.from_conv(conv, strategy=strategy, ratio=4)
+    x = torch.randn(2, 8, 12, 12)
+    assert layer.weight.is_contiguous() and layer(x).is_contiguous()
+    layer = layer.to(memory_format=torch.channels_last)
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    assert layer.weight.is_contiguous(memory_format=torch.channels_last)
+    assert layer(x_cl).is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize('strategy,kernel,groups', [('cl', 3, 1), ('cl', 3, 4), ('ck', 5, 1)])
+def test_composition_macs_is_what_an_online_forward_adds(strategy, kernel, groups):
+    """composition_macs() = MACs of a no-grad online forward minus the compact conv's."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def counted(module, x):
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            module(x)
+        return counter.get_total_flops() // 2
+
+    conv = nn.Conv2d(8, 16, kernel, padding=kernel // 2, groups=groups)
+    layer = ExpandConv2d.from_conv(conv, strategy=strategy, ratio=4)
+    x = torch.randn(2, 8, 10, 10)
+    compose = layer.composition_macs()
+    assert compose > 0
+    assert compose == counted(layer, x) - counted(layer.contract(), x)
+    assert layer.composition_macs() == compose  # remembered
+    linear = ExpandLinear.from_linear(nn.Linear(8, 6), ratio=4)
+    y = torch.randn(3, 8)
+    assert linear.composition_macs() == counted(linear, y) - counted(linear.contract(), y)

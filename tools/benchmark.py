@@ -47,7 +47,6 @@ import shlex
 import statistics
 import sys
 import time
-import warnings
 from typing import Any, Callable
 
 # Kineto (the CPU memory profiler's backend) otherwise logs a GPU-probe error on
@@ -59,9 +58,8 @@ from torch import nn  # noqa: E402
 from torch.autograd import DeviceType  # noqa: E402
 
 import expand_mm  # noqa: E402
-from expand_mm.deploy import probe_forward  # noqa: E402
+from expand_mm.deploy import count_macs, probe_forward  # noqa: E402
 from expand_mm.models import compact_model_cfg  # noqa: E402
-from expand_mm.ops import chain_order  # noqa: E402
 from expand_mm.surgery import count_params, expanded_layers, set_expand_mode  # noqa: E402
 from mmengine.config import Config  # noqa: E402
 from mmengine.logging import MMLogger  # noqa: E402
@@ -312,39 +310,12 @@ def state_bytes(model: nn.Module, optim_wrapper) -> int:
     return total
 
 
-def macs(model: nn.Module, img_size: tuple[int, int]) -> int:
-    """Multiply-accumulates of one ``mode='tensor'`` forward of one image.
-
-    mmengine's ``FlopAnalyzer`` (a jit trace) in the model's current
-    train/eval state and expand mode; it counts one multiply-add as one flop.
-    """
-    from mmengine.analysis import FlopAnalyzer
-    param = next(model.parameters())
-    inputs = (torch.randn(1, 3, *img_size, device=param.device, dtype=param.dtype),)
-    with warnings.catch_warnings():
-        warnings.simplefilter('ignore')
-        analyzer = FlopAnalyzer(model, inputs)
-        analyzer.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
-        analyzer.tracer_warnings('none')
-        return int(analyzer.total())
-
-
 def composition_macs(model: nn.Module) -> int:
     """Multiply-adds of composing every expanded kernel once (online forward).
 
-    The sum of :func:`expand_mm.ops.chain_order` costs of the layers' chains:
-    it grows with channels and kernel sizes, not with batch or image size.
+    It grows with channels and kernel sizes, not with batch or image size.
     """
-    total = 0
-    for _, layer in expanded_layers(model):
-        subs = list(layer.sublayers)
-        if isinstance(subs[0], nn.Conv2d):
-            channels = [subs[0].in_channels] + [c.out_channels for c in subs]
-            sizes = [tuple(c.kernel_size) for c in subs]
-            total += chain_order(channels, sizes, subs[0].groups)[1]
-        else:
-            total += chain_order([subs[0].in_features] + [s.out_features for s in subs])[1]
-    return total
+    return sum(layer.composition_macs() for _, layer in expanded_layers(model))
 
 
 def _stats(samples: list[float]) -> dict[str, Any]:
@@ -560,16 +531,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                             inputs, device, args.iters, args.warmup)
 
     set_expand_mode(expanded, 'explicit')
-    explicit_macs = macs(expanded, img_size)
+    explicit_macs = count_macs(expanded, img_size)
     set_expand_mode(expanded, 'online')
-    compact_macs = macs(compact, img_size)
+    compact_macs = count_macs(compact, img_size)
     composition = composition_macs(expanded)
     batch = args.batch_size
     size = dict(
         params=dict(compact=count_params(compact), expanded=count_params(expanded),
                     contracted=count_params(contracted)),
         macs=dict(compact=compact_macs, explicit=explicit_macs,
-                  contracted=macs(contracted, img_size)),
+                  contracted=count_macs(contracted, img_size)),
         composition_macs=composition,
         macs_per_step=dict(compact=compact_macs * batch, explicit=explicit_macs * batch,
                            online=compact_macs * batch + composition))

@@ -11,7 +11,7 @@ import sys
 
 import expand_mm  # noqa: F401
 from expand_mm.checkpoint import CheckpointError, read_checkpoint
-from expand_mm.deploy import write_compact_checkpoint
+from expand_mm.deploy import count_macs, write_compact_checkpoint
 from expand_mm.models import compact_model_cfg, deployable_model
 from expand_mm.surgery import count_params, set_expand_mode
 from mmengine.config import Config, DictAction
@@ -31,14 +31,6 @@ def parse_args() -> argparse.Namespace:
                         metavar=('H', 'W'), help='input size for MACs and the probe')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction)
     return parser.parse_args()
-
-
-def macs(model, img_size) -> int:
-    """Multiply-accumulates of one forward pass at ``img_size`` (mmengine's counter)."""
-    from mmengine.analysis import get_model_complexity_info
-    info = get_model_complexity_info(model, input_shape=(3, *img_size), show_table=False,
-                                     show_arch=False)
-    return int(info['flops'])
 
 
 def main() -> int:
@@ -64,8 +56,8 @@ def main() -> int:
         return 2
     set_expand_mode(expanded, 'explicit')
     rows = [('training form (explicit chain)', count_params(expanded),
-             macs(expanded, args.img_size)),
-            ('deployed compact model', count_params(compact), macs(compact, args.img_size))]
+             count_macs(expanded, args.img_size)),
+            ('deployed compact model', count_params(compact), count_macs(compact, args.img_size))]
     print(f'{"":32s}{"params":>14s}{"MACs @" + "x".join(map(str, args.img_size)):>18s}')
     for name, params, flops in rows:
         print(f'{name:32s}{params:>14,d}{flops:>18,d}')

@@ -32,7 +32,6 @@ import os
 os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
 
 import argparse  # noqa: E402
-import copy  # noqa: E402
 import gc  # noqa: E402
 import importlib.util  # noqa: E402
 import json  # noqa: E402
@@ -56,6 +55,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import expand_mm  # noqa: E402,F401  (registers ExpandNet, YOLOLite, the hooks)
+from expand_mm.deploy import compact_checkpoint_path, count_macs  # noqa: E402
 from expand_mm.models import deployable_model  # noqa: E402
 from expand_mm.surgery import count_params, expanded_layers  # noqa: E402
 from mmengine.config import Config  # noqa: E402
@@ -233,28 +233,30 @@ def data_command(out: str, settings: Any) -> str:
             f'{settings.num_train} --num-val {settings.num_val}')
 
 
-def ensure_data(data_root: str, tasks: Sequence[str], quick: bool, seed: int,
-                logger: MMLogger) -> tuple[str, dict[str, str], Any]:
+def ensure_data(data_root: str, tasks: Sequence[str], quick: bool,
+                logger: MMLogger) -> dict[str, Any]:
     """Generates the digits data sets that are missing or out of date.
 
     The demo's settings are :data:`DEMO_DATA` (2,000 train / 500 val canvases
     of 64x64); ``quick`` uses a tiny set under ``data_root/quick``. The data
-    seed stays the generator's default whatever ``seed`` is: the demo's seed
-    is the training seed, the data set is fixed.
+    seed stays the generator's default whatever the demo's (training) seed is:
+    the data set is fixed.
 
     Args:
         data_root: Root holding ``digits_det/`` and ``digits_seg/``.
         tasks: ``'det'`` and / or ``'seg'``.
         quick: Use the tiny set.
-        seed: Training seed (only logged here).
         logger: Where progress goes.
 
     Returns:
-        ``(out_root, {task: dataset root}, settings)``.
+        ``out`` (generator output root), ``roots`` (task -> dataset root),
+        ``settings``, ``up_to_date`` (nothing had to be generated), ``seconds``
+        and ``command`` (the ``tools/make_digits_data.py`` equivalent).
     """
     mdd = load_data_tool()
     out, settings = data_settings(data_root, quick)
-    roots = {}
+    start = time.perf_counter()
+    roots, generated = {}, False
     for task in tasks:
         root = str(mdd.task_root(out, task))
         if mdd.is_up_to_date(out, task, settings):
@@ -264,24 +266,30 @@ def ensure_data(data_root: str, tasks: Sequence[str], quick: bool, seed: int,
                         f'{settings.num_val} val canvases of {settings.img_size}x'
                         f'{settings.img_size}; about 20 s per task at full size)')
             mdd.generate(out, task, settings, progress=logger.info)
+            generated = True
         roots[task] = root
-    return out, roots, settings
+    return dict(out=out, roots=roots, settings=settings, up_to_date=not generated,
+                seconds=time.perf_counter() - start, command=data_command(out, settings))
 
 
 # ----------------------------------------------------------------------------
 # Configs
 # ----------------------------------------------------------------------------
-def _set_data_root(cfg: Config, task: str, root: str) -> None:
-    root = root.rstrip('/') + '/'
-    for key in ('train_dataloader', 'val_dataloader', 'test_dataloader'):
-        if cfg.get(key):
-            cfg[key]['dataset']['data_root'] = root
+def data_root_overrides(task: str, data_root: str) -> dict[str, str]:
+    """The config keys that point a digits config at ``data_root``, and their values.
+
+    One source for both the demo's configs and the equivalent ``--cfg-options``
+    of the commands it prints.
+    """
+    root = data_root.rstrip('/') + '/'
+    overrides = {f'{loader}.dataset.data_root': root
+                 for loader in ('train_dataloader', 'val_dataloader', 'test_dataloader')}
     if task == 'det':
         # The CocoMetric's ann_file was resolved from the base's data_root
         # when the config was parsed (see configs/_base_/datasets/digits_det.py).
-        for key in ('val_evaluator', 'test_evaluator'):
-            if cfg.get(key):
-                cfg[key]['ann_file'] = root + 'annotations/instances_val.json'
+        overrides.update({f'{evaluator}.ann_file': root + 'annotations/instances_val.json'
+                          for evaluator in ('val_evaluator', 'test_evaluator')})
+    return overrides
 
 
 def _scale_schedule(cfg: Config, max_iters: int) -> None:
@@ -331,7 +339,7 @@ def demo_cfg(path: str, task: str, data_root: str, work_dir: str, seed: int, qui
         The config, ready for ``Runner.from_cfg``.
     """
     cfg = Config.fromfile(path)
-    _set_data_root(cfg, task, data_root)
+    cfg.merge_from_dict(data_root_overrides(task, data_root))
     cfg.work_dir = work_dir
     cfg.randomness = dict(seed=seed)
     # MMEngine's Runner names its logger, message hub and visualiser after
@@ -361,13 +369,8 @@ def data_root_options(spec: TaskSpec, data_root: str) -> str:
     default = Config.fromfile(spec.compact_config).train_dataloader.dataset.data_root
     if osp.normpath(osp.abspath(default)) == osp.normpath(osp.abspath(data_root)):
         return ''
-    root = data_root.rstrip('/') + '/'
-    options = [f'{key}.dataset.data_root={shlex.quote(root)}'
-               for key in ('train_dataloader', 'val_dataloader', 'test_dataloader')]
-    if spec.name == 'det':
-        ann = shlex.quote(root + 'annotations/instances_val.json')
-        options += [f'val_evaluator.ann_file={ann}', f'test_evaluator.ann_file={ann}']
-    return ' '.join(options)
+    return ' '.join(f'{key}={shlex.quote(value)}'
+                    for key, value in data_root_overrides(spec.name, data_root).items())
 
 
 def train_command(spec: TaskSpec, variant: str, work_dir: str, seed: int,
@@ -448,7 +451,6 @@ def train_run(cfg: Config, logger: MMLogger) -> dict[str, Any]:
         log_dir=runner.log_dir,
         device=str(next(model.parameters()).device))
     if result['expanded_layers']:
-        from expand_mm.deploy import compact_checkpoint_path
         result['compact_checkpoint'] = compact_checkpoint_path(last)
         if not osp.isfile(result['compact_checkpoint']):
             raise FileNotFoundError(
@@ -489,23 +491,6 @@ def evaluate(cfg: Config, checkpoint: str) -> tuple[dict[str, float], torch.nn.M
     del runner
     gc.collect()
     return {k: float(v) for k, v in metrics.items()}, model, dataset
-
-
-def model_macs(model: torch.nn.Module, img_size: tuple[int, int]) -> int:
-    """Multiply-accumulates of one inference forward at ``img_size`` (mmengine's counter).
-
-    Args:
-        model: An MMEngine model (``mode='tensor'`` forward: network, no
-            pre- or post-processing).
-        img_size: ``(H, W)`` of the network input.
-
-    Returns:
-        MACs per image.
-    """
-    from mmengine.analysis import get_model_complexity_info
-    info = get_model_complexity_info(copy.deepcopy(model).cpu(), input_shape=(3, *img_size),
-                                     show_table=False, show_arch=False)
-    return int(info['flops'])
 
 
 def _sync(device: torch.device) -> None:
@@ -615,7 +600,7 @@ def run_task(spec: TaskSpec, args: argparse.Namespace, data_root: str, logger: M
                                 for key, name in spec.extra_keys.items() if key in metrics}
         size = input_size(cfg, spec.name)
         run['deployed_params'] = count_params(model)
-        run['deployed_macs'] = model_macs(model, size)
+        run['deployed_macs'] = count_macs(model, size)
         run['input_size'] = size
         models[variant] = model
         result['commands'].append(
@@ -999,13 +984,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f'({threads_why}), '
                 f'CUDA: {info["cuda"] or "none"}; load average {load_start}')
 
-    mdd = load_data_tool()
-    out, settings = data_settings(args.data_root, args.quick)
-    up_to_date = all(mdd.is_up_to_date(out, t, settings) for t in tasks)
-    data_start = time.perf_counter()
-    out, roots, settings = ensure_data(args.data_root, tasks, args.quick, args.seed, logger)
-    data = dict(out=out, roots=roots, settings=settings, up_to_date=up_to_date,
-                seconds=time.perf_counter() - data_start, command=data_command(out, settings))
+    data = ensure_data(args.data_root, tasks, args.quick, logger)
+    roots = data['roots']
 
     step = [0]
     total_steps = 5 * len(tasks)

@@ -48,6 +48,7 @@ class ExpandedLayer(nn.Module):
         self.name = name
         self.nonlinearity: nn.Module | None = None
         self._cache: tuple[Any, tuple[Tensor, Tensor | None]] | None = None
+        self._composition_macs: int | None = None
         self._mode = 'online'
         self.set_mode(mode)
 
@@ -115,6 +116,22 @@ class ExpandedLayer(nn.Module):
                 f'{self._describe()}: {what} needs a linear chain, but a nonlinearity '
                 f'({type(self.nonlinearity).__name__}) is set between the sub-layers; '
                 f'call set_nonlinearity(None) first')
+
+    def composition_macs(self) -> int:
+        """Multiply-adds of composing the compact weight and bias once, as torch counts them.
+
+        What online mode pays per training step on top of the compact layer,
+        whatever the batch and image size. Counted on the first call (by running
+        the composition under ``torch.utils.flop_counter.FlopCounterMode``) and
+        remembered: the shapes never change. A matrix-chain formula would miss
+        the bias propagation and the cost of composing spatial kernels.
+        """
+        if self._composition_macs is None:
+            from torch.utils.flop_counter import FlopCounterMode
+            with torch.no_grad(), FlopCounterMode(display=False) as counter:
+                self._compose(None)
+            self._composition_macs = counter.get_total_flops() // 2
+        return self._composition_macs
 
     def _cache_key(self) -> tuple:
         return tuple((p.data_ptr(), p._version, p.device, p.dtype, tuple(p.shape))
