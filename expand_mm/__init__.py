@@ -16,8 +16,10 @@ patch_mmdet_ssd_head()
 
 from . import models  # noqa: E402  (registers ExpandNet and the compact models)
 from . import hooks  # noqa: E402  (registers the checkpoint hooks)
+from . import optim  # noqa: E402  (registers ExpandNetOptimWrapperConstructor)
 from .checkpoint import CheckpointError, match_state_dict, read_checkpoint  # noqa: E402
 from .models import deployable_model  # noqa: E402
+from .optim import ExpandNetOptimWrapperConstructor, factor_lr_multipliers  # noqa: E402
 
 __version__ = '0.1.0'
 
@@ -25,5 +27,6 @@ __all__ = [
     'ExpandConv2d', 'ExpandLinear', 'ExpandedLayer', 'ExpansionReport', 'expand_model',
     'contract_model', 'verify_contraction', 'expanded_layers', 'set_expand_mode',
     'deployable_model', 'CheckpointError', 'read_checkpoint', 'match_state_dict',
-    'allow_mmengine_checkpoints', 'hooks', 'models',
+    'allow_mmengine_checkpoints', 'hooks', 'models', 'optim',
+    'ExpandNetOptimWrapperConstructor', 'factor_lr_multipliers',
 ]

@@ -231,9 +231,13 @@ def test_expandnet_config_matches_its_compact_counterpart(path: Path):
     assert 'expand_mm' in cfg.custom_imports.imports
     # the compact model is embedded unchanged, and the rest of the config too
     assert cfg.model.model.to_dict() == compact_cfg.model.to_dict()
-    for key in ('train_dataloader', 'val_dataloader', 'optim_wrapper', 'param_scheduler',
-                'train_cfg', 'default_scope'):
+    for key in ('train_dataloader', 'val_dataloader', 'param_scheduler', 'train_cfg',
+                'default_scope'):
         assert cfg[key] == compact_cfg[key], key
+    # the same optimizer, built by the constructor that scales the factors' rates
+    optim_wrapper = cfg.optim_wrapper.to_dict()
+    assert optim_wrapper.pop('constructor') == 'ExpandNetOptimWrapperConstructor'
+    assert optim_wrapper == compact_cfg.optim_wrapper.to_dict()
     hooks = [h.type for h in cfg.custom_hooks]
     assert hooks[-2:] == ['ExpandCheckpointLoadHook', 'ContractCheckpointHook']
     # the base's hooks are kept (their `_scope_` is the config's default scope)

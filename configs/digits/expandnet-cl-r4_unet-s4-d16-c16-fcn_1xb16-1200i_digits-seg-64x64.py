@@ -17,6 +17,11 @@ model = dict(
     ratio=4,
     mode='online')
 
+# Per-factor learning rates (ExpandNetOptimWrapperConstructor): for adaptive
+# optimizers (Adam, AdamW, ...) each factor's rate is scaled so that the
+# composed kernel moves like the compact one; SGD is left as it is ('auto').
+optim_wrapper = dict(constructor='ExpandNetOptimWrapperConstructor')
+
 # Write a stock compact checkpoint (*_compact.pth) beside every saved one;
 # let load_from= take compact checkpoints.
 custom_hooks = [dict(type='ExpandCheckpointLoadHook'), dict(type='ContractCheckpointHook')]

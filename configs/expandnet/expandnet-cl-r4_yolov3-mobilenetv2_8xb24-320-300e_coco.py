@@ -18,6 +18,11 @@ model = dict(
     ratio=4,
     mode='online')
 
+# Per-factor learning rates (ExpandNetOptimWrapperConstructor): for adaptive
+# optimizers (Adam, AdamW, ...) each factor's rate is scaled so that the
+# composed kernel moves like the compact one; SGD is left as it is ('auto').
+optim_wrapper = dict(constructor='ExpandNetOptimWrapperConstructor')
+
 # Load compact checkpoints (e.g. load_from=a compact model) into the factors;
 # write a stock compact checkpoint (*_compact.pth) beside every saved one.
 custom_hooks = [dict(type='ExpandCheckpointLoadHook'), dict(type='ContractCheckpointHook')]

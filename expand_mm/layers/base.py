@@ -169,6 +169,17 @@ class ExpandedLayer(nn.Module):
         self._cache = None
         return super().train(mode)
 
+    def compact_fan_in(self) -> int:
+        """Inputs that one output of the compact layer sums over (``m / groups * kh * kw``)."""
+        fan_in = 1
+        for s in self.compact_weight_shape()[1:]:
+            fan_in *= s
+        return fan_in
+
+    def factor_fan_ins(self) -> list[int]:
+        """Fan-in of each sub-layer's weight, first sub-layer first."""
+        return [sub.weight[0].numel() for sub in self.sublayers]
+
     def num_params_compact(self) -> int:
         """Number of parameters of the contracted layer."""
         w = 1

@@ -1,0 +1,154 @@
+"""ExpandNetOptimWrapperConstructor: per-factor learning rates for adaptive optimizers."""
+import math
+
+import pytest
+import torch
+from mmengine.optim import build_optim_wrapper
+from mmengine.optim.scheduler import LinearLR
+from torch import nn
+
+import expand_mm
+from expand_mm import ExpandConv2d, ExpandLinear, factor_lr_multipliers
+
+
+class TinyNet(nn.Module):
+    """conv (expanded) -> BN -> head conv (compact) -> linear (expanded)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(16, 16, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(16)
+        self.head = nn.Conv2d(16, 8, 1)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        y = self.head(torch.relu(self.bn(self.conv(x))))
+        return self.fc(y.mean((2, 3)))
+
+
+def expanded_tiny_net():
+    torch.manual_seed(0)
+    net = TinyNet()
+    expand_mm.expand_model(net, strategy='cl', ratio=4, include=['conv', 'fc'],
+                           expand_linear=True)
+    return net
+
+
+def group_lrs(wrapper, net):
+    by_param = {}
+    for group in wrapper.optimizer.param_groups:
+        for p in group['params']:
+            by_param[id(p)] = group['lr']
+    return {name: by_param[id(p)] for name, p in net.named_parameters()}
+
+
+def test_fan_in_multipliers_of_a_cl_conv():
+    layer = ExpandConv2d(16, 32, 3, strategy='cl', ratio=4)
+    # fan-ins: 16 (1x1), 64 * 9 (3x3), 128 (1x1); compact 16 * 9; three factors.
+    expected = [math.sqrt(144 / 16) / 3, math.sqrt(144 / 576) / 3, math.sqrt(144 / 128) / 3]
+    assert factor_lr_multipliers(layer) == pytest.approx(expected)
+    rss = factor_lr_multipliers(layer, chain='rss')
+    assert rss == pytest.approx([m * 3 / math.sqrt(3) for m in expected])
+    assert factor_lr_multipliers(layer, 'none') == [1.0, 1.0, 1.0]
+    assert factor_lr_multipliers(layer, 0.5) == [0.5, 0.5, 0.5]
+
+
+def test_fan_in_multipliers_of_grouped_ck_and_linear():
+    layer = ExpandConv2d(8, 8, 5, groups=8, strategy='ck', ratio=2)
+    # depthwise 5x5 -> two depthwise 3x3: per-group fan-ins 9 and 2 * 9; compact 25.
+    assert factor_lr_multipliers(layer) == pytest.approx(
+        [math.sqrt(25 / 9) / 2, math.sqrt(25 / 18) / 2])
+    linear = ExpandLinear(10, 6, ratio=4)
+    assert factor_lr_multipliers(linear) == pytest.approx(
+        [math.sqrt(10 / 10) / 3, math.sqrt(10 / 40) / 3, math.sqrt(10 / 24) / 3])
+
+
+def test_adamw_groups_get_scaled_rates_and_the_rest_the_base_rate():
+    net = expanded_tiny_net()
+    wrapper = build_optim_wrapper(net, dict(
+        constructor='ExpandNetOptimWrapperConstructor',
+        optimizer=dict(type='AdamW', lr=0.01, weight_decay=0.01)))
+    lrs = group_lrs(wrapper, net)
+    conv_mults = factor_lr_multipliers(dict(expand_mm.expanded_layers(net))['conv'])
+    for i, mult in enumerate(conv_mults):
+        assert lrs[f'conv.convs.{i}.weight'] == pytest.approx(0.01 * mult)
+    fc_mults = factor_lr_multipliers(dict(expand_mm.expanded_layers(net))['fc'])
+    for i, mult in enumerate(fc_mults):
+        assert lrs[f'fc.linears.{i}.weight'] == pytest.approx(0.01 * mult)
+        assert lrs[f'fc.linears.{i}.bias'] == pytest.approx(0.01 * mult)
+    for name in ('bn.weight', 'bn.bias', 'head.weight', 'head.bias'):
+        assert lrs[name] == 0.01
+    # Every parameter is in exactly one group.
+    assert sum(len(g['params']) for g in wrapper.optimizer.param_groups) == len(
+        list(net.parameters()))
+
+
+def test_custom_keys_compose_with_factor_rates_and_schedulers_scale_them():
+    net = expanded_tiny_net()
+    wrapper = build_optim_wrapper(net, dict(
+        constructor='ExpandNetOptimWrapperConstructor',
+        optimizer=dict(type='Adam', lr=0.01),
+        paramwise_cfg=dict(custom_keys={'conv.convs.1': dict(lr_mult=0.1)})))
+    mult = factor_lr_multipliers(dict(expand_mm.expanded_layers(net))['conv'])[1]
+    assert group_lrs(wrapper, net)['conv.convs.1.weight'] == pytest.approx(0.01 * 0.1 * mult)
+    scheduler = LinearLR(wrapper, start_factor=0.5, by_epoch=False, begin=0, end=2)
+    assert group_lrs(wrapper, net)['conv.convs.1.weight'] == pytest.approx(
+        0.5 * 0.01 * 0.1 * mult)
+    scheduler.step()
+    scheduler.step()
+    assert group_lrs(wrapper, net)['conv.convs.1.weight'] == pytest.approx(0.01 * 0.1 * mult)
+
+
+def test_auto_leaves_sgd_alone_and_explicit_rule_overrides():
+    net = expanded_tiny_net()
+    sgd = build_optim_wrapper(net, dict(
+        constructor='ExpandNetOptimWrapperConstructor',
+        optimizer=dict(type='SGD', lr=0.1, momentum=0.9)))
+    assert set(group_lrs(sgd, net).values()) == {0.1}
+    forced = build_optim_wrapper(net, dict(
+        constructor='ExpandNetOptimWrapperConstructor',
+        optimizer=dict(type='SGD', lr=0.1, momentum=0.9),
+        paramwise_cfg=dict(factor_lr=0.5)))
+    lrs = group_lrs(forced, net)
+    assert lrs['conv.convs.0.weight'] == pytest.approx(0.05)
+    assert lrs['head.weight'] == pytest.approx(0.1)
+
+
+def test_one_adam_step_moves_the_composed_kernel_like_the_compact_one():
+    """Why the rule exists: the relative step of the composed kernel, measured."""
+    torch.manual_seed(0)
+    compact = nn.Conv2d(32, 32, 3, padding=1, bias=False)
+    x = torch.randn(4, 32, 12, 12)
+    target = torch.randn(4, 32, 12, 12)
+
+    def relative_step(module, factor_lr):
+        before = module.weight.detach().clone()
+        wrapper = build_optim_wrapper(module, dict(
+            constructor='ExpandNetOptimWrapperConstructor',
+            optimizer=dict(type='Adam', lr=1e-3), paramwise_cfg=dict(factor_lr=factor_lr)))
+        loss = ((module(x) - target) ** 2).mean()
+        wrapper.update_params(loss)
+        return float((module.weight.detach() - before).norm() / before.norm())
+
+    compact_step = relative_step(compact, 'fan_in')
+    fresh = lambda: ExpandConv2d.from_conv(compact, 'cl', 4)  # noqa: E731
+    torch.manual_seed(1)
+    plain = relative_step(fresh(), 'none')
+    torch.manual_seed(1)
+    scaled = relative_step(fresh(), 'fan_in')
+    # Unscaled, the product moves many times faster than the compact kernel;
+    # scaled, within a factor 2 of it.
+    assert plain > 4 * compact_step, (plain, compact_step)
+    assert compact_step / 2 < scaled < 2 * compact_step, (scaled, compact_step)
+
+
+def test_bad_settings_name_the_key():
+    net = expanded_tiny_net()
+    with pytest.raises(ValueError, match="factor_lr='fanin'"):
+        build_optim_wrapper(net, dict(constructor='ExpandNetOptimWrapperConstructor',
+                                      optimizer=dict(type='AdamW', lr=0.01),
+                                      paramwise_cfg=dict(factor_lr='fanin')))
+    with pytest.raises(ValueError, match="factor_lr_chain='mean'"):
+        build_optim_wrapper(net, dict(constructor='ExpandNetOptimWrapperConstructor',
+                                      optimizer=dict(type='AdamW', lr=0.01),
+                                      paramwise_cfg=dict(factor_lr_chain='mean')))
