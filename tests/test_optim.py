@@ -9,6 +9,7 @@ from torch import nn
 
 import expand_mm
 from expand_mm import ExpandConv2d, ExpandLinear, factor_lr_multipliers
+from expand_mm.optim.factor_lr import DEFAULT_FACTOR_LR_MULT as MULT
 
 
 class TinyNet(nn.Module):
@@ -71,11 +72,11 @@ def test_adamw_groups_get_scaled_rates_and_the_rest_the_base_rate():
     lrs = group_lrs(wrapper, net)
     conv_mults = factor_lr_multipliers(dict(expand_mm.expanded_layers(net))['conv'])
     for i, mult in enumerate(conv_mults):
-        assert lrs[f'conv.convs.{i}.weight'] == pytest.approx(0.01 * mult)
+        assert lrs[f'conv.convs.{i}.weight'] == pytest.approx(0.01 * mult * MULT)
     fc_mults = factor_lr_multipliers(dict(expand_mm.expanded_layers(net))['fc'])
     for i, mult in enumerate(fc_mults):
-        assert lrs[f'fc.linears.{i}.weight'] == pytest.approx(0.01 * mult)
-        assert lrs[f'fc.linears.{i}.bias'] == pytest.approx(0.01 * mult)
+        assert lrs[f'fc.linears.{i}.weight'] == pytest.approx(0.01 * mult * MULT)
+        assert lrs[f'fc.linears.{i}.bias'] == pytest.approx(0.01 * mult * MULT)
     for name in ('bn.weight', 'bn.bias', 'head.weight', 'head.bias'):
         assert lrs[name] == 0.01
     # Every parameter is in exactly one group.
@@ -89,7 +90,7 @@ def test_custom_keys_compose_with_factor_rates_and_schedulers_scale_them():
         constructor='ExpandNetOptimWrapperConstructor',
         optimizer=dict(type='Adam', lr=0.01),
         paramwise_cfg=dict(custom_keys={'conv.convs.1': dict(lr_mult=0.1)})))
-    mult = factor_lr_multipliers(dict(expand_mm.expanded_layers(net))['conv'])[1]
+    mult = factor_lr_multipliers(dict(expand_mm.expanded_layers(net))['conv'])[1] * MULT
     assert group_lrs(wrapper, net)['conv.convs.1.weight'] == pytest.approx(0.01 * 0.1 * mult)
     scheduler = LinearLR(wrapper, start_factor=0.5, by_epoch=False, begin=0, end=2)
     assert group_lrs(wrapper, net)['conv.convs.1.weight'] == pytest.approx(
@@ -114,32 +115,47 @@ def test_auto_leaves_sgd_alone_and_explicit_rule_overrides():
     assert lrs['head.weight'] == pytest.approx(0.1)
 
 
-def test_one_adam_step_moves_the_composed_kernel_like_the_compact_one():
+@pytest.mark.parametrize('channels', [16, 64])
+def test_one_adam_step_moves_the_composed_kernel_like_the_compact_one(channels):
     """Why the rule exists: the relative step of the composed kernel, measured."""
     torch.manual_seed(0)
-    compact = nn.Conv2d(32, 32, 3, padding=1, bias=False)
-    x = torch.randn(4, 32, 12, 12)
-    target = torch.randn(4, 32, 12, 12)
+    compact = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+    nn.init.kaiming_normal_(compact.weight, mode='fan_out')  # mmcv ConvModule's init
+    x = torch.randn(4, channels, 12, 12)
+    target = torch.randn(4, channels, 12, 12)
 
-    def relative_step(module, factor_lr):
+    def relative_step(module, **paramwise_cfg):
         before = module.weight.detach().clone()
         wrapper = build_optim_wrapper(module, dict(
             constructor='ExpandNetOptimWrapperConstructor',
-            optimizer=dict(type='Adam', lr=1e-3), paramwise_cfg=dict(factor_lr=factor_lr)))
+            optimizer=dict(type='Adam', lr=1e-3), paramwise_cfg=paramwise_cfg))
         loss = ((module(x) - target) ** 2).mean()
         wrapper.update_params(loss)
         return float((module.weight.detach() - before).norm() / before.norm())
 
-    compact_step = relative_step(compact, 'fan_in')
-    fresh = lambda: ExpandConv2d.from_conv(compact, 'cl', 4)  # noqa: E731
-    torch.manual_seed(1)
-    plain = relative_step(fresh(), 'none')
-    torch.manual_seed(1)
-    scaled = relative_step(fresh(), 'fan_in')
+    compact_step = relative_step(compact)
+    steps = {}
+    for name, cfg in dict(plain=dict(factor_lr='none'), rule_only=dict(factor_lr_mult=1.0),
+                          default={}).items():
+        torch.manual_seed(1)
+        steps[name] = relative_step(ExpandConv2d.from_conv(compact, 'cl', 4), **cfg) / compact_step
     # Unscaled, the product moves many times faster than the compact kernel;
-    # scaled, within a factor 2 of it.
-    assert plain > 4 * compact_step, (plain, compact_step)
-    assert compact_step / 2 < scaled < 2 * compact_step, (scaled, compact_step)
+    # the fan-in rule removes most of it, its default extra factor the rest.
+    assert steps['plain'] > 10, steps
+    assert 2.5 < steps['rule_only'] < 8, steps
+    assert 0.6 < steps['default'] < 1.7, steps
+
+
+def test_default_extra_factor_belongs_to_the_fan_in_rule():
+    net = expanded_tiny_net()
+    lrs = group_lrs(build_optim_wrapper(net, dict(
+        constructor='ExpandNetOptimWrapperConstructor', optimizer=dict(type='AdamW', lr=0.01),
+        paramwise_cfg=dict(factor_lr=0.5))), net)
+    assert lrs['conv.convs.1.weight'] == pytest.approx(0.005)
+    lrs = group_lrs(build_optim_wrapper(net, dict(
+        constructor='ExpandNetOptimWrapperConstructor', optimizer=dict(type='AdamW', lr=0.01),
+        paramwise_cfg=dict(factor_lr='none'))), net)
+    assert set(lrs.values()) == {0.01}
 
 
 def test_bad_settings_name_the_key():

@@ -100,9 +100,9 @@ TASKS: dict[str, TaskSpec] = {
     'seg': TaskSpec(
         name='seg', title='digit segmentation (U-Net S4-D16, 16 channels)',
         compact_config=osp.join(CONFIG_DIR,
-                                'unet-s4-d16-c16_fcn_1xb16-1200i_digits-seg-64x64.py'),
+                                'unet-s4-d16-c16_fcn_1xb16-800i_digits-seg-64x64.py'),
         expandnet_config=osp.join(
-            CONFIG_DIR, 'expandnet-cl-r4_unet-s4-d16-c16-fcn_1xb16-1200i_digits-seg-64x64.py'),
+            CONFIG_DIR, 'expandnet-cl-r4_unet-s4-d16-c16-fcn_1xb16-800i_digits-seg-64x64.py'),
         metric_key='mIoU', metric_name='mIoU', metric_scale=1.0,
         extra_keys={'aAcc': 'aAcc'}),
 }

@@ -10,9 +10,16 @@ compact ``kxk`` (fan-in ``m k^2``), and the relative changes of the factors add
 up in the product. Measured on the digits demo: at the compact model's AdamW
 learning rate an expanded model trains like a compact one at a several times
 larger rate and stalls. Scaling each factor's rate by ``sqrt(f_compact / f_i)``
-and sharing the compact step among the ``L`` factors gives the composed kernel
-the relative step size of the compact layer at the same base learning rate.
-SGD, whose step scales with the gradient, does not need it.
+and sharing the compact step among the ``L`` factors (the ``'fan_in'`` rule)
+removes the fan-in part. What it leaves is measured, not derived: sign-like
+Adam steps of factors ``r`` times wider add up more coherently in the product
+than the sum of relative changes says, and freshly initialised factors compose
+to a smaller kernel than mmcv's kaiming init of the compact conv. One Adam step
+of a fresh CL r=4 chain (dense 3x3, 16-128 channels; checked in
+``tests/test_optim.py``) moves the composed kernel, relative to its size,
+4.4-4.7x as far as a kaiming-initialised compact conv moves with the rule alone,
+and 1.1-1.2x as far with the default extra factor ``DEFAULT_FACTOR_LR_MULT =
+0.25``. SGD, whose step scales with the gradient, does not need any of it.
 """
 from __future__ import annotations
 
@@ -33,6 +40,10 @@ FACTOR_LR_RULES = ('fan_in', 'none')
 ADAPTIVE_OPTIMIZERS = ('Adam', 'AdamW', 'Adamax', 'NAdam', 'RAdam', 'Adagrad', 'Adadelta',
                        'RMSprop', 'Lion', 'Adafactor', 'ZeroRedundancyOptimizer')
 CHAIN_RULES = ('sum', 'rss')
+# Extra factor on the 'fan_in' rule (see the module docstring for the
+# measurement); on the digits demo it took the ExpandNet U-Net from mIoU 14.3
+# (factor 1) to 42.1, against 44.3 for the compact model on the same schedule.
+DEFAULT_FACTOR_LR_MULT = 0.25
 
 
 def factor_lr_multipliers(layer: ExpandedLayer, rule: str | float = 'fan_in',
@@ -97,15 +108,17 @@ class ExpandNetOptimWrapperConstructor(DefaultOptimWrapperConstructor):
             optimizers of :data:`ADAPTIVE_OPTIMIZERS`, ``'none'`` otherwise),
             ``'fan_in'``, ``'none'`` or a positive number; and
             ``factor_lr_chain``: ``'sum'`` (default) or ``'rss'``; and
-            ``factor_lr_mult``: a further factor on every factor's rate (1.0).
+            ``factor_lr_mult``: a further factor on every factor's rate
+            (default :data:`DEFAULT_FACTOR_LR_MULT` with the ``'fan_in'``
+            rule, 1 otherwise).
     """
 
     def __init__(self, optim_wrapper_cfg: dict, paramwise_cfg: dict | None = None):
         paramwise_cfg = dict(paramwise_cfg or {})
         factor_lr = paramwise_cfg.pop('factor_lr', 'auto')
         self.factor_lr_chain = paramwise_cfg.pop('factor_lr_chain', 'sum')
-        self.factor_lr_mult = paramwise_cfg.pop('factor_lr_mult', 1.0)
-        if (isinstance(self.factor_lr_mult, bool)
+        self.factor_lr_mult = paramwise_cfg.pop('factor_lr_mult', None)
+        if self.factor_lr_mult is not None and (isinstance(self.factor_lr_mult, bool)
                 or not isinstance(self.factor_lr_mult, (int, float)) or self.factor_lr_mult <= 0):
             raise ValueError(f'paramwise_cfg.factor_lr_mult={self.factor_lr_mult!r} must be a '
                              'positive number')
@@ -120,6 +133,10 @@ class ExpandNetOptimWrapperConstructor(DefaultOptimWrapperConstructor):
             name = opt_type if isinstance(opt_type, str) else getattr(opt_type, '__name__', '')
             factor_lr = 'fan_in' if name.split('.')[-1] in ADAPTIVE_OPTIMIZERS else 'none'
         self.factor_lr = factor_lr
+        if self.factor_lr_mult is None:
+            # The measured correction belongs to the 'fan_in' rule; 'none' or an
+            # explicit number means exactly what it says.
+            self.factor_lr_mult = DEFAULT_FACTOR_LR_MULT if factor_lr == 'fan_in' else 1.0
         if self.factor_lr_chain not in CHAIN_RULES:
             raise ValueError(f'paramwise_cfg.factor_lr_chain={self.factor_lr_chain!r} must '
                              f'be one of {CHAIN_RULES}')
@@ -151,8 +168,9 @@ class ExpandNetOptimWrapperConstructor(DefaultOptimWrapperConstructor):
             values = sorted(set(round(v, 4) for v in multipliers.values()))
             MMLogger.get_current_instance().info(
                 f'ExpandNetOptimWrapperConstructor: factor_lr={self.factor_lr!r} '
-                f'(chain {self.factor_lr_chain!r}, x{self.factor_lr_mult:g}) on {len(multipliers)} factor parameters of '
-                f'{len(layers)} expanded layers; multipliers {values[0]}..{values[-1]}')
+                f'(chain {self.factor_lr_chain!r}, x{self.factor_lr_mult:g}) on '
+                f'{len(multipliers)} factor parameters of {len(layers)} expanded layers; '
+                f'multipliers {values[0]}..{values[-1]}')
         return wrapper
 
     def add_params(self, params: list[dict], module: nn.Module, prefix: str = '',

@@ -5,7 +5,7 @@
 # strided stem conv keeps its stride on the 3x3); the 1x1 convs (upsampling
 # InterpConvs, classifiers) stay compact. The deployed model is the compact
 # U-Net of the base config, trained on the same data with the same schedule.
-_base_ = './unet-s4-d16-c16_fcn_1xb16-1200i_digits-seg-64x64.py'
+_base_ = './unet-s4-d16-c16_fcn_1xb16-800i_digits-seg-64x64.py'
 
 custom_imports = dict(imports=['expand_mm'], allow_failed_imports=False)
 

@@ -18,7 +18,7 @@
 #   11% of the image and, for the first ~1,000 iterations, a plain
 #   cross-entropy model predicts background everywhere (mIoU 8, measured);
 # - 11 classes (background + 0-9), plain BN (one device), whole-image
-#   inference, a short AdamW schedule (the detector's: lr 0.004).
+#   inference, a short AdamW schedule (800 iterations, lr 0.016).
 _base_ = [
     'mmseg::_base_/models/fcn_unet_s5-d16.py',
     '../_base_/datasets/digits_seg.py',
@@ -109,14 +109,17 @@ val_dataloader = dict(
     num_workers=1, dataset=dict(data_root=data_root, pipeline=test_pipeline))
 test_dataloader = val_dataloader
 
-max_iters = 1200
+# 800 iterations at lr 0.016 (mIoU 44.3 in calibration) instead of 1,200 at
+# 0.004 (49.6): the demo's two tasks must train, compact and ExpandNet, in
+# well under 15 minutes on 2 CPU cores.
+max_iters = 800
 warmup_iters = 50
 train_cfg = dict(type='IterBasedTrainLoop', max_iters=max_iters, val_interval=max_iters)
 val_cfg = dict(type='ValLoop')
 test_cfg = dict(type='TestLoop')
 optim_wrapper = dict(
     type='OptimWrapper',
-    optimizer=dict(type='AdamW', lr=0.004, weight_decay=0.01))
+    optimizer=dict(type='AdamW', lr=0.016, weight_decay=0.01))
 param_scheduler = [
     dict(type='LinearLR', start_factor=0.01, by_epoch=False, begin=0, end=warmup_iters),
     dict(type='CosineAnnealingLR', T_max=max_iters - warmup_iters, eta_min=1e-5,
