@@ -89,3 +89,29 @@ def test_summary_printed(demo: Path):
     tail = out[out.rindex('expand_mm demo --'):]
     assert 'NUMBERS ARE MEANINGLESS' in tail
     assert tail.count('ExpandNet-CL r=4') >= 2 and tail.count('compact') >= 2
+
+
+def _demo_module():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location('demo_tool', ROOT / 'tools' / 'demo.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_jobs_side_by_side_on_cpu_one_after_the_other_on_cuda(monkeypatch):
+    """--jobs auto: two processes on a multi-core CPU machine, one on CUDA or one core."""
+    demo_tool = _demo_module()
+    monkeypatch.setattr(demo_tool.torch.cuda, 'is_available', lambda: False)
+    monkeypatch.setattr(demo_tool, 'usable_cpus', lambda: 2)
+    assert demo_tool.resolve_jobs('auto', 2) == 2
+    assert demo_tool.resolve_jobs('auto', 1) == 1
+    monkeypatch.setattr(demo_tool, 'usable_cpus', lambda: 1)
+    assert demo_tool.resolve_jobs('auto', 2) == 1
+    monkeypatch.setattr(demo_tool, 'usable_cpus', lambda: 8)
+    monkeypatch.setattr(demo_tool.torch.cuda, 'is_available', lambda: True)
+    assert demo_tool.resolve_jobs('auto', 2) == 1
+    assert demo_tool.resolve_jobs('1', 2) == 1
+    assert demo_tool.resolve_jobs('5', 2) == 2
+    with pytest.raises(SystemExit, match="--jobs must be 'auto' or a positive integer"):
+        demo_tool.resolve_jobs('two', 2)
