@@ -91,17 +91,19 @@ def test_summary_printed(demo: Path):
     assert tail.count('ExpandNet-CL r=4') >= 2 and tail.count('compact') >= 2
 
 
-def _demo_module():
+def _demo_module(monkeypatch):
     import importlib.util
     spec = importlib.util.spec_from_file_location('demo_tool', ROOT / 'tools' / 'demo.py')
     module = importlib.util.module_from_spec(spec)
+    # Its dataclasses resolve their module by name while the file runs.
+    monkeypatch.setitem(sys.modules, 'demo_tool', module)
     spec.loader.exec_module(module)
     return module
 
 
 def test_jobs_side_by_side_on_cpu_one_after_the_other_on_cuda(monkeypatch):
     """--jobs auto: two processes on a multi-core CPU machine, one on CUDA or one core."""
-    demo_tool = _demo_module()
+    demo_tool = _demo_module(monkeypatch)
     monkeypatch.setattr(demo_tool.torch.cuda, 'is_available', lambda: False)
     monkeypatch.setattr(demo_tool, 'usable_cpus', lambda: 2)
     assert demo_tool.resolve_jobs('auto', 2) == 2
