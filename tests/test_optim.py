@@ -106,6 +106,8 @@ def test_auto_leaves_sgd_alone_and_explicit_rule_overrides():
         constructor='ExpandNetOptimWrapperConstructor',
         optimizer=dict(type='SGD', lr=0.1, momentum=0.9)))
     assert set(group_lrs(sgd, net).values()) == {0.1}
+    # nothing to scale: exactly the default constructor, one group for all
+    assert len(sgd.optimizer.param_groups) == 1
     forced = build_optim_wrapper(net, dict(
         constructor='ExpandNetOptimWrapperConstructor',
         optimizer=dict(type='SGD', lr=0.1, momentum=0.9),

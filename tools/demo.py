@@ -107,6 +107,8 @@ TASKS: dict[str, TaskSpec] = {
         extra_keys={'aAcc': 'aAcc'}),
 }
 VARIANTS = ('compact', 'expandnet')
+# Progress steps per task: train both variants, evaluate both, time and draw.
+STEPS_PER_TASK = 2 * len(VARIANTS) + 1
 VARIANT_TITLES = {'compact': 'compact', 'expandnet': 'ExpandNet-CL r=4 → contracted'}
 
 # The demo's data: 64x64 canvases with 16-32 px digits (the configs in
@@ -622,6 +624,8 @@ def run_task(spec: TaskSpec, args: argparse.Namespace, data_root: str, logger: M
         run['config'] = osp.relpath(configs[variant], REPO_ROOT)
         run['batch_size'] = cfg.train_dataloader.batch_size
         run['optimizer'] = dict(cfg.optim_wrapper.optimizer)
+        run['optim_constructor'] = cfg.optim_wrapper.get('constructor')
+        run['paramwise_cfg'] = dict(cfg.optim_wrapper.get('paramwise_cfg') or {})
         result['runs'][variant] = run
         result['commands'].append(train_command(spec, variant, run_dir, args.seed, data_root))
 
@@ -689,7 +693,7 @@ def run_task_worker(task: str, args: argparse.Namespace, data_root: str,
     configure_threads(jobs)
     logger = MMLogger.get_instance(f'expand_mm_demo_{task}', logger_name=f'demo[{task}]',
                                    log_file=osp.join(args.work_dir, f'demo_{task}.log'))
-    return run_task(TASKS[task], args, data_root, logger, [0], 5)
+    return run_task(TASKS[task], args, data_root, logger, [0], STEPS_PER_TASK)
 
 
 def run_tasks(tasks: Sequence[str], args: argparse.Namespace, roots: dict[str, str],
@@ -701,7 +705,8 @@ def run_tasks(tasks: Sequence[str], args: argparse.Namespace, roots: dict[str, s
     """
     if jobs == 1:
         step = [0]
-        return [run_task(TASKS[t], args, roots[t], logger, step, 5 * len(tasks))
+        return [run_task(TASKS[t], args, roots[t], logger, step,
+                         STEPS_PER_TASK * len(tasks))
                 for t in tasks]
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
@@ -1007,10 +1012,15 @@ def write_report(results: list[dict], args: argparse.Namespace, info: dict[str, 
         for variant in VARIANTS:
             run = res['runs'][variant]
             opt = run['optimizer']
+            rates = ''
+            if run['optim_constructor']:
+                rates = f' (built by {run["optim_constructor"]}' + (
+                    f', paramwise_cfg {run["paramwise_cfg"]})' if run['paramwise_cfg']
+                    else ', its defaults)')
             md.append(f'- {res["task"]} / {variant}: `{run["config"]}`, {run["iters"]} '
                       f'iterations x batch {run["batch_size"]}, input '
                       f'{run["input_size"][0]}x{run["input_size"][1]}, {opt.get("type")} '
-                      f'lr {opt.get("lr")}, seed {args.seed}; trained in '
+                      f'lr {opt.get("lr")}{rates}, seed {args.seed}; trained in '
                       f'{run["train_wall"]:.0f} s; deployed checkpoint '
                       f'`{run["deployed_checkpoint"]}`')
     made = ('up to date, reused' if data['up_to_date']

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -171,10 +172,7 @@ class ExpandedLayer(nn.Module):
 
     def compact_fan_in(self) -> int:
         """Inputs that one output of the compact layer sums over (``m / groups * kh * kw``)."""
-        fan_in = 1
-        for s in self.compact_weight_shape()[1:]:
-            fan_in *= s
-        return fan_in
+        return math.prod(self.compact_weight_shape()[1:])
 
     def factor_fan_ins(self) -> list[int]:
         """Fan-in of each sub-layer's weight, first sub-layer first."""
@@ -182,10 +180,8 @@ class ExpandedLayer(nn.Module):
 
     def num_params_compact(self) -> int:
         """Number of parameters of the contracted layer."""
-        w = 1
-        for s in self.compact_weight_shape():
-            w *= s
-        return w + (self.compact_weight_shape()[0] if self._has_bias() else 0)
+        shape = self.compact_weight_shape()
+        return math.prod(shape) + (shape[0] if self._has_bias() else 0)
 
     def num_params_expanded(self) -> int:
         """Number of parameters of the chain."""

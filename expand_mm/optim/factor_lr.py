@@ -32,6 +32,7 @@ from mmengine.registry import OPTIM_WRAPPER_CONSTRUCTORS
 from torch import nn
 
 from ..layers import ExpandedLayer
+from ..surgery import expanded_layers
 
 FACTOR_LR_RULES = ('fan_in', 'none')
 # Optimizers whose step size does not scale with the gradient's magnitude (per
@@ -46,6 +47,26 @@ CHAIN_RULES = ('sum', 'rss')
 # the compact model, and the ExpandNet detector from mAP 22.1 to 31.8, against
 # 30.2 (one seed each).
 DEFAULT_FACTOR_LR_MULT = 0.25
+
+
+def _is_positive_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+
+
+def check_factor_lr(rule: Any, chain: Any, rules: tuple[str, ...] = FACTOR_LR_RULES) -> None:
+    """Raise ``ValueError`` naming the ``paramwise_cfg`` key of a bad setting.
+
+    Args:
+        rule: ``factor_lr``: one of ``rules`` or a positive number.
+        chain: ``factor_lr_chain``: one of :data:`CHAIN_RULES`.
+        rules: The accepted rule names.
+    """
+    if not (_is_positive_number(rule) or (isinstance(rule, str) and rule in rules)):
+        raise ValueError(f'paramwise_cfg.factor_lr={rule!r} must be one of {rules} or a '
+                         'positive number')
+    if chain not in CHAIN_RULES:
+        raise ValueError(f'paramwise_cfg.factor_lr_chain={chain!r} must be one of '
+                         f'{CHAIN_RULES}')
 
 
 def factor_lr_multipliers(layer: ExpandedLayer, rule: str | float = 'fan_in',
@@ -67,18 +88,10 @@ def factor_lr_multipliers(layer: ExpandedLayer, rule: str | float = 'fan_in',
     Raises:
         ValueError: On an unknown rule or chain.
     """
-    if isinstance(rule, (int, float)) and not isinstance(rule, bool):
-        if rule <= 0:
-            raise ValueError(f'factor_lr={rule!r} must be > 0')
-        return [float(rule)] * len(layer.sublayers)
-    if rule not in FACTOR_LR_RULES:
-        raise ValueError(f'factor_lr={rule!r} must be one of {FACTOR_LR_RULES} or a '
-                         'positive number')
-    if chain not in CHAIN_RULES:
-        raise ValueError(f'factor_lr_chain={chain!r} must be one of {CHAIN_RULES}')
+    check_factor_lr(rule, chain)
+    if rule != 'fan_in':
+        return [1.0 if rule == 'none' else float(rule)] * len(layer.sublayers)
     fan_ins = layer.factor_fan_ins()
-    if rule == 'none':
-        return [1.0] * len(fan_ins)
     share = len(fan_ins) if chain == 'sum' else math.sqrt(len(fan_ins))
     compact = layer.compact_fan_in()
     return [math.sqrt(compact / f) / share for f in fan_ins]
@@ -119,60 +132,55 @@ class ExpandNetOptimWrapperConstructor(DefaultOptimWrapperConstructor):
         paramwise_cfg = dict(paramwise_cfg or {})
         factor_lr = paramwise_cfg.pop('factor_lr', 'auto')
         self.factor_lr_chain = paramwise_cfg.pop('factor_lr_chain', 'sum')
-        self.factor_lr_mult = paramwise_cfg.pop('factor_lr_mult', None)
-        if self.factor_lr_mult is not None and (isinstance(self.factor_lr_mult, bool)
-                or not isinstance(self.factor_lr_mult, (int, float)) or self.factor_lr_mult <= 0):
-            raise ValueError(f'paramwise_cfg.factor_lr_mult={self.factor_lr_mult!r} must be a '
-                             'positive number')
+        factor_lr_mult = paramwise_cfg.pop('factor_lr_mult', None)
         # Fail at build time, naming the key, not at the first expanded layer.
-        is_number = isinstance(factor_lr, (int, float)) and not isinstance(factor_lr, bool)
-        if (is_number and factor_lr <= 0) or (
-                not is_number and factor_lr not in FACTOR_LR_RULES + ('auto',)):
-            raise ValueError(f'paramwise_cfg.factor_lr={factor_lr!r} must be one of '
-                             f"{FACTOR_LR_RULES + ('auto',)} or a positive number")
+        check_factor_lr(factor_lr, self.factor_lr_chain, FACTOR_LR_RULES + ('auto',))
+        if factor_lr_mult is not None and not _is_positive_number(factor_lr_mult):
+            raise ValueError(f'paramwise_cfg.factor_lr_mult={factor_lr_mult!r} must be a '
+                             'positive number')
         if factor_lr == 'auto':
             opt_type = optim_wrapper_cfg.get('optimizer', {}).get('type', '')
             name = opt_type if isinstance(opt_type, str) else getattr(opt_type, '__name__', '')
             factor_lr = 'fan_in' if name.split('.')[-1] in ADAPTIVE_OPTIMIZERS else 'none'
         self.factor_lr = factor_lr
-        if self.factor_lr_mult is None:
-            # The measured correction belongs to the 'fan_in' rule; 'none' or an
-            # explicit number means exactly what it says.
-            self.factor_lr_mult = DEFAULT_FACTOR_LR_MULT if factor_lr == 'fan_in' else 1.0
-        if self.factor_lr_chain not in CHAIN_RULES:
-            raise ValueError(f'paramwise_cfg.factor_lr_chain={self.factor_lr_chain!r} must '
-                             f'be one of {CHAIN_RULES}')
+        # The measured correction belongs to the 'fan_in' rule; 'none' or an
+        # explicit number means exactly what it says.
+        self.factor_lr_mult = factor_lr_mult if factor_lr_mult is not None else (
+            DEFAULT_FACTOR_LR_MULT if factor_lr == 'fan_in' else 1.0)
         super().__init__(optim_wrapper_cfg, paramwise_cfg)
         if self.base_lr is None and self.factor_lr != 'none':
             raise ValueError('ExpandNetOptimWrapperConstructor: optimizer.lr is not set, so '
                              "there is no base rate to scale; set it or use factor_lr='none'")
+        self._factor_multipliers: dict[int, float] = {}
 
     def __call__(self, model: nn.Module) -> OptimWrapper:
-        """Build the optim wrapper with per-parameter groups and scaled factor rates."""
+        """Build the optim wrapper with per-parameter groups and scaled factor rates.
+
+        When every multiplier is 1 (``'none'``, e.g. SGD under ``'auto'``) this
+        is exactly the default constructor: no per-parameter groups are forced.
+        """
         inner = model.module if hasattr(model, 'module') else model
+        layers = expanded_layers(inner)
         multipliers: dict[int, float] = {}
-        layers = [(p, m) for p, m in inner.named_modules() if isinstance(m, ExpandedLayer)]
         for _, layer in layers:
             mults = factor_lr_multipliers(layer, self.factor_lr, self.factor_lr_chain)
             for sub, mult in zip(layer.sublayers, mults):
                 for param in sub.parameters(recurse=False):
                     multipliers[id(param)] = mult * self.factor_lr_mult
-        self._factor_multipliers = multipliers
-        # A non-empty paramwise_cfg makes the default constructor build one
-        # param group per parameter (add_params), which is where the rates go.
-        if not self.paramwise_cfg and multipliers:
-            self.paramwise_cfg = {'_expandnet_factor_lr': True}
-        try:
-            wrapper = super().__call__(model)
-        finally:
-            self.paramwise_cfg.pop('_expandnet_factor_lr', None)
+        self._factor_multipliers = {k: v for k, v in multipliers.items() if v != 1.0}
+        if self._factor_multipliers and not self.paramwise_cfg:
+            # The rates go into the per-parameter groups that add_params builds,
+            # which the default constructor does for any non-empty paramwise_cfg;
+            # bypass_duplicate=False is mmengine's default, so nothing else changes.
+            self.paramwise_cfg = dict(bypass_duplicate=False)
+        wrapper = super().__call__(model)
         if layers:
-            values = sorted(set(round(v, 4) for v in multipliers.values()))
+            values = sorted(multipliers.values())
             MMLogger.get_current_instance().info(
                 f'ExpandNetOptimWrapperConstructor: factor_lr={self.factor_lr!r} '
                 f'(chain {self.factor_lr_chain!r}, x{self.factor_lr_mult:g}) on '
                 f'{len(multipliers)} factor parameters of {len(layers)} expanded layers; '
-                f'multipliers {values[0]}..{values[-1]}')
+                f'multipliers {values[0]:.4g}..{values[-1]:.4g}')
         return wrapper
 
     def add_params(self, params: list[dict], module: nn.Module, prefix: str = '',
@@ -180,11 +188,10 @@ class ExpandNetOptimWrapperConstructor(DefaultOptimWrapperConstructor):
         """The default per-parameter groups, with factor learning rates scaled."""
         start = len(params)
         super().add_params(params, module, prefix=prefix, is_dcn_module=is_dcn_module)
-        if prefix:  # only the outermost call rescales, once
+        if prefix:  # the recursion's outermost call rescales, once
             return
-        base_lr = self.base_lr
         for group in params[start:]:
             (param,) = group['params']
             mult = self._factor_multipliers.get(id(param))
             if mult is not None:
-                group['lr'] = group.get('lr', base_lr) * mult
+                group['lr'] = group.get('lr', self.base_lr) * mult
