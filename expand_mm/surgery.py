@@ -12,11 +12,12 @@ state-dict key outside the conv unchanged.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import difflib
 import fnmatch
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -335,6 +336,31 @@ def expand_model(model: nn.Module,
 def expanded_layers(model: nn.Module) -> list[tuple[str, ExpandedLayer]]:
     """``(path, layer)`` for every expanded layer in ``model``."""
     return [(p, m) for p, m in model.named_modules() if isinstance(m, ExpandedLayer)]
+
+
+@contextlib.contextmanager
+def deferred_factor_grads(model: nn.Module, enabled: bool = True) -> Iterator[int]:
+    """Within the block, the online expanded layers of ``model`` defer their factor gradients.
+
+    Each online layer composes its weight once per step and its factors get their
+    gradients at the end of the backward pass, once the activations are freed:
+    the same gradients as plain autograd at a lower peak memory (see
+    :class:`~expand_mm.layers.ExpandedLayer`). Meant for a block that ends in
+    ``loss.backward()`` (an MMEngine ``train_step``); ``torch.autograd.grad``
+    on the factors needs the plain mode. The previous settings come back on exit.
+
+    Yields:
+        The number of expanded layers switched.
+    """
+    layers = [layer for _, layer in expanded_layers(model)]
+    before = [layer.defer_factor_grads for layer in layers]
+    for layer in layers:
+        layer.defer_factor_grads = enabled
+    try:
+        yield len(layers)
+    finally:
+        for layer, value in zip(layers, before):
+            layer.defer_factor_grads = value
 
 
 def set_expand_mode(model: nn.Module, mode: str) -> int:

@@ -79,6 +79,11 @@ def check_result(result: dict) -> None:
             } <= set(result['targets'])
     assert result['targets']['contracted_same_params']['ok']
     assert result['targets']['contracted_same_macs']['ok']
+    # The memory floor is compact step peak + online state: the measured online
+    # peak cannot be below it, and it is above 1 (the factors exist).
+    memory = result['targets']['online_train_peak_memory']
+    assert 1.0 < memory['floor'] <= memory['ratio'] + 1e-9
+    assert result['targets']['online_train_time']['floor_by_macs'] > 1.0
 
 
 def test_cli_on_a_detector(tmp_path):

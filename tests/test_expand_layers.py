@@ -538,3 +538,113 @@ def test_composition_macs_is_what_an_online_forward_adds(strategy, kernel, group
     linear = ExpandLinear.from_linear(nn.Linear(8, 6), ratio=4)
     y = torch.randn(3, 8)
     assert linear.composition_macs() == counted(linear, y) - counted(linear.contract(), y)
+
+
+# ------------------------------------------------- deferred factor gradients
+
+class _TwoLayerNet(nn.Module):
+    """conv1 -> relu -> conv2 (called twice, like a head shared across levels)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = ExpandConv2d(4, 8, 3, padding=1, ratio=3)
+        self.conv2 = ExpandConv2d(8, 6, 3, padding=1, groups=2, ratio=2)
+        self.mid = None
+
+    def forward(self, x):
+        self.mid = torch.relu(self.conv1(x))
+        return self.conv2(self.mid) + self.conv2(self.mid[:, :, ::2, ::2]).mean()
+
+
+def _assert_close_at_scale(actual, expected, name=''):
+    """Float32 rounding of a different summation order, relative to the gradient's scale."""
+    torch.testing.assert_close(actual, expected, rtol=1e-5,
+                               atol=1e-5 * float(expected.abs().max()), msg=name or None)
+
+
+def _factor_grads(net, defer, x, passes=1):
+    from expand_mm.surgery import deferred_factor_grads
+    net = copy.deepcopy(net)
+    with deferred_factor_grads(net, defer):
+        for _ in range(passes):
+            net(x).square().mean().backward()
+    return {n: p.grad for n, p in net.named_parameters()}, net
+
+
+def test_deferred_factor_grads_equal_plain_autograd():
+    torch.manual_seed(0)
+    net, x = _TwoLayerNet(), torch.randn(2, 4, 10, 10)
+    plain, _ = _factor_grads(net, False, x)
+    deferred, after = _factor_grads(net, True, x)
+    assert plain.keys() == deferred.keys() and all(g is not None for g in deferred.values())
+    for name in plain:
+        if name.startswith('conv1.'):  # used once: the very same operations
+            assert torch.equal(plain[name], deferred[name]), name
+        else:  # used twice: one composition backward of the summed compact gradient
+            _assert_close_at_scale(deferred[name], plain[name], name)
+    # Gradient accumulation: two backward passes before a step sum up alike.
+    plain2, _ = _factor_grads(net, False, x, passes=2)
+    deferred2, _ = _factor_grads(net, True, x, passes=2)
+    for name in plain2:
+        _assert_close_at_scale(deferred2[name], plain2[name], name)
+    assert all(layer._deferred is None for layer in (after.conv1, after.conv2))
+
+
+def test_deferred_factor_grads_wait_for_the_end_of_backward(monkeypatch):
+    """The factors get no gradient while earlier activations still wait for theirs."""
+    torch.manual_seed(0)
+    from expand_mm.surgery import deferred_factor_grads
+    for defer in (False, True):
+        net, x = _TwoLayerNet(), torch.randn(2, 4, 10, 10)
+        seen = {}
+        composed = []
+        monkeypatch.setattr(net.conv2, '_compose',
+                            lambda dtype, f=net.conv2._compose: composed.append(1) or f(dtype))
+        with deferred_factor_grads(net, defer):
+            out = net(x)
+            net.mid.register_hook(lambda g: seen.update(
+                conv2_grad_during_backward=net.conv2.convs[1].weight.grad is not None))
+            out.sum().backward()
+        assert seen['conv2_grad_during_backward'] is (not defer)
+        assert net.conv2.convs[1].weight.grad is not None
+        # the conv called twice in one forward composes once when deferring
+        assert len(composed) == (1 if defer else 2)
+
+
+def test_deferred_mode_survives_a_retained_graph_and_is_off_by_default():
+    torch.manual_seed(0)
+    from expand_mm.surgery import deferred_factor_grads
+    net, x = _TwoLayerNet(), torch.randn(2, 4, 10, 10)
+    assert not net.conv1.defer_factor_grads
+    plain, _ = _factor_grads(net, False, x, passes=2)
+    with deferred_factor_grads(net):
+        loss = net(x).square().mean()
+        loss.backward(retain_graph=True)
+        loss.backward()
+    for name, p in net.named_parameters():
+        _assert_close_at_scale(p.grad, plain[name], name)
+    assert not net.conv1.defer_factor_grads  # restored on exit
+    # plain autograd.grad on the factors keeps working outside the block
+    grads = torch.autograd.grad(net(x).sum(), list(net.conv1.parameters()))
+    assert all(g is not None for g in grads)
+
+
+def test_online_composition_saves_no_copy_of_the_big_factor():
+    """What autograd keeps from the composition is far below the k x k factor's size.
+
+    A batched GEMM over the middle axis of the r-wide k x k factor needs a permuted
+    copy of it; plain einsum saves that copy for backward (per layer, from the
+    forward pass to the backward pass).
+    """
+    layer = ExpandConv2d(32, 64, 3, padding=1, ratio=4)
+    params = {p.data_ptr() for p in layer.parameters()}
+    saved = []
+
+    def pack(t):
+        if t.data_ptr() not in params:
+            saved.append(t.numel())
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        layer.composed()
+    big = layer.convs[1].weight.numel()
+    assert sum(saved) < 0.5 * big, (sum(saved), big)

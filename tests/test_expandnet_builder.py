@@ -58,3 +58,44 @@ def test_bad_builder_arguments_name_the_key():
         build(expandnet_cfg(keep_weights='backbone'))
     with pytest.raises(ValueError, match="include pattern 'backbon.*'"):
         build(expandnet_cfg(include=['backbon.*']))
+
+
+def _one_train_step(model):
+    """One MMEngine train_step of ``model`` on a random detection batch; factor grads."""
+    from mmdet.testing import demo_mm_inputs
+    from mmengine.optim import OptimWrapper
+    torch.manual_seed(0)
+    data = demo_mm_inputs(2, image_shapes=(3, 64, 64), num_classes=20)
+    optim = OptimWrapper(torch.optim.SGD(model.parameters(), lr=0.0))  # lr 0: grads only
+    grads = {}
+    for name, p in model.named_parameters():
+        p.register_post_accumulate_grad_hook(
+            lambda t, name=name: grads.__setitem__(name, t.grad.clone()))
+    model.train_step(data, optim)
+    return grads
+
+
+def test_train_step_defers_factor_grads_and_gets_the_same_gradients():
+    torch.manual_seed(0)
+    deferred = build(expandnet_cfg(strategy='cl', ratio=2))
+    torch.manual_seed(0)
+    plain = build(expandnet_cfg(strategy='cl', ratio=2, defer_factor_grads=False))
+    deferred.init_weights()
+    plain.load_state_dict(deferred.state_dict())
+    assert deferred.expandnet_cfg['defer_factor_grads'] is True
+    layers = dict(expand_mm.expanded_layers(deferred))
+    seen = []
+    for layer in layers.values():
+        layer.register_forward_pre_hook(lambda m, args: seen.append(m.defer_factor_grads))
+    got, want = _one_train_step(deferred), _one_train_step(plain)
+    assert seen and all(seen)  # on inside train_step ...
+    assert not any(layer.defer_factor_grads for layer in layers.values())  # ... off after
+    assert got.keys() == want.keys() and len(got) == len(list(plain.parameters()))
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5,
+                                   atol=1e-5 * float(want[name].abs().max()), msg=name)
+
+
+def test_defer_factor_grads_must_be_a_bool():
+    with pytest.raises(ValueError, match="defer_factor_grads='yes'"):
+        build(expandnet_cfg(defer_factor_grads='yes'))

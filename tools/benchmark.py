@@ -13,7 +13,9 @@ median over ``--iters`` rounds:
 
 - train step (``model.train_step``: data preprocessor, loss, backward, SGD step
   through an MMEngine ``OptimWrapper``) of the compact model, the ExpandNet in
-  explicit mode and the ExpandNet in online mode: time and peak memory;
+  explicit mode and the ExpandNet in online mode: time and peak memory (the
+  ExpandNet's own ``train_step``, which defers the factor gradients past the
+  activations' peak as in training);
 - inference (``mode='tensor'`` under ``no_grad``) of the compact model, the
   ExpandNet (online, eval) and its contraction;
 - the time of ``contract_model`` on the whole model;
@@ -29,6 +31,11 @@ optimizer state). On CUDA the step peak is ``torch.cuda.max_memory_allocated``;
 on CPU it is the peak of the running sum of the allocations and frees that
 ``torch.profiler`` records with ``profile_memory=True`` (tensor allocations,
 not process RSS).
+
+Beside the targets the tool prints two floors: peak memory cannot go below the
+compact step's peak plus the online persistent state (the factors and their
+optimizer state exist), and by MACs the online step costs the compact forward
+plus one composition of every kernel.
 
 A table with every figure and its ratio to the compact model is printed, and
 everything is written as JSON to ``--out`` (default
@@ -564,6 +571,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for t in targets.values():
         if 'ratio' in t:
             t['ok'] = t['ratio'] is not None and t['ratio'] <= t['max']
+    # What no online implementation can go below: the compact step's own peak
+    # plus the factors, their optimizer state (persistent) -- and, in MACs,
+    # the compact forward plus one composition per step.
+    targets['online_train_peak_memory']['floor'] = (
+        (memory['compact']['step_peak_mib'] + memory['online']['state_mib']) /
+        memory['compact']['peak_mib'])
+    targets['online_train_time']['floor_by_macs'] = (
+        size['macs_per_step']['online'] / size['macs_per_step']['compact'])
 
     memory_measure = (
         'cuda: torch.cuda.max_memory_allocated during a step minus memory_allocated at its '
@@ -605,6 +620,11 @@ def main(argv: list[str] | None = None) -> int:
           f'+ state {mem["online"]["state_mib"]:,.1f} MiB '
           f'({mem["online"]["state_mib"] / mem["compact"]["state_mib"]:.3f}x: parameters, '
           'buffers, optimizer state)')
+    t = result['targets']
+    print(f'  floors: peak memory >= {t["online_train_peak_memory"]["floor"]:.3f}x (compact step '
+          'peak + the factors and their optimizer state); train time ~ '
+          f'{t["online_train_time"]["floor_by_macs"]:.3f}x by MACs (compact forward + one '
+          'composition per step)')
     os.makedirs(osp.dirname(osp.abspath(args.out)), exist_ok=True)
     with open(args.out, 'w') as f:
         json.dump(result, f, indent=1)

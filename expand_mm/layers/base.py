@@ -1,14 +1,63 @@
-"""Common base of expanded layers: modes, nonlinearity slot, composed-weight cache."""
+"""Common base of expanded layers: modes, nonlinearity slot, composed-weight cache,
+deferred factor gradients."""
 
 from __future__ import annotations
 
 import math
+import threading
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 MODES = ('online', 'explicit')
+
+
+class _DeferredFactorGrads:
+    """Back-propagates composed weights into their factors once a backward pass ends.
+
+    In deferred online mode a layer runs its conv on a detached copy (a leaf)
+    of the composed weight. The main backward pass then only produces the
+    compact-sized gradient of that leaf; when the leaf's gradient is
+    accumulated, the leaf and the composed weight it stands for are queued
+    here, and a callback queued on the autograd engine runs the composition's
+    backward for every queued weight at the end of the pass. The factor
+    gradients -- several times the compact parameters -- are thus allocated
+    after the activations of the pass are freed instead of on top of them, and
+    they are exactly the ones plain autograd gives (same operations).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pending: list[tuple[ExpandedLayer, Tensor, Tensor]] = []
+
+    def leaf_ready(self, layer: 'ExpandedLayer', composed: Tensor, leaf: Tensor) -> None:
+        """Queue ``composed`` for ``leaf.grad``; the first one of a pass queues the flush."""
+        with self._lock:
+            first = not self._pending
+            self._pending.append((layer, composed, leaf))
+        if first:
+            torch.autograd.Variable._execution_engine.queue_callback(self.flush)
+
+    def flush(self) -> None:
+        """Run the queued compositions' backward with their leaves' gradients."""
+        with self._lock:
+            pending, self._pending = self._pending, []
+        outputs, grads = [], []
+        for layer, composed, leaf in pending:
+            grads.append(leaf.grad)
+            leaf.grad = None
+            outputs.append(composed)
+            if layer._deferred is not None and any(t is leaf for t in layer._deferred[1]):
+                # The next forward composes anew: these factors get their update now.
+                layer._deferred = None
+        if outputs:
+            # retain_graph: a main graph kept for a second backward reaches
+            # these compositions again; their graphs go with the leaves.
+            torch.autograd.backward(outputs, grads, retain_graph=True)
+
+
+_DEFERRED_GRADS = _DeferredFactorGrads()
 
 
 class ExpandedLayer(nn.Module):
@@ -28,6 +77,17 @@ class ExpandedLayer(nn.Module):
     keyed on every parameter's storage, version counter, device and dtype, so an
     in-place update (optimizer step, ``load_state_dict``) or a move invalidates
     it. Nothing is cached while autograd could need the graph.
+
+    Deferred factor gradients (:attr:`defer_factor_grads`, switched on by
+    :func:`expand_mm.surgery.deferred_factor_grads` around an MMEngine
+    ``train_step``): in training mode the layer composes its weight once per
+    parameter version (a module called several times in one step composes
+    once), runs on a detached leaf copy of it, and the factors receive their
+    gradients at the end of the backward pass, after the activations are freed
+    (see :class:`_DeferredFactorGrads`). Same gradients, lower peak memory.
+    ``loss.backward()`` fills the factors' ``.grad`` as usual;
+    ``torch.autograd.grad(loss, factors)`` does not see the factors, which is
+    why the switch is off by default.
 
     Attributes:
         strategy (str): ``'cl'``, ``'ck'`` (convs) or ``'fc'`` (linear).
@@ -49,6 +109,8 @@ class ExpandedLayer(nn.Module):
         self.name = name
         self.nonlinearity: nn.Module | None = None
         self._cache: tuple[Any, tuple[Tensor, Tensor | None]] | None = None
+        self.defer_factor_grads = False
+        self._deferred: tuple[Any, tuple[Tensor, Tensor | None]] | None = None
         self._composition_macs: int | None = None
         self._mode = 'online'
         self.set_mode(mode)
@@ -109,6 +171,7 @@ class ExpandedLayer(nn.Module):
                                f"mode; call set_mode('explicit') first")
         self.nonlinearity = module
         self._cache = None
+        self._deferred = None
         return self
 
     def _check_linear(self, what: str) -> None:
@@ -145,15 +208,36 @@ class ExpandedLayer(nn.Module):
         when no gradient can flow to a parameter.
         """
         self._check_linear('composing the compact weight')
-        cacheable = not self.training and not (
-            torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()))
-        if not cacheable:
+        needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
+        if needs_grad and self.training and self.defer_factor_grads:
+            return self._composed_deferred()
+        if needs_grad or self.training:
             self._cache = None
             return self._compose(None)
         key = self._cache_key()
         if self._cache is None or self._cache[0] != key:
             self._cache = (key, self._compose(None))
         return self._cache[1]
+
+    def _composed_deferred(self) -> tuple[Tensor, Tensor | None]:
+        """Leaf copies of the composed weight and bias whose gradients reach the
+        factors at the end of the backward pass; composed once per parameter version."""
+        key = self._cache_key()
+        if self._deferred is not None and self._deferred[0] == key:
+            return self._deferred[1]
+        leaves = []
+        for composed in self._compose(None):
+            if composed is None or not composed.requires_grad:
+                leaves.append(composed)
+                continue
+            leaf = composed.detach().requires_grad_()
+            # The hook holds the composed tensor, so its graph lives as long
+            # as the leaf: until the main graph and this cache drop it.
+            leaf.register_post_accumulate_grad_hook(
+                lambda t, composed=composed: _DEFERRED_GRADS.leaf_ready(self, composed, t))
+            leaves.append(leaf)
+        self._deferred = (key, (leaves[0], leaves[1]))
+        return self._deferred[1]
 
     @property
     def weight(self) -> Tensor:
@@ -166,8 +250,9 @@ class ExpandedLayer(nn.Module):
         return self.composed()[1]
 
     def train(self, mode: bool = True) -> 'ExpandedLayer':
-        """Set training mode and drop the eval-time cache."""
+        """Set training mode and drop the eval-time and deferred caches."""
         self._cache = None
+        self._deferred = None
         return super().train(mode)
 
     def compact_fan_in(self) -> int:
@@ -228,4 +313,5 @@ class ExpandedLayer(nn.Module):
         # Copies and pickles must not carry the cached composition.
         state = super().__getstate__()
         state['_cache'] = None
+        state['_deferred'] = None
         return state

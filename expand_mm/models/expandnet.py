@@ -24,10 +24,11 @@ from mmengine.model import BaseModule, is_model_wrapper
 from mmengine.registry import MODELS
 from torch import nn
 
-from ..surgery import ExpansionReport, path_matches, replace_submodule, expand_model, expanded_layers
+from ..surgery import (ExpansionReport, deferred_factor_grads, expand_model, expanded_layers,
+                       path_matches, replace_submodule)
 
 EXPANDNET_KEYS = ('strategy', 'ratio', 'mode', 'include', 'exclude', 'expand_1x1',
-                  'expand_linear', 'keep_weights', 'init')
+                  'expand_linear', 'keep_weights', 'init', 'defer_factor_grads')
 
 
 def _pretrained_paths(model: nn.Module) -> list[str]:
@@ -51,6 +52,7 @@ def build_expandnet(model: dict,
                     expand_linear: bool = False,
                     keep_weights: bool | Sequence[str] = False,
                     init: str = 'fresh',
+                    defer_factor_grads: bool = True,
                     data_preprocessor: dict | None = None,
                     **model_overrides: Any) -> nn.Module:
     """Build the compact model from ``model`` and expand it in place.
@@ -79,6 +81,13 @@ def build_expandnet(model: dict,
         init: ``'fresh'``: the other expanded layers keep the standalone init of
             each sub-layer (the paper); ``'compact'``: every expanded layer
             starts from the compact model's initialisation (= ``keep_weights=True``).
+        defer_factor_grads: During ``model.train_step`` (MMEngine's training
+            loop on one device) online layers compose each weight once and give
+            their factors the gradients at the end of the backward pass, after
+            the activations are freed: same gradients, lower peak memory (see
+            :func:`expand_mm.surgery.deferred_factor_grads`). Distributed
+            wrappers (``MMDistributedDataParallel``) run their own train step
+            and keep plain autograd.
         data_preprocessor: Given to the compact model when its config has none
             (MMEngine's Runner adds the config's top-level ``data_preprocessor``
             to the model dict it builds).
@@ -92,6 +101,9 @@ def build_expandnet(model: dict,
     """
     if init not in ('fresh', 'compact'):
         raise ValueError(f"ExpandNet: init={init!r} must be 'fresh' or 'compact'")
+    if not isinstance(defer_factor_grads, bool):
+        raise ValueError(f'ExpandNet: defer_factor_grads={defer_factor_grads!r} must be '
+                         'True or False')
     if not isinstance(model, dict) or 'type' not in model:
         raise ValueError('ExpandNet: `model` must be the config dict of the compact model '
                          "(e.g. model=dict(type='ExpandNet', model={{_base_.model}}, ...))")
@@ -115,10 +127,13 @@ def build_expandnet(model: dict,
     compact.expandnet_cfg = dict(strategy=strategy, ratio=ratio, mode=mode, include=include,
                                  exclude=exclude, expand_1x1=expand_1x1,
                                  expand_linear=expand_linear, keep_weights=keep_weights,
-                                 init=init, keep_paths=keep)
+                                 init=init, keep_paths=keep,
+                                 defer_factor_grads=defer_factor_grads)
     compact.expansion_report = report
     if isinstance(compact, BaseModule):
         compact.init_weights = functools.partial(init_expanded_weights, compact)
+    if defer_factor_grads and callable(getattr(compact, 'train_step', None)):
+        compact.train_step = functools.partial(train_step_deferring_factor_grads, compact)
     MMLogger.get_current_instance().info(f'ExpandNet ({type(compact).__name__}):\n{report}')
     return compact
 
@@ -158,6 +173,17 @@ def init_expanded_weights(model: BaseModule) -> None:
     MMLogger.get_current_instance().info(
         f'ExpandNet: initialised the compact form; {kept} of {len(layers)} expanded layers '
         'factorised from it exactly, the others keep fresh factors')
+
+
+def train_step_deferring_factor_grads(model: nn.Module, data: Any, optim_wrapper: Any) -> Any:
+    """``train_step`` of an ExpandNet: the model's own, with deferred factor gradients.
+
+    MMEngine's ``train_step`` ends in ``optim_wrapper.update_params(loss)``
+    (``loss.backward()``, then the step), the use that
+    :func:`~expand_mm.surgery.deferred_factor_grads` is made for.
+    """
+    with deferred_factor_grads(model):
+        return type(model).train_step(model, data, optim_wrapper)
 
 
 def deployable_model(model: nn.Module) -> nn.Module:

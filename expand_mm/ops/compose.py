@@ -42,6 +42,52 @@ def _check_groups(first: Tensor, second: Tensor, groups: int) -> tuple[int, int,
     return in_g, mid_g, out // groups
 
 
+class _ContractMiddleAxis(torch.autograd.Function):
+    """``out[g, n, c, u] = sum_m later[g, n, m, u] * first[g, m, c]``, saving only the inputs.
+
+    The contracted axis ``m`` of ``later`` (the big k x k factor of a CL chain)
+    sits between two others, so a batched GEMM needs a permuted copy of it;
+    under plain autograd (``torch.einsum``) that copy -- as large as the factor
+    -- is what backward keeps, for every expanded layer, from the forward pass
+    to the backward pass. Here only the inputs (the parameters themselves) are
+    saved. With one group, both the product and the gradient of ``later`` are
+    1x1 convolutions over ``later`` seen as a batch of ``n`` images of ``m``
+    channels: no copy of it at all. First-order gradients only.
+    """
+
+    @staticmethod
+    def forward(ctx, later: Tensor, first: Tensor) -> Tensor:
+        ctx.save_for_backward(later, first)
+        if first.shape[0] == 1:
+            _, n, m, u = later.shape
+            c = first.shape[-1]
+            weight = first[0].t().reshape(c, m, 1, 1)
+            return F.conv2d(later[0].reshape(n, m, u, 1), weight).reshape(1, n, c, u)
+        return torch.einsum('gnmu,gmc->gncu', later, first)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        saved_later, saved_first = ctx.saved_tensors
+        # Under autocast the forward ran in low precision: so does backward,
+        # and each gradient comes back in its input's dtype.
+        later, first = saved_later.to(grad.dtype), saved_first.to(grad.dtype)
+        grad_later = grad_first = None
+        if ctx.needs_input_grad[0]:
+            if first.shape[0] == 1:
+                _, n, c, u = grad.shape
+                m = first.shape[1]
+                grad_later = F.conv2d(grad[0].reshape(n, c, u, 1),
+                                      first[0].reshape(m, c, 1, 1)).reshape(1, n, m, u)
+            else:
+                grad_later = torch.einsum('gncu,gmc->gnmu', grad, first)
+        if ctx.needs_input_grad[1]:
+            grad_first = torch.einsum('gncu,gnmu->gmc', grad, later).to(saved_first.dtype)
+        if grad_later is not None:
+            grad_later = grad_later.to(saved_later.dtype)
+        return grad_later, grad_first
+
+
 def compose_conv_kernels(first: Tensor, second: Tensor, groups: int = 1) -> Tensor:
     """Compose two conv kernels: ``conv(conv(x, first), second) == conv(x, K)``.
 
@@ -74,7 +120,7 @@ def compose_conv_kernels(first: Tensor, second: Tensor, groups: int = 1) -> Tens
             # by ~2.5x, forward and backward.
             out = (b.unsqueeze(3) * a.unsqueeze(1)).sum(2)
         elif ah == aw == 1:
-            out = torch.einsum('gnmu,gmc->gncu', b, a.squeeze(-1))
+            out = _ContractMiddleAxis.apply(b, a.squeeze(-1))
         else:
             out = torch.einsum('gnm,gmcu->gncu', b.squeeze(-1), a)
         return out.reshape(g * out_g, in_g, *hw)
