@@ -89,7 +89,8 @@ def check_result(result: dict) -> None:
 def test_cli_on_a_detector(tmp_path):
     out = tmp_path / 'bench.json'
     env = dict(os.environ, OMP_NUM_THREADS='1')
-    proc = subprocess.run([sys.executable, str(TOOL), str(DET_CONFIG), *tiny(2), '--out', str(out)],
+    proc = subprocess.run([sys.executable, str(TOOL), str(DET_CONFIG), *tiny(2), '--explicit-iters', '1',
+                           '--out', str(out)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for text in ('command:', 'threads=', 'torch=', 'train_step_time', 'x compact',
@@ -98,6 +99,9 @@ def test_cli_on_a_detector(tmp_path):
     result = json.loads(out.read_text())
     check_result(result)
     assert result['config'] == str(DET_CONFIG)
+    samples = {v: len(result['train_step_ms']['wall'][v]['samples']) for v in
+               ('compact', 'explicit', 'online')}
+    assert samples == dict(compact=2, explicit=1, online=2)
     assert str(DET_CONFIG) in result['command']
 
 

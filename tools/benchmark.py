@@ -1,7 +1,8 @@
 """Benchmark an ExpandNet config: training cost, inference cost, contraction, size.
 
     python tools/benchmark.py [CONFIG] [--batch-size 8] [--img-size 320 [320]]
-                              [--iters 10] [--warmup 2] [--device cpu|cuda]
+                              [--iters 10] [--explicit-iters N] [--warmup 2]
+                              [--device cpu|cuda]
                               [--threads N] [--out JSON]
 
 CONFIG is an ExpandNet config (``model.type == 'ExpandNet'``); its inner
@@ -94,6 +95,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         metavar='S', help='square size S, or H W')
     parser.add_argument('--iters', type=int, default=10,
                         help='timed rounds (each runs every variant once)')
+    parser.add_argument('--explicit-iters', type=int, default=None,
+                        help='rounds that also time the explicit train step (default: '
+                        'every round); it costs ~10x a compact step and is reported for '
+                        'comparison, so fewer rounds buy more rounds of the others')
     parser.add_argument('--warmup', type=int, default=2, help='untimed rounds first')
     parser.add_argument('--contract-iters', type=int, default=5,
                         help='timed runs of contract_model')
@@ -109,9 +114,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.img_size = args.img_size * 2
     if len(args.img_size) != 2:
         parser.error(f'--img-size takes S or H W, got {args.img_size}')
-    for key in ('batch_size', 'iters'):
+    if args.explicit_iters is None:
+        args.explicit_iters = args.iters
+    for key in ('batch_size', 'iters', 'explicit_iters'):
         if getattr(args, key) < 1:
             parser.error(f'--{key.replace("_", "-")} must be >= 1')
+    args.explicit_iters = min(args.explicit_iters, args.iters)
     if args.device == 'cuda' and not torch.cuda.is_available():
         parser.error('--device cuda: CUDA is not available here')
     if args.out is None:
@@ -331,7 +339,8 @@ def _stats(samples: list[float]) -> dict[str, Any]:
 
 
 def bench_training(compact: nn.Module, expanded: nn.Module, data: dict, cfg: Config,
-                   device: torch.device, iters: int, warmup: int
+                   device: torch.device, iters: int, warmup: int,
+                   explicit_iters: int | None = None
                    ) -> tuple[dict[str, dict[str, dict]], dict[str, dict], dict[str, float]]:
     """Interleaved train steps of the three variants: times, memory, last losses.
 
@@ -353,8 +362,14 @@ def bench_training(compact: nn.Module, expanded: nn.Module, data: dict, cfg: Con
 
     times: dict[str, dict[str, list[float]]] = dict(
         wall={n: [] for n in TRAIN_VARIANTS}, cpu={n: [] for n in TRAIN_VARIANTS})
+    n_explicit = iters if explicit_iters is None else explicit_iters
+    # The explicit rounds are spread evenly over the timed ones (a drift of
+    # the machine's speed hits every variant alike).
+    explicit_rounds = {warmup + (k * iters) // n_explicit for k in range(n_explicit)}
     for i in range(warmup + iters):
         for name in TRAIN_VARIANTS:
+            if name == 'explicit' and i >= warmup and i not in explicit_rounds:
+                continue
             wall, cpu, log_vars = timed(step(name), device)
             losses[name] = float(log_vars['loss'].detach())
             if i >= warmup:
@@ -515,9 +530,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     data = make_batch(compact, args.batch_size, img_size, args.seed)
 
     print(f'train: {args.warmup} warm-up + {args.iters} rounds of {TRAIN_VARIANTS} '
-          f'(batch {args.batch_size}, {img_size[0]}x{img_size[1]})', flush=True)
+          f'(explicit in {args.explicit_iters} of them; batch {args.batch_size}, '
+          f'{img_size[0]}x{img_size[1]})', flush=True)
     train, memory, losses = bench_training(compact, expanded, data, cfg, device,
-                                           args.iters, args.warmup)
+                                           args.iters, args.warmup, args.explicit_iters)
 
     contract_times = []
     for _ in range(max(args.contract_iters, 1)):
@@ -588,6 +604,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return dict(
         config=args.config, command=command, env=env,
         settings=dict(batch_size=args.batch_size, img_size=list(img_size), iters=args.iters,
+                      explicit_iters=args.explicit_iters,
                       warmup=args.warmup, contract_iters=args.contract_iters,
                       seed=args.seed),
         memory_measure=memory_measure + '; plus persistent state (parameters, buffers, '

@@ -37,7 +37,12 @@ class _DeferredFactorGrads:
             first = not self._pending
             self._pending.append((layer, composed, leaf))
         if first:
-            torch.autograd.Variable._execution_engine.queue_callback(self.flush)
+            try:
+                torch.autograd.Variable._execution_engine.queue_callback(self.flush)
+            except RuntimeError:
+                # No engine callback here (not inside a backward pass the engine
+                # owns): give the factors their gradients right away instead.
+                self.flush()
 
     def flush(self) -> None:
         """Run the queued compositions' backward with their leaves' gradients."""

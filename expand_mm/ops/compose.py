@@ -58,7 +58,8 @@ class _ContractMiddleAxis(torch.autograd.Function):
     @staticmethod
     def forward(ctx, later: Tensor, first: Tensor) -> Tensor:
         ctx.save_for_backward(later, first)
-        if first.shape[0] == 1:
+        # float64 (contraction) has no fast conv kernel on CPU; the GEMM is.
+        if first.shape[0] == 1 and later.dtype != torch.float64:
             _, n, m, u = later.shape
             c = first.shape[-1]
             weight = first[0].t().reshape(c, m, 1, 1)
@@ -74,7 +75,7 @@ class _ContractMiddleAxis(torch.autograd.Function):
         later, first = saved_later.to(grad.dtype), saved_first.to(grad.dtype)
         grad_later = grad_first = None
         if ctx.needs_input_grad[0]:
-            if first.shape[0] == 1:
+            if first.shape[0] == 1 and grad.dtype != torch.float64:
                 _, n, c, u = grad.shape
                 m = first.shape[1]
                 grad_later = F.conv2d(grad[0].reshape(n, c, u, 1),
