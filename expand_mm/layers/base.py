@@ -23,8 +23,12 @@ class _DeferredFactorGrads:
     here, and a callback queued on the autograd engine runs the composition's
     backward for every queued weight at the end of the pass. The factor
     gradients -- several times the compact parameters -- are thus allocated
-    after the activations of the pass are freed instead of on top of them, and
-    they are exactly the ones plain autograd gives (same operations).
+    after the activations of the pass are freed instead of on top of them. For
+    a layer used once per pass they are bit for bit the ones plain autograd
+    gives (the same operations); for a layer used several times, the compact
+    gradients are summed before the composition's backward instead of after
+    (equal up to rounding). The callback is the autograd engine's
+    ``queue_callback``, which ``DistributedDataParallel`` uses the same way.
     """
 
     def __init__(self) -> None:

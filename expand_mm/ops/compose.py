@@ -52,7 +52,7 @@ class _ContractMiddleAxis(torch.autograd.Function):
     to the backward pass. Here only the inputs (the parameters themselves) are
     saved. With one group, both the product and the gradient of ``later`` are
     1x1 convolutions over ``later`` seen as a batch of ``n`` images of ``m``
-    channels: no copy of it at all. First-order gradients only.
+    channels, which read it in place. First-order gradients only.
     """
 
     @staticmethod
