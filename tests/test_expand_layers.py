@@ -418,8 +418,13 @@ def test_linear_explicit_online_contracted_agree(case, double):
     assert (contracted.bias is None) == (not case['bias'])
     assert contracted.state_dict().keys() == lin.state_dict().keys()
     assert contracted.weight.dtype == dtype
-    assert rel_err(contracted(x), y) <= tol
-    assert rel_err(layer.set_mode('online')(x), y) <= tol
+    # Rounding is relative to the size of the summed terms, not of their sum: with one
+    # output and cancelling terms, |y| alone can be far smaller than the rounding.
+    with torch.no_grad():
+        terms = float((x.abs() @ contracted.weight.abs().t()).max())
+        scale = max(float(y.abs().max()), terms)
+        assert float((contracted(x) - y).abs().max()) <= tol * scale
+        assert float((layer.set_mode('online')(x) - y).abs().max()) <= tol * scale
 
 
 @PROPERTY
