@@ -41,12 +41,9 @@ class _DeferredFactorGrads:
             first = not self._pending
             self._pending.append((layer, composed, leaf))
         if first:
-            try:
-                torch.autograd.Variable._execution_engine.queue_callback(self.flush)
-            except RuntimeError:
-                # No engine callback here (not inside a backward pass the engine
-                # owns): give the factors their gradients right away instead.
-                self.flush()
+            # Post-accumulate hooks only fire inside a backward pass, where the
+            # engine takes callbacks.
+            torch.autograd.Variable._execution_engine.queue_callback(self.flush)
 
     def flush(self) -> None:
         """Run the queued compositions' backward with their leaves' gradients."""
@@ -223,17 +220,23 @@ class ExpandedLayer(nn.Module):
         if needs_grad or self.training:
             self._cache = None
             return self._compose(None)
+        return self._cached('_cache', lambda: self._compose(None))
+
+    def _cached(self, slot: str, build) -> tuple[Tensor, Tensor | None]:
+        """``build()``, kept in attribute ``slot`` until a parameter changes (see _cache_key)."""
         key = self._cache_key()
-        if self._cache is None or self._cache[0] != key:
-            self._cache = (key, self._compose(None))
-        return self._cache[1]
+        entry = getattr(self, slot)
+        if entry is None or entry[0] != key:
+            entry = (key, build())
+            setattr(self, slot, entry)
+        return entry[1]
 
     def _composed_deferred(self) -> tuple[Tensor, Tensor | None]:
         """Leaf copies of the composed weight and bias whose gradients reach the
         factors at the end of the backward pass; composed once per parameter version."""
-        key = self._cache_key()
-        if self._deferred is not None and self._deferred[0] == key:
-            return self._deferred[1]
+        return self._cached('_deferred', self._deferred_leaves)
+
+    def _deferred_leaves(self) -> tuple[Tensor, Tensor | None]:
         leaves = []
         for composed in self._compose(None):
             if composed is None or not composed.requires_grad:
@@ -245,8 +248,7 @@ class ExpandedLayer(nn.Module):
             leaf.register_post_accumulate_grad_hook(
                 lambda t, composed=composed: _DEFERRED_GRADS.leaf_ready(self, composed, t))
             leaves.append(leaf)
-        self._deferred = (key, (leaves[0], leaves[1]))
-        return self._deferred[1]
+        return leaves[0], leaves[1]
 
     @property
     def weight(self) -> Tensor:
