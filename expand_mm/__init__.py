@@ -18,8 +18,16 @@ from . import models  # noqa: E402  (registers ExpandNet and the compact models)
 from . import hooks  # noqa: E402  (registers the checkpoint hooks)
 from . import optim  # noqa: E402  (registers ExpandNetOptimWrapperConstructor)
 from .checkpoint import CheckpointError, match_state_dict, read_checkpoint  # noqa: E402
-from .models import deployable_model  # noqa: E402
-from .optim import ExpandNetOptimWrapperConstructor, factor_lr_multipliers  # noqa: E402
+from .models import (AuxOverParam, Distiller, FeatureImitationLoss, LogitsKDLoss,  # noqa: E402
+                     TrainingWrapper, deployable_model)
+from .optim import (ExpandNetOptimWrapperConstructor, ProductWeightDecay,  # noqa: E402
+                    factor_lr_multipliers)
+from .deploy import deployable_state_dict, find_deployable  # noqa: E402
+from .planting import ChannelPlanter, PlantingError  # noqa: E402
+from .hooks import ChannelPlantingHook, NonlinearInitHook  # noqa: E402
+from . import analysis  # noqa: E402
+from .analysis import (GradientConfusionResult, LandscapeResult, gradient_confusion,  # noqa: E402
+                       loss_landscape_1d, loss_landscape_2d)
 
 __version__ = '0.1.0'
 
@@ -30,4 +38,10 @@ __all__ = [
     'deployable_model', 'CheckpointError', 'read_checkpoint', 'match_state_dict',
     'allow_mmengine_checkpoints', 'hooks', 'models', 'optim',
     'ExpandNetOptimWrapperConstructor', 'factor_lr_multipliers',
+    'TrainingWrapper', 'Distiller', 'LogitsKDLoss', 'FeatureImitationLoss', 'AuxOverParam',
+    'find_deployable', 'deployable_state_dict',
+    'ChannelPlanter', 'ChannelPlantingHook', 'PlantingError', 'NonlinearInitHook',
+    'ProductWeightDecay',
+    'analysis', 'gradient_confusion', 'GradientConfusionResult', 'loss_landscape_1d',
+    'loss_landscape_2d', 'LandscapeResult',
 ]

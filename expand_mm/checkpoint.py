@@ -27,6 +27,11 @@ from torch import nn
 from .surgery import expanded_layers
 
 
+# ``meta`` key of checkpoints saved while NonlinearInitHook had a nonlinearity
+# between the sub-layers: such a checkpoint has no compact equivalent.
+NONLINEAR_INIT_META_KEY = 'expand_mm_nonlinear_init'
+
+
 class CheckpointError(ValueError):
     """A checkpoint that cannot be read or does not fit the model."""
 
@@ -122,6 +127,17 @@ def compact_key_shapes(model: nn.Module) -> dict[str, torch.Size]:
         if layer.bias is not None:
             shapes[path + '.bias'] = layer.bias.shape
     return shapes
+
+
+def compare_state_dict(model: nn.Module, state_dict: Mapping[str, Any]) -> KeyMismatch:
+    """How ``state_dict`` differs from ``model.state_dict()``'s keys and shapes.
+
+    Args:
+        model: The model the state dict is meant for (as it is: an expanded
+            model is compared with its expanded form).
+        state_dict: Its keys may carry a DDP ``module.`` prefix.
+    """
+    return _compare(expanded_key_shapes(model), strip_prefix(state_dict))
 
 
 def match_state_dict(model: nn.Module, state_dict: Mapping[str, Any],

@@ -1,19 +1,22 @@
-"""Turn an ExpandNet training checkpoint into a stock compact checkpoint.
+"""Turn an ExpandNet (or training-time wrapper) checkpoint into a stock compact checkpoint.
 
     python tools/contract.py CONFIG CKPT OUT [--verify] [--img-size H W]
 
 Prints parameters and MACs of the training form (the explicit chain, what the
 paper's training pays) and of the deployed compact model, and, with
-``--verify``, the largest error between the two on a probe input.
+``--verify``, the largest error between the two on a probe input. With a
+training-time wrapper config (``type='Distiller'``, ``type='AuxOverParam'``)
+only its deployable network's entries are kept (contracted if it is an
+ExpandNet, as they are otherwise); the teacher, adapters or auxiliary branch
+are counted but not written.
 """
 import argparse
 import sys
 
 import expand_mm  # noqa: F401
 from expand_mm.checkpoint import CheckpointError, read_checkpoint
-from expand_mm.deploy import count_macs, write_compact_checkpoint
-from expand_mm.models import compact_model_cfg, deployable_model
-from expand_mm.surgery import count_params, set_expand_mode
+from expand_mm.deploy import count_macs, find_deployable, write_compact_checkpoint
+from expand_mm.surgery import contract_model, count_params, expanded_layers, set_expand_mode
 from mmengine.config import Config, DictAction
 from mmengine.registry import MODELS, DefaultScope
 
@@ -21,7 +24,8 @@ from mmengine.registry import MODELS, DefaultScope
 def parse_args() -> argparse.Namespace:
     """Command-line arguments."""
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    parser.add_argument('config', help='the ExpandNet config the checkpoint was trained with')
+    parser.add_argument('config', help='the ExpandNet (or Distiller / AuxOverParam) config the '
+                        'checkpoint was trained with')
     parser.add_argument('checkpoint', help='training checkpoint (epoch_N.pth / iter_N.pth)')
     parser.add_argument('out', help='where to write the compact checkpoint')
     parser.add_argument('--verify', action='store_true',
@@ -39,25 +43,40 @@ def main() -> int:
     cfg = Config.fromfile(args.config)
     if args.cfg_options:
         cfg.merge_from_dict(args.cfg_options)
-    if compact_model_cfg(cfg.model) is cfg.model:
-        print(f'error: {args.config} is not an ExpandNet config (model.type is '
-              f'{cfg.model.get("type")!r}, expected "ExpandNet")', file=sys.stderr)
-        return 2
+    model_cfg = cfg.model.copy()
+    if cfg.get('data_preprocessor') is not None:  # as the Runner builds the model
+        model_cfg.setdefault('data_preprocessor', cfg.data_preprocessor)
     with DefaultScope.overwrite_default_scope(cfg.get('default_scope')):
-        expanded = deployable_model(MODELS.build(cfg.model)).eval()
-        compact = MODELS.build(compact_model_cfg(cfg.model)).eval()
+        model = MODELS.build(model_cfg).eval()
+    try:
+        deployable, prefix = find_deployable(model)
+    except ValueError as err:
+        print(f'error: {err}', file=sys.stderr)
+        return 2
+    if not prefix and not expanded_layers(deployable):
+        print(f'error: {args.config} is neither an ExpandNet config nor a training-time wrapper '
+              f'(model.type is {cfg.model.get("type")!r}; expected "ExpandNet", or a wrapper '
+              'such as "Distiller" / "AuxOverParam")', file=sys.stderr)
+        return 2
     try:
         read_checkpoint(args.checkpoint)
-        out, errors = write_compact_checkpoint(expanded, args.checkpoint, args.out,
+        out, errors = write_compact_checkpoint(model, args.checkpoint, args.out,
                                                probe_shape=(1, 3, *args.img_size),
                                                verify=args.verify)
     except CheckpointError as err:
         print(f'error: {err}', file=sys.stderr)
         return 2
-    set_expand_mode(expanded, 'explicit')
-    rows = [('training form (explicit chain)', count_params(expanded),
-             count_macs(expanded, args.img_size)),
+    compact = contract_model(deployable).eval()
+    set_expand_mode(deployable, 'explicit')
+    label = ('training form (explicit chain)' if expanded_layers(deployable)
+             else 'training form (deployable part)')
+    rows = [(label, count_params(deployable),
+             count_macs(deployable, args.img_size)),
             ('deployed compact model', count_params(compact), count_macs(compact, args.img_size))]
+    if prefix:
+        print(f'{type(model).__name__}: {count_params(model):,} parameters in training, of '
+              f'which {count_params(model) - count_params(deployable):,} outside the '
+              f'deployable {prefix.rstrip(".")!r} (not written)')
     print(f'{"":32s}{"params":>14s}{"MACs @" + "x".join(map(str, args.img_size)):>18s}')
     for name, params, flops in rows:
         print(f'{name:32s}{params:>14,d}{flops:>18,d}')

@@ -9,9 +9,10 @@ from mmengine.dist import is_main_process
 from mmengine.hooks import Hook
 from mmengine.registry import HOOKS
 
-from ..checkpoint import CheckpointError, match_state_dict, read_checkpoint
-from ..deploy import DEFAULT_PROBE_SHAPE, compact_checkpoint_path, write_compact_checkpoint
-from ..models.expandnet import deployable_model
+from ..checkpoint import (NONLINEAR_INIT_META_KEY, CheckpointError, match_state_dict,
+                          read_checkpoint, strip_prefix)
+from ..deploy import (DEFAULT_PROBE_SHAPE, compact_checkpoint_path, find_deployable,
+                      unwrap_model, write_compact_checkpoint)
 from ..surgery import expanded_layers
 
 
@@ -31,6 +32,12 @@ class ContractCheckpointHook(Hook):
     remote storage backends are not contracted (a warning says so); use
     ``tools/contract.py`` on a local copy.
 
+    With a training-time wrapper (``type='Distiller'``, ``type='AuxOverParam'``,
+    anything implementing ``deployable_model()``) only the deployable network's
+    entries are kept (no teacher, adapters or auxiliary branch); they are
+    contracted when it is an ExpandNet and written as they are when it is a
+    plain compact model.
+
     Args:
         suffix: Added to the checkpoint's stem.
         probe_shape: Input shape of the contraction check (NCHW).
@@ -47,14 +54,29 @@ class ContractCheckpointHook(Hook):
         self.probe_shape = tuple(probe_shape)
         self.rtol = rtol
         self.verify = verify
-        self._done: dict[str, str] = {}
+        self._done: dict[str, str | None] = {}  # None: skipped (nonlinear phase)
         self._warned_remote = False
 
     def before_train(self, runner) -> None:
-        """Check there is something to contract; remember the resumed checkpoint."""
-        if not expanded_layers(deployable_model(runner.model)):
-            raise ValueError('ContractCheckpointHook: the model has no expanded layer; use '
-                             "model=dict(type='ExpandNet', model=..., ...) in the config")
+        """Check there is something to write; remember the resumed checkpoint.
+
+        A plain model without expanded layers has no compact form other than
+        its own checkpoint, so the hook refuses it; a training-time wrapper
+        always has one (its deployable part), expanded or not.
+        """
+        deployable, prefix = find_deployable(runner.model)
+        if not prefix and not expanded_layers(deployable):
+            raise ValueError(
+                'ContractCheckpointHook: the model has no expanded layer and is not a '
+                "training-time wrapper; use model=dict(type='ExpandNet', model=..., ...) "
+                "(or a wrapper such as type='Distiller' / 'AuxOverParam') in the config")
+        if prefix:
+            runner.logger.info(
+                f'ContractCheckpointHook: the compact checkpoints hold the {prefix!r} entries '
+                f'of {type(unwrap_model(runner.model)).__name__} ('
+                f'{type(deployable).__name__}, '
+                + ('contracted)' if expanded_layers(deployable) else 'no expanded layer: as '
+                   'they are)'))
         resumed = runner.message_hub.get_info('last_ckpt')
         if resumed and osp.isfile(compact_checkpoint_path(resumed, self.suffix)):
             self._done[resumed] = compact_checkpoint_path(resumed, self.suffix)
@@ -85,7 +107,7 @@ class ContractCheckpointHook(Hook):
             return
         for src, dst in list(self._done.items()):
             if not osp.exists(src):  # CheckpointHook dropped it: drop its twin
-                if osp.isfile(dst):
+                if dst is not None and osp.isfile(dst):
                     os.remove(dst)
                 del self._done[src]
         for path in self._saved_paths(runner):
@@ -97,12 +119,33 @@ class ContractCheckpointHook(Hook):
                                           'backend; only local checkpoints are contracted')
                     self._warned_remote = True
                 continue
+            # Memory-mapped: only the meta is read here.
+            meta = read_checkpoint(path, mmap=True).get('meta') or {}
+            if meta.get(NONLINEAR_INIT_META_KEY):
+                # Saved while NonlinearInitHook had a nonlinearity between the
+                # sub-layers: the chains are not linear, there is nothing to
+                # contract. Remembered (twin None) so it is not looked at again.
+                self._done[path] = None
+                log = runner.logger.info
+                if not getattr(self, '_warned_nonlinear', False):
+                    log = runner.logger.warning
+                    self._warned_nonlinear = True
+                log(f'ContractCheckpointHook: {path} was saved during the nonlinear phase '
+                    'of NonlinearInitHook (a nonlinearity between the sub-layers) and has no '
+                    'compact equivalent; not contracted. Checkpoints saved after the '
+                    'nonlinearity is removed are contracted as usual')
+                continue
             dst, errors = write_compact_checkpoint(
                 runner.model, path, compact_checkpoint_path(path, self.suffix),
                 self.probe_shape, self.rtol, self.verify)
             self._done[path] = dst
-            check = (f'max abs error {errors["max_abs"]:.2e}, relative {errors["max_rel"]:.2e}'
-                     if errors else 'not verified')
+            if errors:
+                check = (f'max abs error {errors["max_abs"]:.2e}, relative '
+                         f'{errors["max_rel"]:.2e}')
+            elif self.verify and not expanded_layers(find_deployable(runner.model)[0]):
+                check = 'no expanded layer: the deployable part as it is'
+            else:
+                check = 'not verified'
             runner.logger.info(f'ContractCheckpointHook: wrote compact checkpoint {dst} '
                                f'({check})')
 
@@ -119,6 +162,11 @@ class ExpandCheckpointLoadHook(Hook):
     factors (by the expanded layers as they load it) so the ExpandNet computes
     what it did; an expanded training checkpoint loads as is; anything else
     raises, naming the keys that do not fit, before anything is loaded.
+
+    A training-time wrapper (``deployable_model()`` protocol) accepts its own
+    training checkpoints and checkpoints of its deployable network alone
+    (e.g. a compact model to start a distilled student from), which load into
+    the deployable part; resuming from the latter is refused.
 
     Args:
         strict: If False, accept partial checkpoints (e.g. fine-tuning a model
@@ -142,18 +190,54 @@ class ExpandCheckpointLoadHook(Hook):
             read_checkpoint(load_from, mmap=True)
 
     def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
-        """Convert or check ``checkpoint['state_dict']`` in place."""
-        model = deployable_model(runner.model)
-        if not expanded_layers(model):
+        """Convert or check ``checkpoint['state_dict']`` in place.
+
+        With a training-time wrapper, a checkpoint with the wrapper's keys (its
+        own training checkpoint) has its deployable part checked; a checkpoint
+        of the deployable network alone (a compact or ``*_compact.pth``
+        checkpoint, or an ExpandNet's) is re-keyed under the deployable
+        network's prefix and completed with the wrapper's current other entries
+        (teacher, adapters, auxiliary branch), so ``load_from=`` starts the
+        deployable part from it and leaves the rest as initialised.
+        """
+        deployable, prefix = find_deployable(runner.model)
+        if not prefix and not expanded_layers(deployable):
             return
-        source = runner._load_from if not runner._resume else 'resumed checkpoint'
-        kind = match_state_dict(model, checkpoint['state_dict'], strict=self.strict,
-                                source=str(source))
-        if kind == 'compact' and runner._resume:
+        source = (str(runner._load_from or 'the loaded checkpoint') if not runner._resume
+                  else 'resumed checkpoint')
+        state_dict = strip_prefix(checkpoint['state_dict'])
+        own = bool(prefix) and any(k.startswith(prefix) for k in state_dict)
+        part = ({k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+                if own else state_dict)
+        kind = match_state_dict(deployable, part, strict=self.strict, source=source)
+        if not expanded_layers(deployable):
+            kind = 'compact'
+        if prefix and not own:
+            if runner._resume:
+                raise CheckpointError(
+                    f'{source} holds only the deployable network ({type(deployable).__name__}'
+                    f'), not the {type(unwrap_model(runner.model)).__name__} that is trained: '
+                    'there is nothing to resume. Use it with load_from=... (resume=False) '
+                    'to start the deployable part from it, or resume from the training '
+                    'checkpoint (iter_N.pth / epoch_N.pth)')
+            # The wrapper's other entries keep their current (initialised) values, so
+            # the load stays strict and only the deployable part changes.
+            wrapper_state = unwrap_model(runner.model).state_dict()
+            checkpoint['state_dict'] = {
+                **{k: v for k, v in wrapper_state.items() if not k.startswith(prefix)},
+                **{prefix + k: v for k, v in part.items()}}
+            runner.logger.info(
+                f'ExpandCheckpointLoadHook: {source} is a {kind} checkpoint of the deployable '
+                f'network: loaded under {prefix!r}; the other entries of '
+                f'{type(unwrap_model(runner.model)).__name__} keep their initialised values'
+                + (' (factorised exactly into the expanded layers)' if kind == 'compact'
+                   and expanded_layers(deployable) else ''))
+            return
+        if kind == 'compact' and runner._resume and expanded_layers(deployable):
             raise CheckpointError(
                 f'{source} is a compact checkpoint: it has no factors or optimizer state to '
                 'resume from. Use it with load_from=... to start an ExpandNet from it, or '
                 'resume from the training checkpoint (epoch_N.pth / iter_N.pth)')
         runner.logger.info(f'ExpandCheckpointLoadHook: {source} is a {kind} checkpoint'
                            + (' (factorised exactly into the expanded layers)'
-                              if kind == 'compact' else ''))
+                              if kind == 'compact' and expanded_layers(deployable) else ''))

@@ -211,7 +211,10 @@ def expansion_report(model: nn.Module) -> ExpansionReport | None:
 
 
 def compact_model_cfg(cfg: Any) -> Any:
-    """The compact model config inside an ExpandNet model config (or ``cfg`` itself)."""
-    if isinstance(cfg, dict) and cfg.get('type') == 'ExpandNet':
-        return cfg['model']
-    return cfg
+    """The stock compact model config inside an ExpandNet or training-wrapper config.
+
+    ``cfg`` itself when it is neither; see
+    :func:`expand_mm.models.wrappers.deployable_model_cfg`.
+    """
+    from .wrappers import deployable_model_cfg  # wrappers build on this module
+    return deployable_model_cfg(cfg)

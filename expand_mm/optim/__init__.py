@@ -1,4 +1,5 @@
 """Optimizer glue of expand_mm (registered in MMEngine's root registries)."""
 from .factor_lr import ExpandNetOptimWrapperConstructor, factor_lr_multipliers
+from .product_decay import ProductWeightDecay
 
-__all__ = ['ExpandNetOptimWrapperConstructor', 'factor_lr_multipliers']
+__all__ = ['ExpandNetOptimWrapperConstructor', 'factor_lr_multipliers', 'ProductWeightDecay']

@@ -33,6 +33,8 @@ from torch import nn
 
 from ..layers import ExpandedLayer
 from ..surgery import expanded_layers
+from .product_decay import (FACTOR_LR_MULT_KEY, PRODUCT_DECAY_KEY, ProductWeightDecay,
+                            check_weight_decay_on, factor_weights)
 
 FACTOR_LR_RULES = ('fan_in', 'none')
 # Optimizers whose step size does not scale with the gradient's magnitude (per
@@ -99,7 +101,7 @@ def factor_lr_multipliers(layer: ExpandedLayer, rule: str | float = 'fan_in',
 
 @OPTIM_WRAPPER_CONSTRUCTORS.register_module()
 class ExpandNetOptimWrapperConstructor(DefaultOptimWrapperConstructor):
-    """``DefaultOptimWrapperConstructor`` plus per-factor learning rates.
+    """``DefaultOptimWrapperConstructor`` plus per-factor learning rates and product decay.
 
     Acts once, when the runner builds the optimizer (before ``init_weights``,
     which only rewrites values in place). Everything of the default
@@ -107,14 +109,21 @@ class ExpandNetOptimWrapperConstructor(DefaultOptimWrapperConstructor):
     ...), ``optim_wrapper`` types, ``clip_grad`` -- works as usual; on top, the
     learning rate of every factor of an expanded layer is multiplied by
     :func:`factor_lr_multipliers`, so parameter schedulers scale it with the
-    rest. Non-factor parameters are untouched.
+    rest. Non-factor parameters are untouched. With
+    ``weight_decay_on='product'`` the factor weights' decay is moved onto the
+    composed kernel of each expanded layer (see
+    :mod:`expand_mm.optim.product_decay`): their groups get ``weight_decay=0``
+    and a :class:`~expand_mm.optim.ProductWeightDecay` step pre-hook, exposed
+    as the wrapper's ``product_weight_decay`` attribute, applies it once per
+    optimizer step. The default ``'factors'`` adds nothing.
 
     Config::
 
         optim_wrapper = dict(
             constructor='ExpandNetOptimWrapperConstructor',
             optimizer=dict(type='AdamW', lr=0.004, weight_decay=0.01),
-            paramwise_cfg=dict(factor_lr='auto', factor_lr_chain='sum'))
+            paramwise_cfg=dict(factor_lr='auto', factor_lr_chain='sum',
+                               weight_decay_on='factors'))
 
     Args:
         optim_wrapper_cfg: As ``DefaultOptimWrapperConstructor``.
@@ -125,7 +134,11 @@ class ExpandNetOptimWrapperConstructor(DefaultOptimWrapperConstructor):
             ``factor_lr_chain``: ``'sum'`` (default) or ``'rss'``; and
             ``factor_lr_mult``: a further factor on every factor's rate
             (default :data:`DEFAULT_FACTOR_LR_MULT` with the ``'fan_in'``
-            rule, 1 otherwise).
+            rule, 1 otherwise); and ``weight_decay_on``: ``'factors'``
+            (default: each factor decays as any parameter) or ``'product'``
+            (the composed kernel decays as the compact one would; coupled-L2
+            and decoupled optimizers, see
+            :mod:`~expand_mm.optim.product_decay`).
     """
 
     def __init__(self, optim_wrapper_cfg: dict, paramwise_cfg: dict | None = None):
@@ -133,6 +146,8 @@ class ExpandNetOptimWrapperConstructor(DefaultOptimWrapperConstructor):
         factor_lr = paramwise_cfg.pop('factor_lr', 'auto')
         self.factor_lr_chain = paramwise_cfg.pop('factor_lr_chain', 'sum')
         factor_lr_mult = paramwise_cfg.pop('factor_lr_mult', None)
+        self.weight_decay_on = paramwise_cfg.pop('weight_decay_on', 'factors')
+        check_weight_decay_on(self.weight_decay_on)
         # Fail at build time, naming the key, not at the first expanded layer.
         check_factor_lr(factor_lr, self.factor_lr_chain, FACTOR_LR_RULES + ('auto',))
         if factor_lr_mult is not None and not _is_positive_number(factor_lr_mult):
@@ -168,12 +183,20 @@ class ExpandNetOptimWrapperConstructor(DefaultOptimWrapperConstructor):
                 for param in sub.parameters(recurse=False):
                     multipliers[id(param)] = mult * self.factor_lr_mult
         self._factor_multipliers = {k: v for k, v in multipliers.items() if v != 1.0}
-        if self._factor_multipliers and not self.paramwise_cfg:
-            # The rates go into the per-parameter groups that add_params builds,
-            # which the default constructor does for any non-empty paramwise_cfg;
-            # bypass_duplicate=False is mmengine's default, so nothing else changes.
+        product = self.weight_decay_on == 'product'
+        if product and not layers:
+            raise ValueError("paramwise_cfg.weight_decay_on='product': the model has no "
+                             "expanded layer; use model=dict(type='ExpandNet', ...) or "
+                             "weight_decay_on='factors'")
+        if (self._factor_multipliers or product) and not self.paramwise_cfg:
+            # The rates (and the product decay's keys) go into the per-parameter
+            # groups that add_params builds, which the default constructor does
+            # for any non-empty paramwise_cfg; bypass_duplicate=False is
+            # mmengine's default, so nothing else changes.
             self.paramwise_cfg = dict(bypass_duplicate=False)
         wrapper = super().__call__(model)
+        if product:
+            self._install_product_decay(wrapper, layers, multipliers)
         if layers:
             values = sorted(multipliers.values())
             MMLogger.get_current_instance().info(
@@ -183,9 +206,57 @@ class ExpandNetOptimWrapperConstructor(DefaultOptimWrapperConstructor):
                 f'multipliers {values[0]:.4g}..{values[-1]:.4g}')
         return wrapper
 
+    def _install_product_decay(self, wrapper: OptimWrapper,
+                               layers: list[tuple[str, ExpandedLayer]],
+                               multipliers: dict[int, float]) -> None:
+        """Zero the factor weights' decay, keep it in their groups, hook the optimizer.
+
+        Reads each factor group's ``weight_decay`` after the optimizer filled in
+        its defaults (AdamW decays by default), so the decay moved onto the
+        product is what the factor -- and so the compact weight -- would have had.
+        """
+        optimizer = wrapper.optimizer
+        groups = {id(p): g for g in optimizer.param_groups for p in g['params']}
+        moved: list[float] = []
+        for path, layer in layers:
+            for i, param in enumerate(factor_weights(layer)):
+                group = groups.get(id(param))
+                if group is None:  # frozen or left out of the optimizer
+                    continue
+                if len(group['params']) != 1:
+                    raise RuntimeError(
+                        f"paramwise_cfg.weight_decay_on='product': factor {path}.sublayers"
+                        f'[{i}].weight shares a param group with {len(group["params"]) - 1} '
+                        'other parameters; it needs a group of its own')
+                decay = float(group.get('weight_decay') or 0.0)
+                group[PRODUCT_DECAY_KEY] = decay
+                group[FACTOR_LR_MULT_KEY] = multipliers.get(id(param), 1.0)
+                if 'weight_decay' in group:
+                    group['weight_decay'] = 0.0
+                moved.append(decay)
+        logger = MMLogger.get_current_instance()
+        if not any(moved):
+            logger.info("ExpandNetOptimWrapperConstructor: weight_decay_on='product', but "
+                        'no factor weight has weight decay: nothing to move')
+            return
+        hook = ProductWeightDecay(optimizer, layers)
+        wrapper.product_weight_decay = hook
+        logger.info(
+            f"ExpandNetOptimWrapperConstructor: weight_decay_on='product' ({hook.style} "
+            f'{type(optimizer).__name__} decay): {len(moved)} factor weights of '
+            f'{len(layers)} expanded layers decay through their composed kernel '
+            f'(weight decay {min(moved):.4g}..{max(moved):.4g}); factor biases keep '
+            'their own decay')
+
     def add_params(self, params: list[dict], module: nn.Module, prefix: str = '',
                    is_dcn_module: Any = None) -> None:
-        """The default per-parameter groups, with factor learning rates scaled."""
+        """The default per-parameter groups, with factor learning rates scaled.
+
+        A wholly frozen sub-module (a distiller's teacher) is left out at once:
+        the default constructor would skip each of its parameters with a warning.
+        """
+        if not any(p.requires_grad for p in module.parameters()):
+            return
         start = len(params)
         super().add_params(params, module, prefix=prefix, is_dcn_module=is_dcn_module)
         if prefix:  # the recursion's outermost call rescales, once

@@ -1,0 +1,45 @@
+# Channel planting (Mitsuno et al., ICPR 2020) of the compact digits
+# YOLO-LITE-style detector, with distillation from a trained detector of twice
+# its width.
+#
+# The student is the stock compact detector of
+# ../digits/yolo-lite_1xb16-900i_digits-det-64x64.py. Its backbone and neck
+# units start with a quarter of their output channels planted (the rest are
+# masked to zero: the network computes what the narrow one would); at
+# iterations 225, 450 and 675 another quarter is planted, without changing
+# what the network computes at that moment, and every weight entry that existed
+# before is frozen -- only the new channels' filters, norms and the new input
+# columns of their readers train, by the labels and by the teacher. The last
+# stage is the full stock model, so iter_900.pth loads strictly into the
+# compact config (the teacher and the adapters are dropped: iter_900_compact.pth).
+#
+# Train the teacher first (from the repository root):
+#   python tools/train.py configs/distill/yolo-lite-w2_1xb16-900i_digits-det-64x64.py
+# then:
+#   python tools/train.py configs/planting/plant-4s_kd-yolo-lite-w2_yolo-lite_1xb16-900i_digits-det-64x64.py
+#   python tools/test.py configs/digits/yolo-lite_1xb16-900i_digits-det-64x64.py \
+#       work_dirs/plant-4s_kd-yolo-lite-w2_yolo-lite_1xb16-900i_digits-det-64x64/iter_900_compact.pth
+_base_ = '../distill/kd-yolo-lite-w2_yolo-lite_1xb16-900i_digits-det-64x64.py'
+
+stage_iters = 225  # 900 iterations, four stages
+warmup_iters = 50
+# Each stage trains its new channels with a schedule of its own (the paper
+# trains every stage to convergence): after the base config's warm-up, a
+# cosine cycle per stage, restarted at each milestone.
+param_scheduler = [
+    dict(type='LinearLR', start_factor=0.01, by_epoch=False, begin=0, end=warmup_iters),
+    dict(type='CosineRestartLR', periods=[stage_iters - warmup_iters] + [stage_iters] * 3,
+         restart_weights=[1.0] * 4, eta_min=1e-5, by_epoch=False, begin=warmup_iters,
+         end=4 * stage_iters),
+]
+
+custom_hooks = [
+    # Writes iter_N_compact.pth: the student alone (teacher and adapters dropped).
+    dict(type='ContractCheckpointHook'),
+    dict(
+        type='ChannelPlantingHook',
+        include=['backbone.*', 'neck.*'],
+        stages=(0.25, 0.5, 0.75, 1.0),
+        milestones=[stage_iters, 2 * stage_iters, 3 * stage_iters],
+        freeze='all'),
+]

@@ -1,0 +1,199 @@
+"""Weight decay on the composed (compact) kernel instead of on each factor.
+
+Why: plain weight decay on the factors ``W_1 .. W_L`` of an expanded layer
+penalises ``sum_i ||W_i||^2``, a different regulariser than the
+``||W||^2`` of the compact kernel ``W = W_L ... W_1`` the network deploys
+(products of small factors shrink much faster than the factors; for a linear
+chain the sum of squared factor norms behaves like a Schatten quasi-norm of
+the product). The ExpandNets paper compares both; ``weight_decay_on='product'``
+in :class:`~expand_mm.optim.ExpandNetOptimWrapperConstructor` selects this
+one. The factor *weights* of every expanded layer then get ``weight_decay=0`` in
+their optimizer groups, and :class:`ProductWeightDecay`, a step pre-hook of
+the torch optimizer, applies the decay of the composed kernel once per
+optimizer step:
+
+* coupled (L2) decay -- ``SGD``, ``Adam``, ``RMSprop``, ... (see
+  :data:`COUPLED_DECAY_OPTIMIZERS`): the gradient of
+  ``lambda / 2 * ||W||^2`` is back-propagated into the factors and added to
+  their gradients, which the optimizer then uses as it would use the compact
+  kernel's L2 term (momentum, adaptive moments).
+* decoupled decay -- ``AdamW``, ``Lion``, or an Adam-type optimizer with
+  ``decoupled_weight_decay=True``: AdamW shrinks a compact kernel as
+  ``W <- (1 - lr * lambda) W`` before its update. The factor weights of a
+  layer are each scaled by ``(1 - lr * lambda) ** (1 / L)``, so the composed
+  kernel is shrunk by exactly that factor (the composition is linear in each
+  factor) and the factors keep their relative sizes. ``lr`` is the rate the
+  compact kernel would have: the factor group's rate divided by its per-factor
+  multiplier (:mod:`expand_mm.optim.factor_lr`); schedulers scale both alike.
+
+Other optimizers are refused: their decay semantics are not known here.
+
+``lambda`` of each factor is the weight decay its group would have had
+(the optimizer's ``weight_decay`` times any ``paramwise_cfg`` ``decay_mult``),
+kept in the group under :data:`PRODUCT_DECAY_KEY` (and so in the optimizer's
+state dict). When factors of one layer carry different values (a
+``custom_keys`` entry naming one factor, mmengine's ``dwconv_decay_mult`` that
+only sees the first factor of a depthwise chain as depthwise) each factor gets
+the product's decay gradient (coupled) or shrink (decoupled) with its own
+value; with equal values -- every setting that does not single out factors --
+this is exactly the compact kernel's decay.
+
+Factor *biases* keep their own, per-factor decay as before: the composed bias
+is a sum of every factor bias carried through the later kernels, so a decay
+on it would also pull on the kernels, and the compact models here carry few
+biases (most convs are followed by a norm layer).
+
+The hook composes in the parameters' dtype with autograd on, outside any
+autocast region and bypassing the layers' caches and deferred leaves, so it is
+independent of the layer's mode and of :func:`expand_mm.deferred_factor_grads`
+(whose factor gradients are complete when the step runs). It runs once per
+real optimizer step: ``OptimWrapper`` gradient accumulation calls
+``optimizer.step`` once per ``accumulative_counts`` and ``AmpOptimWrapper``
+unscales the gradients before it. A layer whose factor weights all lack a
+gradient is skipped, as the optimizer skips a parameter without one. While a
+nonlinearity sits between the sub-layers (:class:`~expand_mm.hooks.NonlinearInitHook`),
+the decay still acts on the product the factors will contract to.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from ..layers import ExpandedLayer
+
+WEIGHT_DECAY_ON = ('factors', 'product')
+# Optimizers whose weight decay is an L2 gradient term ``weight_decay * p``
+# added to the gradient before the update (unless a group sets
+# ``decoupled_weight_decay=True``, which Adam, NAdam and RAdam accept).
+COUPLED_DECAY_OPTIMIZERS = ('SGD', 'Adam', 'Adamax', 'NAdam', 'RAdam', 'Adagrad', 'RMSprop',
+                            'Adadelta', 'ASGD')
+# Optimizers that shrink the parameter as ``p <- (1 - lr * weight_decay) p``.
+DECOUPLED_DECAY_OPTIMIZERS = ('AdamW', 'Lion')
+# Param-group keys written by ExpandNetOptimWrapperConstructor for factor weights.
+PRODUCT_DECAY_KEY = 'product_weight_decay'
+FACTOR_LR_MULT_KEY = 'factor_lr_mult'
+
+
+def check_weight_decay_on(value: Any) -> None:
+    """Raise ``ValueError`` naming ``paramwise_cfg.weight_decay_on`` unless it is valid.
+
+    Args:
+        value: ``paramwise_cfg.weight_decay_on``.
+    """
+    if not (isinstance(value, str) and value in WEIGHT_DECAY_ON):
+        raise ValueError(f'paramwise_cfg.weight_decay_on={value!r} must be one of '
+                         f'{WEIGHT_DECAY_ON}')
+
+
+def decay_style(optimizer: Optimizer) -> str:
+    """How ``optimizer`` applies weight decay: ``'coupled'`` or ``'decoupled'``.
+
+    Args:
+        optimizer: A built torch optimizer.
+
+    Returns:
+        ``'decoupled'`` for :data:`DECOUPLED_DECAY_OPTIMIZERS` and for groups
+        with ``decoupled_weight_decay=True``; ``'coupled'`` for the other
+        :data:`COUPLED_DECAY_OPTIMIZERS`.
+
+    Raises:
+        ValueError: For any other optimizer, naming ``paramwise_cfg.weight_decay_on``.
+    """
+    name = type(optimizer).__name__
+    if name in DECOUPLED_DECAY_OPTIMIZERS or (
+            name in COUPLED_DECAY_OPTIMIZERS
+            and any(g.get('decoupled_weight_decay') for g in optimizer.param_groups)):
+        return 'decoupled'
+    if name in COUPLED_DECAY_OPTIMIZERS:
+        return 'coupled'
+    raise ValueError(
+        f"paramwise_cfg.weight_decay_on='product' does not know how {name} applies weight "
+        f'decay; it works with the coupled (L2) decay of {COUPLED_DECAY_OPTIMIZERS} and the '
+        f'decoupled decay of {DECOUPLED_DECAY_OPTIMIZERS}. Use one of them, set the factor '
+        "weights' decay to 0, or keep weight_decay_on='factors'")
+
+
+def factor_weights(layer: ExpandedLayer) -> list[Tensor]:
+    """The weight of each sub-layer of ``layer``, first sub-layer first."""
+    return [sub.weight for sub in layer.sublayers]
+
+
+class ProductWeightDecay:
+    """Optimizer step pre-hook applying each expanded layer's decay to its product.
+
+    Installed by :class:`~expand_mm.optim.ExpandNetOptimWrapperConstructor`
+    with ``paramwise_cfg=dict(weight_decay_on='product')`` via
+    ``optimizer.register_step_pre_hook``; see the module docstring for the
+    maths. Reads the per-factor decay (:data:`PRODUCT_DECAY_KEY`) and rate
+    multiplier (:data:`FACTOR_LR_MULT_KEY`) from the optimizer's param groups
+    at every step, so a resumed optimizer state (whose groups replace the
+    built ones) is followed.
+
+    Args:
+        optimizer: The torch optimizer whose param groups hold the factor weights.
+        layers: ``(module path, layer)`` of the expanded layers.
+
+    Raises:
+        ValueError: If the optimizer's decay semantics are unknown (see
+            :func:`decay_style`).
+    """
+
+    def __init__(self, optimizer: Optimizer, layers: Sequence[tuple[str, ExpandedLayer]]):
+        self.style = decay_style(optimizer)
+        self.layers = list(layers)
+        self.handle = optimizer.register_step_pre_hook(self)
+
+    def remove(self) -> None:
+        """Detach the hook from the optimizer."""
+        self.handle.remove()
+
+    def __call__(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
+        """Apply the product decay of every layer (called by ``optimizer.step``)."""
+        groups = {id(p): g for g in optimizer.param_groups for p in g['params']}
+        for _, layer in self.layers:
+            factors = [(p, groups[id(p)]) for p in factor_weights(layer) if id(p) in groups]
+            factors = [(p, g) for p, g in factors if g.get(PRODUCT_DECAY_KEY, 0.0) > 0]
+            # The optimizer skips a parameter without a gradient, decay included;
+            # a layer unused in this step is skipped alike.
+            if not factors or all(p.grad is None for p, _ in factors):
+                continue
+            if self.style == 'coupled':
+                self._coupled(layer, factors)
+            else:
+                self._decoupled(layer, factors)
+
+    @staticmethod
+    def _coupled(layer: ExpandedLayer, factors: list[tuple[Tensor, dict]]) -> None:
+        params = [p for p, _ in factors]
+        device_type = params[0].device.type
+        with torch.enable_grad(), torch.autocast(device_type, enabled=False):
+            # _compose, not composed(): no cache, no deferred leaf, any mode.
+            weight = layer._compose(None)[0]
+        decays = [g[PRODUCT_DECAY_KEY] for _, g in factors]
+        if all(d == decays[0] for d in decays):
+            torch.autograd.backward(weight, decays[0] * weight.detach(), inputs=params)
+            return
+        grads = torch.autograd.grad(weight, params, weight.detach())
+        with torch.no_grad():
+            for param, grad, decay in zip(params, grads, decays):
+                if param.grad is None:
+                    param.grad = grad.mul_(decay)
+                else:
+                    param.grad.add_(grad, alpha=decay)
+
+    @staticmethod
+    def _decoupled(layer: ExpandedLayer, factors: list[tuple[Tensor, dict]]) -> None:
+        num = len(factors)
+        with torch.no_grad():
+            for param, group in factors:
+                lr = group['lr'] / group.get(FACTOR_LR_MULT_KEY, 1.0)
+                shrink = 1.0 - float(lr) * group[PRODUCT_DECAY_KEY]
+                if not shrink > 0:
+                    raise ValueError(
+                        f'{layer._describe()}: decoupled product weight decay '
+                        f'lr * weight_decay = {1.0 - shrink:.4g} >= 1 would flip the sign '
+                        'of the composed kernel; lower optimizer.lr or weight_decay')
+                param.mul_(shrink ** (1.0 / num))

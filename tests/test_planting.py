@@ -1,0 +1,234 @@
+"""Channel planting: masks equal a narrower net, growth keeps the function, old weights stay."""
+import copy
+import os.path as osp
+
+import pytest
+import torch
+from mmcv.cnn import ConvModule
+from mmengine.config import Config
+from mmengine.runner import Runner
+from torch import nn
+
+import expand_mm  # noqa: F401  (registers the hooks)
+from expand_mm.planting import ChannelPlanter, PlantingError, stage_widths
+from data_factory import make_voc
+from mm_test_utils import shrink_for_test
+
+ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+COMPACT = osp.join(ROOT, 'configs', 'yolo_lite', 'yolo-lite_8xb16-100e_voc0712.py')
+
+
+class Chain(nn.Module):
+    """conv-BN-act, max-pool, conv-BN-act, 1x1 prediction conv: a plain chain."""
+
+    def __init__(self, width: int = 8, residual: bool = False):
+        super().__init__()
+        self.c1 = ConvModule(3, width, 3, padding=1, norm_cfg=dict(type='BN'))
+        self.pool = nn.MaxPool2d(2)
+        self.c2 = ConvModule(width, width, 3, padding=1, norm_cfg=dict(type='BN'))
+        self.head = nn.Conv2d(width, 4, 1)
+        self.residual = residual
+
+    def forward(self, x):
+        y = self.pool(self.c1(x))
+        z = self.c2(y)
+        return self.head(z + y if self.residual else z)
+
+
+def trained_chain(seed=0, **kwargs):
+    torch.manual_seed(seed)
+    net = Chain(**kwargs)
+    for m in net.modules():  # non-trivial BN statistics and affine parameters
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+    return net.eval()
+
+
+def narrow_copy(net: Chain, width: int) -> Chain:
+    """The same net with only the first ``width`` channels of c1 and c2."""
+    small = Chain(width).eval()
+    with torch.no_grad():
+        for name in ('c1', 'c2'):
+            big, little = getattr(net, name), getattr(small, name)
+            cin = little.conv.in_channels
+            little.conv.weight.copy_(big.conv.weight[:width, :cin])
+            for attr in ('weight', 'bias', 'running_mean', 'running_var'):
+                getattr(little.bn, attr).copy_(getattr(big.bn, attr)[:width])
+        small.head.weight.copy_(net.head.weight[:, :width])
+        small.head.bias.copy_(net.head.bias)
+    return small
+
+
+X = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+
+
+def test_stage_widths_and_bad_settings():
+    assert stage_widths(10, (0.25, 0.5, 1.0)) == [3, 5, 10]
+    assert stage_widths(2, (0.1, 1.0)) == [1, 2]
+    for bad in ((0.5, 0.9), (0.5, 0.5, 1.0), (0.0, 1.0), ()):
+        with pytest.raises(PlantingError, match='stages='):
+            stage_widths(8, bad)
+    net = Chain()
+    with pytest.raises(PlantingError, match=r"\['backbone\.\*'\] match no conv unit"):
+        ChannelPlanter(net, ['backbone.*'], (0.5, 1.0))
+    with pytest.raises(PlantingError, match='freeze='):
+        ChannelPlanter(net, ['c1'], (0.5, 1.0), freeze='some')
+    grouped = Chain()
+    grouped.c2 = ConvModule(8, 8, 3, padding=1, groups=2, norm_cfg=dict(type='BN'))
+    with pytest.raises(PlantingError, match='c2: a grouped conv'):
+        ChannelPlanter(grouped, ['c*'], (0.5, 1.0))
+    expanded = Chain()
+    expand_mm.expand_model(expanded, include=['c2.*'])
+    with pytest.raises(PlantingError, match='c2: .* expanded'):
+        ChannelPlanter(expanded, ['c*'], (0.5, 1.0))
+
+
+def test_first_stage_computes_the_narrow_network():
+    net = trained_chain()
+    full_width = net(X)
+    planter = ChannelPlanter(net, ['c1', 'c2'], (0.5, 1.0))
+    planter.start()
+    assert planter.active_widths() == {'c1': (4, 8), 'c2': (4, 8)}
+    torch.testing.assert_close(net(X), narrow_copy(net, 4)(X), rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(net(X), full_width, atol=1e-3), 'the masks must matter'
+
+
+def test_advance_keeps_the_function_and_zeroes_only_old_rows_of_new_columns():
+    net = trained_chain()
+    planter = ChannelPlanter(net, ['c1', 'c2'], (0.5, 1.0))
+    planter.start()
+    before = net(X).clone()
+    c2_new_rows = net.c2.conv.weight[4:].clone()
+    planter.advance(lambda: net(X))
+    torch.testing.assert_close(net(X), before, rtol=0, atol=1e-6)
+    w2 = net.c2.conv.weight
+    assert torch.count_nonzero(w2[:4, 4:]) == 0, 'old rows of c2 must not read new channels'
+    assert torch.equal(w2[4:], c2_new_rows), 'new rows keep their initial filters'
+    assert torch.count_nonzero(net.head.weight[:, 4:]) == 0
+    assert torch.count_nonzero(net.head.weight[:, :4]) == 16
+    assert planter.stage == 1 and not planter._handles, 'last stage: no mask left'
+    with pytest.raises(PlantingError, match='last stage'):
+        planter.advance(lambda: net(X))
+
+
+def test_frozen_entries_survive_sgd_with_momentum_and_weight_decay():
+    net = trained_chain().train()
+    planter = ChannelPlanter(net, ['c1', 'c2'], (0.5, 1.0))
+    planter.start()
+    planter.advance(lambda: net(X))
+    old = {k: v.clone() for k, v in net.state_dict().items()}
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1)
+    opt.register_step_post_hook(lambda *_: planter.restore_frozen())
+    for _ in range(3):
+        opt.zero_grad()
+        net(X).square().mean().backward()
+        assert torch.count_nonzero(net.c1.conv.weight.grad[:4]) == 0, 'frozen grads are zero'
+        opt.step()
+    w1, w2 = net.c1.conv.weight, net.c2.conv.weight
+    assert torch.equal(w1[:4], old['c1.conv.weight'][:4])
+    assert torch.equal(w2[:4, :4], old['c2.conv.weight'][:4, :4])
+    assert torch.equal(net.c1.bn.weight[:4], old['c1.bn.weight'][:4])
+    assert torch.equal(net.head.bias, old['head.bias'])
+    assert torch.equal(net.head.weight[:, :4], old['head.weight'][:, :4])
+    # What trains: new filters, their norm parameters, the new columns of the readers.
+    assert not torch.equal(w1[4:], old['c1.conv.weight'][4:])
+    assert not torch.equal(net.c1.bn.bias[4:], old['c1.bn.bias'][4:])
+    assert torch.count_nonzero(w2[:4, 4:]) > 0
+    assert torch.count_nonzero(net.head.weight[:, 4:]) > 0
+    trainable = planter.num_trainable_entries()
+    assert trainable == (4 * 3 * 9 + 4 * 2) + (4 * 8 * 9 + 4 * 4 * 9 + 4 * 2) + 4 * 4
+
+
+def test_freeze_none_trains_everything():
+    net = trained_chain().train()
+    planter = ChannelPlanter(net, ['c1', 'c2'], (0.5, 1.0), freeze='none')
+    planter.start()
+    planter.advance(lambda: net(X))
+    assert planter.num_trainable_entries() == sum(p.numel() for p in net.parameters())
+
+
+def test_resume_finds_the_same_frozen_set():
+    net = trained_chain()
+    planter = ChannelPlanter(net, ['c1', 'c2'], (0.25, 0.5, 1.0))
+    planter.start()
+    planter.advance(lambda: net(X))
+    resumed_net = copy.deepcopy(net)
+    resumed = ChannelPlanter(resumed_net, ['c1', 'c2'], (0.25, 0.5, 1.0))
+    resumed.start(1, lambda: resumed_net(X))
+    torch.testing.assert_close(resumed_net(X), net(X), rtol=0, atol=0)
+    masks = {n: f for n, p in net.named_parameters()
+             for q, (f, _) in planter._frozen.items() if q is p}
+    masks_resumed = {n: f for n, p in resumed_net.named_parameters()
+                     for q, (f, _) in resumed._frozen.items() if q is p}
+    assert masks.keys() == masks_resumed.keys() and masks
+    assert all(torch.equal(masks[k], masks_resumed[k]) for k in masks)
+    with pytest.raises(PlantingError, match='needs a probe'):
+        ChannelPlanter(copy.deepcopy(net), ['c1', 'c2'], (0.25, 0.5, 1.0)).start(1)
+
+
+def test_a_residual_path_is_refused_and_nothing_changes():
+    net = trained_chain(residual=True)
+    planter = ChannelPlanter(net, ['c1'], (0.5, 1.0))
+    planter.start()
+    state = copy.deepcopy(net.state_dict())
+    with pytest.raises(PlantingError, match='plain conv chains'):
+        planter.advance(lambda: net(X))
+    assert planter.stage == 0
+    assert all(torch.equal(state[k], v) for k, v in net.state_dict().items())
+
+
+def tiny_cfg(tmp_path, max_iters, milestones, work='work'):
+    data_root = str(tmp_path / 'data')
+    if not osp.isdir(data_root):
+        make_voc(data_root, num_images=3, size=96)
+    cfg = Config.fromfile(COMPACT)
+    shrink_for_test(cfg, str(tmp_path / work), data_root + '/', (96, 96), max_iters)
+    cfg.default_hooks.checkpoint = dict(type='CheckpointHook', interval=1, by_epoch=False)
+    cfg.custom_hooks = [dict(type='ChannelPlantingHook', include=['backbone.*', 'neck.*'],
+                             stages=(0.5, 1.0), milestones=milestones)]
+    return cfg
+
+
+def test_hook_plants_in_the_real_runner_and_resumes(tmp_path):
+    cfg = tiny_cfg(tmp_path, max_iters=4, milestones=[2])
+    runner = Runner.from_cfg(cfg)
+    runner.train()
+    hook = next(h for h in runner.hooks if type(h).__name__ == 'ChannelPlantingHook')
+    assert hook.planter.stage == 1 and not hook.planter._handles
+    work = cfg.work_dir
+    at2 = torch.load(osp.join(work, 'iter_2.pth'))
+    at4 = torch.load(osp.join(work, 'iter_4.pth'))
+    assert at2['meta']['channel_planting']['stage'] == 1
+    assert torch.load(osp.join(work, 'iter_1.pth'))['meta']['channel_planting']['stage'] == 0
+    key = 'backbone.stages.3.conv.conv.weight'  # 128 channels: 64 planted at stage 0
+    assert torch.equal(at2['state_dict'][key][:64, :32], at4['state_dict'][key][:64, :32])
+    assert not torch.equal(at2['state_dict'][key][64:], at4['state_dict'][key][64:])
+    # The final checkpoint is the stock compact model.
+    cfg_stock = Config.fromfile(COMPACT)
+    from mmdet.registry import MODELS
+    from mmengine.registry import DefaultScope
+    with DefaultScope.overwrite_default_scope('mmdet'):
+        compact = MODELS.build(cfg_stock.model)
+    compact.load_state_dict(at4['state_dict'], strict=True)
+
+    # Resume from iteration 3 (stage 1): the frozen entries stay those of iteration 2.
+    cfg = tiny_cfg(tmp_path, max_iters=4, milestones=[2], work='work')
+    cfg.resume = True
+    cfg.load_from = osp.join(work, 'iter_3.pth')
+    runner = Runner.from_cfg(cfg)
+    runner.train()
+    hook = next(h for h in runner.hooks if type(h).__name__ == 'ChannelPlantingHook')
+    assert hook.planter.stage == 1
+    again = torch.load(osp.join(work, 'iter_4.pth'))
+    assert torch.equal(at2['state_dict'][key][:64, :32], again['state_dict'][key][:64, :32])
+
+
+def test_hook_settings_are_checked():
+    from expand_mm.hooks.channel_planting import ChannelPlantingHook
+    with pytest.raises(PlantingError, match='milestones=.*1 for stages'):
+        ChannelPlantingHook(include=['backbone.*'], stages=(0.5, 1.0), milestones=[2, 3])
+    with pytest.raises(PlantingError, match='strictly increasing positive ints'):
+        ChannelPlantingHook(include=['backbone.*'], stages=(0.25, 0.5, 1.0), milestones=[3, 2])

@@ -1,0 +1,202 @@
+"""weight_decay_on='product': the decay of the composed kernel, applied to the factors."""
+import pytest
+import torch
+from mmengine.optim import build_optim_wrapper
+from mmengine.registry import OPTIMIZERS
+from torch import nn
+
+import expand_mm
+from expand_mm.optim.product_decay import FACTOR_LR_MULT_KEY, PRODUCT_DECAY_KEY
+
+
+class TinyNet(nn.Module):
+    """conv (expanded, with bias) -> ReLU -> linear (expanded) next to a compact head."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.head = nn.Conv2d(4, 4, 1)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        y = self.head(torch.relu(self.conv(x)))
+        return self.fc(y.mean((2, 3)))
+
+
+def expanded_net(dtype=torch.float64):
+    torch.manual_seed(0)
+    net = TinyNet()
+    expand_mm.expand_model(net, strategy='cl', ratio=2, include=['conv', 'fc'],
+                           expand_linear=True)
+    return net.to(dtype)
+
+
+def build(net, optimizer, **paramwise):
+    return build_optim_wrapper(net, dict(
+        constructor='ExpandNetOptimWrapperConstructor', optimizer=optimizer,
+        paramwise_cfg=dict(dict(weight_decay_on='product'), **paramwise)))
+
+
+def factor_names(net):
+    return [n for n, _ in net.named_parameters()
+            if ('convs.' in n or 'linears.' in n) and n.endswith('.weight')]
+
+
+def groups_by_name(wrapper, net):
+    by_id = {id(p): g for g in wrapper.optimizer.param_groups for p in g['params']}
+    return {n: by_id[id(p)] for n, p in net.named_parameters()}
+
+
+def loss_of(net, x):
+    return net(x).square().sum()
+
+
+def decay_grads(net, decays):
+    """Autograd of the sum over layers of decay / 2 * ||W_composed||^2 alone."""
+    net.zero_grad()
+    penalty = sum(decays[path] / 2 * layer._compose(None)[0].square().sum()
+                  for path, layer in expand_mm.expanded_layers(net))
+    penalty.backward()
+    grads = {n: torch.zeros_like(p) if p.grad is None else p.grad.clone()
+             for n, p in net.named_parameters()}
+    net.zero_grad()
+    return grads
+
+
+def loss_grads(net, x):
+    net.zero_grad()
+    loss_of(net, x).backward()
+    grads = {n: p.grad.clone() for n, p in net.named_parameters()}
+    net.zero_grad()
+    return grads
+
+
+def expected_grads(net, x, decays):
+    """Autograd of loss + sum over layers of decay / 2 * ||W_composed||^2, float64."""
+    net.zero_grad()
+    loss = loss_of(net, x)
+    for path, layer in expand_mm.expanded_layers(net):
+        loss = loss + decays[path] / 2 * layer._compose(None)[0].square().sum()
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in net.named_parameters()}
+    net.zero_grad()
+    return grads
+
+
+def test_factor_grads_after_a_step_are_those_of_the_product_penalty():
+    net = expanded_net()
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    # conv factors decay at 0.1 * 0.5 (custom_keys), fc factors at 0.1
+    wrapper = build(net, dict(type='SGD', lr=0.01, weight_decay=0.1),
+                    custom_keys={'conv': dict(decay_mult=0.5)})
+    expected = expected_grads(net, x, {'conv': 0.05, 'fc': 0.1})
+    before = {n: p.detach().clone() for n, p in net.named_parameters()}
+    groups = groups_by_name(wrapper, net)
+    loss_of(net, x).backward()
+    wrapper.optimizer.step()
+    for name, param in net.named_parameters():
+        if name in factor_names(net):
+            torch.testing.assert_close(param.grad, expected[name], rtol=1e-10, atol=1e-12)
+            # the factor's own decay is gone: the SGD update is the gradient alone
+            torch.testing.assert_close(param.detach(), before[name] - 0.01 * expected[name],
+                                       rtol=1e-10, atol=1e-12)
+        else:  # biases and the compact head: the loss gradient, their own decay kept
+            torch.testing.assert_close(param.grad, expected[name], rtol=1e-10, atol=1e-12)
+            assert groups[name]['weight_decay'] > 0
+
+
+def test_factor_weight_groups_get_zero_decay_and_the_rest_is_untouched():
+    net = expanded_net()
+    reference = build_optim_wrapper(net, dict(
+        constructor='ExpandNetOptimWrapperConstructor',
+        optimizer=dict(type='AdamW', lr=0.01, weight_decay=0.05),
+        paramwise_cfg=dict(bias_decay_mult=0.0)))
+    wrapper = build(net, dict(type='AdamW', lr=0.01, weight_decay=0.05), bias_decay_mult=0.0)
+    ref, got = groups_by_name(reference, net), groups_by_name(wrapper, net)
+    factors = factor_names(net)
+    assert len(factors) == 6
+    for name in ref:
+        if name in factors:
+            assert got[name]['weight_decay'] == 0.0
+            assert got[name][PRODUCT_DECAY_KEY] == pytest.approx(0.05)
+            assert got[name]['lr'] == pytest.approx(ref[name]['lr'])  # factor rates kept
+            assert got[name]['lr'] / got[name][FACTOR_LR_MULT_KEY] == pytest.approx(0.01)
+        else:
+            assert got[name]['weight_decay'] == ref[name]['weight_decay'], name
+            assert PRODUCT_DECAY_KEY not in got[name]
+    assert wrapper.product_weight_decay.style == 'decoupled'
+
+
+def test_default_factors_installs_nothing():
+    net = expanded_net()
+    wrapper = build_optim_wrapper(net, dict(
+        constructor='ExpandNetOptimWrapperConstructor',
+        optimizer=dict(type='SGD', lr=0.1, weight_decay=0.1)))
+    assert not wrapper.optimizer._optimizer_step_pre_hooks
+    assert not hasattr(wrapper, 'product_weight_decay')
+    assert len(wrapper.optimizer.param_groups) == 1  # as the default constructor
+
+
+def test_bad_value_and_unknown_optimizer_are_named():
+    net = expanded_net()
+    with pytest.raises(ValueError, match=r"paramwise_cfg.weight_decay_on='prod' must be one "
+                                         r"of \('factors', 'product'\)"):
+        build(net, dict(type='SGD', lr=0.1), weight_decay_on='prod')
+
+    @OPTIMIZERS.register_module(force=True)
+    class OddSGD(torch.optim.SGD):
+        """An optimizer whose decay semantics the hook cannot know."""
+
+    with pytest.raises(ValueError, match=r"weight_decay_on='product' does not know how OddSGD"):
+        build(net, dict(type='OddSGD', lr=0.1, weight_decay=0.1))
+    # nothing to move: no error, no hook
+    wrapper = build(net, dict(type='OddSGD', lr=0.1))
+    assert not wrapper.optimizer._optimizer_step_pre_hooks
+    with pytest.raises(ValueError, match='no expanded layer'):
+        build(TinyNet(), dict(type='SGD', lr=0.1, weight_decay=0.1))
+
+
+def test_decoupled_decay_shrinks_the_composed_kernel_like_adamw():
+    net = expanded_net()
+    wrapper = build(net, dict(type='AdamW', lr=0.01, weight_decay=0.5))
+    layers = expand_mm.expanded_layers(net)
+    seen = {}
+
+    def record(optimizer, args, kwargs):  # runs after the product decay's hook
+        seen.update({p: l._compose(None)[0].detach().clone() for p, l in layers})
+
+    before = {p: l._compose(None)[0].detach().clone() for p, l in layers}
+    wrapper.optimizer.register_step_pre_hook(record)
+    loss_of(net, torch.randn(2, 3, 6, 6, dtype=torch.float64)).backward()
+    wrapper.optimizer.step()
+    for path, _ in layers:  # compact rate 0.01, not the factors' scaled rates
+        torch.testing.assert_close(seen[path], (1 - 0.01 * 0.5) * before[path])
+
+
+def test_update_params_with_accumulation_and_deferred_grads_decays_once_per_step():
+    net = expanded_net()
+    for _, layer in expand_mm.expanded_layers(net):
+        layer.set_mode('online')
+    x1, x2 = (torch.randn(2, 3, 6, 6, dtype=torch.float64) for _ in range(2))
+    # expected: the mean of the two losses' gradients plus one product decay
+    g1, g2 = loss_grads(net, x1), loss_grads(net, x2)
+    gd = decay_grads(net, {'conv': 0.2, 'fc': 0.2})
+    wrapper = build_optim_wrapper(net, dict(
+        type='OptimWrapper', accumulative_counts=2,
+        constructor='ExpandNetOptimWrapperConstructor',
+        optimizer=dict(type='SGD', lr=0.1, weight_decay=0.2),
+        paramwise_cfg=dict(weight_decay_on='product')))
+    calls = []
+    wrapper.optimizer.register_step_pre_hook(lambda *a: calls.append(1))
+    before = {n: p.detach().clone() for n, p in net.named_parameters()}
+    net.train()
+    with expand_mm.deferred_factor_grads(net):
+        wrapper.update_params(loss_of(net, x1))
+        assert not calls
+        wrapper.update_params(loss_of(net, x2))
+    assert len(calls) == 1
+    for name, param in net.named_parameters():
+        decay = gd[name] if name in factor_names(net) else 0.2 * before[name]
+        grad = (g1[name] + g2[name]) / 2 + decay
+        torch.testing.assert_close(param.detach(), before[name] - 0.1 * grad,
+                                   rtol=1e-9, atol=1e-12)

@@ -1,0 +1,263 @@
+"""Gradient confusion of one or more configs, e.g. a compact model vs its ExpandNet.
+
+    python tools/analysis/gradient_confusion.py CONFIG [CONFIG ...]
+        [--checkpoint CKPT ...] [--num-batches 32] [--space training|compact]
+        [--bn train|eval] [--seed 0] [--labels NAME ...] [--store-dir DIR]
+        [--out DIR] [--cfg-options ...]
+
+For every CONFIG the model is built as training would start it (MMEngine
+``Runner.from_cfg``, ``init_weights()``), the checkpoint is loaded if one is
+given (an ExpandNet config takes its own training checkpoint or a compact one,
+factorised exactly), and the gradient of the training loss of each of the
+first ``--num-batches`` batches of the config's train dataloader is taken at
+those parameters (no update). All configs see the same batches in the same
+order when they share the data (the loader is seeded with ``--seed``).
+
+``--space training`` differentiates w.r.t. the trained parameters (the
+factors of an ExpandNet), ``--space compact`` w.r.t. the effective compact
+weights (every expanded layer contracted), the space a compact model and its
+ExpandNet share. ``--bn train`` (default) is a training step's batch norm,
+``--bn eval`` uses the running statistics.
+
+Prints one row per config (pairs, mean / median / min cosine similarity,
+fraction of negative pairs, gradient confusion eta = max(0, max -<g_i, g_j>))
+and writes ``--out``/gradient_confusion.json and gradient_confusion.png (the
+cosine-similarity densities of all configs overlaid).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import os
+import os.path as osp
+import re
+import sys
+import time
+from typing import Any, Sequence
+
+import matplotlib
+
+matplotlib.use('Agg')  # headless: the tool only writes files
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import expand_mm  # noqa: E402,F401  (registers ExpandNet and the hooks)
+from expand_mm.analysis import (build_mm_model_and_loader, gradient_confusion,  # noqa: E402
+                                mm_loss_fn)
+from expand_mm.datasets_check import check_datasets  # noqa: E402
+from expand_mm.surgery import count_params, expanded_layers  # noqa: E402
+from mmengine.config import Config, DictAction  # noqa: E402
+
+NO_CHECKPOINT = ('none', '-')
+COLUMNS = ('config', 'space', 'params', 'batches', 'pairs', 'mean cos', 'median cos',
+           'neg frac', 'min cos', 'eta', 'mean |g|', 'mean loss')
+
+
+def parse_args(argv: Sequence[str] | None = None, need_configs: bool = True
+               ) -> argparse.Namespace:
+    """Command-line arguments."""
+    parser = argparse.ArgumentParser(
+        description=__doc__.split('\n\n')[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument('config', nargs='*', help='config files (compact and/or ExpandNet)')
+    parser.add_argument('--checkpoint', nargs='+', default=None,
+                        help='one checkpoint per config (`none` for the initialisation); '
+                        'without it every model is analysed at initialisation')
+    parser.add_argument('--num-batches', type=int, default=32,
+                        help='mini-batches (gradients); pairs = N (N - 1) / 2')
+    parser.add_argument('--space', choices=('training', 'compact'), default='training',
+                        help='differentiate w.r.t. the trained parameters or the effective '
+                        'compact weights')
+    parser.add_argument('--bn', choices=('train', 'eval'), default='train',
+                        help='batch norm on batch statistics (train) or running ones (eval)')
+    parser.add_argument('--seed', type=int, default=0,
+                        help='seed of the initialisation and of the data order')
+    parser.add_argument('--labels', nargs='+', default=None,
+                        help='names in the table and plot (default: config file stems)')
+    parser.add_argument('--store-dir', default=None,
+                        help='keep the gradient vectors in .npy files there instead of '
+                        'memory (N x params x 4 bytes)')
+    parser.add_argument('--out', default=osp.join('work_dirs', 'analysis',
+                                                  'gradient_confusion'),
+                        help='output directory (JSON, PNG, runner logs)')
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
+                        help='override settings of every config, e.g. '
+                        'train_dataloader.batch_size=8')
+    args = parser.parse_args(argv)
+    if need_configs and not args.config:
+        parser.error('give at least one CONFIG')
+    if args.num_batches < 2:
+        parser.error(f'--num-batches {args.num_batches}: pairs need at least 2 batches')
+    return args
+
+
+def resolve_runs(configs: Sequence[str | Config], checkpoints: Sequence[str] | None,
+                 labels: Sequence[str] | None) -> list[dict[str, Any]]:
+    """Pair every config with its checkpoint and a unique label.
+
+    Args:
+        configs: Config paths or already-built ``Config`` objects.
+        checkpoints: ``None``, or one entry per config (``none`` / ``-``: none).
+        labels: ``None`` (file stems, numbered when repeated) or one per config.
+
+    Returns:
+        ``[{'config': ..., 'checkpoint': ..., 'label': ...}, ...]``.
+
+    Raises:
+        ValueError: If the counts of checkpoints or labels do not match the configs.
+    """
+    if checkpoints is not None and len(checkpoints) != len(configs):
+        raise ValueError(f'--checkpoint: got {len(checkpoints)} for {len(configs)} configs; '
+                         'give one per config (`none` for the initialisation)')
+    if labels is not None and len(labels) != len(configs):
+        raise ValueError(f'--labels: got {len(labels)} for {len(configs)} configs')
+    if labels is None:
+        stems = [osp.splitext(osp.basename(c if isinstance(c, str) else c.filename or
+                                           'config'))[0] for c in configs]
+        labels = [s if stems.count(s) == 1 else f'{s}#{i}' for i, s in enumerate(stems)]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f'--labels must be unique, got {labels}')
+    ckpts = [None if c is None or c.lower() in NO_CHECKPOINT else c
+             for c in (checkpoints or [None] * len(configs))]
+    return [dict(config=c, checkpoint=k, label=lab)
+            for c, k, lab in zip(configs, ckpts, labels)]
+
+
+def load_config(config: str | Config, cfg_options: dict | None) -> Config:
+    """A private copy of ``config`` with ``cfg_options`` merged."""
+    cfg = Config.fromfile(config) if isinstance(config, str) else copy.deepcopy(config)
+    if cfg_options:
+        cfg.merge_from_dict(cfg_options)
+    return cfg
+
+
+def safe_name(label: str) -> str:
+    """``label`` usable as a file name."""
+    return re.sub(r'[^A-Za-z0-9_.-]+', '_', label)
+
+
+def analyse(run: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """Gradient confusion of one config; the result's ``to_dict()`` plus the run's settings."""
+    cfg = load_config(run['config'], args.cfg_options)
+    check_datasets(cfg, ('train_dataloader',))
+    # One runner per config in this process: unique names keep their loggers,
+    # message hubs and visualisers apart.
+    cfg.experiment_name = f'{safe_name(run["label"])}_{time.strftime("%Y%m%d_%H%M%S")}'
+    model, loader = build_mm_model_and_loader(
+        cfg, run['checkpoint'], seed=args.seed,
+        work_dir=osp.join(args.out, 'runs', safe_name(run['label'])))
+    torch.manual_seed(args.seed)  # dropout and the like
+
+    def progress(index: int, loss: float) -> None:
+        if (index + 1) % 8 == 0 or index + 1 == args.num_batches:
+            print(f'[{run["label"]}] batch {index + 1}/{args.num_batches}: loss {loss:.4f}',
+                  flush=True)
+
+    result = gradient_confusion(model, loader, mm_loss_fn(), num_batches=args.num_batches,
+                                space=args.space, bn=args.bn, store_dir=args.store_dir,
+                                progress=progress)
+    result.meta = dict(label=run['label'],
+                       config=run['config'] if isinstance(run['config'], str)
+                       else run['config'].filename,
+                       checkpoint=run['checkpoint'], seed=args.seed,
+                       expanded_layers=len(expanded_layers(model)),
+                       training_params=count_params(model),
+                       batch_size=cfg.train_dataloader.get('batch_size'))
+    out = result.to_dict()
+    out['_result'] = result
+    del model, loader
+    gc.collect()
+    return out
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """The summary of every config as an aligned text table."""
+    def num(v: Any, fmt: str) -> str:
+        return 'n/a' if v is None else format(v, fmt)
+
+    table = [COLUMNS]
+    for r in rows:
+        s = r['summary']
+        table.append((r['meta']['label'], r['space'], f'{s["num_params"]:,}',
+                      str(s['num_batches']), str(s['num_pairs']), num(s['mean_cos'], '.4f'),
+                      num(s['median_cos'], '.4f'), num(s['frac_negative'], '.3f'),
+                      num(s['min_cos'], '.4f'), num(s['eta'], '.4g'),
+                      num(s['mean_grad_norm'], '.4g'), num(s['mean_loss'], '.4f')))
+    widths = [max(len(row[i]) for row in table) for i in range(len(COLUMNS))]
+    lines = ['  '.join(c.ljust(w) if i == 0 else c.rjust(w)
+                       for i, (c, w) in enumerate(zip(row, widths))) for row in table]
+    lines.insert(1, '-' * len(lines[0]))
+    return '\n'.join(lines)
+
+
+def plot_densities(rows: list[dict[str, Any]], path: str, title: str) -> None:
+    """Overlay the cosine-similarity density (and a light histogram) of every config.
+
+    The densities are those of :meth:`GradientConfusionResult.density` (over
+    ``[-1, 1]``); the x axis shows the range the cosines occupy.
+    """
+    import matplotlib.pyplot as plt
+
+    # Zoom on the cosines (they often crowd a narrow band), never beyond [-1, 1].
+    cosines = [r['_result'].cosines for r in rows]
+    cosines = np.concatenate([c[np.isfinite(c)] for c in cosines])
+    low, high = (cosines.min(), cosines.max()) if cosines.size else (-1.0, 1.0)
+    margin = max(0.1 * (high - low), 0.02)
+    low, high = max(low - margin, -1.0), min(high + margin, 1.0)
+    grid = np.linspace(low, high, 401)
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for i, row in enumerate(rows):
+        result = row['_result']
+        colour = f'C{i}'
+        s = row['summary']
+        finite = result.cosines[np.isfinite(result.cosines)]
+        density, edges = np.histogram(finite, bins=40, range=(low, high),
+                                      density=bool(finite.size))
+        ax.stairs(density, edges, color=colour, alpha=0.25, fill=True)
+        ax.plot(grid, result.density(grid), color=colour,
+                label=f'{row["meta"]["label"]} (mean {s["mean_cos"]:.3f}, '
+                      f'neg {s["frac_negative"]:.2f})')
+    if low < 0 < high:
+        ax.axvline(0, color='k', lw=0.6, ls=':')
+    ax.set_xlim(low, high)
+    ax.set_xlabel('cosine similarity of mini-batch gradients')
+    ax.set_ylabel('density')
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, loc='upper left')
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: Sequence[str] | None = None,
+         configs: Sequence[str | Config] | None = None) -> list[dict[str, Any]]:
+    """Run the tool; ``configs`` (paths or ``Config`` objects) replace the CONFIG arguments.
+
+    Returns:
+        One dict per config (the JSON entries).
+    """
+    args = parse_args(argv, need_configs=configs is None)
+    runs = resolve_runs(list(configs) if configs is not None else args.config,
+                        args.checkpoint, args.labels)
+    os.makedirs(args.out, exist_ok=True)
+    rows = [analyse(run, args) for run in runs]
+    print(f'\nGradient confusion, {args.space} space, batch norm {args.bn}, seed {args.seed}')
+    print(format_table(rows))
+    json_path = osp.join(args.out, 'gradient_confusion.json')
+    png_path = osp.join(args.out, 'gradient_confusion.png')
+    entries = [{k: v for k, v in r.items() if k != '_result'} for r in rows]
+    with open(json_path, 'w') as f:
+        json.dump(dict(argv=sys.argv[1:] if argv is None else list(argv),
+                       space=args.space, bn=args.bn, seed=args.seed,
+                       num_batches=args.num_batches, runs=entries), f, indent=1)
+    plot_densities(rows, png_path, f'gradient cosine similarity, {args.space} space, '
+                   f'BN {args.bn}, {args.num_batches} batches, seed {args.seed}')
+    print(f'wrote {json_path} and {png_path}')
+    return entries
+
+
+if __name__ == '__main__':
+    main()
