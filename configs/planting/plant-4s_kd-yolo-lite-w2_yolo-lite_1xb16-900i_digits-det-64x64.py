@@ -21,17 +21,7 @@
 #       work_dirs/plant-4s_kd-yolo-lite-w2_yolo-lite_1xb16-900i_digits-det-64x64/iter_900_compact.pth
 _base_ = '../distill/kd-yolo-lite-w2_yolo-lite_1xb16-900i_digits-det-64x64.py'
 
-stage_iters = 225  # 900 iterations, four stages
-warmup_iters = 50
-# Each stage trains its new channels with a schedule of its own (the paper
-# trains every stage to convergence): after the base config's warm-up, a
-# cosine cycle per stage, restarted at each milestone.
-param_scheduler = [
-    dict(type='LinearLR', start_factor=0.01, by_epoch=False, begin=0, end=warmup_iters),
-    dict(type='CosineRestartLR', periods=[stage_iters - warmup_iters] + [stage_iters] * 3,
-         restart_weights=[1.0] * 4, eta_min=1e-5, by_epoch=False, begin=warmup_iters,
-         end=4 * stage_iters),
-]
+stage_iters = 225  # 900 iterations, four stages of the base's schedule (warm-up + cosine)
 
 custom_hooks = [
     # Writes iter_N_compact.pth: the student alone (teacher and adapters dropped).
