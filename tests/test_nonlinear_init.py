@@ -214,3 +214,18 @@ def test_runner_skips_nonlinear_checkpoints_and_contracts_after_switch_and_resum
     cfg.resume, cfg.load_from = True, osp.join(work, 'iter_2.pth')
     _, seen = run(cfg)
     assert seen == [False]
+
+
+def test_contraction_refuses_a_nonlinear_phase_checkpoint(tmp_path):
+    from expand_mm.checkpoint import CheckpointError
+    from expand_mm.deploy import write_compact_checkpoint
+    net = expanded_net()
+    marked, plain = str(tmp_path / 'nonlinear.pth'), str(tmp_path / 'linear.pth')
+    torch.save({'meta': {NONLINEAR_INIT_META_KEY: dict(end=2)}, 'state_dict': net.state_dict()},
+               marked)
+    torch.save({'meta': {}, 'state_dict': net.state_dict()}, plain)
+    with pytest.raises(CheckpointError, match='nonlinear phase of NonlinearInitHook'):
+        write_compact_checkpoint(net, marked, probe_shape=(1, 3, 8, 8))
+    assert not osp.exists(tmp_path / 'nonlinear_compact.pth')
+    dst, errors = write_compact_checkpoint(net, plain, probe_shape=(1, 3, 8, 8))
+    assert osp.isfile(dst) and errors['max_rel'] < 1e-5

@@ -1,5 +1,6 @@
 """ExpandNetOptimWrapperConstructor: per-factor learning rates for adaptive optimizers."""
 import math
+from unittest import mock
 
 import pytest
 import torch
@@ -82,6 +83,18 @@ def test_adamw_groups_get_scaled_rates_and_the_rest_the_base_rate():
     # Every parameter is in exactly one group.
     assert sum(len(g['params']) for g in wrapper.optimizer.param_groups) == len(
         list(net.parameters()))
+
+
+def test_a_frozen_sub_module_is_left_out_without_a_warning_per_parameter():
+    net = expanded_tiny_net()
+    net.teacher = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3)).requires_grad_(False)
+    with mock.patch('mmengine.optim.optimizer.default_constructor.print_log') as log:
+        wrapper = build_optim_wrapper(net, dict(
+            constructor='ExpandNetOptimWrapperConstructor',
+            optimizer=dict(type='AdamW', lr=0.01, weight_decay=0.01)))
+    grouped = {id(p) for g in wrapper.optimizer.param_groups for p in g['params']}
+    assert grouped == {id(p) for p in net.parameters() if p.requires_grad}
+    assert not [c for c in log.call_args_list if 'requires_grad' in str(c.args[0])]
 
 
 def test_custom_keys_compose_with_factor_rates_and_schedulers_scale_them():
