@@ -140,6 +140,7 @@ class ChannelPlanter:
         self._handles: list[Any] = []
         self._grad_handles: list[Any] = []
         self._probe_mode: str | None = None
+        self._masks: dict[tuple, Tensor] = {}
 
     # ------------------------------------------------------------------ selection
     def _select_units(self, model: nn.Module, include: list[str],
@@ -174,9 +175,14 @@ class ChannelPlanter:
 
     # ---------------------------------------------------------------------- masks
     def _mask(self, unit: PlantedUnit, stage: int, like: Tensor) -> Tensor:
-        mask = torch.zeros(unit.conv.out_channels, dtype=like.dtype, device=like.device)
-        mask[:unit.widths[stage]] = 1
-        return mask.view(1, -1, *([1] * (like.dim() - 2)))
+        # Built once per unit, stage, dtype and device: it sits on every forward.
+        key = (id(unit.module), stage, like.dtype, like.device, like.dim())
+        mask = self._masks.get(key)
+        if mask is None:
+            mask = torch.zeros(unit.conv.out_channels, dtype=like.dtype, device=like.device)
+            mask[:unit.widths[stage]] = 1
+            mask = self._masks[key] = mask.view(1, -1, *([1] * (like.dim() - 2)))
+        return mask
 
     def _unit_hook(self, unit: PlantedUnit) -> Callable:
         def hook(module: nn.Module, args: Any, out: Tensor) -> Tensor:

@@ -51,7 +51,9 @@ class ChannelPlantingHook(Hook):
     The checkpoint always has the stock architecture and keys. After the last
     milestone every channel is planted and the model is exactly the stock one
     (no mask left), so the final checkpoint is the deployable compact model;
-    one saved earlier holds channels that are still masked.
+    one saved earlier holds channels that are still masked. An ``EMAHook``'s
+    averaged copy is made before training and carries no masks: before the
+    last stage, validation with EMA weights runs the full width.
 
     Args:
         include: Glob patterns of module paths; the mmcv ``ConvModule`` units
