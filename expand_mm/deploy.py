@@ -117,11 +117,6 @@ def find_deployable(model: nn.Module) -> tuple[nn.Module, str]:
         'that its weights are in the training checkpoint')
 
 
-def is_wrapped(model: nn.Module) -> bool:
-    """Whether ``model`` is a training-time wrapper around a different deployable network."""
-    return find_deployable(model)[1] != ''
-
-
 def deployable_state_dict(model: nn.Module, state_dict: dict,
                           source: str = 'checkpoint') -> dict:
     """The entries of ``state_dict`` that belong to ``model``'s deployable network.

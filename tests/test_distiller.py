@@ -13,6 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from mmengine.config import Config
 from mmengine.logging import MMLogger
 from mmengine.registry import DefaultScope
 from mmengine.runner import Runner
@@ -174,6 +175,20 @@ def test_teacher_checkpoint_of_another_model_is_refused(tmp_path):
         distiller.loss(torch.zeros(1, 3, 64, 64), [])
 
 
+def test_teacher_with_another_preprocessing_is_refused():
+    # The teacher runs on the student's preprocessed batch: another channel order
+    # (or mean / std) would silently feed it inputs it was not trained on.
+    teacher = Config.fromfile(str(TEACHER_DET))
+    model = teacher.model.copy()
+    model['data_preprocessor'] = dict(teacher.data_preprocessor, bgr_to_rgb=False)
+    with DefaultScope.overwrite_default_scope('mmdet'):
+        with pytest.raises(ValueError, match='channel order'):
+            build_model(KD_DET, teacher=model)
+        model['data_preprocessor'] = dict(teacher.data_preprocessor, mean=[0.0, 0.0, 0.0])
+        with pytest.raises(ValueError, match=r'data_preprocessor\.mean'):
+            build_model(KD_DET, teacher=model)
+
+
 def test_distillation_losses_refuse_mismatched_shapes():
     kd = LogitsKDLoss(student='decode_head', activation='softmax')
     with pytest.raises(ValueError) as err:
@@ -212,6 +227,14 @@ def test_logits_kd_values():
     torch.testing.assert_close(sig(s, t), expected, rtol=1e-4, atol=1e-4)
     # a nested head output ((level0, level1),) is flattened
     assert float(sig(((s, s),), ((t, t),))) == pytest.approx(2 * float(sig(s, t)), rel=1e-5)
+    # T^2-scaled Bernoulli KL of the softened logits; 'mean' over the selected
+    # elements, 'batchmean' over the batch.
+    per_elem = (bce(s[:, 2:] / 3, torch.sigmoid(t[:, 2:] / 3), reduction='none')
+                - bce(t[:, 2:] / 3, torch.sigmoid(t[:, 2:] / 3), reduction='none'))
+    for reduction, expected in (('mean', per_elem.mean()), ('batchmean', per_elem.sum() / 2)):
+        hot = LogitsKDLoss(student='x', activation='sigmoid', temperature=3.0, group_size=5,
+                           channels=(2, 5), reduction=reduction, loss_weight=0.5)
+        torch.testing.assert_close(hot(s, t), 0.5 * 9 * expected, rtol=1e-4, atol=1e-6)
 
 
 class _Wrapper(nn.Module):

@@ -200,3 +200,58 @@ def test_update_params_with_accumulation_and_deferred_grads_decays_once_per_step
         grad = (g1[name] + g2[name]) / 2 + decay
         torch.testing.assert_close(param.detach(), before[name] - 0.1 * grad,
                                    rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize('optimizer', [dict(type='SGD', lr=0.1, weight_decay=0.5),
+                                       dict(type='AdamW', lr=0.01, weight_decay=0.5)])
+def test_fused_optimizer_under_grad_scaler_decays_like_the_unscaled_step(optimizer):
+    # A fused optimizer unscales inside its step (GradScaler sets grad_scale /
+    # found_inf on it), so the hook sees scaled gradients.
+    x = torch.randn(2, 3, 6, 6)
+    after = []
+    for fused in (False, True):
+        net = expanded_net(torch.float32)
+        wrapper = build(net, dict(optimizer, fused=fused))
+        scaler = torch.amp.GradScaler('cpu', init_scale=1024.0)
+        scaler.scale(loss_of(net, x)).backward()
+        scaler.step(wrapper.optimizer)
+        after.append([p.detach().clone() for p in net.parameters()])
+    for unfused, fused in zip(*after):
+        torch.testing.assert_close(fused, unfused, rtol=1e-5, atol=1e-7)
+    # A step with an inf is skipped whole: no decoupled shrink either.
+    net = expanded_net(torch.float32)
+    wrapper = build(net, dict(optimizer, fused=True))
+    before = [p.detach().clone() for p in net.parameters()]
+    scaler = torch.amp.GradScaler('cpu', init_scale=1024.0)
+    scaler.scale(loss_of(net, x) * float('inf')).backward()
+    scaler.step(wrapper.optimizer)
+    for old, param in zip(before, net.parameters()):
+        torch.testing.assert_close(param.detach(), old, rtol=0, atol=0)
+
+
+def test_coupled_decay_still_decays_under_maximize():
+    # maximize=True: SGD steps along +grad, and its L2 term, added after the
+    # negation, still pulls the weights towards 0.
+    net = expanded_net()
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    wrapper = build(net, dict(type='SGD', lr=0.01, weight_decay=0.1, maximize=True))
+    g, gd = loss_grads(net, x), decay_grads(net, {'conv': 0.1, 'fc': 0.1})
+    before = {n: p.detach().clone() for n, p in net.named_parameters()}
+    loss_of(net, x).backward()
+    wrapper.optimizer.step()
+    for name, param in net.named_parameters():
+        decay = gd[name] if name in factor_names(net) else 0.1 * before[name]
+        torch.testing.assert_close(param.detach(), before[name] + 0.01 * g[name] - 0.01 * decay,
+                                   rtol=1e-10, atol=1e-12)
+
+
+def test_resumed_optimizer_state_brings_its_product_decay_keys():
+    net = expanded_net()
+    wrapper = build(net, dict(type='AdamW', lr=0.01, weight_decay=0.5))
+    loss_of(net, torch.randn(2, 3, 6, 6, dtype=torch.float64)).backward()
+    wrapper.step()
+    resumed = build(expanded_net(), dict(type='AdamW', lr=0.02, weight_decay=0.1))
+    resumed.load_state_dict(wrapper.state_dict())
+    for saved, loaded in zip(wrapper.optimizer.param_groups, resumed.optimizer.param_groups):
+        for key in (PRODUCT_DECAY_KEY, FACTOR_LR_MULT_KEY, 'weight_decay', 'lr'):
+            assert loaded.get(key) == saved.get(key), key

@@ -14,7 +14,7 @@ import argparse
 import sys
 
 import expand_mm  # noqa: F401
-from expand_mm.checkpoint import CheckpointError, read_checkpoint
+from expand_mm.checkpoint import CheckpointError
 from expand_mm.deploy import count_macs, find_deployable, write_compact_checkpoint
 from expand_mm.surgery import contract_model, count_params, expanded_layers, set_expand_mode
 from mmengine.config import Config, DictAction
@@ -59,7 +59,6 @@ def main() -> int:
               'such as "Distiller" / "AuxOverParam")', file=sys.stderr)
         return 2
     try:
-        read_checkpoint(args.checkpoint)
         out, errors = write_compact_checkpoint(model, args.checkpoint, args.out,
                                                probe_shape=(1, 3, *args.img_size),
                                                verify=args.verify)

@@ -41,5 +41,7 @@ model = dict(
     ])
 
 # Write iter_N_compact.pth beside every checkpoint: the student alone (the
-# teacher and the feature adapters are training-only).
-custom_hooks = [dict(type='ContractCheckpointHook')]
+# teacher and the feature adapters are training-only). ExpandCheckpointLoadHook
+# lets load_from= a stock compact checkpoint start the student (its keys are put
+# under 'student.'); without it nothing of such a checkpoint would load.
+custom_hooks = [dict(type='ExpandCheckpointLoadHook'), dict(type='ContractCheckpointHook')]

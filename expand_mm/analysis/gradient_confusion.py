@@ -182,7 +182,7 @@ class _VectorStore:
         dim = rows[0].shape[0] if rows else 0
         chunk = max(_GRAM_BLOCK // max(n, 1), 1024)
         for start in range(0, dim, chunk):
-            block = np.stack([r[start:start + chunk] for r in rows]).astype(np.float64)
+            block = np.stack([r[start:start + chunk] for r in rows], dtype=np.float64)
             gram += block @ block.T
         return gram
 
@@ -221,9 +221,11 @@ def flat_gradient(model: nn.Module, batch: Any, loss_fn: LossFn,
         raise RuntimeError('flat_gradient: the loss does not depend on any of the given '
                            'parameters (is autograd disabled, or every parameter frozen?)')
     grads = torch.autograd.grad(loss, list(params), allow_unused=True)
+    # Concatenated where the gradients are, then one copy to the CPU (not one
+    # device-to-host transfer per parameter).
     flat = torch.cat([
-        (g if g is not None else torch.zeros_like(p)).detach().reshape(-1)
-        .to(device='cpu', dtype=torch.float32) for g, p in zip(grads, params)])
+        (g if g is not None else torch.zeros_like(p)).detach().reshape(-1).float()
+        for g, p in zip(grads, params)]).cpu()
     return float(loss.detach()), flat
 
 

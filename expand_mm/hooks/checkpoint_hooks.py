@@ -56,6 +56,7 @@ class ContractCheckpointHook(Hook):
         self.verify = verify
         self._done: dict[str, str | None] = {}  # None: skipped (nonlinear phase)
         self._warned_remote = False
+        self._warned_nonlinear = False
 
     def before_train(self, runner) -> None:
         """Check there is something to write; remember the resumed checkpoint.
@@ -126,10 +127,8 @@ class ContractCheckpointHook(Hook):
                 # sub-layers: the chains are not linear, there is nothing to
                 # contract. Remembered (twin None) so it is not looked at again.
                 self._done[path] = None
-                log = runner.logger.info
-                if not getattr(self, '_warned_nonlinear', False):
-                    log = runner.logger.warning
-                    self._warned_nonlinear = True
+                log = runner.logger.info if self._warned_nonlinear else runner.logger.warning
+                self._warned_nonlinear = True
                 log(f'ContractCheckpointHook: {path} was saved during the nonlinear phase '
                     'of NonlinearInitHook (a nonlinearity between the sub-layers) and has no '
                     'compact equivalent; not contracted. Checkpoints saved after the '

@@ -12,9 +12,6 @@ from ..layers import ExpandedLayer
 from ..models.expandnet import deployable_model
 from ..surgery import expanded_layers
 
-# Key in a checkpoint's ``meta`` marking a checkpoint saved while the expanded
-# layers held a nonlinearity: its chains have no compact equivalent.
-
 
 def _build_activation(act_cfg: dict) -> nn.Module:
     """A fresh activation module from ``act_cfg``; raises naming the hook's key."""

@@ -23,18 +23,12 @@ from mmengine.registry import MODELS
 from torch import Tensor, nn
 
 from ..surgery import contract_model, count_params, expanded_layers
-from .wrappers import TrainingWrapper, add_loss_prefix, build_inner_model, record_forward
+from .wrappers import (TrainingWrapper, add_loss_prefix, build_inner_model, deployable_model_cfg,
+                       record_forward)
 
 # Head config keys that hold hidden widths (scaled); input and class counts are not.
 DEFAULT_WIDTH_KEYS = ('channels', 'out_channels', 'feat_channels')
 HEAD_NAMES = ('bbox_head', 'decode_head')
-
-
-def _compact_cfg(cfg: dict) -> dict:
-    """The stock model config inside (possibly nested) ExpandNet / wrapper configs."""
-    while cfg.get('type') == 'ExpandNet':
-        cfg = cfg['model']
-    return cfg
 
 
 def widen_head_cfg(head_cfg: dict, width_mult: float,
@@ -100,7 +94,7 @@ class AuxOverParam(TrainingWrapper):
         self.model = build_inner_model(model, 'model.model', 'AuxOverParam',
                                        data_preprocessor, model_overrides)
         self.data_preprocessor = self.model.data_preprocessor
-        compact_cfg = _compact_cfg(dict(model))
+        compact_cfg = deployable_model_cfg(dict(model))
         if head is None:
             head = next((h for h in HEAD_NAMES if compact_cfg.get(h)), None)
             if head is None:

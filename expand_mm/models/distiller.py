@@ -31,7 +31,8 @@ from mmengine.registry import MODELS
 from mmengine.runner.checkpoint import load_checkpoint
 from torch import Tensor, nn
 
-from ..checkpoint import CheckpointError, compare_state_dict, match_state_dict, read_checkpoint
+from ..checkpoint import (CheckpointError, compare_state_dict, match_state_dict, read_checkpoint,
+                          strip_prefix)
 from .wrappers import TrainingWrapper, build_inner_model, get_submodule, record_forward
 
 
@@ -136,8 +137,9 @@ class LogitsKDLoss(DistillLoss):
             box offsets). Default: all.
         resize: Resize the teacher's maps to the student's spatial size
             (bilinear) when they differ; otherwise a mismatch is an error.
-        reduction: ``'mean'`` (over positions for softmax, elements for
-            sigmoid), ``'batchmean'`` (sum / batch size) or ``'sum'``.
+        reduction: ``'mean'`` (softmax: over positions and groups; sigmoid:
+            over the selected elements), ``'batchmean'`` (sum / batch size) or
+            ``'sum'``.
         loss_weight: Factor of the loss.
         loss_name: Logged key (default ``'loss_kd'``).
     """
@@ -356,7 +358,15 @@ class Distiller(TrainingWrapper):
             self.distill_losses.append(loss)
 
     def _check_normalisation(self) -> None:
-        """The teacher sees the student's preprocessed batch: refuse other mean / std."""
+        """The teacher sees the student's preprocessed batch: refuse other mean / std / order."""
+        s_swap = getattr(self.student.data_preprocessor, '_channel_conversion', None)
+        t_swap = getattr(self.teacher.data_preprocessor, '_channel_conversion', None)
+        if s_swap is not None and t_swap is not None and s_swap != t_swap:
+            raise ValueError(
+                'Distiller: the teacher is run on the student\'s preprocessed batch but its '
+                f'data_preprocessor {"swaps" if t_swap else "keeps"} the channel order '
+                f'(bgr_to_rgb / rgb_to_bgr) and the student\'s {"does" if s_swap else "does not"}'
+                '; give model.teacher the same data_preprocessor')
         for attr in ('mean', 'std'):
             s = getattr(self.student.data_preprocessor, attr, None)
             t = getattr(self.teacher.data_preprocessor, attr, None)
@@ -392,9 +402,11 @@ class Distiller(TrainingWrapper):
                 shapes do not fit the teacher config (naming them).
         """
         path = self.teacher_ckpt
-        if '://' not in path:
-            checkpoint = read_checkpoint(path)
-            state_dict = checkpoint['state_dict']
+        if '://' in path:  # remote: MMEngine's loader (strict) does the checking
+            load_checkpoint(self.teacher, path, map_location='cpu', strict=True,
+                            logger=MMLogger.get_current_instance())
+        else:  # read once, checked with a clear message, then loaded strictly
+            state_dict = strip_prefix(read_checkpoint(path)['state_dict'])
             try:
                 match_state_dict(self.teacher, state_dict, source=path)
             except CheckpointError:
@@ -405,8 +417,7 @@ class Distiller(TrainingWrapper):
                     'checkpoint trained with the teacher config (its iter_N.pth / '
                     'epoch_N.pth, or the *_compact.pth of an ExpandNet teacher) or change '
                     'model.teacher to the config the checkpoint was trained with') from None
-        load_checkpoint(self.teacher, path, map_location='cpu', strict=True,
-                        logger=MMLogger.get_current_instance())
+            self.teacher.load_state_dict(state_dict, strict=True)
         self._teacher_loaded = True
         MMLogger.get_current_instance().info(
             f'Distiller: teacher ({type(self.teacher).__name__}) loaded from '

@@ -25,7 +25,8 @@ from mmengine.model import BaseModel
 from mmengine.registry import MODELS
 from torch import nn
 
-from ..surgery import deferred_factor_grads, expanded_layers
+from ..surgery import deferred_factor_grads
+from .expandnet import deployable_model
 
 
 def build_inner_model(cfg: Mapping, key: str, owner: str,
@@ -188,16 +189,13 @@ class TrainingWrapper(BaseModel):
 
         An ExpandNet built with ``defer_factor_grads=True`` defers its factor
         gradients inside its own ``train_step``, which a wrapper does not call;
-        the same switch is made here around the wrapper's step.
+        the same switch is made here around the wrapper's step. As for a bare
+        ExpandNet, distributed wrappers (``MMDistributedDataParallel``) run
+        their own train step, not this one, and keep plain autograd.
         """
-        inner = self.deployable_model()
-        while callable(getattr(inner, 'deployable_model', None)) \
-                and inner.deployable_model() is not inner:
-            inner = inner.deployable_model()
-        cfg = getattr(inner, 'expandnet_cfg', None) or {}
-        defer = bool(cfg.get('defer_factor_grads')) and bool(expanded_layers(inner))
-        with deferred_factor_grads(inner, enabled=defer) if defer \
-                else contextlib.nullcontext():
+        inner = deployable_model(self)
+        defer = bool((getattr(inner, 'expandnet_cfg', None) or {}).get('defer_factor_grads'))
+        with deferred_factor_grads(inner) if defer else contextlib.nullcontext():
             return super().train_step(data, optim_wrapper)
 
 

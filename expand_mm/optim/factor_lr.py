@@ -219,15 +219,17 @@ class ExpandNetOptimWrapperConstructor(DefaultOptimWrapperConstructor):
         groups = {id(p): g for g in optimizer.param_groups for p in g['params']}
         moved: list[float] = []
         for path, layer in layers:
-            for i, param in enumerate(factor_weights(layer)):
+            names = {id(p): n for n, p in layer.named_parameters()}
+            for param in factor_weights(layer):
                 group = groups.get(id(param))
                 if group is None:  # frozen or left out of the optimizer
                     continue
                 if len(group['params']) != 1:
                     raise RuntimeError(
-                        f"paramwise_cfg.weight_decay_on='product': factor {path}.sublayers"
-                        f'[{i}].weight shares a param group with {len(group["params"]) - 1} '
-                        'other parameters; it needs a group of its own')
+                        f"paramwise_cfg.weight_decay_on='product': factor "
+                        f'{path}.{names[id(param)]} shares a param group with '
+                        f'{len(group["params"]) - 1} other parameters; it needs a group of '
+                        'its own')
                 decay = float(group.get('weight_decay') or 0.0)
                 group[PRODUCT_DECAY_KEY] = decay
                 group[FACTOR_LR_MULT_KEY] = multipliers.get(id(param), 1.0)

@@ -24,7 +24,11 @@ optimizer step:
   kernel is shrunk by exactly that factor (the composition is linear in each
   factor) and the factors keep their relative sizes. ``lr`` is the rate the
   compact kernel would have: the factor group's rate divided by its per-factor
-  multiplier (:mod:`expand_mm.optim.factor_lr`); schedulers scale both alike.
+  multiplier (:mod:`expand_mm.optim.factor_lr`). Schedulers that multiply
+  every group's rate (warm-up, steps, cosine with ``eta_min_ratio``) keep this
+  exact; one with an absolute ``eta_min`` drives the factor groups to that
+  same rate, so near its end the shrink is ``1 / multiplier`` times too large
+  (and the factors' scaled rates are lost as well).
 
 Other optimizers are refused: their decay semantics are not known here.
 
@@ -48,11 +52,15 @@ autocast region and bypassing the layers' caches and deferred leaves, so it is
 independent of the layer's mode and of :func:`expand_mm.deferred_factor_grads`
 (whose factor gradients are complete when the step runs). It runs once per
 real optimizer step: ``OptimWrapper`` gradient accumulation calls
-``optimizer.step`` once per ``accumulative_counts`` and ``AmpOptimWrapper``
-unscales the gradients before it. A layer whose factor weights all lack a
-gradient is skipped, as the optimizer skips a parameter without one. While a
-nonlinearity sits between the sub-layers (:class:`~expand_mm.hooks.NonlinearInitHook`),
-the decay still acts on the product the factors will contract to.
+``optimizer.step`` once per ``accumulative_counts``, and ``AmpOptimWrapper``
+either unscales the gradients before it or, for a fused optimizer
+(``fused=True``, which unscales inside its step), sets the optimizer's
+``grad_scale`` and ``found_inf``: the coupled decay gradient is then scaled
+alike and the decoupled shrink is skipped on a step with an inf. A layer
+whose factor weights all lack a gradient is skipped, as the optimizer skips
+a parameter without one. While a nonlinearity sits between the sub-layers
+(:class:`~expand_mm.hooks.NonlinearInitHook`), the decay still acts on the
+product the factors will contract to.
 """
 from __future__ import annotations
 
@@ -153,6 +161,11 @@ class ProductWeightDecay:
     def __call__(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
         """Apply the product decay of every layer (called by ``optimizer.step``)."""
         groups = {id(p): g for g in optimizer.param_groups for p in g['params']}
+        # Set by GradScaler.step for an optimizer that unscales inside its own
+        # step (fused=True): the gradients are still scaled here, and a step
+        # with an inf is skipped by the optimizer, not before this hook.
+        grad_scale = getattr(optimizer, 'grad_scale', None)
+        found_inf = getattr(optimizer, 'found_inf', None)
         for _, layer in self.layers:
             factors = [(p, groups[id(p)]) for p in factor_weights(layer) if id(p) in groups]
             factors = [(p, g) for p, g in factors if g.get(PRODUCT_DECAY_KEY, 0.0) > 0]
@@ -161,22 +174,29 @@ class ProductWeightDecay:
             if not factors or all(p.grad is None for p, _ in factors):
                 continue
             if self.style == 'coupled':
-                self._coupled(layer, factors)
+                self._coupled(layer, factors, grad_scale)
             else:
-                self._decoupled(layer, factors)
+                self._decoupled(layer, factors, found_inf)
 
     @staticmethod
-    def _coupled(layer: ExpandedLayer, factors: list[tuple[Tensor, dict]]) -> None:
+    def _coupled(layer: ExpandedLayer, factors: list[tuple[Tensor, dict]],
+                 grad_scale: Tensor | None = None) -> None:
         params = [p for p, _ in factors]
         device_type = params[0].device.type
         with torch.enable_grad(), torch.autocast(device_type, enabled=False):
             # _compose, not composed(): no cache, no deferred leaf, any mode.
             weight = layer._compose(None)[0]
-        decays = [g[PRODUCT_DECAY_KEY] for _, g in factors]
+        target = weight.detach()
+        if grad_scale is not None:  # the optimizer divides every gradient by it
+            target = target * grad_scale.to(target)
+        # maximize=True negates the gradient before the optimizer adds its L2
+        # term, so the term added here, ahead of that, is negated too.
+        decays = [-g[PRODUCT_DECAY_KEY] if g.get('maximize') else g[PRODUCT_DECAY_KEY]
+                  for _, g in factors]
         if all(d == decays[0] for d in decays):
-            torch.autograd.backward(weight, decays[0] * weight.detach(), inputs=params)
+            torch.autograd.backward(weight, decays[0] * target, inputs=params)
             return
-        grads = torch.autograd.grad(weight, params, weight.detach())
+        grads = torch.autograd.grad(weight, params, target)
         with torch.no_grad():
             for param, grad, decay in zip(params, grads, decays):
                 if param.grad is None:
@@ -185,7 +205,8 @@ class ProductWeightDecay:
                     param.grad.add_(grad, alpha=decay)
 
     @staticmethod
-    def _decoupled(layer: ExpandedLayer, factors: list[tuple[Tensor, dict]]) -> None:
+    def _decoupled(layer: ExpandedLayer, factors: list[tuple[Tensor, dict]],
+                   found_inf: Tensor | None = None) -> None:
         num = len(factors)
         with torch.no_grad():
             for param, group in factors:
@@ -196,4 +217,9 @@ class ProductWeightDecay:
                         f'{layer._describe()}: decoupled product weight decay '
                         f'lr * weight_decay = {1.0 - shrink:.4g} >= 1 would flip the sign '
                         'of the composed kernel; lower optimizer.lr or weight_decay')
-                param.mul_(shrink ** (1.0 / num))
+                factor = shrink ** (1.0 / num)
+                if found_inf is None:
+                    param.mul_(factor)
+                else:  # no sync: the optimizer skips this step when found_inf > 0
+                    skipped = (found_inf.to(param.device) > 0).to(param.dtype)
+                    param.mul_(factor + (1.0 - factor) * skipped)
