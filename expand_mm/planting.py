@@ -347,7 +347,7 @@ class ChannelPlanter:
                 f'change {worst:.3g} for outputs up to {scale:.3g}). A planted channel reaches '
                 'an output other than through a conv that reads it directly (a residual add, '
                 'a linear layer, ...): channel planting needs plain conv chains; exclude the '
-                'units that feed such paths')
+                f'units that feed such paths (planted here: {[u.path for u in self.units]})')
 
     # -------------------------------------------------------------------- freezing
     def _refreeze(self) -> None:
