@@ -11,37 +11,17 @@
 #   python tools/test.py configs/digits/yolo-lite_1xb16-900i_digits-det-64x64.py \
 #       work_dirs/kd-yolo-lite-w2_expandnet-cl-r4_yolo-lite_1xb16-900i_digits-det-64x64/iter_900_compact.pth
 # (the teacher and the feature adapters are training-only).
-_base_ = '../digits/expandnet-cl-r4_yolo-lite_1xb16-900i_digits-det-64x64.py'
+_base_ = './kd-yolo-lite-w2_yolo-lite_1xb16-900i_digits-det-64x64.py'
 
-num_classes = 10
+# The teacher and the distillation losses are the base's; the student becomes
+# the ExpandNet of the compact detector, as in
+# ../digits/expandnet-cl-r4_yolo-lite_1xb16-900i_digits-det-64x64.py.
 model = dict(
-    _delete_=True,
-    type='Distiller',
-    student={{_base_.model}},  # the ExpandNet of the compact detector
-    teacher='{{fileDirname}}/yolo-lite-w2_1xb16-900i_digits-det-64x64.py',
-    teacher_ckpt='work_dirs/yolo-lite-w2_1xb16-900i_digits-det-64x64/iter_900.pth',
-    distill_losses=[
-        # Objectness and class logits of every anchor of the three YOLOv3
-        # maps (channels 4..14 of each 5 + 10 group; not the box offsets):
-        # Bernoulli KL against the teacher's probabilities, summed like
-        # YOLOv3's own losses.
-        dict(
-            type='LogitsKDLoss',
-            student='bbox_head',
-            activation='sigmoid',
-            temperature=1.0,
-            group_size=5 + num_classes,
-            channels=(4, 5 + num_classes),
-            reduction='sum',
-            loss_weight=1.0,
-            loss_name='loss_kd'),
-        # FitNets-style imitation of the teacher's neck outputs through
-        # training-only 1x1 adapters (student 64/32/32 -> teacher 128/64/64).
-        dict(
-            type='FeatureImitationLoss',
-            student='neck',
-            student_channels=[64, 32, 32],
-            teacher_channels=[128, 64, 64],
-            loss_weight=1.0,
-            loss_name='loss_feat'),
-    ])
+    student=dict(
+        _delete_=True,
+        type='ExpandNet',
+        model={{_base_.compact_model}},
+        strategy='cl',
+        ratio=4,
+        mode='online'))
+optim_wrapper = dict(constructor='ExpandNetOptimWrapperConstructor')

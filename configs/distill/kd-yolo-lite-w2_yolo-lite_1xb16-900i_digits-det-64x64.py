@@ -13,13 +13,15 @@
 _base_ = '../digits/yolo-lite_1xb16-900i_digits-det-64x64.py'
 
 num_classes = 10
+# The stock compact detector; named so that the ExpandNet-student config can build
+# its ExpandNet from it.
+compact_model = {{_base_.model}}
 model = dict(
     _delete_=True,
     type='Distiller',
-    student={{_base_.model}},  # the stock compact detector
+    student=compact_model,
     teacher='{{fileDirname}}/yolo-lite-w2_1xb16-900i_digits-det-64x64.py',
     teacher_ckpt='work_dirs/yolo-lite-w2_1xb16-900i_digits-det-64x64/iter_900.pth',
-    # The losses of ../distill/kd-yolo-lite-w2_expandnet-cl-r4_yolo-lite_1xb16-900i_digits-det-64x64.py
     distill_losses=[
         dict(
             type='LogitsKDLoss',
