@@ -301,6 +301,18 @@ def voc_cfgs(tmp_path_factory):
     return tmp, cfgs
 
 
+def test_runs_pair_configs_checkpoints_and_unique_labels():
+    from expand_mm.analysis.runs import resolve_runs, safe_name
+    runs = resolve_runs(['a/x.py', 'b/x.py', 'y.py'], ['none', 'c.pth', '-'], None)
+    assert [r['label'] for r in runs] == ['x#0', 'x#1', 'y']
+    assert [r['checkpoint'] for r in runs] == [None, 'c.pth', None]
+    with pytest.raises(ValueError, match='--checkpoint: got 1 for 2 configs'):
+        resolve_runs(['x.py', 'y.py'], ['c.pth'], None)
+    with pytest.raises(ValueError, match='--labels must be unique'):
+        resolve_runs(['x.py', 'y.py'], None, ['same', 'same'])
+    assert safe_name('a b/c#1') == 'a_b_c_1'
+
+
 def test_gradient_confusion_tool(voc_cfgs):
     """Compact checkpoint into both configs: the same figures in the compact space."""
     from mmdet.registry import MODELS

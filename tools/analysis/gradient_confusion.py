@@ -27,14 +27,11 @@ cosine-similarity densities of all configs overlaid).
 from __future__ import annotations
 
 import argparse
-import copy
 import gc
 import json
 import os
 import os.path as osp
-import re
 import sys
-import time
 from typing import Any, Sequence
 
 import matplotlib
@@ -45,13 +42,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import expand_mm  # noqa: E402,F401  (registers ExpandNet and the hooks)
-from expand_mm.analysis import (build_mm_model_and_loader, gradient_confusion,  # noqa: E402
-                                mm_loss_fn)
-from expand_mm.datasets_check import check_datasets  # noqa: E402
+from expand_mm.analysis import gradient_confusion, mm_loss_fn  # noqa: E402
+from expand_mm.analysis.runs import build_run, resolve_runs  # noqa: E402
 from expand_mm.surgery import count_params, expanded_layers  # noqa: E402
 from mmengine.config import Config, DictAction  # noqa: E402
 
-NO_CHECKPOINT = ('none', '-')
 COLUMNS = ('config', 'space', 'params', 'batches', 'pairs', 'mean cos', 'median cos',
            'neg frac', 'min cos', 'eta', 'mean |g|', 'mean loss')
 
@@ -94,61 +89,9 @@ def parse_args(argv: Sequence[str] | None = None, need_configs: bool = True
     return args
 
 
-def resolve_runs(configs: Sequence[str | Config], checkpoints: Sequence[str] | None,
-                 labels: Sequence[str] | None) -> list[dict[str, Any]]:
-    """Pair every config with its checkpoint and a unique label.
-
-    Args:
-        configs: Config paths or already-built ``Config`` objects.
-        checkpoints: ``None``, or one entry per config (``none`` / ``-``: none).
-        labels: ``None`` (file stems, numbered when repeated) or one per config.
-
-    Returns:
-        ``[{'config': ..., 'checkpoint': ..., 'label': ...}, ...]``.
-
-    Raises:
-        ValueError: If the counts of checkpoints or labels do not match the configs.
-    """
-    if checkpoints is not None and len(checkpoints) != len(configs):
-        raise ValueError(f'--checkpoint: got {len(checkpoints)} for {len(configs)} configs; '
-                         'give one per config (`none` for the initialisation)')
-    if labels is not None and len(labels) != len(configs):
-        raise ValueError(f'--labels: got {len(labels)} for {len(configs)} configs')
-    if labels is None:
-        stems = [osp.splitext(osp.basename(c if isinstance(c, str) else c.filename or
-                                           'config'))[0] for c in configs]
-        labels = [s if stems.count(s) == 1 else f'{s}#{i}' for i, s in enumerate(stems)]
-    if len(set(labels)) != len(labels):
-        raise ValueError(f'--labels must be unique, got {labels}')
-    ckpts = [None if c is None or c.lower() in NO_CHECKPOINT else c
-             for c in (checkpoints or [None] * len(configs))]
-    return [dict(config=c, checkpoint=k, label=lab)
-            for c, k, lab in zip(configs, ckpts, labels)]
-
-
-def load_config(config: str | Config, cfg_options: dict | None) -> Config:
-    """A private copy of ``config`` with ``cfg_options`` merged."""
-    cfg = Config.fromfile(config) if isinstance(config, str) else copy.deepcopy(config)
-    if cfg_options:
-        cfg.merge_from_dict(cfg_options)
-    return cfg
-
-
-def safe_name(label: str) -> str:
-    """``label`` usable as a file name."""
-    return re.sub(r'[^A-Za-z0-9_.-]+', '_', label)
-
-
 def analyse(run: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     """Gradient confusion of one config; the result's ``to_dict()`` plus the run's settings."""
-    cfg = load_config(run['config'], args.cfg_options)
-    check_datasets(cfg, ('train_dataloader',))
-    # One runner per config in this process: unique names keep their loggers,
-    # message hubs and visualisers apart.
-    cfg.experiment_name = f'{safe_name(run["label"])}_{time.strftime("%Y%m%d_%H%M%S")}'
-    model, loader = build_mm_model_and_loader(
-        cfg, run['checkpoint'], seed=args.seed,
-        work_dir=osp.join(args.out, 'runs', safe_name(run['label'])))
+    cfg, model, loader = build_run(run, args.cfg_options, args.seed, args.out)
     torch.manual_seed(args.seed)  # dropout and the like
 
     def progress(index: int, loss: float) -> None:

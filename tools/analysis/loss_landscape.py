@@ -26,12 +26,10 @@ from __future__ import annotations
 
 import argparse
 import gc
-import importlib.util
 import json
 import os
 import os.path as osp
 import sys
-import time
 from typing import Any, Sequence
 
 import matplotlib
@@ -41,29 +39,11 @@ matplotlib.use('Agg')  # headless: the tool only writes files
 import numpy as np  # noqa: E402
 
 import expand_mm  # noqa: E402,F401  (registers ExpandNet and the hooks)
-from expand_mm.analysis import (build_mm_model_and_loader, loss_landscape_1d,  # noqa: E402
-                                loss_landscape_2d, mm_loss_fn, mm_preprocess)
-from expand_mm.datasets_check import check_datasets  # noqa: E402
+from expand_mm.analysis import (loss_landscape_1d, loss_landscape_2d, mm_loss_fn,  # noqa: E402
+                                mm_preprocess)
+from expand_mm.analysis.runs import build_run, resolve_runs, safe_name  # noqa: E402
 from expand_mm.surgery import expanded_layers  # noqa: E402
 from mmengine.config import Config, DictAction  # noqa: E402
-
-
-def _load_sibling_tool():
-    """Imports ``tools/analysis/gradient_confusion.py`` (``tools/`` is not a package)."""
-    name = 'gradient_confusion_tool'
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(
-            name, osp.join(osp.dirname(osp.abspath(__file__)), 'gradient_confusion.py'))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-# One way to pair configs with checkpoints and labels for both analysis tools.
-_gc_tool = _load_sibling_tool()
-resolve_runs, safe_name, load_config = (_gc_tool.resolve_runs, _gc_tool.safe_name,
-                                       _gc_tool.load_config)
 
 
 def parse_args(argv: Sequence[str] | None = None, need_configs: bool = True
@@ -110,15 +90,7 @@ def parse_args(argv: Sequence[str] | None = None, need_configs: bool = True
 
 def analyse(run: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     """The 1-D (and 2-D) landscape of one config, JSON-friendly."""
-    config = run['config']
-    cfg = load_config(config, args.cfg_options)
-    check_datasets(cfg, ('train_dataloader',))
-    # One runner per config in this process: unique names keep their loggers,
-    # message hubs and visualisers apart.
-    cfg.experiment_name = f'{safe_name(run["label"])}_{time.strftime("%Y%m%d_%H%M%S")}'
-    model, loader = build_mm_model_and_loader(
-        cfg, run['checkpoint'], seed=args.seed,
-        work_dir=osp.join(args.out, 'runs', safe_name(run['label'])))
+    cfg, model, loader = build_run(run, args.cfg_options, args.seed, args.out)
     batches = mm_preprocess(model, loader, args.num_batches)
     loss_fn = mm_loss_fn(preprocess=False)
     label = run['label']
@@ -129,7 +101,8 @@ def analyse(run: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
 
     common = dict(span=args.span, seed=args.seed, form=args.form, progress=progress)
     entry: dict[str, Any] = dict(
-        label=label, config=config if isinstance(config, str) else config.filename,
+        label=label, config=run['config'] if isinstance(run['config'], str)
+        else run['config'].filename,
         checkpoint=run['checkpoint'], expanded_layers=len(expanded_layers(model)),
         num_batches=len(batches), batch_size=cfg.train_dataloader.get('batch_size'))
     entry['1d'] = loss_landscape_1d(model, batches, loss_fn, steps=args.steps_1d,

@@ -1,0 +1,84 @@
+"""What both analysis tools do per config: pair configs with checkpoints, build the model.
+
+``tools/analysis/gradient_confusion.py`` and ``tools/analysis/loss_landscape.py``
+take the same ``CONFIG ... --checkpoint ... --labels ...`` arguments and build
+each model the same way; this is that one way.
+"""
+from __future__ import annotations
+
+import copy
+import os.path as osp
+import re
+import time
+from typing import Any, Sequence
+
+from mmengine.config import Config
+from torch import nn
+
+from ..datasets_check import check_datasets
+from .gradient_confusion import build_mm_model_and_loader
+
+NO_CHECKPOINT = ('none', '-')
+
+
+def resolve_runs(configs: Sequence[str | Config], checkpoints: Sequence[str] | None,
+                 labels: Sequence[str] | None) -> list[dict[str, Any]]:
+    """Pair every config with its checkpoint and a unique label.
+
+    Args:
+        configs: Config paths or already-built ``Config`` objects.
+        checkpoints: ``None``, or one entry per config (``none`` / ``-``: none).
+        labels: ``None`` (file stems, numbered when repeated) or one per config.
+
+    Returns:
+        ``[{'config': ..., 'checkpoint': ..., 'label': ...}, ...]``.
+
+    Raises:
+        ValueError: If the counts of checkpoints or labels do not match the configs.
+    """
+    if checkpoints is not None and len(checkpoints) != len(configs):
+        raise ValueError(f'--checkpoint: got {len(checkpoints)} for {len(configs)} configs; '
+                         'give one per config (`none` for the initialisation)')
+    if labels is not None and len(labels) != len(configs):
+        raise ValueError(f'--labels: got {len(labels)} for {len(configs)} configs')
+    if labels is None:
+        stems = [osp.splitext(osp.basename(c if isinstance(c, str) else c.filename or
+                                           'config'))[0] for c in configs]
+        labels = [s if stems.count(s) == 1 else f'{s}#{i}' for i, s in enumerate(stems)]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f'--labels must be unique, got {labels}')
+    ckpts = [None if c is None or c.lower() in NO_CHECKPOINT else c
+             for c in (checkpoints or [None] * len(configs))]
+    return [dict(config=c, checkpoint=k, label=lab)
+            for c, k, lab in zip(configs, ckpts, labels)]
+
+
+def load_config(config: str | Config, cfg_options: dict | None) -> Config:
+    """A private copy of ``config`` with ``cfg_options`` merged."""
+    cfg = Config.fromfile(config) if isinstance(config, str) else copy.deepcopy(config)
+    if cfg_options:
+        cfg.merge_from_dict(cfg_options)
+    return cfg
+
+
+def safe_name(label: str) -> str:
+    """``label`` usable as a file name."""
+    return re.sub(r'[^A-Za-z0-9_.-]+', '_', label)
+
+
+def build_run(run: dict[str, Any], cfg_options: dict | None, seed: int,
+              out: str) -> tuple[Config, nn.Module, Any]:
+    """The config, model and train loader of one run of :func:`resolve_runs`.
+
+    Checks the config's training data exists, gives the runner a unique
+    experiment name (one runner per config in one process: their loggers,
+    message hubs and visualisers stay apart) and a work dir under
+    ``out/runs/<label>``, and builds as :func:`build_mm_model_and_loader` does.
+    """
+    cfg = load_config(run['config'], cfg_options)
+    check_datasets(cfg, ('train_dataloader',))
+    name = safe_name(run['label'])
+    cfg.experiment_name = f'{name}_{time.strftime("%Y%m%d_%H%M%S")}'
+    model, loader = build_mm_model_and_loader(cfg, run['checkpoint'], seed=seed,
+                                              work_dir=osp.join(out, 'runs', name))
+    return cfg, model, loader
