@@ -11,13 +11,12 @@ from __future__ import annotations
 import pytest
 import torch
 from mmengine.config import Config
-from mmengine.registry import DefaultScope
 from mmengine.runner import Runner
 
 import expand_mm
 from expand_mm.models import widen_head_cfg
-from wrapper_test_utils import (DET_COMPACT, ROOT, SEG_COMPACT, assert_outputs_close,
-                                build_model, compact_checkpoint, logged, make_digits, tiny_cfg)
+from wrapper_test_utils import (DET_COMPACT, ROOT, SEG_COMPACT, assert_same_raw_outputs,
+                                compact_checkpoint, load_stock, logged, make_digits, tiny_cfg)
 
 AUX_DET = ROOT / 'configs/aux/aux-w2_expandnet-cl-r4_yolo-lite_1xb16-900i_digits-det-64x64.py'
 
@@ -57,15 +56,7 @@ def test_det_aux_branch_on_an_expandnet(data, tmp_path):
     # The compact checkpoint: the contracted main branch only.
     compact = compact_checkpoint(work)
     assert not any(k.startswith(('aux_head.', 'model.')) for k in compact)
-    with DefaultScope.overwrite_default_scope('mmdet'):
-        stock = build_model(DET_COMPACT)
-    stock.load_state_dict(compact, strict=True)
-    stock.eval()
-    model.eval()
-    x = torch.rand(1, 3, 64, 64)
-    with torch.no_grad():
-        assert_outputs_close(stock(x, mode='tensor'), model(x, mode='tensor'))
-        assert_outputs_close(stock(x, mode='tensor'), model.model(x, mode='tensor'))
+    assert_same_raw_outputs(load_stock(DET_COMPACT, compact), model, model.model)
 
     # Gradients (checked last: a training-mode forward moves the BN statistics):
     # the branch gets the auxiliary loss's, the shared backbone both heads'.
@@ -97,14 +88,7 @@ def test_seg_aux_branch_on_a_plain_compact_model(data, tmp_path):
     own = model.model.state_dict()
     assert set(compact) == set(own)
     assert all(torch.equal(compact[k], own[k].cpu()) for k in own)
-    with DefaultScope.overwrite_default_scope('mmseg'):
-        stock = build_model(SEG_COMPACT)
-    stock.load_state_dict(compact, strict=True)
-    stock.eval()
-    model.eval()
-    x = torch.rand(1, 3, 64, 64)
-    with torch.no_grad():
-        assert_outputs_close(stock(x, mode='tensor'), model(x, mode='tensor'), rtol=1e-6)
+    assert_same_raw_outputs(load_stock(SEG_COMPACT, compact), model, rtol=1e-6)
 
 
 def test_widen_head_cfg():

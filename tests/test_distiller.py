@@ -24,8 +24,9 @@ from expand_mm.deploy import contract_state_dict, deployable_state_dict, find_de
 from expand_mm.hooks import ContractCheckpointHook, ExpandCheckpointLoadHook
 from expand_mm.models import FeatureImitationLoss, LogitsKDLoss
 from wrapper_test_utils import (DET_COMPACT, ROOT, SEG_COMPACT, assert_outputs_close,
-                                build_model, compact_checkpoint, load_tool, logged, make_digits,
-                                save_state, tiny_cfg)
+                                assert_same_raw_outputs, build_model, compact_checkpoint,
+                                load_stock, load_tool, logged, make_digits, save_state,
+                                tiny_cfg)
 
 DISTILL = ROOT / 'configs/distill'
 KD_DET = DISTILL / 'kd-yolo-lite-w2_expandnet-cl-r4_yolo-lite_1xb16-900i_digits-det-64x64.py'
@@ -85,16 +86,9 @@ def test_det_kd_of_an_expandnet_trains_and_deploys_the_student(data, tmp_path):
     # The compact checkpoint: the contracted student only, stock keys and shapes ...
     compact = compact_checkpoint(work)
     assert not any(k.startswith(('student.', 'teacher.', 'distill_losses.')) for k in compact)
-    with DefaultScope.overwrite_default_scope('mmdet'):
-        stock = build_model(DET_COMPACT)
-    stock.load_state_dict(compact, strict=True)
+    stock = load_stock(DET_COMPACT, compact)
     # ... which computes what the trained student computes, and predicts the same.
-    stock.eval()
-    model.eval()
-    x = torch.rand(1, 3, 64, 64)
-    with torch.no_grad():
-        assert_outputs_close(stock(x, mode='tensor'), model(x, mode='tensor'))
-        assert_outputs_close(stock(x, mode='tensor'), model.student(x, mode='tensor'))
+    assert_same_raw_outputs(stock, model, model.student)
     keep_all_boxes(stock)
     keep_all_boxes(model.student)
     batch = next(iter(runner.train_dataloader))
@@ -147,14 +141,9 @@ def test_seg_kd_of_an_expandnet_trains_and_deploys_the_student(data, tmp_path):
     assert_teacher_frozen(model, teacher_ckpt)
 
     compact = compact_checkpoint(work)
-    with DefaultScope.overwrite_default_scope('mmseg'):
-        stock = build_model(SEG_COMPACT)
-    stock.load_state_dict(compact, strict=True)
-    stock.eval()
-    model.eval()
-    x = torch.rand(1, 3, 64, 64)
+    stock = load_stock(SEG_COMPACT, compact)
+    assert_same_raw_outputs(stock, model)
     with torch.no_grad():
-        assert_outputs_close(stock(x, mode='tensor'), model(x, mode='tensor'))
         batch = next(iter(runner.train_dataloader))
         a, b = stock.val_step(batch), model.val_step(batch)
     for da, db in zip(a, b):

@@ -83,3 +83,20 @@ def compact_checkpoint(work_dir: Path, it: int = 2) -> dict:
     path = osp.join(work_dir, f'iter_{it}_compact.pth')
     assert osp.isfile(path), path
     return torch.load(path)['state_dict']
+
+
+def load_stock(config: Path | str, compact: dict) -> torch.nn.Module:
+    """The stock model of ``config`` with ``compact`` loaded strictly, in eval mode."""
+    model = build_model(config)
+    model.load_state_dict(compact, strict=True)
+    return model.eval()
+
+
+def assert_same_raw_outputs(stock: torch.nn.Module, *models: torch.nn.Module,
+                            rtol: float = 1e-4) -> None:
+    """``mode='tensor'`` outputs of every model in eval mode equal ``stock``'s on one image."""
+    x = torch.rand(1, 3, *SIZE)
+    with torch.no_grad():
+        expected = stock.eval()(x, mode='tensor')
+        for model in models:
+            assert_outputs_close(expected, model.eval()(x, mode='tensor'), rtol)
