@@ -1,12 +1,18 @@
 """weight_decay_on='product': the decay of the composed kernel, applied to the factors."""
+import copy
+
 import pytest
 import torch
+from mmengine.model import BaseModel
 from mmengine.optim import build_optim_wrapper
 from mmengine.registry import OPTIMIZERS
+from mmengine.runner import Runner
 from torch import nn
 
 import expand_mm
 from expand_mm.optim.product_decay import FACTOR_LR_MULT_KEY, PRODUCT_DECAY_KEY
+
+OTHER = {'factors': 'product', 'product': 'factors'}
 
 
 class TinyNet(nn.Module):
@@ -127,7 +133,7 @@ def test_factor_weight_groups_get_zero_decay_and_the_rest_is_untouched():
     assert wrapper.product_weight_decay.style == 'decoupled'
 
 
-def test_default_factors_installs_nothing():
+def test_default_factors_installs_nothing_but_the_resume_check():
     net = expanded_net()
     wrapper = build_optim_wrapper(net, dict(
         constructor='ExpandNetOptimWrapperConstructor',
@@ -135,6 +141,18 @@ def test_default_factors_installs_nothing():
     assert not wrapper.optimizer._optimizer_step_pre_hooks
     assert not hasattr(wrapper, 'product_weight_decay')
     assert len(wrapper.optimizer.param_groups) == 1  # as the default constructor
+    assert len(wrapper.optimizer._optimizer_load_state_dict_pre_hooks) == 1
+    # a model without expanded layers: nothing to check
+    compact = build_optim_wrapper(TinyNet(), dict(
+        constructor='ExpandNetOptimWrapperConstructor',
+        optimizer=dict(type='SGD', lr=0.1, weight_decay=0.1)))
+    assert not compact.optimizer._optimizer_load_state_dict_pre_hooks
+    # frozen factors (an expanded teacher): both settings save the same groups
+    frozen = expanded_net()
+    for _, layer in expand_mm.expanded_layers(frozen):
+        layer.requires_grad_(False)
+    wrapper = build(frozen, dict(type='AdamW', lr=0.01, weight_decay=0.1))
+    assert not wrapper.optimizer._optimizer_load_state_dict_pre_hooks
 
 
 def test_bad_value_and_unknown_optimizer_are_named():
@@ -245,13 +263,82 @@ def test_coupled_decay_still_decays_under_maximize():
                                    rtol=1e-10, atol=1e-12)
 
 
-def test_resumed_optimizer_state_brings_its_product_decay_keys():
+def stepped(weight_decay_on):
+    """A wrapper of ``expanded_net()`` after one AdamW step (per-parameter groups either way)."""
     net = expanded_net()
-    wrapper = build(net, dict(type='AdamW', lr=0.01, weight_decay=0.5))
+    wrapper = build(net, dict(type='AdamW', lr=0.01, weight_decay=0.5),
+                    weight_decay_on=weight_decay_on)
     loss_of(net, torch.randn(2, 3, 6, 6, dtype=torch.float64)).backward()
     wrapper.step()
+    return wrapper
+
+
+def assert_names_both_settings(message, saved, current):
+    for part in ('paramwise_cfg.weight_decay_on', f'trained with weight_decay_on={saved!r}',
+                 f'current config sets weight_decay_on={current!r}',
+                 f'To resume, set paramwise_cfg.weight_decay_on={saved!r}', 'load_from='):
+        assert part in message, part
+
+
+def test_resumed_optimizer_state_brings_its_product_decay_keys():
+    wrapper = stepped('product')
     resumed = build(expanded_net(), dict(type='AdamW', lr=0.02, weight_decay=0.1))
     resumed.load_state_dict(wrapper.state_dict())
     for saved, loaded in zip(wrapper.optimizer.param_groups, resumed.optimizer.param_groups):
         for key in (PRODUCT_DECAY_KEY, FACTOR_LR_MULT_KEY, 'weight_decay', 'lr'):
             assert loaded.get(key) == saved.get(key), key
+
+
+@pytest.mark.parametrize('saved', ['factors', 'product'])
+def test_resuming_a_state_of_the_other_weight_decay_on_is_refused_before_loading(saved):
+    # Both settings build the same groups under AdamW, so torch alone would
+    # load the saved hyper-parameters and silently switch the regime.
+    state = stepped(saved).state_dict()
+    current = OTHER[saved]
+    resumed = build(expanded_net(), dict(type='AdamW', lr=0.02, weight_decay=0.1),
+                    weight_decay_on=current)
+    before = copy.deepcopy(resumed.optimizer.state_dict())
+    with pytest.raises(ValueError) as err:
+        resumed.load_state_dict(state)
+    assert_names_both_settings(str(err.value), saved, current)
+    assert resumed.optimizer.state_dict() == before  # refused before anything was loaded
+
+
+class ExpandedToy(BaseModel):
+    """``expanded_net()`` as an MMEngine model: the loss of :func:`loss_of`."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = expanded_net(torch.float32)
+
+    def forward(self, inputs, data_samples=None, mode='loss'):
+        return dict(loss=loss_of(self.net, inputs))
+
+
+def toy_runner(work_dir, weight_decay_on, max_iters=1, **kwargs):
+    """A real Runner on ``ExpandedToy`` (AdamW), saving a checkpoint every iteration."""
+    return Runner(
+        model=ExpandedToy(), work_dir=str(work_dir),
+        train_dataloader=dict(dataset=[dict(inputs=torch.randn(3, 6, 6))] * 2, batch_size=2,
+                              sampler=dict(type='DefaultSampler', shuffle=False),
+                              collate_fn=dict(type='default_collate')),
+        optim_wrapper=dict(constructor='ExpandNetOptimWrapperConstructor',
+                           optimizer=dict(type='AdamW', lr=0.01, weight_decay=0.5),
+                           paramwise_cfg=dict(weight_decay_on=weight_decay_on)),
+        train_cfg=dict(by_epoch=False, max_iters=max_iters),
+        default_hooks=dict(checkpoint=dict(type='CheckpointHook', interval=1, by_epoch=False)),
+        **kwargs)
+
+
+def test_runner_resume_of_a_factors_checkpoint_into_a_product_run_is_refused(tmp_path):
+    toy_runner(tmp_path, 'factors').train()
+    resumed = toy_runner(tmp_path, 'product', max_iters=2, resume=True,
+                         load_from=str(tmp_path / 'iter_1.pth'))
+    with pytest.raises(ValueError) as err:
+        resumed.train()
+    assert_names_both_settings(str(err.value), 'factors', 'product')
+    assert not (tmp_path / 'iter_2.pth').exists()
+    # the matching setting resumes and trains on
+    toy_runner(tmp_path, 'factors', max_iters=2, resume=True,
+               load_from=str(tmp_path / 'iter_1.pth')).train()
+    assert (tmp_path / 'iter_2.pth').exists()

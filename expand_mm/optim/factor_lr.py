@@ -34,7 +34,7 @@ from torch import nn
 from ..layers import ExpandedLayer
 from ..surgery import expanded_layers
 from .product_decay import (FACTOR_LR_MULT_KEY, PRODUCT_DECAY_KEY, ProductWeightDecay,
-                            check_weight_decay_on, factor_weights)
+                            WeightDecayOnCheck, check_weight_decay_on, factor_weights)
 
 FACTOR_LR_RULES = ('fan_in', 'none')
 # Optimizers whose step size does not scale with the gradient's magnitude (per
@@ -115,7 +115,12 @@ class ExpandNetOptimWrapperConstructor(DefaultOptimWrapperConstructor):
     :mod:`expand_mm.optim.product_decay`): their groups get ``weight_decay=0``
     and a :class:`~expand_mm.optim.ProductWeightDecay` step pre-hook, exposed
     as the wrapper's ``product_weight_decay`` attribute, applies it once per
-    optimizer step. The default ``'factors'`` adds nothing.
+    optimizer step. The default ``'factors'`` adds nothing to the groups or
+    the step. In either setting, when factor weights are trained, a
+    :class:`~expand_mm.optim.product_decay.WeightDecayOnCheck` on the
+    optimizer's ``load_state_dict`` refuses (``resume``) an optimizer state
+    saved under the other setting, which would otherwise silently replace the
+    configured decay regime.
 
     Config::
 
@@ -197,6 +202,12 @@ class ExpandNetOptimWrapperConstructor(DefaultOptimWrapperConstructor):
         wrapper = super().__call__(model)
         if product:
             self._install_product_decay(wrapper, layers, multipliers)
+        optimized = {id(p) for g in wrapper.optimizer.param_groups for p in g['params']}
+        # Only factor weights the optimizer trains carry the regime in their
+        # groups: with none (frozen, e.g. an expanded teacher) both settings
+        # save the same groups and a check would refuse a matching resume.
+        if any(id(p) in optimized for _, layer in layers for p in factor_weights(layer)):
+            WeightDecayOnCheck(wrapper.optimizer, self.weight_decay_on)
         if layers:
             values = sorted(multipliers.values())
             MMLogger.get_current_instance().info(

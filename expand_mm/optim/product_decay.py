@@ -61,6 +61,16 @@ whose factor weights all lack a gradient is skipped, as the optimizer skips
 a parameter without one. While a nonlinearity sits between the sub-layers
 (:class:`~expand_mm.hooks.NonlinearInitHook`), the decay still acts on the
 product the factors will contract to.
+
+The regime is part of the optimizer state: torch's ``load_state_dict``
+replaces every group's hyper-parameters with the saved ones, so a state saved
+under the other ``weight_decay_on`` would bring back per-factor decay (saved
+with ``'factors'``, no :data:`PRODUCT_DECAY_KEY` for the hook to read) or
+zero factor decay without a hook (saved with ``'product'``) and silently
+change the regulariser. :class:`WeightDecayOnCheck`, a ``load_state_dict``
+pre-hook the constructor installs on the optimizer of every model with
+trained factor weights, refuses such a state before anything is loaded
+(MMEngine's ``resume`` goes through it), and says how to resume or switch.
 """
 from __future__ import annotations
 
@@ -223,3 +233,65 @@ class ProductWeightDecay:
                 else:  # no sync: the optimizer skips this step when found_inf > 0
                     skipped = (found_inf.to(param.device) > 0).to(param.dtype)
                     param.mul_(factor + (1.0 - factor) * skipped)
+
+
+def saved_weight_decay_on(state_dict: dict) -> str:
+    """The ``weight_decay_on`` an optimizer state dict was saved with.
+
+    Args:
+        state_dict: ``optimizer.state_dict()`` of an optimizer built by
+            :class:`~expand_mm.optim.ExpandNetOptimWrapperConstructor` (or by
+            any other constructor, which reads as ``'factors'``).
+
+    Returns:
+        ``'product'`` if any param group carries :data:`PRODUCT_DECAY_KEY`,
+        ``'factors'`` otherwise.
+    """
+    groups = state_dict.get('param_groups', [])
+    return 'product' if any(PRODUCT_DECAY_KEY in group for group in groups) else 'factors'
+
+
+class WeightDecayOnCheck:
+    """Optimizer ``load_state_dict`` pre-hook refusing a state of the other ``weight_decay_on``.
+
+    Installed by :class:`~expand_mm.optim.ExpandNetOptimWrapperConstructor` via
+    ``optimizer.register_load_state_dict_pre_hook`` whenever the model has
+    factor weights in the optimizer, in either setting. It runs before torch
+    touches the optimizer (a resume that fails here leaves the built groups
+    and state as they were) and compares the setting the saved groups were
+    built with (:func:`saved_weight_decay_on`) against the configured one.
+
+    Args:
+        optimizer: The torch optimizer that will load the state.
+        weight_decay_on: ``paramwise_cfg.weight_decay_on`` of the current config.
+    """
+
+    def __init__(self, optimizer: Optimizer, weight_decay_on: str):
+        check_weight_decay_on(weight_decay_on)
+        self.weight_decay_on = weight_decay_on
+        self.handle = optimizer.register_load_state_dict_pre_hook(self)
+
+    def remove(self) -> None:
+        """Detach the hook from the optimizer."""
+        self.handle.remove()
+
+    def __call__(self, optimizer: Optimizer, state_dict: dict) -> None:
+        """Raise ``ValueError`` if ``state_dict`` was saved under the other setting.
+
+        Called by ``optimizer.load_state_dict``; returns ``None`` so the state
+        loads unchanged when the settings match.
+        """
+        saved = saved_weight_decay_on(state_dict)
+        if saved == self.weight_decay_on:
+            return
+        effect = ('its factor weight groups would bring back their per-factor decay and '
+                  'the product decay would find nothing to apply' if saved == 'factors' else
+                  'its factor weight groups would come back with weight_decay=0 and no '
+                  'product decay hook, so the factor weights would not decay at all')
+        raise ValueError(
+            f'paramwise_cfg.weight_decay_on: the optimizer state being loaded was trained '
+            f'with weight_decay_on={saved!r}, but the current config sets '
+            f'weight_decay_on={self.weight_decay_on!r}; loading it would silently change the '
+            f'weight decay regime ({effect}). To resume, set paramwise_cfg.weight_decay_on='
+            f'{saved!r}; to switch, start from the checkpoint\'s weights only with '
+            'load_from=<checkpoint> and resume=False (a fresh optimizer)')
