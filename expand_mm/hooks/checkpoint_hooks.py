@@ -13,6 +13,7 @@ from ..checkpoint import (NONLINEAR_INIT_META_KEY, CheckpointError, match_state_
                           read_checkpoint, strip_prefix)
 from ..deploy import (DEFAULT_PROBE_SHAPE, compact_checkpoint_path, find_deployable,
                       unwrap_model, write_compact_checkpoint)
+from ..optim.schedule_check import absolute_floor_problems
 from ..surgery import expanded_layers
 
 
@@ -38,6 +39,11 @@ class ContractCheckpointHook(Hook):
     contracted when it is an ExpandNet and written as they are when it is a
     plain compact model.
 
+    At the start of training it also warns when a learning-rate scheduler
+    with an absolute ``eta_min`` would undo the per-factor learning rates of
+    :class:`~expand_mm.optim.ExpandNetOptimWrapperConstructor`
+    (:func:`~expand_mm.optim.schedule_check.absolute_floor_problems`).
+
     Args:
         suffix: Added to the checkpoint's stem.
         probe_shape: Input shape of the contraction check (NCHW).
@@ -59,7 +65,7 @@ class ContractCheckpointHook(Hook):
         self._warned_nonlinear = False
 
     def before_train(self, runner) -> None:
-        """Check there is something to write; remember the resumed checkpoint.
+        """Check there is something to write and the schedule; remember the resumed checkpoint.
 
         A plain model without expanded layers has no compact form other than
         its own checkpoint, so the hook refuses it; a training-time wrapper
@@ -78,6 +84,11 @@ class ContractCheckpointHook(Hook):
                 f'{type(deployable).__name__}, '
                 + ('contracted)' if expanded_layers(deployable) else 'no expanded layer: as '
                    'they are)'))
+        # Every ExpandNet config carries this hook, so it is where a schedule
+        # that silently undoes the per-factor learning rates gets reported.
+        for problem in absolute_floor_problems(unwrap_model(runner.model), runner.optim_wrapper,
+                                               runner.param_schedulers):
+            runner.logger.warning(f'ContractCheckpointHook: {problem}')
         resumed = runner.message_hub.get_info('last_ckpt')
         if resumed and osp.isfile(compact_checkpoint_path(resumed, self.suffix)):
             self._done[resumed] = compact_checkpoint_path(resumed, self.suffix)
