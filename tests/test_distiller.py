@@ -121,12 +121,17 @@ def test_det_kd_of_an_expandnet_trains_and_deploys_the_student(data, tmp_path):
     runner2 = Runner.from_cfg(cfg2)
     teacher_before = copy.deepcopy(runner2.model.teacher.state_dict())
     runner2.load_checkpoint(str(work / 'iter_2_compact.pth'))
+    # the teacher's own (unloaded) entries completing the checkpoint are no teacher weights
+    assert not runner2.model.teacher_loaded
     loaded = expand_mm.contract_model(runner2.model.student).state_dict()
     for key in compact:
         torch.testing.assert_close(loaded[key], compact[key], rtol=1e-4,
                                    atol=1e-4 * float(compact[key].abs().max() + 1e-12))
     for key, value in runner2.model.teacher.state_dict().items():
         assert torch.equal(value, teacher_before[key])
+    # the distiller's own training checkpoint does carry the teacher's weights
+    runner2.load_checkpoint(str(work / 'iter_2.pth'))
+    assert runner2.model.teacher_loaded
 
 
 def test_seg_kd_of_an_expandnet_trains_and_deploys_the_student(data, tmp_path):

@@ -423,9 +423,20 @@ class Distiller(TrainingWrapper):
             f'Distiller: teacher ({type(self.teacher).__name__}) loaded from '
             f'{osp.basename(path)}, frozen, eval mode')
 
+    @property
+    def teacher_loaded(self) -> bool:
+        """Whether the teacher holds trained weights (``teacher_ckpt`` or a distiller checkpoint)."""
+        return self._teacher_loaded
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         # A checkpoint of the distiller (resume, load_from) holds the teacher too.
-        if any(k.startswith(prefix + 'teacher.') for k in state_dict):
+        # ExpandCheckpointLoadHook completes a student-only checkpoint with the
+        # wrapper's own current entries: the teacher's own tensors coming back
+        # are not weights from anywhere, so they do not count as a load.
+        own = {prefix + 'teacher.' + k: v for k, v in self.teacher.state_dict().items()}
+        incoming = [k for k in state_dict if k.startswith(prefix + 'teacher.')]
+        if any(k not in own or state_dict[k].data_ptr() != own[k].data_ptr()
+               for k in incoming):
             self._teacher_loaded = True
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
