@@ -20,7 +20,13 @@ model = dict(
 # Per-factor learning rates (ExpandNetOptimWrapperConstructor): for adaptive
 # optimizers (Adam, AdamW, ...) each factor's rate is scaled so that the
 # composed kernel moves like the compact one; SGD is left as it is ('auto').
-optim_wrapper = dict(constructor='ExpandNetOptimWrapperConstructor')
+# This schedule's AdamW rate (0.016) is 4x the detector's, and the expanded
+# U-Net needs the factor rates lower than the default extra factor 0.25
+# gives: seed 0, 800 iterations, mIoU 21.3 (0.5), 33.4 (0.25), 52.5 (0.1)
+# against 44.3 for the compact U-Net (README, "The demo").
+optim_wrapper = dict(
+    constructor='ExpandNetOptimWrapperConstructor',
+    paramwise_cfg=dict(factor_lr_mult=0.1))
 
 # Write a stock compact checkpoint (*_compact.pth) beside every saved one;
 # let load_from= take compact checkpoints.

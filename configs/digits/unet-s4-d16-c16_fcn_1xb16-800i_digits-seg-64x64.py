@@ -122,7 +122,10 @@ optim_wrapper = dict(
     optimizer=dict(type='AdamW', lr=0.016, weight_decay=0.01))
 param_scheduler = [
     dict(type='LinearLR', start_factor=0.01, by_epoch=False, begin=0, end=warmup_iters),
-    dict(type='CosineAnnealingLR', T_max=max_iters - warmup_iters, eta_min=1e-5,
+    # eta_min_ratio, not an absolute eta_min: it ends every param group at the
+    # same fraction of its own rate (0.016 x 6.25e-4 = 1e-5 here), so an
+    # ExpandNet's per-factor learning rates keep their ratios to the end.
+    dict(type='CosineAnnealingLR', T_max=max_iters - warmup_iters, eta_min_ratio=6.25e-4,
          by_epoch=False, begin=warmup_iters, end=max_iters)
 ]
 default_hooks = dict(
