@@ -86,10 +86,8 @@ class ContractCheckpointHook(Hook):
                    'they are)'))
         # Every ExpandNet config carries this hook, so it is where a schedule
         # that silently undoes the per-factor learning rates gets reported.
-        # (getattr: a hand-driven runner stand-in may carry neither.)
-        for problem in absolute_floor_problems(unwrap_model(runner.model),
-                                               getattr(runner, 'optim_wrapper', None),
-                                               getattr(runner, 'param_schedulers', None)):
+        for problem in absolute_floor_problems(unwrap_model(runner.model), runner.optim_wrapper,
+                                               runner.param_schedulers):
             runner.logger.warning(f'ContractCheckpointHook: {problem}')
         resumed = runner.message_hub.get_info('last_ckpt')
         if resumed and osp.isfile(compact_checkpoint_path(resumed, self.suffix)):
