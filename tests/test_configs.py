@@ -285,6 +285,62 @@ def test_yolo_lite_expandnet_contracts_into_its_compact_config(path: Path):
         torch.testing.assert_close(y, yb, rtol=1e-4, atol=1e-4 * yb.abs().max().item())
 
 
+def _training_batch(b: Built, size: int = 2) -> dict:
+    """64x64 images with one ground-truth box / a random label map each, as a Runner feeds
+    them (two: SSDLite's last BN sees 1x1 maps)."""
+    batch = [_training_sample(b) for _ in range(size)]
+    return dict(inputs=[img for img, _ in batch], data_samples=[s for _, s in batch])
+
+
+def _training_sample(b: Built) -> tuple:
+    img = torch.randint(0, 256, (3, INPUT_SIZE, INPUT_SIZE), dtype=torch.uint8)
+    if b.cfg.default_scope == 'mmdet':
+        from mmdet.structures import DetDataSample
+        from mmengine.structures import InstanceData
+        sample = DetDataSample(metainfo=dict(img_shape=(INPUT_SIZE, INPUT_SIZE),
+                                             ori_shape=(INPUT_SIZE, INPUT_SIZE),
+                                             pad_shape=(INPUT_SIZE, INPUT_SIZE),
+                                             scale_factor=(1.0, 1.0), batch_input_shape=(
+                                                 INPUT_SIZE, INPUT_SIZE)))
+        sample.gt_instances = InstanceData(bboxes=torch.tensor([[8., 8., 40., 48.]]),
+                                           labels=torch.tensor([1]))
+    else:
+        from mmengine.structures import PixelData
+        from mmseg.structures import SegDataSample
+        sample = SegDataSample(metainfo=dict(img_shape=(INPUT_SIZE, INPUT_SIZE),
+                                             ori_shape=(INPUT_SIZE, INPUT_SIZE),
+                                             pad_shape=(INPUT_SIZE, INPUT_SIZE)))
+        sample.gt_sem_seg = PixelData(
+            data=torch.randint(0, 19, (1, INPUT_SIZE, INPUT_SIZE)))
+    return img, sample
+
+
+@pytest.mark.parametrize('path', EXPANDNET_CONFIGS, ids=_id)
+def test_ddp_wrapper_setting_fits_the_model(path: Path):
+    """``ExpandNetDistributedDataParallel`` runs with ``find_unused_parameters=False``:
+    a config that sets it must give every trainable parameter a gradient in a
+    training step (DDP would otherwise fail at the end of the first backward);
+    the YOLOv3 configs keep the stock wrapper because their model cannot."""
+    b = built(path)
+    wrapper = b.cfg.get('model_wrapper_cfg')
+    model = b.model.train()
+    torch.manual_seed(0)
+    data = model.data_preprocessor(_training_batch(b), training=True)
+    loss, _ = model.parse_losses(model(**data, mode='loss'))
+    model.zero_grad(set_to_none=True)
+    loss.backward()
+    unused = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    model.eval()
+    if 'yolov3' in path.stem:
+        assert wrapper is None and b.cfg.find_unused_parameters is True
+        assert unused, 'the YOLOv3 configs need find_unused_parameters no longer'
+        assert all(n.startswith('backbone.conv2.') for n in unused), unused
+    else:
+        assert wrapper == dict(type='ExpandNetDistributedDataParallel')
+        assert not b.cfg.get('find_unused_parameters')
+        assert not unused, f'{path.name}: parameters without a gradient: {unused}'
+
+
 # ------------------------------------------------------------------ YOLOLite
 
 def test_yolo_lite_default_architecture():

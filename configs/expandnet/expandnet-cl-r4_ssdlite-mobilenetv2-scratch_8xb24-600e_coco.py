@@ -31,3 +31,8 @@ custom_hooks = [
     dict(type='ExpandCheckpointLoadHook'),
     dict(type='ContractCheckpointHook'),
 ]
+
+# Multi-GPU (DDP) training: MMEngine runs the wrapper's train step, not the
+# model's; this wrapper keeps the ExpandNet's deferred factor gradients there
+# (same gradients, lower peak memory). Ignored on one device.
+model_wrapper_cfg = dict(type='ExpandNetDistributedDataParallel')

@@ -26,3 +26,9 @@ optim_wrapper = dict(constructor='ExpandNetOptimWrapperConstructor')
 # Load compact checkpoints (e.g. load_from=a compact model) into the factors;
 # write a stock compact checkpoint (*_compact.pth) beside every saved one.
 custom_hooks = [dict(type='ExpandCheckpointLoadHook'), dict(type='ContractCheckpointHook')]
+
+# Multi-GPU (DDP) training keeps the stock wrapper: the stock config sets
+# find_unused_parameters=True (the backbone's last 1x1 conv runs but feeds no
+# output), under which DDP cannot take deferred factor gradients, so the
+# ExpandNet trains with plain autograd there (same gradients; see
+# ExpandNetDistributedDataParallel).

@@ -101,3 +101,8 @@ param_scheduler = [
 ]
 # base_batch_size = (8 GPUs) x (16 samples per GPU)
 auto_scale_lr = dict(base_batch_size=128)
+
+# The base sets find_unused_parameters=True for MobileNetV2, whose last 1x1
+# conv feeds no output; every YOLOLite parameter gets a gradient, so DDP can
+# skip its per-step search for unused parameters.
+find_unused_parameters = False

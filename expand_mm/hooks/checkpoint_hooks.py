@@ -8,11 +8,14 @@ from typing import Sequence
 from mmengine.dist import is_main_process
 from mmengine.hooks import Hook
 from mmengine.registry import HOOKS
+from torch.nn.parallel import DistributedDataParallel
 
 from ..checkpoint import (NONLINEAR_INIT_META_KEY, CheckpointError, match_state_dict,
                           read_checkpoint, strip_prefix)
 from ..deploy import (DEFAULT_PROBE_SHAPE, compact_checkpoint_path, find_deployable,
                       unwrap_model, write_compact_checkpoint)
+from ..models.distributed import ExpandNetDistributedDataParallel
+from ..models.expandnet import deferring_expandnet
 from ..optim.schedule_check import absolute_floor_problems
 from ..surgery import expanded_layers
 
@@ -65,11 +68,14 @@ class ContractCheckpointHook(Hook):
         self._warned_nonlinear = False
 
     def before_train(self, runner) -> None:
-        """Check there is something to write and the schedule; remember the resumed checkpoint.
+        """Check there is something to write, the schedule and the DDP wrapper; remember
+        the resumed checkpoint.
 
         A plain model without expanded layers has no compact form other than
         its own checkpoint, so the hook refuses it; a training-time wrapper
-        always has one (its deployable part), expanded or not.
+        always has one (its deployable part), expanded or not. A stock DDP
+        wrapper around an ExpandNet that would defer its factor gradients gets
+        a warning naming ``ExpandNetDistributedDataParallel``.
         """
         deployable, prefix = find_deployable(runner.model)
         if not prefix and not expanded_layers(deployable):
@@ -89,6 +95,17 @@ class ContractCheckpointHook(Hook):
         for problem in absolute_floor_problems(unwrap_model(runner.model), runner.optim_wrapper,
                                                runner.param_schedulers):
             runner.logger.warning(f'ContractCheckpointHook: {problem}')
+        # Deferred factor gradients need a wrapper that makes the switch and
+        # DDP's used-parameter bookkeeping without find_unused_parameters.
+        if (isinstance(runner.model, DistributedDataParallel)
+                and not isinstance(runner.model, ExpandNetDistributedDataParallel)
+                and not runner.model.find_unused_parameters
+                and deferring_expandnet(runner.model) is not None):
+            runner.logger.warning(
+                f'ContractCheckpointHook: {type(runner.model).__name__} runs its own train '
+                'step, so the ExpandNet trains with plain autograd (same gradients, higher '
+                "peak memory); set model_wrapper_cfg=dict(type='ExpandNetDistributedDataParallel') "
+                'to defer the factor gradients as on one device')
         resumed = runner.message_hub.get_info('last_ckpt')
         if resumed and osp.isfile(compact_checkpoint_path(resumed, self.suffix)):
             self._done[resumed] = compact_checkpoint_path(resumed, self.suffix)

@@ -86,8 +86,9 @@ def build_expandnet(model: dict,
             their factors the gradients at the end of the backward pass, after
             the activations are freed: same gradients, lower peak memory (see
             :func:`expand_mm.surgery.deferred_factor_grads`). Distributed
-            wrappers (``MMDistributedDataParallel``) run their own train step
-            and keep plain autograd.
+            training runs the wrapper's train step, not the model's: use
+            ``model_wrapper_cfg=dict(type='ExpandNetDistributedDataParallel')``
+            (the stock ``MMDistributedDataParallel`` keeps plain autograd).
         data_preprocessor: Given to the compact model when its config has none
             (MMEngine's Runner adds the config's top-level ``data_preprocessor``
             to the model dict it builds).
@@ -203,6 +204,18 @@ def deployable_model(model: nn.Module) -> nn.Module:
             model = inner
         else:
             return model
+
+
+def deferring_expandnet(model: nn.Module) -> nn.Module | None:
+    """The ExpandNet inside ``model`` whose training defers factor gradients, if any.
+
+    ``model`` may be an ExpandNet, a training-time wrapper around one or a DDP
+    wrapper; the answer is the deployable network when it was built with
+    ``defer_factor_grads=True``, else ``None``.
+    """
+    inner = deployable_model(model)
+    cfg = getattr(inner, 'expandnet_cfg', None) or {}
+    return inner if cfg.get('defer_factor_grads') else None
 
 
 def expansion_report(model: nn.Module) -> ExpansionReport | None:

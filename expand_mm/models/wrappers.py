@@ -26,7 +26,7 @@ from mmengine.registry import MODELS
 from torch import nn
 
 from ..surgery import deferred_factor_grads
-from .expandnet import deployable_model
+from .expandnet import deferring_expandnet
 
 
 def build_inner_model(cfg: Mapping, key: str, owner: str,
@@ -190,12 +190,11 @@ class TrainingWrapper(BaseModel):
         An ExpandNet built with ``defer_factor_grads=True`` defers its factor
         gradients inside its own ``train_step``, which a wrapper does not call;
         the same switch is made here around the wrapper's step. As for a bare
-        ExpandNet, distributed wrappers (``MMDistributedDataParallel``) run
-        their own train step, not this one, and keep plain autograd.
+        ExpandNet, distributed training runs the DDP wrapper's train step, not
+        this one: ``ExpandNetDistributedDataParallel`` makes the switch there.
         """
-        inner = deployable_model(self)
-        defer = bool((getattr(inner, 'expandnet_cfg', None) or {}).get('defer_factor_grads'))
-        with deferred_factor_grads(inner) if defer else contextlib.nullcontext():
+        inner = deferring_expandnet(self)
+        with deferred_factor_grads(inner) if inner is not None else contextlib.nullcontext():
             return super().train_step(data, optim_wrapper)
 
 

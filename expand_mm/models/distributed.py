@@ -1,0 +1,85 @@
+"""``model_wrapper_cfg=dict(type='ExpandNetDistributedDataParallel')``: DDP with deferred factor gradients.
+
+MMEngine trains a distributed model through ``MMDistributedDataParallel.train_step``,
+not the model's own ``train_step``, so an ExpandNet's deferred factor gradients
+(see :func:`expand_mm.surgery.deferred_factor_grads`) are off under the stock
+wrapper: the same gradients, at the higher peak memory of plain autograd. This
+wrapper is the stock one with the switch made around its step.
+
+Why it is correct under DDP: DDP all-reduces a parameter's gradient from a hook
+on its gradient accumulator and finishes the step in a callback it queues on
+the autograd engine once every bucket is ready. Deferred layers hand their
+factors' gradients over in a callback queued at the end of the main backward
+pass; the accumulator hooks fire there like anywhere else, the last buckets
+become ready there, and DDP's own finishing callback runs after them. The one
+mode this cannot serve is ``find_unused_parameters=True``: DDP then walks the
+graph at the end of ``forward`` and declares every parameter it does not reach
+unused -- the factors behind a deferred leaf among them -- and marks them ready
+before their gradients exist. With that option the wrapper keeps plain autograd
+and says so once.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+from mmengine.logging import MMLogger
+from mmengine.model import MMDistributedDataParallel
+from mmengine.registry import MODEL_WRAPPERS
+from torch import nn
+
+from ..surgery import deferred_factor_grads
+from .expandnet import deferring_expandnet
+
+
+@MODEL_WRAPPERS.register_module()
+class ExpandNetDistributedDataParallel(MMDistributedDataParallel):
+    """``MMDistributedDataParallel`` whose ``train_step`` defers ExpandNet factor gradients.
+
+    Use it in the config of a distributed ExpandNet run::
+
+        model_wrapper_cfg = dict(type='ExpandNetDistributedDataParallel')
+
+    (other ``DistributedDataParallel`` arguments go in the same dict: once
+    ``model_wrapper_cfg`` is set, MMEngine ignores a top-level
+    ``find_unused_parameters``). The
+    model may be an ExpandNet or a training-time wrapper around one (a
+    ``Distiller``, ``AuxOverParam``); a model without expanded layers, or an
+    ExpandNet built with ``defer_factor_grads=False``, trains exactly as under
+    ``MMDistributedDataParallel``. The gradients are the ones plain autograd
+    gives; only the peak memory of the step is lower.
+
+    MMEngine's Runner passes ``device_ids=[LOCAL_RANK]`` to every DDP wrapper;
+    for a model on the CPU (the gloo backend) they are dropped, because
+    ``DistributedDataParallel`` refuses device ids for CPU modules.
+
+    Args:
+        module: The model to wrap.
+        device_ids: As for ``DistributedDataParallel``.
+        **kwargs: Other ``MMDistributedDataParallel`` arguments.
+    """
+
+    def __init__(self, module: nn.Module, device_ids: Any = None, **kwargs: Any) -> None:
+        if device_ids is not None and all(p.device.type == 'cpu' for p in module.parameters()):
+            device_ids = None
+        super().__init__(module=module, device_ids=device_ids, **kwargs)
+        self._deferring = deferring_expandnet(self.module)
+        if self._deferring is not None and self.find_unused_parameters:
+            MMLogger.get_current_instance().warning(
+                'ExpandNetDistributedDataParallel: find_unused_parameters=True, so the '
+                'ExpandNet keeps plain autograd (same gradients, higher peak memory): DDP '
+                'would declare the factors behind the deferred compositions unused before '
+                'their gradients exist. Set find_unused_parameters=False if every '
+                'parameter gets a gradient in each step.')
+            self._deferring = None
+
+    @property
+    def defers_factor_grads(self) -> bool:
+        """Whether ``train_step`` runs with deferred factor gradients."""
+        return self._deferring is not None
+
+    def train_step(self, data: Any, optim_wrapper: Any) -> dict:
+        """``MMDistributedDataParallel.train_step`` with deferred factor gradients."""
+        with (deferred_factor_grads(self._deferring) if self._deferring is not None
+              else contextlib.nullcontext()):
+            return super().train_step(data, optim_wrapper)
