@@ -51,9 +51,11 @@ class ChannelPlantingHook(Hook):
     The checkpoint always has the stock architecture and keys. After the last
     milestone every channel is planted and the model is exactly the stock one
     (no mask left), so the final checkpoint is the deployable compact model;
-    one saved earlier holds channels that are still masked. An ``EMAHook``'s
-    averaged copy is made before training and carries no masks: before the
-    last stage, validation with EMA weights runs the full width.
+    one saved earlier holds channels that are still masked. An ``EMAHook``
+    validates by copying its averaged weights into this model, so the masks
+    apply there too; its averaged weights of a stage's new channels and of
+    their readers were averaged while masked, so right after a planting step
+    EMA validation lags the live model until the average catches up.
 
     Args:
         include: Glob patterns of module paths; the mmcv ``ConvModule`` units
