@@ -32,6 +32,7 @@ DISTILL = ROOT / 'configs/distill'
 KD_DET = DISTILL / 'kd-yolo-lite-w2_expandnet-cl-r4_yolo-lite_1xb16-900i_digits-det-64x64.py'
 KD_SEG = DISTILL / ('kd-unet-c32_expandnet-cl-r4_unet-s4-d16-c16-fcn_1xb16-800i_'
                     'digits-seg-64x64.py')
+KD_SEG_COMPACT = DISTILL / 'kd-unet-c32_unet-s4-d16-c16-fcn_1xb16-800i_digits-seg-64x64.py'
 TEACHER_DET = DISTILL / 'yolo-lite-w2_1xb16-900i_digits-det-64x64.py'
 TEACHER_SEG = DISTILL / 'unet-s4-d16-c32_fcn_1xb16-800i_digits-seg-64x64.py'
 
@@ -134,14 +135,17 @@ def test_det_kd_of_an_expandnet_trains_and_deploys_the_student(data, tmp_path):
     assert runner2.model.teacher_loaded
 
 
-def test_seg_kd_of_an_expandnet_trains_and_deploys_the_student(data, tmp_path):
+@pytest.mark.parametrize('config, expanded', [(KD_SEG, True), (KD_SEG_COMPACT, False)],
+                         ids=['expandnet-student', 'compact-student'])
+def test_seg_kd_trains_and_deploys_the_student(data, tmp_path, config, expanded):
     teacher_ckpt = teacher_checkpoint(TEACHER_SEG, tmp_path / 'teacher.pth')
     work = tmp_path / 'work'
-    cfg = tiny_cfg(KD_SEG, data, work, 'seg')
+    cfg = tiny_cfg(config, data, work, 'seg')
     cfg.model.teacher_ckpt = teacher_ckpt
     runner = Runner.from_cfg(cfg)
     runner.train()
     model = runner.model
+    assert bool(expand_mm.expanded_layers(model.student)) == expanded
     assert logged(runner, 'loss_kd') > 0
     assert_teacher_frozen(model, teacher_ckpt)
 
