@@ -98,6 +98,14 @@ def test_det_kd_of_an_expandnet_trains_and_deploys_the_student(data, tmp_path):
         a, b = stock.val_step(batch), model.val_step(batch)
     for da, db in zip(a, b):
         assert_same_detections(da.pred_instances, db.pred_instances)
+    # Every trainable parameter gets a gradient in a step, as the config's
+    # ExpandNetDistributedDataParallel (find_unused_parameters=False) needs.
+    # (On a copy: the step updates BN statistics.)
+    assert cfg.model_wrapper_cfg == dict(type='ExpandNetDistributedDataParallel')
+    probe = copy.deepcopy(model)
+    losses = probe(**probe.data_preprocessor(batch, True), mode='loss')
+    probe.parse_losses(losses)[0].backward()
+    assert not [n for n, p in probe.named_parameters() if p.requires_grad and p.grad is None]
 
     # tools/contract.py writes the same compact checkpoint from the training one.
     cfg_path = tmp_path / 'kd.py'

@@ -32,7 +32,8 @@ optim_wrapper = dict(
 # let load_from= take compact checkpoints.
 custom_hooks = [dict(type='ExpandCheckpointLoadHook'), dict(type='ContractCheckpointHook')]
 
-# Multi-GPU (DDP) training: MMEngine runs the wrapper's train step, not the
-# model's; this wrapper keeps the ExpandNet's deferred factor gradients there
-# (same gradients, lower peak memory). Ignored on one device.
-model_wrapper_cfg = dict(type='ExpandNetDistributedDataParallel')
+# Multi-GPU (DDP) training keeps the stock wrapper with the compact config's
+# find_unused_parameters=True (the full-resolution decoder stage feeds no
+# head), under which DDP cannot take deferred factor gradients: the ExpandNet
+# trains with plain autograd there (same gradients; see
+# ExpandNetDistributedDataParallel).

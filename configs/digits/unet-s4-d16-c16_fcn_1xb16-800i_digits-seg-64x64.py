@@ -136,3 +136,7 @@ default_hooks = dict(
     sampler_seed=dict(type='DistSamplerSeedHook'),
     visualization=dict(type='SegVisualizationHook'))
 log_processor = dict(window_size=50, by_epoch=False)
+
+# The heads read the decoder at 1/4 and 1/8: the full-resolution decoder stage
+# runs but feeds no loss, so DDP must look for unused parameters.
+find_unused_parameters = True
