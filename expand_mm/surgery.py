@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from .layers import ExpandConv2d, ExpandedLayer, ExpandLinear
+from .layers.base import discard_deferred_factor_grads
 
 STRATEGIES = ('cl', 'ck', 'auto')
 MODES = ('online', 'explicit')
@@ -347,7 +348,8 @@ def deferred_factor_grads(model: nn.Module, enabled: bool = True) -> Iterator[in
     the same gradients as plain autograd at a lower peak memory (see
     :class:`~expand_mm.layers.ExpandedLayer`). Meant for a block that ends in
     ``loss.backward()`` (an MMEngine ``train_step``); ``torch.autograd.grad``
-    on the factors needs the plain mode. The previous settings come back on exit.
+    on the factors needs the plain mode. The previous settings come back on exit,
+    and what a backward pass that raised inside the block left queued is dropped.
 
     Yields:
         The number of expanded layers switched.
@@ -361,6 +363,9 @@ def deferred_factor_grads(model: nn.Module, enabled: bool = True) -> Iterator[in
     finally:
         for layer, value in zip(layers, before):
             layer.defer_factor_grads = value
+        # A backward pass that raised inside the block left its compositions
+        # queued; nothing will flush them.
+        discard_deferred_factor_grads(layers)
 
 
 def set_expand_mode(model: nn.Module, mode: str) -> int:

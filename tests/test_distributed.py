@@ -3,8 +3,16 @@
 ``ExpandNetDistributedDataParallel`` must defer the factor gradients under DDP
 and still give what the stock ``MMDistributedDataParallel`` gives: the same
 all-reduced gradients, hence the same weights on every rank and the same weights
-as the stock wrapper. The stock wrapper around a deferring ExpandNet gets a
-warning from ``ContractCheckpointHook``.
+as the stock wrapper. Two cases, each with the config's own DDP settings:
+
+- the digits detector (every parameter gets a gradient), gradients accumulated
+  over 2 iterations, so ``no_sync`` iterations too;
+- the digits U-Net, whose full-resolution decoder stage gets no gradient:
+  ``static_graph=True`` for the ExpandNet wrapper, against the stock wrapper
+  with ``find_unused_parameters=True`` (what the compact config uses).
+
+The stock wrapper around a deferring ExpandNet gets a warning from
+``ContractCheckpointHook``.
 """
 from __future__ import annotations
 
@@ -18,11 +26,20 @@ import torch.multiprocessing as mp
 from mmengine.model import MMDistributedDataParallel
 from mmengine.registry import MODEL_WRAPPERS
 
-from wrapper_test_utils import ROOT, DET_COMPACT, load_stock, make_digits, tiny_cfg
+from wrapper_test_utils import DET_COMPACT, ROOT, SEG_COMPACT, load_stock, make_digits, tiny_cfg
 
-DET_EXPANDNET = ROOT / 'configs/digits/expandnet-cl-r4_yolo-lite_1xb16-900i_digits-det-64x64.py'
-WRAPPERS = ('ExpandNetDistributedDataParallel', 'StockDDPOnCPU')
 WORLD = 2
+OURS = 'ExpandNetDistributedDataParallel'
+STOCK = 'StockDDPOnCPU'
+# name: (config, task, iterations, accumulative_counts, our wrapper, the stock one)
+CASES = {
+    'det': (ROOT / 'configs/digits/expandnet-cl-r4_yolo-lite_1xb16-900i_digits-det-64x64.py',
+            'det', 3, 2, dict(type=OURS), dict(type=STOCK)),
+    'seg': (ROOT / 'configs/digits/expandnet-cl-r4_unet-s4-d16-c16-fcn_1xb16-800i_digits-seg-'
+                   '64x64.py',
+            'seg', 2, 1, dict(type=OURS, static_graph=True),
+            dict(type=STOCK, find_unused_parameters=True)),
+}
 
 
 @MODEL_WRAPPERS.register_module(force=True)
@@ -40,11 +57,7 @@ def _free_port() -> int:
 
 
 def _train_on_rank(rank: int, port: int, data: str, out: str) -> None:
-    """One rank: train the ExpandNet for 3 iterations under each wrapper, save what it saw.
-
-    Gradients are accumulated over 2 iterations (``accumulative_counts=2``), so
-    the run has a ``no_sync`` iteration, a synchronised step and a last partial
-    step."""
+    """One rank: train every case under both wrappers, save what it saw."""
     os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port), RANK=str(rank),
                       LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD))
     torch.set_num_threads(1)
@@ -57,26 +70,27 @@ def _train_on_rank(rank: int, port: int, data: str, out: str) -> None:
 
     flushes = []
     flush = base._DEFERRED_GRADS.flush
-    base._DEFERRED_GRADS.flush = lambda: (flushes.append(1), flush())[1]
+    base._DEFERRED_GRADS.flush = lambda task: (flushes.append(1), flush(task))[1]
     result = {}
-    for wrapper in WRAPPERS:
-        work_dir = Path(out) / wrapper
-        cfg = tiny_cfg(DET_EXPANDNET, Path(data), work_dir, 'det', max_iters=3)
-        cfg.optim_wrapper.accumulative_counts = 2
-        cfg.launcher = 'pytorch'
-        cfg.model_wrapper_cfg = dict(type=wrapper)
-        flushes.clear()
-        runner = Runner.from_cfg(cfg)
-        assert is_model_wrapper(runner.model)
-        runner.train()
-        log = next(work_dir.glob('*/*.log')).read_text() if rank == 0 else ''
-        result[wrapper] = dict(
-            flushes=len(flushes),
-            defers=getattr(runner.model, 'defers_factor_grads', None),
-            state={k: v.detach().clone()
-                   for k, v in runner.model.module.state_dict().items()},
-            param_names=[k for k, _ in runner.model.module.named_parameters()],
-            warned='plain autograd' in log)
+    for case, (config, task, iters, accumulate, ours, stock) in CASES.items():
+        for wrapper_cfg in (ours, stock):
+            work_dir = Path(out) / case / wrapper_cfg['type']
+            cfg = tiny_cfg(config, Path(data), work_dir, task, max_iters=iters)
+            cfg.optim_wrapper.accumulative_counts = accumulate
+            cfg.launcher = 'pytorch'
+            cfg.model_wrapper_cfg = wrapper_cfg
+            flushes.clear()
+            runner = Runner.from_cfg(cfg)
+            assert is_model_wrapper(runner.model)
+            runner.train()
+            log = next(work_dir.glob('*/*.log')).read_text() if rank == 0 else ''
+            module = runner.model.module
+            result[case, wrapper_cfg['type']] = dict(
+                flushes=len(flushes),
+                defers=getattr(runner.model, 'defers_factor_grads', None),
+                state={k: v.detach().clone() for k, v in module.state_dict().items()},
+                param_names=[k for k, _ in module.named_parameters()],
+                warned='plain autograd' in log)
     # find_unused_parameters=True cannot be served with deferred gradients.
     model = expand_mm.models.ExpandNetDistributedDataParallel(
         runner.model.module, device_ids=[rank], find_unused_parameters=True)
@@ -92,24 +106,26 @@ def test_ddp_wrapper_defers_factor_grads_with_the_same_weights(tmp_path):
                        nprocs=WORLD, start_method='spawn')
     ranks = [torch.load(tmp_path / f'rank{r}.pt') for r in range(WORLD)]
     for result in ranks:
-        ours, stock = result['ExpandNetDistributedDataParallel'], result['StockDDPOnCPU']
-        assert ours['defers'] is True and ours['flushes'] >= 3  # one per backward pass
-        assert stock['flushes'] == 0
         assert result['find_unused_defers'] is False
-        assert ours['state'].keys() == stock['state'].keys()
-        for key, value in ours['state'].items():
-            torch.testing.assert_close(value, stock['state'][key], rtol=1e-5, atol=1e-6,
-                                       msg=lambda m, key=key: f'{key}: {m}')
-    # DDP kept the ranks' parameters in step (different batches, all-reduced
-    # gradients); buffers such as BN statistics are each rank's own.
-    first, second = (r['ExpandNetDistributedDataParallel'] for r in ranks)
-    assert any('.convs.' in key for key in first['param_names'])  # the factors
-    for key in first['param_names']:
-        torch.testing.assert_close(first['state'][key], second['state'][key], rtol=0, atol=0,
-                                   msg=lambda m, key=key: f'{key}: {m}')
-    # Rank 0 logged the warning for the stock wrapper only.
-    assert ranks[0]['StockDDPOnCPU']['warned']
-    assert not ranks[0]['ExpandNetDistributedDataParallel']['warned']
-    # The compact checkpoint of the distributed run is the stock detector's.
-    compact = torch.load(tmp_path / 'ExpandNetDistributedDataParallel' / 'iter_3_compact.pth')
-    load_stock(DET_COMPACT, compact['state_dict'])
+        for case, (*_, iters, _, _, _) in CASES.items():
+            ours, stock = result[case, OURS], result[case, STOCK]
+            assert ours['defers'] is True and ours['flushes'] >= iters  # one per backward
+            assert stock['flushes'] == 0
+            assert ours['state'].keys() == stock['state'].keys()
+            for key, value in ours['state'].items():
+                torch.testing.assert_close(value, stock['state'][key], rtol=1e-5, atol=1e-6,
+                                           msg=lambda m, key=key: f'{case} {key}: {m}')
+    for case in CASES:
+        # DDP kept the ranks' parameters in step (different batches, all-reduced
+        # gradients); buffers such as BN statistics are each rank's own.
+        first, second = (r[case, OURS] for r in ranks)
+        assert any('.convs.' in key for key in first['param_names'])  # the factors
+        for key in first['param_names']:
+            torch.testing.assert_close(first['state'][key], second['state'][key], rtol=0,
+                                       atol=0, msg=lambda m, key=key: f'{case} {key}: {m}')
+        # Rank 0 logged the warning for the stock wrapper only.
+        assert ranks[0][case, STOCK]['warned'] and not ranks[0][case, OURS]['warned']
+    # The compact checkpoints of the distributed runs are the stock models'.
+    for case, compact_config, it in (('det', DET_COMPACT, 3), ('seg', SEG_COMPACT, 2)):
+        compact = torch.load(tmp_path / case / OURS / f'iter_{it}_compact.pth')
+        load_stock(compact_config, compact['state_dict'])

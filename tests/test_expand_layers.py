@@ -634,6 +634,35 @@ def test_deferred_mode_survives_a_retained_graph_and_is_off_by_default():
     assert all(g is not None for g in grads)
 
 
+def test_a_failed_backward_does_not_stop_later_deferred_factor_grads():
+    """A backward pass that raises half-way (a hook, an out-of-memory error the
+    caller survives) leaves its compositions unflushed; the next passes must
+    still flush theirs, and leaving the block drops the stale ones."""
+    torch.manual_seed(0)
+    from expand_mm.layers.base import _DEFERRED_GRADS
+    from expand_mm.surgery import deferred_factor_grads
+    net, x = _TwoLayerNet(), torch.randn(2, 4, 10, 10)
+    plain, _ = _factor_grads(net, False, x)
+
+    def fail(grad):
+        raise RuntimeError('backward failed')
+
+    with deferred_factor_grads(net):
+        out = net(x)
+        net.mid.register_hook(fail)  # after conv2's leaf got its gradient
+        with pytest.raises(RuntimeError, match='backward failed'):
+            out.square().mean().backward()
+        stale = len(_DEFERRED_GRADS._pending)
+        assert stale > 0
+        net.zero_grad(set_to_none=True)
+        net(x).square().mean().backward()
+        for name, p in net.named_parameters():
+            assert p.grad is not None, name
+            _assert_close_at_scale(p.grad, plain[name], name)
+        assert len(_DEFERRED_GRADS._pending) == stale  # only the failed pass's
+    assert not _DEFERRED_GRADS._pending
+
+
 def test_online_composition_saves_no_copy_of_the_big_factor():
     """What autograd keeps from the composition is far below the k x k factor's size.
 

@@ -95,17 +95,19 @@ class ContractCheckpointHook(Hook):
         for problem in absolute_floor_problems(unwrap_model(runner.model), runner.optim_wrapper,
                                                runner.param_schedulers):
             runner.logger.warning(f'ContractCheckpointHook: {problem}')
-        # Deferred factor gradients need a wrapper that makes the switch and
-        # DDP's used-parameter bookkeeping without find_unused_parameters.
+        # Under DDP only a wrapper that makes the switch defers factor gradients.
         if (isinstance(runner.model, DistributedDataParallel)
                 and not isinstance(runner.model, ExpandNetDistributedDataParallel)
-                and not runner.model.find_unused_parameters
                 and deferring_expandnet(runner.model) is not None):
+            suggestion = ("dict(type='ExpandNetDistributedDataParallel', static_graph=True) "
+                          '(in place of find_unused_parameters=True)'
+                          if runner.model.find_unused_parameters else
+                          "dict(type='ExpandNetDistributedDataParallel')")
             runner.logger.warning(
                 f'ContractCheckpointHook: {type(runner.model).__name__} runs its own train '
                 'step, so the ExpandNet trains with plain autograd (same gradients, higher '
-                "peak memory); set model_wrapper_cfg=dict(type='ExpandNetDistributedDataParallel') "
-                'to defer the factor gradients as on one device')
+                f'peak memory); set model_wrapper_cfg={suggestion} to defer the factor '
+                'gradients as on one device')
         resumed = runner.message_hub.get_info('last_ckpt')
         if resumed and osp.isfile(compact_checkpoint_path(resumed, self.suffix)):
             self._done[resumed] = compact_checkpoint_path(resumed, self.suffix)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import threading
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 from torch import Tensor, nn
@@ -33,24 +33,44 @@ class _DeferredFactorGrads:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._pending: list[tuple[ExpandedLayer, Tensor, Tensor]] = []
+        # (graph task, layer, composed weight, its leaf), and the graph tasks
+        # that have a flush queued. Keyed by task so that a backward pass that
+        # failed half-way (an exception in a hook, an out-of-memory error that
+        # the caller survives) cannot keep later passes from queueing theirs.
+        self._pending: list[tuple[int, ExpandedLayer, Tensor, Tensor]] = []
+        self._queued: set[int] = set()
 
     def leaf_ready(self, layer: 'ExpandedLayer', composed: Tensor, leaf: Tensor) -> None:
-        """Queue ``composed`` for ``leaf.grad``; the first one of a pass queues the flush."""
+        """Queue ``composed`` for ``leaf.grad``, and the flush of this backward pass."""
+        task = _current_backward_pass()
         with self._lock:
-            first = not self._pending
-            self._pending.append((layer, composed, leaf))
-        if first:
-            # Post-accumulate hooks only fire inside a backward pass, where the
-            # engine takes callbacks.
-            torch.autograd.Variable._execution_engine.queue_callback(self.flush)
+            self._pending.append((task, layer, composed, leaf))
+        self.queue_flush()
 
-    def flush(self) -> None:
-        """Run the queued compositions' backward with their leaves' gradients."""
+    def queue_flush(self) -> None:
+        """Queue the flush of the current backward pass, once per pass.
+
+        Called inside a backward pass (post-accumulate hooks only fire there,
+        where the engine takes callbacks). Callbacks run in the order they are
+        queued: calling this at the start of a pass puts the flush before the
+        callbacks that others queue later in the pass (DDP's static-graph
+        reduction, see ``ExpandNetDistributedDataParallel``).
+        """
+        task = _current_backward_pass()
         with self._lock:
-            pending, self._pending = self._pending, []
+            if task in self._queued:
+                return
+            self._queued.add(task)
+        torch.autograd.Variable._execution_engine.queue_callback(lambda: self.flush(task))
+
+    def flush(self, task: int) -> None:
+        """Run the queued compositions' backward of backward pass ``task``."""
+        with self._lock:
+            self._queued.discard(task)
+            pending = [entry for entry in self._pending if entry[0] == task]
+            self._pending = [entry for entry in self._pending if entry[0] != task]
         outputs, grads = [], []
-        for layer, composed, leaf in pending:
+        for _, layer, composed, leaf in pending:
             grads.append(leaf.grad)
             leaf.grad = None
             outputs.append(composed)
@@ -62,8 +82,52 @@ class _DeferredFactorGrads:
             # these compositions again; their graphs go with the leaves.
             torch.autograd.backward(outputs, grads, retain_graph=True)
 
+    def discard(self, layers: Iterable['ExpandedLayer']) -> int:
+        """Drop what failed backward passes left queued for ``layers``; returns how many.
+
+        Meant for the end of a training step, when no backward pass of these
+        layers can be running: entries left then belong to a pass that raised,
+        whose gradients a caller that goes on will zero anyway. They hold the
+        composed weights' graphs, so they are freed here.
+        """
+        layers = {id(layer) for layer in layers}
+        with self._lock:
+            kept = [entry for entry in self._pending if id(entry[1]) not in layers]
+            dropped = len(self._pending) - len(kept)
+            self._pending = kept
+            live = {entry[0] for entry in kept}
+            self._queued &= live
+        return dropped
+
+
+def _current_backward_pass() -> int:
+    """Id of the autograd graph task (backward pass) running in this thread."""
+    return torch._C._current_graph_task_id()
+
 
 _DEFERRED_GRADS = _DeferredFactorGrads()
+
+
+def discard_deferred_factor_grads(layers: Iterable['ExpandedLayer']) -> int:
+    """Drop deferred factor gradients of ``layers`` that no backward pass will flush.
+
+    What a backward pass that raised left queued (see
+    :meth:`_DeferredFactorGrads.discard`); returns how many compositions.
+    """
+    return _DEFERRED_GRADS.discard(layers)
+
+
+def flush_deferred_factor_grads_first(loss: Tensor) -> None:
+    """In ``loss``'s backward pass, flush the deferred factor gradients before later callbacks.
+
+    Queues the flush when the pass starts (a pre-hook on ``loss.grad_fn``)
+    instead of when the first deferred weight gets its gradient, so it runs
+    before any callback that something reached later in the pass queues --
+    ``DistributedDataParallel`` with ``static_graph=True`` queues the reduction
+    of every gradient from its output node and must see the factors' ones.
+    """
+    if loss.grad_fn is not None:
+        loss.grad_fn.register_prehook(lambda grad_outputs: _DEFERRED_GRADS.queue_flush())
 
 
 class ExpandedLayer(nn.Module):
@@ -234,6 +298,11 @@ class ExpandedLayer(nn.Module):
     def _composed_deferred(self) -> tuple[Tensor, Tensor | None]:
         """Leaf copies of the composed weight and bias whose gradients reach the
         factors at the end of the backward pass; composed once per parameter version."""
+        if self._deferred is not None and any(
+                leaf is not None and leaf.grad is not None for leaf in self._deferred[1]):
+            # A flush takes every leaf's gradient: these got one from a backward
+            # pass that raised before its flush, so they must not be reused.
+            self._deferred = None
         return self._cached('_deferred', self._deferred_leaves)
 
     def _deferred_leaves(self) -> tuple[Tensor, Tensor | None]:

@@ -9,25 +9,34 @@ wrapper is the stock one with the switch made around its step.
 Why it is correct under DDP: DDP all-reduces a parameter's gradient from a hook
 on its gradient accumulator and finishes the step in a callback it queues on
 the autograd engine once every bucket is ready. Deferred layers hand their
-factors' gradients over in a callback queued at the end of the main backward
-pass; the accumulator hooks fire there like anywhere else, the last buckets
-become ready there, and DDP's own finishing callback runs after them. The one
-mode this cannot serve is ``find_unused_parameters=True``: DDP then walks the
-graph at the end of ``forward`` and declares every parameter it does not reach
-unused -- the factors behind a deferred leaf among them -- and marks them ready
-before their gradients exist. With that option the wrapper keeps plain autograd
-and says so once.
+factors' gradients over in a callback queued on the same engine; the
+accumulator hooks fire there like anywhere else, the last buckets become ready
+there, and DDP's own finishing callback runs after them.
+
+Models with parameters that get no gradient (a layer whose output feeds no
+loss) need DDP to know which ones. ``find_unused_parameters=True`` finds them
+by walking the graph at the end of ``forward``, which cannot see the factors
+behind a deferred composition: it would declare them unused and mark them
+ready before their gradients exist, so with it the wrapper keeps plain
+autograd and says so once. ``static_graph=True`` instead records, in the first
+step, which gradients arrived by the end of the backward pass (a callback that
+DDP queues from its output node); the wrapper queues the flush when the
+backward pass starts, ahead of that callback, so the factors count as used and
+their gradients are reduced. Use ``static_graph=True`` when the set of
+parameters that get gradients is the same in every step (as in stock
+detectors and segmentors).
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 
 from mmengine.logging import MMLogger
 from mmengine.model import MMDistributedDataParallel
+from mmengine.model.utils import detect_anomalous_params
 from mmengine.registry import MODEL_WRAPPERS
 from torch import nn
 
+from ..layers.base import flush_deferred_factor_grads_first
 from ..surgery import deferred_factor_grads
 from .expandnet import deferring_expandnet
 
@@ -40,7 +49,9 @@ class ExpandNetDistributedDataParallel(MMDistributedDataParallel):
 
         model_wrapper_cfg = dict(type='ExpandNetDistributedDataParallel')
 
-    (other ``DistributedDataParallel`` arguments go in the same dict: once
+    or, for a model with parameters that get no gradient,
+    ``dict(type='ExpandNetDistributedDataParallel', static_graph=True)`` (other
+    ``DistributedDataParallel`` arguments go in the same dict: once
     ``model_wrapper_cfg`` is set, MMEngine ignores a top-level
     ``find_unused_parameters``). The
     model may be an ExpandNet or a training-time wrapper around one (a
@@ -69,8 +80,9 @@ class ExpandNetDistributedDataParallel(MMDistributedDataParallel):
                 'ExpandNetDistributedDataParallel: find_unused_parameters=True, so the '
                 'ExpandNet keeps plain autograd (same gradients, higher peak memory): DDP '
                 'would declare the factors behind the deferred compositions unused before '
-                'their gradients exist. Set find_unused_parameters=False if every '
-                'parameter gets a gradient in each step.')
+                'their gradients exist. Use static_graph=True instead (parameters without '
+                'a gradient allowed, the same ones in every step), or '
+                'find_unused_parameters=False if every parameter gets a gradient.')
             self._deferring = None
 
     @property
@@ -79,7 +91,20 @@ class ExpandNetDistributedDataParallel(MMDistributedDataParallel):
         return self._deferring is not None
 
     def train_step(self, data: Any, optim_wrapper: Any) -> dict:
-        """``MMDistributedDataParallel.train_step`` with deferred factor gradients."""
-        with (deferred_factor_grads(self._deferring) if self._deferring is not None
-              else contextlib.nullcontext()):
+        """``MMDistributedDataParallel.train_step`` with deferred factor gradients.
+
+        The stock step, with the flush of the factor gradients queued when the
+        backward pass starts (see the module's notes on ``static_graph``).
+        """
+        if self._deferring is None:
             return super().train_step(data, optim_wrapper)
+        with deferred_factor_grads(self._deferring):
+            with optim_wrapper.optim_context(self):
+                data = self.module.data_preprocessor(data, training=True)
+                losses = self._run_forward(data, mode='loss')
+            parsed_loss, log_vars = self.module.parse_losses(losses)
+            flush_deferred_factor_grads_first(parsed_loss)
+            optim_wrapper.update_params(parsed_loss)
+            if self.detect_anomalous_params:
+                detect_anomalous_params(parsed_loss, model=self)
+            return log_vars
