@@ -50,11 +50,12 @@ class ExpandNetDistributedDataParallel(MMDistributedDataParallel):
         model_wrapper_cfg = dict(type='ExpandNetDistributedDataParallel')
 
     or, for a model with parameters that get no gradient,
-    ``dict(type='ExpandNetDistributedDataParallel', static_graph=True)`` (other
+    ``dict(type='ExpandNetDistributedDataParallel', static_graph=True)``. Other
     ``DistributedDataParallel`` arguments go in the same dict: once
     ``model_wrapper_cfg`` is set, MMEngine ignores a top-level
-    ``find_unused_parameters``). The
-    model may be an ExpandNet or a training-time wrapper around one (a
+    ``find_unused_parameters``.
+
+    The model may be an ExpandNet or a training-time wrapper around one (a
     ``Distiller``, ``AuxOverParam``); a model without expanded layers, or an
     ExpandNet built with ``defer_factor_grads=False``, trains exactly as under
     ``MMDistributedDataParallel``. The gradients are the ones plain autograd
