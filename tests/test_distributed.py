@@ -44,9 +44,11 @@ CASES = {
 
 @MODEL_WRAPPERS.register_module(force=True)
 class StockDDPOnCPU(MMDistributedDataParallel):
-    """The stock wrapper, minus the ``device_ids`` that the Runner passes and CPU DDP refuses."""
+    """The stock wrapper as the Runner builds it by default (``broadcast_buffers=False``),
+    minus the ``device_ids`` that CPU DDP refuses."""
 
     def __init__(self, module, device_ids=None, **kwargs):
+        kwargs.setdefault('broadcast_buffers', False)
         super().__init__(module=module, device_ids=None, **kwargs)
 
 
@@ -68,9 +70,15 @@ def _train_on_rank(rank: int, port: int, data: str, out: str) -> None:
     import expand_mm
     from expand_mm.layers import base
 
+    # Compositions back-propagated by each flush (a flush of nothing does not count).
     flushes = []
     flush = base._DEFERRED_GRADS.flush
-    base._DEFERRED_GRADS.flush = lambda task: (flushes.append(1), flush(task))[1]
+
+    def counting_flush(task):
+        flushes.append(sum(entry[0] == task for entry in base._DEFERRED_GRADS._pending))
+        return flush(task)
+
+    base._DEFERRED_GRADS.flush = counting_flush
     result = {}
     for case, (config, task, iters, accumulate, ours, stock) in CASES.items():
         for wrapper_cfg in (ours, stock):
@@ -86,15 +94,21 @@ def _train_on_rank(rank: int, port: int, data: str, out: str) -> None:
             log = next(work_dir.glob('*/*.log')).read_text() if rank == 0 else ''
             module = runner.model.module
             result[case, wrapper_cfg['type']] = dict(
-                flushes=len(flushes),
+                flushes=sum(n > 0 for n in flushes),
+                broadcast_buffers=runner.model.broadcast_buffers,
                 defers=getattr(runner.model, 'defers_factor_grads', None),
                 state={k: v.detach().clone() for k, v in module.state_dict().items()},
                 param_names=[k for k, _ in module.named_parameters()],
                 warned='plain autograd' in log)
-    # find_unused_parameters=True cannot be served with deferred gradients.
-    model = expand_mm.models.ExpandNetDistributedDataParallel(
-        runner.model.module, device_ids=[rank], find_unused_parameters=True)
-    result['find_unused_defers'] = model.defers_factor_grads
+    # Options that walk the loss graph for parameters cannot be served with
+    # deferred gradients; under a static graph DDP skips the unused search.
+    for key, options in (('find_unused', dict(find_unused_parameters=True)),
+                         ('anomalous', dict(detect_anomalous_params=True)),
+                         ('static_find_unused', dict(find_unused_parameters=True,
+                                                     static_graph=True))):
+        model = expand_mm.models.ExpandNetDistributedDataParallel(
+            runner.model.module, device_ids=[rank], **options)
+        result[key + '_defers'] = model.defers_factor_grads
     torch.save(result, Path(out) / f'rank{rank}.pt')
     dist.barrier()
     dist.destroy_process_group()
@@ -106,18 +120,21 @@ def test_ddp_wrapper_defers_factor_grads_with_the_same_weights(tmp_path):
                        nprocs=WORLD, start_method='spawn')
     ranks = [torch.load(tmp_path / f'rank{r}.pt') for r in range(WORLD)]
     for result in ranks:
-        assert result['find_unused_defers'] is False
+        assert result['find_unused_defers'] is result['anomalous_defers'] is False
+        assert result['static_find_unused_defers'] is True
         for case, (*_, iters, _, _, _) in CASES.items():
             ours, stock = result[case, OURS], result[case, STOCK]
-            assert ours['defers'] is True and ours['flushes'] >= iters  # one per backward
+            # every backward pass back-propagated compositions into factors
+            assert ours['defers'] is True and ours['flushes'] == iters
             assert stock['flushes'] == 0
+            assert ours['broadcast_buffers'] is stock['broadcast_buffers'] is False
             assert ours['state'].keys() == stock['state'].keys()
             for key, value in ours['state'].items():
                 torch.testing.assert_close(value, stock['state'][key], rtol=1e-5, atol=1e-6,
                                            msg=lambda m, key=key: f'{case} {key}: {m}')
     for case in CASES:
         # DDP kept the ranks' parameters in step (different batches, all-reduced
-        # gradients); buffers such as BN statistics are each rank's own.
+        # gradients); BN statistics are each rank's own (broadcast_buffers=False).
         first, second = (r[case, OURS] for r in ranks)
         assert any('.convs.' in key for key in first['param_names'])  # the factors
         for key in first['param_names']:

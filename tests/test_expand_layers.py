@@ -661,6 +661,14 @@ def test_a_failed_backward_does_not_stop_later_deferred_factor_grads():
             _assert_close_at_scale(p.grad, plain[name], name)
         assert len(_DEFERRED_GRADS._pending) == stale  # only the failed pass's
     assert not _DEFERRED_GRADS._pending
+    # Leaving the block right after a failed pass frees its leaves and graphs.
+    with deferred_factor_grads(net):
+        out = net(x)
+        net.mid.register_hook(fail)
+        with pytest.raises(RuntimeError, match='backward failed'):
+            out.square().mean().backward()
+        assert net.conv2._deferred is not None
+    assert not _DEFERRED_GRADS._pending and net.conv2._deferred is None
 
 
 def test_online_composition_saves_no_copy_of_the_big_factor():

@@ -100,7 +100,8 @@ class ContractCheckpointHook(Hook):
                 and not isinstance(runner.model, ExpandNetDistributedDataParallel)
                 and deferring_expandnet(runner.model) is not None):
             suggestion = ("dict(type='ExpandNetDistributedDataParallel', static_graph=True) "
-                          '(in place of find_unused_parameters=True)'
+                          '(in place of find_unused_parameters=True; torch DDP refuses it with '
+                          'gradient accumulation)'
                           if runner.model.find_unused_parameters else
                           "dict(type='ExpandNetDistributedDataParallel')")
             runner.logger.warning(

@@ -93,11 +93,15 @@ class _DeferredFactorGrads:
         layers = {id(layer) for layer in layers}
         with self._lock:
             kept = [entry for entry in self._pending if id(entry[1]) not in layers]
-            dropped = len(self._pending) - len(kept)
+            dropped = [entry for entry in self._pending if id(entry[1]) in layers]
             self._pending = kept
             live = {entry[0] for entry in kept}
             self._queued &= live
-        return dropped
+        for _, layer, _, leaf in dropped:
+            # The layer's cache holds the same leaf (and its graph).
+            if layer._deferred is not None and any(t is leaf for t in layer._deferred[1]):
+                layer._deferred = None
+        return len(dropped)
 
 
 def _current_backward_pass() -> int:

@@ -64,6 +64,9 @@ class ExpandNetDistributedDataParallel(MMDistributedDataParallel):
     MMEngine's Runner passes ``device_ids=[LOCAL_RANK]`` to every DDP wrapper;
     for a model on the CPU (the gloo backend) they are dropped, because
     ``DistributedDataParallel`` refuses device ids for CPU modules.
+    ``broadcast_buffers`` defaults to ``False``, as for the Runner's default
+    wrapper. With ``find_unused_parameters=True`` (without ``static_graph``)
+    or ``detect_anomalous_params=True`` the ExpandNet keeps plain autograd.
 
     Args:
         module: The model to wrap.
@@ -74,16 +77,25 @@ class ExpandNetDistributedDataParallel(MMDistributedDataParallel):
     def __init__(self, module: nn.Module, device_ids: Any = None, **kwargs: Any) -> None:
         if device_ids is not None and all(p.device.type == 'cpu' for p in module.parameters()):
             device_ids = None
+        # What MMEngine's Runner gives its default wrapper: each rank keeps its
+        # own BN statistics (DDP's own default would copy rank 0's every step).
+        kwargs.setdefault('broadcast_buffers', False)
         super().__init__(module=module, device_ids=device_ids, **kwargs)
         self._deferring = deferring_expandnet(self.module)
-        if self._deferring is not None and self.find_unused_parameters:
+        # Both walk the loss graph, which holds the deferred leaves, not the factors.
+        blocker = ('find_unused_parameters=True' if self.find_unused_parameters
+                   and not self.static_graph else
+                   'detect_anomalous_params=True' if self.detect_anomalous_params else None)
+        if self._deferring is not None and blocker:
             MMLogger.get_current_instance().warning(
-                'ExpandNetDistributedDataParallel: find_unused_parameters=True, so the '
-                'ExpandNet keeps plain autograd (same gradients, higher peak memory): DDP '
-                'would declare the factors behind the deferred compositions unused before '
-                'their gradients exist. Use static_graph=True instead (parameters without '
-                'a gradient allowed, the same ones in every step), or '
-                'find_unused_parameters=False if every parameter gets a gradient.')
+                f'ExpandNetDistributedDataParallel: {blocker}, so the ExpandNet keeps plain '
+                'autograd (same gradients, higher peak memory): it looks for the parameters '
+                'that the loss reaches, and the factors behind a deferred composition get '
+                'their gradients after the backward pass.'
+                + (' Use static_graph=True instead (parameters without a gradient allowed, '
+                   'the same ones in every step, no gradient accumulation), or '
+                   'find_unused_parameters=False if every parameter gets a gradient.'
+                   if blocker.startswith('find_unused') else ''))
             self._deferring = None
 
     @property
@@ -94,8 +106,9 @@ class ExpandNetDistributedDataParallel(MMDistributedDataParallel):
     def train_step(self, data: Any, optim_wrapper: Any) -> dict:
         """``MMDistributedDataParallel.train_step`` with deferred factor gradients.
 
-        The stock step, with the flush of the factor gradients queued when the
-        backward pass starts (see the module's notes on ``static_graph``).
+        The stock step (MMEngine 0.10's body), with the flush of the factor
+        gradients queued when the backward pass starts (see the module's notes
+        on ``static_graph``).
         """
         if self._deferring is None:
             return super().train_step(data, optim_wrapper)
