@@ -9,24 +9,21 @@
 # Every saved checkpoint gets a *_compact.pth twin (the student alone,
 # contracted) for the compact config
 # configs/digits/unet-s4-d16-c16_fcn_1xb16-800i_digits-seg-64x64.py.
-_base_ = '../digits/expandnet-cl-r4_unet-s4-d16-c16-fcn_1xb16-800i_digits-seg-64x64.py'
+_base_ = './kd-unet-c32_unet-s4-d16-c16-fcn_1xb16-800i_digits-seg-64x64.py'
 
+# The teacher and the distillation loss are the base's; the student becomes
+# the ExpandNet of the compact U-Net, with the optimizer and DDP settings of
+# ../digits/expandnet-cl-r4_unet-s4-d16-c16-fcn_1xb16-800i_digits-seg-64x64.py
+# (see there why).
 model = dict(
-    _delete_=True,
-    type='Distiller',
-    student={{_base_.model}},  # the ExpandNet of the compact U-Net
-    teacher='{{fileDirname}}/unet-s4-d16-c32_fcn_1xb16-800i_digits-seg-64x64.py',
-    teacher_ckpt='work_dirs/unet-s4-d16-c32_fcn_1xb16-800i_digits-seg-64x64/iter_800.pth',
-    distill_losses=[
-        # Hinton's KD on the decode head's logits: pixel-wise KL of the
-        # temperature-softened class distributions, x T^2; the teacher's maps
-        # are resized to the student's if they differ.
-        dict(
-            type='LogitsKDLoss',
-            student='decode_head',
-            activation='softmax',
-            temperature=4.0,
-            resize=True,
-            loss_weight=1.0,
-            loss_name='loss_kd'),
-    ])
+    student=dict(
+        _delete_=True,
+        type='ExpandNet',
+        model={{_base_.model.student}},
+        strategy='cl',
+        ratio=4,
+        mode='online'))
+optim_wrapper = dict(
+    constructor='ExpandNetOptimWrapperConstructor',
+    paramwise_cfg=dict(factor_lr_mult=0.1))
+model_wrapper_cfg = dict(type='ExpandNetDistributedDataParallel', static_graph=True)

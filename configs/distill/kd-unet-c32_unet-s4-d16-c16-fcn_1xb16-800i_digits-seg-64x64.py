@@ -11,6 +11,8 @@
 # ../digits/unet-s4-d16-c16_fcn_1xb16-800i_digits-seg-64x64.py.
 _base_ = '../digits/unet-s4-d16-c16_fcn_1xb16-800i_digits-seg-64x64.py'
 
+custom_imports = dict(imports=['expand_mm'], allow_failed_imports=False)  # Distiller
+
 model = dict(
     _delete_=True,
     type='Distiller',
