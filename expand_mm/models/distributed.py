@@ -32,9 +32,8 @@ from typing import Any
 
 from mmengine.logging import MMLogger
 from mmengine.model import MMDistributedDataParallel
-from mmengine.model.utils import detect_anomalous_params
 from mmengine.registry import MODEL_WRAPPERS
-from torch import nn
+from torch import Tensor, nn
 
 from ..layers.base import flush_deferred_factor_grads_first
 from ..surgery import deferred_factor_grads
@@ -104,21 +103,33 @@ class ExpandNetDistributedDataParallel(MMDistributedDataParallel):
         return self._deferring is not None
 
     def train_step(self, data: Any, optim_wrapper: Any) -> dict:
-        """``MMDistributedDataParallel.train_step`` with deferred factor gradients.
-
-        The stock step (MMEngine 0.10's body), with the flush of the factor
-        gradients queued when the backward pass starts (see the module's notes
-        on ``static_graph``).
-        """
+        """``MMDistributedDataParallel.train_step`` with deferred factor gradients."""
         if self._deferring is None:
             return super().train_step(data, optim_wrapper)
         with deferred_factor_grads(self._deferring):
-            with optim_wrapper.optim_context(self):
-                data = self.module.data_preprocessor(data, training=True)
-                losses = self._run_forward(data, mode='loss')
-            parsed_loss, log_vars = self.module.parse_losses(losses)
-            flush_deferred_factor_grads_first(parsed_loss)
-            optim_wrapper.update_params(parsed_loss)
-            if self.detect_anomalous_params:
-                detect_anomalous_params(parsed_loss, model=self)
-            return log_vars
+            return super().train_step(data, optim_wrapper)
+
+    def forward(self, *inputs: Any, **kwargs: Any) -> Any:
+        """DDP's forward; the losses of a deferring ExpandNet flush its factor
+        gradients when their backward pass starts (see the module's notes on
+        ``static_graph``)."""
+        outputs = super().forward(*inputs, **kwargs)
+        if self._deferring is not None and kwargs.get('mode') == 'loss':
+            nodes = {}
+            for loss in _tensors(outputs):
+                if loss.grad_fn is not None:
+                    nodes.setdefault(id(loss.grad_fn), loss)
+            for loss in nodes.values():
+                flush_deferred_factor_grads_first(loss)
+        return outputs
+
+
+def _tensors(outputs: Any) -> list[Tensor]:
+    """The tensors in a (nested) dict / list / tuple of model outputs."""
+    if isinstance(outputs, Tensor):
+        return [outputs]
+    if isinstance(outputs, dict):
+        outputs = list(outputs.values())
+    if isinstance(outputs, (list, tuple)):
+        return [t for item in outputs for t in _tensors(item)]
+    return []
