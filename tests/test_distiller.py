@@ -167,6 +167,49 @@ def test_seg_kd_trains_and_deploys_the_student(data, tmp_path, config, expanded)
         assert_outputs_close(da.seg_logits.data, db.seg_logits.data)
 
 
+def test_kd_train_step_defers_the_students_factor_grads_with_the_same_gradients(data, tmp_path):
+    """The Distiller's train_step defers an ExpandNet student's factor gradients (lower
+    peak memory), and every parameter gets what plain autograd gives it."""
+    from mmengine.optim import OptimWrapper
+    from expand_mm.models import deferring_expandnet
+    teacher_ckpt = teacher_checkpoint(TEACHER_SEG, tmp_path / 'teacher.pth')
+    cfg = tiny_cfg(KD_SEG, data, tmp_path / 'work', 'seg')
+    cfg.model.teacher_ckpt = teacher_ckpt
+    runner = Runner.from_cfg(cfg)
+    model = runner.model
+    model.init_weights()
+    model.train()
+    assert deferring_expandnet(model) is model.student
+    batch = next(iter(runner.train_dataloader))
+    layers = [layer for _, layer in expand_mm.expanded_layers(model.student)]
+    seen = []
+    for layer in layers:
+        layer.register_forward_pre_hook(lambda m, args: seen.append(m.defer_factor_grads))
+    got = {}
+    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    for name, p in trainable:
+        p.register_post_accumulate_grad_hook(
+            lambda t, name=name: got.__setitem__(name, t.grad.clone()))
+    torch.manual_seed(0)  # the FCN head's dropout draws the same mask in both passes
+    model.train_step(batch, OptimWrapper(torch.optim.SGD([p for _, p in trainable], lr=0.0)))
+    assert seen and all(seen) and not any(layer.defer_factor_grads for layer in layers)
+
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(0)
+    losses = model.loss(**model.data_preprocessor(batch, True))
+    model.parse_losses(losses)[0].backward()
+    want = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    factor_ids = {id(p) for layer in layers for sub in layer.sublayers
+                  for p in sub.parameters(recurse=False)}
+    factor_names = {n for n, p in model.named_parameters() if id(p) in factor_ids}
+    # (the full-resolution decoder stage feeds no head: its factors get none)
+    assert len(factor_names & set(want)) > len(factor_names) // 2
+    assert got.keys() == want.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5,
+                                   atol=1e-5 * float(want[name].abs().max()), msg=name)
+
+
 def test_teacher_checkpoint_of_another_model_is_refused(tmp_path):
     # A checkpoint of the compact student (half the teacher's width) as the teacher's.
     with DefaultScope.overwrite_default_scope('mmdet'):
