@@ -167,10 +167,13 @@ def test_seg_kd_trains_and_deploys_the_student(data, tmp_path, config, expanded)
         assert_outputs_close(da.seg_logits.data, db.seg_logits.data)
 
 
-def test_kd_train_step_defers_the_students_factor_grads_with_the_same_gradients(data, tmp_path):
-    """The Distiller's train_step defers an ExpandNet student's factor gradients (lower
-    peak memory), and every parameter gets what plain autograd gives it."""
+def test_kd_train_step_defers_the_students_factor_grads_with_the_same_gradients(
+        data, tmp_path, monkeypatch):
+    """The Distiller's train_step runs an ExpandNet student's factor gradients through the
+    deferred path (composition backward after the main pass), and every parameter gets
+    what plain autograd gives it."""
     from mmengine.optim import OptimWrapper
+    from expand_mm.layers import base
     from expand_mm.models import deferring_expandnet
     teacher_ckpt = teacher_checkpoint(TEACHER_SEG, tmp_path / 'teacher.pth')
     cfg = tiny_cfg(KD_SEG, data, tmp_path / 'work', 'seg')
@@ -179,30 +182,41 @@ def test_kd_train_step_defers_the_students_factor_grads_with_the_same_gradients(
     model = runner.model
     model.init_weights()
     model.train()
+    for head in (model.student.decode_head, model.student.auxiliary_head):
+        head.dropout = None  # both passes below must compute the same function
     assert deferring_expandnet(model) is model.student
     batch = next(iter(runner.train_dataloader))
     layers = [layer for _, layer in expand_mm.expanded_layers(model.student)]
-    seen = []
-    for layer in layers:
-        layer.register_forward_pre_hook(lambda m, args: seen.append(m.defer_factor_grads))
+
+    deferred = []  # one entry per composed weight whose backward waited for the flush
+    leaf_ready = base._DEFERRED_GRADS.leaf_ready
+
+    def counting_leaf_ready(layer, *args):
+        deferred.append(layer)
+        leaf_ready(layer, *args)
+
+    monkeypatch.setattr(base._DEFERRED_GRADS, 'leaf_ready', counting_leaf_ready)
     got = {}
     trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-    for name, p in trainable:
-        p.register_post_accumulate_grad_hook(
-            lambda t, name=name: got.__setitem__(name, t.grad.clone()))
-    torch.manual_seed(0)  # the FCN head's dropout draws the same mask in both passes
+    handles = [p.register_post_accumulate_grad_hook(
+        lambda t, name=name: got.__setitem__(name, t.grad.clone())) for name, p in trainable]
     model.train_step(batch, OptimWrapper(torch.optim.SGD([p for _, p in trainable], lr=0.0)))
-    assert seen and all(seen) and not any(layer.defer_factor_grads for layer in layers)
+    for handle in handles:
+        handle.remove()
+    assert not any(layer.defer_factor_grads for layer in layers)  # switched off after
 
     model.zero_grad(set_to_none=True)
-    torch.manual_seed(0)
     losses = model.loss(**model.data_preprocessor(batch, True))
     model.parse_losses(losses)[0].backward()
     want = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     factor_ids = {id(p) for layer in layers for sub in layer.sublayers
                   for p in sub.parameters(recurse=False)}
     factor_names = {n for n, p in model.named_parameters() if id(p) in factor_ids}
-    # (the full-resolution decoder stage feeds no head: its factors get none)
+    # Every layer that feeds a loss went through the deferred path (the full-resolution
+    # decoder stage feeds no head: its layers, and their factors, get nothing).
+    used = {id(layer) for layer in layers
+            if any(p.grad is not None for p in layer.sublayers.parameters())}
+    assert len(used) > len(layers) // 2 and {id(layer) for layer in deferred} == used
     assert len(factor_names & set(want)) > len(factor_names) // 2
     assert got.keys() == want.keys()
     for name in want:
