@@ -209,15 +209,11 @@ def test_kd_train_step_defers_the_students_factor_grads_with_the_same_gradients(
     losses = model.loss(**model.data_preprocessor(batch, True))
     model.parse_losses(losses)[0].backward()
     want = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
-    factor_ids = {id(p) for layer in layers for sub in layer.sublayers
-                  for p in sub.parameters(recurse=False)}
-    factor_names = {n for n, p in model.named_parameters() if id(p) in factor_ids}
     # Every layer that feeds a loss went through the deferred path (the full-resolution
     # decoder stage feeds no head: its layers, and their factors, get nothing).
     used = {id(layer) for layer in layers
             if any(p.grad is not None for p in layer.sublayers.parameters())}
     assert len(used) > len(layers) // 2 and {id(layer) for layer in deferred} == used
-    assert len(factor_names & set(want)) > len(factor_names) // 2
     assert got.keys() == want.keys()
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=1e-5,
