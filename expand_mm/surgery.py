@@ -16,6 +16,7 @@ import contextlib
 import copy
 import difflib
 import fnmatch
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -23,7 +24,7 @@ import torch
 from torch import nn
 
 from .layers import ExpandConv2d, ExpandedLayer, ExpandLinear
-from .layers.base import discard_deferred_factor_grads
+from .layers.base import deferral_unsupported_reason, discard_deferred_factor_grads
 
 STRATEGIES = ('cl', 'ck', 'auto')
 MODES = ('online', 'explicit')
@@ -351,10 +352,23 @@ def deferred_factor_grads(model: nn.Module, enabled: bool = True) -> Iterator[in
     on the factors needs the plain mode. The previous settings come back on exit,
     and what a backward pass that raised inside the block left queued is dropped.
 
+    On a torch build without the autograd hooks deferral needs (see
+    :func:`~expand_mm.layers.base.deferral_unsupported_reason`) the block warns
+    once and leaves the layers on plain autograd: the same gradients at the
+    higher peak memory.
+
     Yields:
         The number of expanded layers switched.
     """
     layers = [layer for _, layer in expanded_layers(model)]
+    if enabled and layers:
+        reason = deferral_unsupported_reason()
+        if reason is not None:
+            warnings.warn(f'deferred factor gradients are off: {reason}; the expanded '
+                          f'layers train with plain autograd (same gradients, higher '
+                          f'peak memory). Set defer_factor_grads=False in the ExpandNet '
+                          f'model config to silence this.', RuntimeWarning, stacklevel=3)
+            enabled = False
     before = [layer.defer_factor_grads for layer in layers]
     for layer in layers:
         layer.defer_factor_grads = enabled

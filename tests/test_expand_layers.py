@@ -634,6 +634,25 @@ def test_deferred_mode_survives_a_retained_graph_and_is_off_by_default():
     assert all(g is not None for g in grads)
 
 
+def test_a_torch_without_the_deferral_hooks_falls_back_to_plain_autograd(monkeypatch):
+    """Deferral rests on torch._C._current_graph_task_id (private API): where it is
+    missing the block warns, naming it, and the layers train with plain autograd."""
+    import expand_mm.layers.base as base
+    from expand_mm.surgery import deferred_factor_grads
+    torch.manual_seed(0)
+    net, x = _TwoLayerNet(), torch.randn(2, 4, 10, 10)
+    plain, _ = _factor_grads(net, False, x)
+    assert base.deferral_unsupported_reason() is None  # this torch has both
+    monkeypatch.delattr(torch._C, '_current_graph_task_id')
+    assert '_current_graph_task_id' in base.deferral_unsupported_reason()
+    with pytest.warns(RuntimeWarning, match='_current_graph_task_id.*plain autograd'):
+        with deferred_factor_grads(net) as switched:
+            assert switched == 2 and not net.conv1.defer_factor_grads
+            net(x).square().mean().backward()
+    for name, p in net.named_parameters():
+        assert torch.equal(p.grad, plain[name]), name
+
+
 def test_a_failed_backward_does_not_stop_later_deferred_factor_grads():
     """A backward pass that raises half-way (a hook, an out-of-memory error the
     caller survives) leaves its compositions unflushed; the next passes must

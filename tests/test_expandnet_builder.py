@@ -99,3 +99,18 @@ def test_train_step_defers_factor_grads_and_gets_the_same_gradients():
 def test_defer_factor_grads_must_be_a_bool():
     with pytest.raises(ValueError, match="defer_factor_grads='yes'"):
         build(expandnet_cfg(defer_factor_grads='yes'))
+
+
+def test_without_the_deferral_hooks_the_expandnet_builds_with_plain_autograd(monkeypatch):
+    """A torch lacking torch._C._current_graph_task_id (private API) gets plain
+    autograd, and the log says why, instead of a train step that raises."""
+    from mmengine.logging import MMLogger
+    monkeypatch.delattr(torch._C, '_current_graph_task_id')
+    warnings = []
+    monkeypatch.setattr(MMLogger.get_current_instance(), 'warning', warnings.append)
+    model = build(expandnet_cfg(strategy='cl', ratio=2))
+    assert model.expandnet_cfg['defer_factor_grads'] is False
+    assert any('_current_graph_task_id' in w and 'plain autograd' in w for w in warnings)
+    model.init_weights()
+    grads = _one_train_step(model)
+    assert len(grads) == len(list(model.parameters()))

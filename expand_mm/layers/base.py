@@ -109,6 +109,23 @@ def _current_backward_pass() -> int:
     return torch._C._current_graph_task_id()
 
 
+def deferral_unsupported_reason() -> str | None:
+    """Why this torch build cannot defer factor gradients, or ``None`` when it can.
+
+    Deferral keys its queue on ``torch._C._current_graph_task_id`` (private, in
+    torch since 2.1) and hooks leaves with ``register_post_accumulate_grad_hook``
+    (public since 2.1); a torch that lacks either trains with plain autograd.
+    """
+    missing = []
+    if not callable(getattr(torch._C, '_current_graph_task_id', None)):
+        missing.append('torch._C._current_graph_task_id')
+    if not callable(getattr(torch.Tensor, 'register_post_accumulate_grad_hook', None)):
+        missing.append('torch.Tensor.register_post_accumulate_grad_hook')
+    if not missing:
+        return None
+    return f'torch {torch.__version__} lacks {" and ".join(missing)}'
+
+
 _DEFERRED_GRADS = _DeferredFactorGrads()
 
 

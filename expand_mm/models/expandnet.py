@@ -24,6 +24,7 @@ from mmengine.model import BaseModule, is_model_wrapper
 from mmengine.registry import MODELS
 from torch import nn
 
+from ..layers.base import deferral_unsupported_reason
 from ..surgery import (ExpansionReport, deferred_factor_grads, expand_model, expanded_layers,
                        path_matches, replace_submodule)
 
@@ -112,6 +113,13 @@ def build_expandnet(model: dict,
             isinstance(keep_weights, str) or not all(isinstance(p, str) for p in keep_weights)):
         raise ValueError(f'ExpandNet: keep_weights={keep_weights!r} must be True/False or a '
                          "list of module-path glob patterns such as ['backbone.*']")
+    if defer_factor_grads:
+        unsupported = deferral_unsupported_reason()
+        if unsupported is not None:
+            MMLogger.get_current_instance().warning(
+                f'ExpandNet: defer_factor_grads=True is not available ({unsupported}); '
+                'training uses plain autograd (same gradients, higher peak memory)')
+            defer_factor_grads = False
     model = copy.deepcopy(model)
     if data_preprocessor is not None:
         model.setdefault('data_preprocessor', data_preprocessor)
