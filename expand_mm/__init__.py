@@ -8,8 +8,8 @@ MMEngine's own checkpoints on torch >= 2.6.
 """
 from .compat import allow_mmengine_checkpoints, patch_mmdet_ssd_head
 from .layers import ExpandConv2d, ExpandedLayer, ExpandLinear
-from .surgery import (ExpansionReport, contract_model, deferred_factor_grads, expand_model,
-                      expanded_layers, set_expand_mode, verify_contraction)
+from .surgery import (ExpansionReport, check_contraction, contract_model, deferred_factor_grads,
+                      expand_model, expanded_layers, set_expand_mode, verify_contraction)
 
 allow_mmengine_checkpoints()
 patch_mmdet_ssd_head()
@@ -33,7 +33,7 @@ __version__ = '0.1.0'
 
 __all__ = [
     'ExpandConv2d', 'ExpandLinear', 'ExpandedLayer', 'ExpansionReport', 'expand_model',
-    'contract_model', 'verify_contraction', 'expanded_layers', 'set_expand_mode',
+    'contract_model', 'check_contraction', 'verify_contraction', 'expanded_layers', 'set_expand_mode',
     'deferred_factor_grads',
     'deployable_model', 'CheckpointError', 'read_checkpoint', 'match_state_dict',
     'allow_mmengine_checkpoints', 'hooks', 'models', 'optim',

@@ -16,8 +16,7 @@ is loaded. Independent of mmdet / mmseg.
 from __future__ import annotations
 
 import os
-import pickle
-import zipfile
+import os.path as osp
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -55,10 +54,10 @@ def read_checkpoint(path: str, map_location: Any = 'cpu', mmap: bool = False) ->
         raise CheckpointError(f'checkpoint {path!r} does not exist')
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile,
-            OSError, ValueError, AttributeError) as err:
+    except Exception as err:  # noqa: BLE001 -- garbage input raises whatever the unpickler hits
         raise CheckpointError(
-            f'cannot read checkpoint {path!r}: {type(err).__name__}: {str(err)[:300]}. '
+            f'cannot read checkpoint {path!r} '
+            f'({type(err).__name__}: {_load_error_detail(err)}). '
             'The file is corrupt or truncated, or not a PyTorch checkpoint; '
             'use a checkpoint written by the training runner or tools/contract.py') from err
     if isinstance(checkpoint, Mapping) and 'state_dict' not in checkpoint and checkpoint \
@@ -69,6 +68,45 @@ def read_checkpoint(path: str, map_location: Any = 'cpu', mmap: bool = False) ->
         raise CheckpointError(f'{path!r} holds no state_dict (found {type(checkpoint).__name__}'
                               f' with keys {list(checkpoint)[:5] if isinstance(checkpoint, Mapping) else "-"})')
     return dict(checkpoint)
+
+
+def _load_error_detail(err: Exception, limit: int = 160) -> str:
+    """The informative part of a ``torch.load`` error, cut at a word.
+
+    torch's weights-only message leads with advice to retry with
+    ``weights_only=False``, which does not apply to a file that is not a
+    checkpoint (and executes arbitrary code); its unpickler line says what failed.
+    """
+    text = str(err)
+    marker = 'WeightsUnpickler error:'
+    if marker in text:
+        text = 'WeightsUnpickler error: ' + text.split(marker, 1)[1].strip()
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    detail = lines[0] if lines else repr(err)
+    if detail == 'WeightsUnpickler error:' and len(lines) > 1:
+        detail += ' ' + lines[1]
+    if len(detail) > limit:
+        detail = detail[:limit].rsplit(' ', 1)[0] + ' ...'
+    return detail
+
+
+def prepare_output_path(src: str, dst: str) -> str:
+    """Make ``dst`` writable for output derived from ``src``, never overwriting ``src``.
+
+    Creates ``dst``'s folder if needed and returns ``dst``.
+
+    Raises:
+        CheckpointError: If ``dst`` is ``src`` (the same file under any name),
+            which writing would destroy.
+    """
+    same = osp.realpath(src) == osp.realpath(dst) or (
+        osp.exists(src) and osp.exists(dst) and osp.samefile(src, dst))
+    if same:
+        raise CheckpointError(f'the output {dst!r} is the input checkpoint {src!r}: writing '
+                              'would overwrite it. Choose another output path')
+    folder = osp.dirname(osp.abspath(dst))
+    os.makedirs(folder, exist_ok=True)
+    return dst
 
 
 def strip_prefix(state_dict: Mapping[str, Any], prefix: str = 'module.') -> dict:

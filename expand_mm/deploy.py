@@ -23,9 +23,9 @@ from mmengine.model import BaseModel, is_model_wrapper
 from torch import nn
 
 from .checkpoint import (NONLINEAR_INIT_META_KEY, CheckpointError, match_state_dict,
-                         read_checkpoint, strip_prefix)
+                         prepare_output_path, read_checkpoint, strip_prefix)
 from .models.expandnet import deployable_model
-from .surgery import contract_model_, expanded_layers, verify_contraction
+from .surgery import check_contraction, contract_model_, expanded_layers
 
 DEFAULT_PROBE_SHAPE = (1, 3, 128, 128)
 
@@ -175,7 +175,8 @@ def contract_state_dict(model: nn.Module, state_dict: dict, probe_shape=DEFAULT_
     Raises:
         ValueError: If ``model`` is neither expanded nor a wrapper.
         CheckpointError: If the entries do not fit the deployable network.
-        RuntimeError: If the check finds an error above ``rtol``.
+        RuntimeError: If the check finds an error above ``rtol`` that is not
+            float32 rounding (see :func:`~expand_mm.surgery.check_contraction`).
     """
     deployable, prefix = find_deployable(model)
     state_dict = deployable_state_dict(model, state_dict)
@@ -192,13 +193,12 @@ def contract_state_dict(model: nn.Module, state_dict: dict, probe_shape=DEFAULT_
     compact = contract_model_(copy.deepcopy(expanded))
     errors = None
     if verify:
-        errors = verify_contraction(expanded, compact, make_probe(expanded, probe_shape),
-                                    forward_fn=probe_forward)
-        if not errors['max_rel'] <= rtol:
-            raise RuntimeError(
-                f'contraction check failed: max relative error {errors["max_rel"]:.3g} > {rtol:g} '
-                f'(max abs {errors["max_abs"]:.3g}); refusing to write a compact model that '
-                'does not compute what the trained one does')
+        try:
+            errors = check_contraction(expanded, compact, make_probe(expanded, probe_shape),
+                                       forward_fn=probe_forward, rtol=rtol)
+        except RuntimeError as err:
+            raise RuntimeError(f'{err}; refusing to write a compact model that does not '
+                               'compute what the trained one does') from err
     return {k: v.detach().cpu() for k, v in compact.state_dict().items()}, errors
 
 
@@ -229,7 +229,7 @@ def write_compact_checkpoint(model: nn.Module, src: str, dst: str | None = None,
         ``(dst, errors)``; ``errors`` is None without ``verify`` and when the
         deployable network had nothing to contract.
     """
-    dst = dst or compact_checkpoint_path(src)
+    dst = prepare_output_path(src, dst or compact_checkpoint_path(src))
     checkpoint = read_checkpoint(src)
     if (checkpoint.get('meta') or {}).get(NONLINEAR_INIT_META_KEY):
         raise CheckpointError(

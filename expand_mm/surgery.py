@@ -202,16 +202,24 @@ def _check_settings(strategy: str, ratio: Any, mode: str) -> None:
         raise ValueError(f'expand_model: mode={mode!r} is not one of {MODES}')
 
 
-def _unmatched_pattern_error(kind: str, pattern: str, paths: list[str],
+def _unmatched_pattern_error(kind: str, pattern: str, modules: dict[str, str],
                              skipped: dict[str, str]) -> ValueError:
+    paths = list(modules)
     skipped_hits = [f'{p} ({r})' for p, r in skipped.items()
                     if path_matches(p, [pattern])]
+    other_hits = [f'{p} ({t})' for p, t in modules.items()
+                  if p not in skipped and fnmatch.fnmatchcase(p, pattern)]
     near = difflib.get_close_matches(pattern.replace('*', ''), paths, n=5, cutoff=0.3)
     if not near:
         near = [p for p in paths if p.split('.')[0] == pattern.split('.')[0]][:5] or paths[:5]
     msg = f'{kind} pattern {pattern!r} matches no expandable layer.'
     if skipped_hits:
         msg += ' It matches only layers left compact: ' + ', '.join(skipped_hits[:5]) + '.'
+    elif other_hits:
+        msg += (' It matches modules that are not expandable: ' + ', '.join(other_hits[:5])
+                + '. Expandable are plain nn.Conv2d (k x k with k > 1; 1x1 with '
+                'expand_1x1=True) and nn.Linear (with expand_linear=True), or a module '
+                'that contains them.')
     msg += ' Nearest module paths: ' + ', '.join(near)
     msg += " (patterns are fnmatch globs over module paths, e.g. 'backbone.*')"
     return ValueError(msg)
@@ -238,8 +246,9 @@ def expand_model(model: nn.Module,
         ratio: Expansion ratio r ≥ 1 (integer).
         mode: ``'online'`` (compose the kernel in ``forward``) or ``'explicit'``
             (run the chain on activations).
-        include: Glob patterns over module paths; a layer is selected when its
-            path or an ancestor's path matches one. ``None`` selects all.
+        include: Glob patterns over module paths (a string is one pattern); a
+            layer is selected when its path or an ancestor's path matches one.
+            ``None`` selects all.
         exclude: Glob patterns of layers to leave compact (applied after include).
         expand_1x1: Also expand 1×1 convs (the paper leaves them compact).
         expand_linear: Also expand ``nn.Linear`` layers (FC expansion).
@@ -255,18 +264,24 @@ def expand_model(model: nn.Module,
             layer that cannot take the requested strategy.
     """
     _check_settings(strategy, ratio, mode)
+    # One pattern given as a string (as `--cfg-options model.include=backbone.*`
+    # passes it) is that pattern, not its characters.
+    if isinstance(include, str):
+        include = [include]
+    if isinstance(exclude, str):
+        exclude = [exclude]
     include = list(include) if include is not None else None
     exclude = list(exclude or [])
     report = ExpansionReport(model_params_before=count_params(model), ratio=ratio, mode=mode)
 
-    all_paths: list[str] = []
+    all_modules: dict[str, str] = {}
     candidates: list[tuple[str, nn.Module]] = []
     skipped: dict[str, str] = {}
     inside_expanded: list[str] = []
     for path, module in model.named_modules():
         if not path:
             continue
-        all_paths.append(path)
+        all_modules[path] = type(module).__name__
         if any(path.startswith(p + '.') for p in inside_expanded):
             continue
         if isinstance(module, ExpandedLayer):
@@ -294,7 +309,7 @@ def expand_model(model: nn.Module,
     for kind, patterns in (('include', include or []), ('exclude', exclude)):
         for pattern in patterns:
             if not any(path_matches(p, [pattern]) for p, _ in candidates):
-                raise _unmatched_pattern_error(kind, pattern, all_paths, skipped)
+                raise _unmatched_pattern_error(kind, pattern, all_modules, skipped)
 
     selected = [(p, m) for p, m in candidates
                 if (include is None or path_matches(p, include)) and not path_matches(p, exclude)]
@@ -427,13 +442,89 @@ def contract_model(model: nn.Module,
     """
     compact = contract_model_(copy.deepcopy(model))
     if verify_inputs is not None:
-        errors = verify_contraction(model, compact, verify_inputs, forward_fn)
-        if not errors['max_rel'] <= rtol:
-            raise RuntimeError(
-                f'contraction check failed: max relative error {errors["max_rel"]:.3g} > '
-                f'{rtol:g} (max abs {errors["max_abs"]:.3g}); the compact model would not '
-                'compute what the expanded one does')
+        check_contraction(model, compact, verify_inputs, forward_fn, rtol)
     return compact
+
+
+def check_contraction(expanded: nn.Module, compact: nn.Module, inputs: Any,
+                      forward_fn: Callable[[nn.Module, Any], Any] | None = None,
+                      rtol: float = 1e-4) -> dict[str, Any]:
+    """:func:`verify_contraction`, raising only for a contraction that is wrong.
+
+    The two models are compared as they are (float32, the expanded one
+    composing its kernels online). A network can amplify float32 rounding far
+    beyond ``rtol`` (eval-mode BatchNorm whose running statistics lag the
+    weights, early in training, can take 1e-7 to 1e-2), so a float32 error
+    above ``rtol`` is checked again in float64 on copies: the expanded copy runs
+    its chains explicitly -- the paper's form, independent of the composition
+    code -- against its float64 contraction, and ``compact``'s tensors are
+    compared with that contraction's, each relative to its largest entry.
+    Only an error above ``rtol`` there raises; otherwise the float32 figure is
+    put down to rounding, which every float32 copy of that network shares.
+
+    Returns:
+        :func:`verify_contraction`'s dict; after a float64 re-check also
+        ``float64_max_rel`` (outputs), ``float64_weights_max_rel`` and the
+        tensor it was found in, ``float64_worst_tensor``.
+
+    Raises:
+        RuntimeError: If the float64 check (or the float32 one, when float64
+            cannot run) finds a relative error above ``rtol``.
+    """
+    errors = verify_contraction(expanded, compact, inputs, forward_fn)
+    if errors['max_rel'] <= rtol:
+        return errors
+    failed = (f'contraction check failed: max relative error {errors["max_rel"]:.3g} > '
+              f'{rtol:g} (max abs {errors["max_abs"]:.3g})')
+    try:
+        exact = _verify_in_float64(expanded, compact, inputs, forward_fn)
+    except (RuntimeError, TypeError, NotImplementedError) as err:
+        raise RuntimeError(f'{failed}, and the float64 re-check that tells float32 rounding '
+                           f'from a wrong contraction could not run ({type(err).__name__}: '
+                           f'{err}); the compact model may not compute what the expanded '
+                           'one does') from err
+    errors.update(exact)
+    if not (exact['float64_max_rel'] <= rtol and exact['float64_weights_max_rel'] <= rtol):
+        raise RuntimeError(
+            f'{failed}; in float64 the explicit chains and their contraction differ by '
+            f'{exact["float64_max_rel"]:.3g} and the compact tensors differ from that '
+            f'contraction by up to {exact["float64_weights_max_rel"]:.3g} '
+            f'({exact["float64_worst_tensor"]}): the compact model would not compute what the '
+            'expanded one does')
+    return errors
+
+
+def _verify_in_float64(expanded: nn.Module, compact: nn.Module, inputs: Any,
+                       forward_fn: Callable[[nn.Module, Any], Any] | None) -> dict[str, Any]:
+    """Explicit chains vs their contraction in float64, and ``compact``'s tensors vs it."""
+    expanded64 = copy.deepcopy(expanded).double()
+    compact64 = contract_model_(copy.deepcopy(expanded64))
+    for _, layer in expanded_layers(expanded64):
+        layer.set_mode('explicit')
+    outputs = verify_contraction(expanded64, compact64, _to_float64(inputs), forward_fn)
+    given, exact = compact.state_dict(), compact64.state_dict()
+    if given.keys() != exact.keys():
+        raise RuntimeError(f'the compact model has other state-dict keys than the contraction '
+                           f'({sorted(given.keys() ^ exact.keys())[:5]})')
+    worst, worst_key = 0.0, None
+    for key, value in exact.items():
+        if value.is_floating_point() and value.numel():
+            diff = float((given[key].double() - value).abs().max())
+            rel = diff / max(float(value.abs().max()), 1e-12)
+            if rel > worst or worst_key is None:
+                worst, worst_key = rel, key
+    return dict(float64_max_rel=outputs['max_rel'], float64_max_abs=outputs['max_abs'],
+                float64_weights_max_rel=worst, float64_worst_tensor=worst_key)
+
+
+def _to_float64(inputs: Any) -> Any:
+    if isinstance(inputs, torch.Tensor):
+        return inputs.double() if inputs.is_floating_point() else inputs
+    if isinstance(inputs, dict):
+        return {k: _to_float64(v) for k, v in inputs.items()}
+    if isinstance(inputs, (list, tuple)):
+        return type(inputs)(_to_float64(v) for v in inputs)
+    return inputs
 
 
 def _flatten_tensors(out: Any) -> list[torch.Tensor]:

@@ -54,8 +54,16 @@ def test_init_compact_factorises_every_layer_from_the_stock_init(init, stock_lik
 def test_bad_builder_arguments_name_the_key():
     with pytest.raises(ValueError, match="init='zero'"):
         build(expandnet_cfg(init='zero'))
-    with pytest.raises(ValueError, match="keep_weights='backbone'"):
-        build(expandnet_cfg(keep_weights='backbone'))
+    with pytest.raises(ValueError, match="keep_weights=3 must be True/False or a list"):
+        build(expandnet_cfg(keep_weights=3))
+    # A misspelled option names the option meant, not the detector's __init__.
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['ratoi'\]. 'ratoi': did you "
+                                         r"mean 'ratio'\?"):
+        build(expandnet_cfg(ratoi=2))
+    # A compact-model key at the top level says where it belongs.
+    with pytest.raises(ValueError, match=r"'bbox_head' is a key of the compact model: set it "
+                                         r"inside `model` \(--cfg-options model.model.bbox_head"):
+        build(expandnet_cfg(bbox_head=dict(num_classes=3)))
     with pytest.raises(ValueError, match="include pattern 'backbon.*'"):
         build(expandnet_cfg(include=['backbon.*']))
 
@@ -114,3 +122,16 @@ def test_without_the_deferral_hooks_the_expandnet_builds_with_plain_autograd(mon
     model.init_weights()
     grads = _one_train_step(model)
     assert len(grads) == len(list(model.parameters()))
+
+
+def test_single_patterns_given_as_strings_are_one_pattern():
+    """`--cfg-options model.include=backbone.*` passes a string, not a list."""
+    as_string = build(expandnet_cfg(strategy='cl', ratio=2, include='backbone.*',
+                                    exclude='backbone.stages.0.*', keep_weights='neck.*'))
+    as_list = build(expandnet_cfg(strategy='cl', ratio=2, include=['backbone.*'],
+                                  exclude=['backbone.stages.0.*'], keep_weights=['neck.*']))
+    paths = [r.path for r in as_string.expansion_report.layers]
+    assert paths == [r.path for r in as_list.expansion_report.layers]
+    assert paths and all(p.startswith('backbone.') and not p.startswith('backbone.stages.0.')
+                         for p in paths)
+    assert as_string.expandnet_cfg['keep_weights'] == ['neck.*']

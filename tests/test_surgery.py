@@ -1,4 +1,6 @@
 """Model surgery and checkpoint forms on small plain and mmcv models."""
+import pickle
+
 import pytest
 import torch
 from mmcv.cnn import ConvModule
@@ -88,6 +90,48 @@ def test_unmatched_pattern_suggests_nearest_paths():
     assert 'backbone.0.conv' in str(err.value)
 
 
+def test_a_pattern_that_names_an_unexpandable_module_says_so():
+    with pytest.raises(ValueError) as err:
+        expand_model(Tiny(), include=['backbone.0.bn'])
+    assert ("matches modules that are not expandable: backbone.0.bn (BatchNorm2d). "
+            "Expandable are plain nn.Conv2d") in str(err.value)
+
+
+def _amplifying_net_and_input():
+    """An expanded conv whose outputs sit 1e4 times above what eval-mode BN
+    leaves of them: float32 rounding of the kernel comes out ~1e3 times larger
+    (relative), as early in training when BN's running statistics lag the weights."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(4, 8, 3), nn.BatchNorm2d(8))
+    expand_model(net, ratio=4)
+    x = 100 + 0.01 * torch.randn(1, 4, 8, 8)
+    with torch.no_grad():
+        net[1].running_mean.copy_(net[0](x).mean((0, 2, 3)))
+        net[1].running_var.fill_(1e-4)
+    return net.eval(), x
+
+
+def test_check_contraction_tells_float32_rounding_from_a_wrong_contraction():
+    net, x = _amplifying_net_and_input()
+    compact = contract_model(net)
+    rounding = expand_mm.check_contraction(net, compact, x, rtol=1e-4)
+    assert rounding['max_rel'] > 1e-4  # the float32 check alone would refuse it
+    assert rounding['float64_max_rel'] < 1e-10
+    assert rounding['float64_weights_max_rel'] < 1e-6
+    # contract_model's own check agrees (it raised before the float64 re-check)
+    contract_model(net, verify_inputs=x)
+    with torch.no_grad():
+        compact[0].weight[0, 0, 0, 0] += 1e-3 * float(compact[0].weight.abs().max())
+    with pytest.raises(RuntimeError, match=r"compact tensors differ from that contraction by "
+                                           r"up to 0\.001.*\(0\.weight\)"):
+        expand_mm.check_contraction(net, compact, x, rtol=1e-4)
+    # on a well-conditioned net the float32 check decides alone
+    tiny = Tiny()
+    expand_model(tiny, ratio=2)
+    errors = expand_mm.check_contraction(tiny, contract_model(tiny), torch.randn(2, 3, 16, 16))
+    assert errors['max_rel'] < 1e-5 and 'float64_max_rel' not in errors
+
+
 def test_unsupported_conv_subclass_is_left_compact_with_a_reason():
     class Padded(nn.Conv2d):
         def forward(self, x):
@@ -136,3 +180,15 @@ def test_corrupt_and_missing_checkpoint_files(tmp_path):
         read_checkpoint(str(path))
     with pytest.raises(CheckpointError, match='does not exist'):
         read_checkpoint(str(tmp_path / 'nope.pth'))
+    # Not a checkpoint at all: whatever the unpickler raises becomes a CheckpointError
+    # that says what failed, without torch's advice to load with weights_only=False.
+    text = tmp_path / 'notes.pth'
+    text.write_text('hello world\n')
+    with pytest.raises(CheckpointError, match=r"cannot read checkpoint .*notes.pth' \(KeyError"):
+        read_checkpoint(str(text))
+    pickled = tmp_path / 'object.pth'
+    pickled.write_bytes(pickle.dumps(Tiny()))
+    with pytest.raises(CheckpointError) as err:
+        read_checkpoint(str(pickled))
+    assert 'WeightsUnpickler error: ' in str(err.value)
+    assert 'weights_only' not in str(err.value) and 'corrupt or truncated' in str(err.value)

@@ -66,6 +66,7 @@ from torch import nn  # noqa: E402
 from torch.autograd import DeviceType  # noqa: E402
 
 import expand_mm  # noqa: E402
+from expand_mm.cli import DefaultsHelpFormatter  # noqa: E402
 from expand_mm.deploy import count_macs, probe_forward  # noqa: E402
 from expand_mm.models import compact_model_cfg  # noqa: E402
 from expand_mm.surgery import count_params, expanded_layers, set_expand_mode  # noqa: E402
@@ -87,7 +88,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line arguments; the defaults are the issue's default setting."""
     parser = argparse.ArgumentParser(
         description=__doc__.split('\n\n')[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=DefaultsHelpFormatter)
     parser.add_argument('config', nargs='?', default=DEFAULT_CONFIG,
                         help='ExpandNet config (model.type == "ExpandNet")')
     parser.add_argument('--batch-size', type=int, default=8)

@@ -18,7 +18,7 @@ from mmengine.config import Config
 from mmengine.registry import MODELS, DefaultScope
 
 import expand_mm
-from expand_mm.checkpoint import CheckpointError, read_checkpoint, strip_prefix
+from expand_mm.checkpoint import CheckpointError, prepare_output_path, read_checkpoint, strip_prefix
 from expand_mm.models import compact_model_cfg
 from expand_mm.surgery import _flatten_tensors
 
@@ -53,8 +53,11 @@ def build_compact(config: str, checkpoint: str) -> torch.nn.Module:
                 state_dict = expand_mm.contract_model(expanded).state_dict()
     missing, unexpected = compact.load_state_dict(state_dict, strict=False)
     if missing or unexpected:
+        hint = ('' if compact_model_cfg(cfg.model) is not cfg.model else
+                '. An ExpandNet training checkpoint goes with the ExpandNet config it was '
+                'trained with (it is contracted first), or through tools/contract.py')
         raise CheckpointError(f'{checkpoint} does not fit the compact model of {config}: '
-                              f'missing {missing[:5]}, unexpected {unexpected[:5]}')
+                              f'missing {missing[:5]}, unexpected {unexpected[:5]}{hint}')
     return compact.eval()
 
 
@@ -82,6 +85,7 @@ def main() -> int:
     parser.add_argument('--opset', type=int, default=17)
     args = parser.parse_args()
     try:
+        prepare_output_path(args.checkpoint, args.out)
         model = build_compact(args.config, args.checkpoint)
     except CheckpointError as err:
         print(f'error: {err}', file=sys.stderr)

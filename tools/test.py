@@ -11,9 +11,10 @@ evaluated directly.
 import argparse
 import os
 import os.path as osp
+import sys
 
 import expand_mm  # noqa: F401  (registers ExpandNet, the hooks, torch.load fix)
-from expand_mm.checkpoint import read_checkpoint, strip_prefix
+from expand_mm.checkpoint import CheckpointError, compare_state_dict, read_checkpoint, strip_prefix
 from expand_mm.datasets_check import check_datasets
 from expand_mm.models import compact_model_cfg
 from mmengine.config import Config, DictAction
@@ -52,6 +53,33 @@ def is_compact_checkpoint(cfg: Config, state_dict: dict) -> bool:
         tuple(expected[k].shape) == tuple(v.shape) for k, v in state_dict.items())
 
 
+def check_plain_checkpoint(cfg: Config, state_dict: dict, path: str) -> None:
+    """Refuse a checkpoint that does not fit a stock (not ExpandNet) config's model.
+
+    MMEngine loads checkpoints non-strictly and only logs the mismatch, so an
+    ExpandNet training checkpoint given with the compact config would be scored
+    as an untrained model. Keys the model lacks (an auxiliary head dropped for
+    testing) are only reported.
+
+    Raises:
+        CheckpointError: Naming the keys, if some of the model's weights are
+            missing from ``state_dict`` or have another shape.
+    """
+    with DefaultScope.overwrite_default_scope(cfg.get('default_scope')):
+        model = MODELS.build(cfg.model)
+    mismatch = compare_state_dict(model, state_dict)
+    if mismatch.missing or mismatch.wrong_shape:
+        raise CheckpointError(
+            f'{path} does not fit the model of this config ({cfg.model.get("type")}): '
+            f'{mismatch.describe()}. An ExpandNet training checkpoint (iter_N.pth / '
+            'epoch_N.pth) is tested with the ExpandNet config it was trained with, or '
+            'turned into a compact one first (python tools/contract.py EXPANDNET_CONFIG '
+            'CKPT OUT); a *_compact.pth goes with the compact config.')
+    if mismatch.unexpected:
+        print(f'warning: {path} has {len(mismatch.unexpected)} entries that this model does '
+              f'not use, ignored: {", ".join(mismatch.unexpected[:6])}')
+
+
 def enable_visualisation(cfg: Config, show_dir: str) -> None:
     """Ask the stock visualisation hook to draw predictions into ``show_dir``."""
     hook = cfg.default_hooks.get('visualization')
@@ -64,7 +92,7 @@ def enable_visualisation(cfg: Config, show_dir: str) -> None:
         cfg.visualizer['save_dir'] = show_dir
 
 
-def main() -> None:
+def main() -> int:
     """Build the runner for the right (compact or expanded) model and test."""
     args = parse_args()
     cfg = Config.fromfile(args.config)
@@ -74,7 +102,9 @@ def main() -> None:
     cfg.work_dir = args.work_dir or cfg.get('work_dir') or osp.join(
         './work_dirs', osp.splitext(osp.basename(args.config))[0])
     checkpoint = read_checkpoint(args.checkpoint)
-    if is_compact_checkpoint(cfg, checkpoint['state_dict']):
+    if compact_model_cfg(cfg.model) is cfg.model:
+        check_plain_checkpoint(cfg, checkpoint['state_dict'], args.checkpoint)
+    elif is_compact_checkpoint(cfg, checkpoint['state_dict']):
         print(f'{args.checkpoint} is a compact checkpoint: evaluating the compact model')
         cfg.model = compact_model_cfg(cfg.model)
     cfg.load_from = args.checkpoint
@@ -83,7 +113,12 @@ def main() -> None:
     check_datasets(cfg, ('test_dataloader',))
     runner = Runner.from_cfg(cfg) if 'runner_type' not in cfg else RUNNERS.build(cfg)
     runner.test()
+    return 0
 
 
 if __name__ == '__main__':
-    main()
+    try:
+        sys.exit(main())
+    except CheckpointError as err:
+        print(f'error: {err}', file=sys.stderr)
+        sys.exit(2)

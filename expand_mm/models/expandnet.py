@@ -16,6 +16,7 @@ its ``init_weights`` is replaced by :func:`init_expanded_weights`.
 from __future__ import annotations
 
 import copy
+import difflib
 import functools
 from typing import Any, Sequence
 
@@ -27,6 +28,10 @@ from torch import nn
 from ..layers.base import deferral_unsupported_reason
 from ..surgery import (ExpansionReport, deferred_factor_grads, expand_model, expanded_layers,
                        path_matches, replace_submodule)
+
+# Top-level model keys that mm's own APIs set on whatever model config they get
+# (mmseg's init_model: pretrained, train_cfg); they go to the compact model.
+API_MODEL_KEYS = ('pretrained', 'train_cfg', 'test_cfg', 'init_cfg')
 
 EXPANDNET_KEYS = ('strategy', 'ratio', 'mode', 'include', 'exclude', 'expand_1x1',
                   'expand_linear', 'keep_weights', 'init', 'defer_factor_grads')
@@ -93,9 +98,10 @@ def build_expandnet(model: dict,
         data_preprocessor: Given to the compact model when its config has none
             (MMEngine's Runner adds the config's top-level ``data_preprocessor``
             to the model dict it builds).
-        **model_overrides: Other keys that mm APIs set on the top-level model
-            dict (mmseg's ``init_model`` sets ``pretrained`` and ``train_cfg``);
-            they are applied to the compact model's config.
+        **model_overrides: Keys that mm APIs set on the top-level model dict
+            (``API_MODEL_KEYS``: mmseg's ``init_model`` sets ``pretrained`` and
+            ``train_cfg``); they are applied to the compact model's config.
+            Any other key is refused, naming the nearest ExpandNet option.
 
     Returns:
         The stock model instance, expanded, with ``expandnet_cfg`` and
@@ -109,10 +115,28 @@ def build_expandnet(model: dict,
     if not isinstance(model, dict) or 'type' not in model:
         raise ValueError('ExpandNet: `model` must be the config dict of the compact model '
                          "(e.g. model=dict(type='ExpandNet', model={{_base_.model}}, ...))")
+    if isinstance(keep_weights, str):  # one pattern, as --cfg-options passes it
+        keep_weights = [keep_weights]
     if not isinstance(keep_weights, bool) and (
-            isinstance(keep_weights, str) or not all(isinstance(p, str) for p in keep_weights)):
+            not isinstance(keep_weights, (list, tuple))
+            or not all(isinstance(p, str) for p in keep_weights)):
         raise ValueError(f'ExpandNet: keep_weights={keep_weights!r} must be True/False or a '
                          "list of module-path glob patterns such as ['backbone.*']")
+    unknown = sorted(set(model_overrides) - set(API_MODEL_KEYS))
+    if unknown:
+        hints = []
+        for key in unknown:
+            near = difflib.get_close_matches(key, EXPANDNET_KEYS, n=1)
+            if near:
+                hints.append(f'{key!r}: did you mean {near[0]!r}?')
+            elif isinstance(model, dict) and key in model:
+                hints.append(f'{key!r} is a key of the compact model: set it inside '
+                             f'`model` (--cfg-options model.model.{key}...)')
+        raise ValueError(
+            f'ExpandNet: unknown option(s) {unknown}. '
+            + (' '.join(hints) + ' ' if hints else '')
+            + f'ExpandNet takes {", ".join(EXPANDNET_KEYS)} and data_preprocessor; the '
+            'compact model\'s own settings go inside `model`')
     if defer_factor_grads:
         unsupported = deferral_unsupported_reason()
         if unsupported is not None:

@@ -43,6 +43,7 @@ import torch  # noqa: E402
 
 import expand_mm  # noqa: E402,F401  (registers ExpandNet and the hooks)
 from expand_mm.analysis import gradient_confusion, mm_loss_fn  # noqa: E402
+from expand_mm.cli import DefaultsHelpFormatter  # noqa: E402
 from expand_mm.analysis.runs import build_run, resolve_runs  # noqa: E402
 from expand_mm.surgery import count_params, expanded_layers  # noqa: E402
 from mmengine.config import Config, DictAction  # noqa: E402
@@ -56,7 +57,7 @@ def parse_args(argv: Sequence[str] | None = None, need_configs: bool = True
     """Command-line arguments."""
     parser = argparse.ArgumentParser(
         description=__doc__.split('\n\n')[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=DefaultsHelpFormatter)
     parser.add_argument('config', nargs='*', help='config files (compact and/or ExpandNet)')
     parser.add_argument('--checkpoint', nargs='+', default=None,
                         help='one checkpoint per config (`none` for the initialisation); '

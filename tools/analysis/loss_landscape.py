@@ -42,6 +42,7 @@ import expand_mm  # noqa: E402,F401  (registers ExpandNet and the hooks)
 from expand_mm.analysis import (loss_landscape_1d, loss_landscape_2d, mm_loss_fn,  # noqa: E402
                                 mm_preprocess)
 from expand_mm.analysis.runs import build_run, resolve_runs, safe_name  # noqa: E402
+from expand_mm.cli import DefaultsHelpFormatter  # noqa: E402
 from expand_mm.surgery import expanded_layers  # noqa: E402
 from mmengine.config import Config, DictAction  # noqa: E402
 
@@ -51,7 +52,7 @@ def parse_args(argv: Sequence[str] | None = None, need_configs: bool = True
     """Command-line arguments."""
     parser = argparse.ArgumentParser(
         description=__doc__.split('\n\n')[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=DefaultsHelpFormatter)
     parser.add_argument('config', nargs='*', help='config files (compact and/or ExpandNet)')
     parser.add_argument('--checkpoint', nargs='+', default=None,
                         help='one checkpoint per config (`none` for the initialisation); '

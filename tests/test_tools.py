@@ -1,0 +1,94 @@
+"""Command-line tools on wrong input: a checkpoint that does not fit, output = input."""
+import hashlib
+import importlib.util
+import subprocess
+import sys
+
+import pytest
+import torch
+from mmengine.config import Config
+from mmengine.registry import MODELS, DefaultScope
+
+import expand_mm  # noqa: F401  (registers ExpandNet)
+from wrapper_test_utils import ROOT, load_tool
+
+COMPACT = ROOT / 'configs/yolo_lite/yolo-lite_8xb16-100e_voc0712.py'
+EXPANDNET = ROOT / 'configs/expandnet/expandnet-cl-r4_yolo-lite_8xb16-100e_voc0712.py'
+
+
+def _digest(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope='module')
+def expandnet_checkpoint(tmp_path_factory):
+    """A training checkpoint of the VOC YOLO-LITE ExpandNet (fresh weights)."""
+    cfg = Config.fromfile(str(EXPANDNET))
+    torch.manual_seed(0)
+    with DefaultScope.overwrite_default_scope('mmdet'):
+        model = MODELS.build(cfg.model)
+    path = tmp_path_factory.mktemp('ckpt') / 'iter_1.pth'
+    torch.save({'state_dict': model.state_dict(), 'meta': {}}, path)
+    return path
+
+
+def test_test_tool_refuses_a_training_checkpoint_with_the_compact_config(expandnet_checkpoint):
+    # mmengine would load it non-strictly and score an untrained model.
+    result = subprocess.run([sys.executable, str(ROOT / 'tools' / 'test.py'), str(COMPACT),
+                             str(expandnet_checkpoint)], capture_output=True, text=True,
+                            cwd=ROOT)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert 'does not fit the model of this config (YOLOV3)' in result.stderr
+    assert 'python tools/contract.py' in result.stderr
+    assert 'Traceback' not in result.stderr
+
+
+def test_test_tool_takes_a_checkpoint_with_extra_entries_and_says_so(tmp_path, capsys):
+    from expand_mm.checkpoint import CheckpointError
+    # Not load_tool('test'): under that name it would shadow the standard library's `test`.
+    spec = importlib.util.spec_from_file_location('expand_mm_test_tool', ROOT / 'tools/test.py')
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    cfg = Config.fromfile(str(COMPACT))
+    with DefaultScope.overwrite_default_scope('mmdet'):
+        state = MODELS.build(cfg.model).state_dict()
+    tool.check_plain_checkpoint(cfg, {**state, 'aux_head.weight': torch.zeros(1)}, 'a.pth')
+    assert 'has 1 entries that this model does not use, ignored: aux_head.weight' in (
+        capsys.readouterr().out)
+    state.pop('neck.conv1.conv.weight')
+    with pytest.raises(CheckpointError, match=r'missing \(1\): neck.conv1.conv.weight'):
+        tool.check_plain_checkpoint(cfg, state, 'a.pth')
+
+
+def test_contract_and_export_never_overwrite_their_input(expandnet_checkpoint, tmp_path):
+    before = _digest(expandnet_checkpoint)
+    alias = tmp_path / 'alias.pth'
+    alias.symlink_to(expandnet_checkpoint)
+    contract = load_tool('contract')
+    for out in (expandnet_checkpoint, alias):
+        argv, sys.argv = sys.argv, ['contract.py', str(EXPANDNET), str(expandnet_checkpoint),
+                                    str(out)]
+        try:
+            assert contract.main() == 2
+        finally:
+            sys.argv = argv
+    result = subprocess.run([sys.executable, str(ROOT / 'tools' / 'export_onnx.py'),
+                             str(EXPANDNET), str(expandnet_checkpoint), str(alias)],
+                            capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 2 and 'would overwrite it' in result.stderr, result.stderr
+    assert _digest(expandnet_checkpoint) == before
+
+
+def test_contract_creates_the_output_folder(expandnet_checkpoint, tmp_path, capsys):
+    out = tmp_path / 'new' / 'folder' / 'compact.pth'
+    contract = load_tool('contract')
+    argv, sys.argv = sys.argv, ['contract.py', str(EXPANDNET), str(expandnet_checkpoint),
+                                str(out), '--img-size', '64', '64']
+    try:
+        assert contract.main() == 0
+    finally:
+        sys.argv = argv
+    assert f'wrote {out}' in capsys.readouterr().out
+    cfg = Config.fromfile(str(COMPACT))
+    with DefaultScope.overwrite_default_scope('mmdet'):
+        MODELS.build(cfg.model).load_state_dict(torch.load(out)['state_dict'], strict=True)
