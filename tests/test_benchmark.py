@@ -79,10 +79,15 @@ def check_result(result: dict) -> None:
             } <= set(result['targets'])
     assert result['targets']['contracted_same_params']['ok']
     assert result['targets']['contracted_same_macs']['ok']
-    # The memory floor is compact step peak + online state: the measured online
-    # peak cannot be below it, and it is above 1 (the factors exist).
+    # The memory floor is the online state + the larger of the compact step peak
+    # and the online gradients: the measured online peak cannot be below it,
+    # and it is above 1 (the factors exist).
     memory = result['targets']['online_train_peak_memory']
     assert 1.0 < memory['floor'] <= memory['ratio'] + 1e-9
+    mib = result['train_memory_mib']
+    assert mib['online']['grad_mib'] > mib['compact']['grad_mib'] > 0
+    assert memory['floor'] * mib['compact']['peak_mib'] >= (
+        mib['online']['grad_mib'] + mib['online']['state_mib'] - 1e-9)
     assert result['targets']['online_train_time']['floor_by_macs'] > 1.0
 
 
