@@ -112,3 +112,17 @@ def test_config_names_the_deployable_compact_model():
     nested = dict(type='Distiller', student=dict(cfg.model), teacher={}, teacher_ckpt='x')
     assert expand_mm.models.deployable_model_cfg(nested) == compact.model
     assert expand_mm.models.deployable_model_cfg(compact.model) is compact.model
+
+
+@pytest.mark.parametrize('key, value, message', [
+    ('width_mul', 4.0, r"AuxOverParam: unknown option\(s\) \['width_mul'\]. 'width_mul': did "
+                       r"you mean 'width_mult'"),
+    ('width_mult', '2', r"width_mult='2' must be a number > 0"),
+    ('aux_weight', -1, r'aux_weight=-1 must be a number >= 0'),
+])
+def test_bad_options_name_the_key(key, value, message):
+    from mmengine.registry import DefaultScope
+    from wrapper_test_utils import build_model
+    with DefaultScope.overwrite_default_scope('mmdet'):
+        with pytest.raises(ValueError, match=message):
+            build_model(AUX_DET, **{key: value})

@@ -94,3 +94,12 @@ def test_compact_twins_follow_max_keep_ckpts(tmp_path):
     Runner.from_cfg(cfg).train()
     kept = sorted(f for f in os.listdir(cfg.work_dir) if f.endswith(".pth"))
     assert kept == ['iter_3.pth', 'iter_3_compact.pth']
+
+
+@pytest.mark.parametrize('kwargs, message', [
+    (dict(suffix=''), r"suffix='' must be a non-empty string"),
+    (dict(probe_shape=(3, 64, 64)), r'probe_shape=\(3, 64, 64\) must be an NCHW shape'),
+])
+def test_contract_hook_arguments_are_checked_when_built(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        expand_mm.hooks.ContractCheckpointHook(**kwargs)

@@ -234,6 +234,20 @@ def test_teacher_checkpoint_of_another_model_is_refused(tmp_path):
         distiller.loss(torch.zeros(1, 3, 64, 64), [])
 
 
+def test_missing_teacher_checkpoint_and_misspelled_options_say_what_to_do(tmp_path):
+    with DefaultScope.overwrite_default_scope('mmdet'):
+        distiller = build_model(KD_DET, teacher_ckpt=str(tmp_path / 'not_trained_yet.pth'))
+        with pytest.raises(expand_mm.CheckpointError,
+                           match=r"model.teacher_ckpt=.*not_trained_yet.pth' does not exist: "
+                                 r"train the teacher config first \(python tools/train.py "
+                                 r".*yolo-lite-w2_1xb16-900i_digits-det-64x64.py\)"):
+            distiller.init_weights()
+        # Passed on to the student, a typo used to fail in YOLOV3.__init__.
+        with pytest.raises(ValueError, match=r"Distiller: unknown option\(s\) \['distill_loss'\]"
+                                             r". 'distill_loss': did you mean 'distill_losses'"):
+            build_model(KD_DET, distill_loss=[])
+
+
 def test_teacher_with_another_preprocessing_is_refused():
     # The teacher runs on the student's preprocessed batch: another channel order
     # (or mean / std) would silently feed it inputs it was not trained on.

@@ -61,7 +61,7 @@ def test_bad_builder_arguments_name_the_key():
                                          r"mean 'ratio'\?"):
         build(expandnet_cfg(ratoi=2))
     # A compact-model key at the top level says where it belongs.
-    with pytest.raises(ValueError, match=r"'bbox_head' is a key of the compact model: set it "
+    with pytest.raises(ValueError, match=r"'bbox_head' is a key of the inner model: set it "
                                          r"inside `model` \(--cfg-options model.model.bbox_head"):
         build(expandnet_cfg(bbox_head=dict(num_classes=3)))
     with pytest.raises(ValueError, match="include pattern 'backbon.*'"):

@@ -106,6 +106,19 @@ def test_bad_end_is_named(end):
         NonlinearInitHook(end=end)
 
 
+def test_an_end_the_run_never_reaches_is_refused_before_training():
+    """Otherwise the whole run trains nonlinear and no checkpoint has a compact form."""
+    from mmengine.runner import IterBasedTrainLoop
+    with pytest.raises(ValueError, match=r'end=10 >= the 10 iterations of training.*below 10'):
+        NonlinearInitHook(end=10).before_train(fake_runner(expanded_net(), max_iters=10))
+    runner = fake_runner(expanded_net(), max_epochs=1)
+    runner.train_loop = object.__new__(IterBasedTrainLoop)  # after_train_epoch never runs
+    with pytest.raises(ValueError, match=r'by_epoch=True, but the training loop counts '
+                                         r'iterations'):
+        NonlinearInitHook(end=1, by_epoch=True).before_train(runner)
+    assert not any(nonlinear(runner.model))  # refused before anything changed
+
+
 def test_bad_activation_and_model_without_expanded_layers():
     with pytest.raises(ValueError, match="act_cfg type 'NoSuchAct' is not a registered"):
         NonlinearInitHook(act_cfg=dict(type='NoSuchAct'), end=1)

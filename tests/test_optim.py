@@ -175,6 +175,19 @@ def test_default_extra_factor_belongs_to_the_fan_in_rule():
 
 def test_bad_settings_name_the_key():
     net = expanded_tiny_net()
+    # mmengine ignores unknown paramwise_cfg keys: a typo would train at the defaults.
+    with pytest.raises(ValueError, match=r"paramwise_cfg.factor_lr_mul is not an option; did "
+                                         r"you mean 'factor_lr_mult'\?"):
+        build_optim_wrapper(net, dict(constructor='ExpandNetOptimWrapperConstructor',
+                                      optimizer=dict(type='AdamW', lr=0.01),
+                                      paramwise_cfg=dict(factor_lr_mul=0.5)))
+    from expand_mm.hooks.checkpoint_hooks import check_constructor_for_paramwise_keys
+    with pytest.raises(ValueError, match=r"sets \['factor_lr_mult'\], which only constructor="
+                                         r"'ExpandNetOptimWrapperConstructor' reads"):
+        check_constructor_for_paramwise_keys(dict(optimizer=dict(type='AdamW', lr=0.01),
+                                                  paramwise_cfg=dict(factor_lr_mult=0.5)))
+    check_constructor_for_paramwise_keys(dict(constructor='ExpandNetOptimWrapperConstructor',
+                                              paramwise_cfg=dict(factor_lr_mult=0.5)))
     with pytest.raises(ValueError, match="factor_lr='fanin'"):
         build_optim_wrapper(net, dict(constructor='ExpandNetOptimWrapperConstructor',
                                       optimizer=dict(type='AdamW', lr=0.01),

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 import os.path as osp
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 from mmengine.dist import is_main_process
 from mmengine.hooks import Hook
@@ -16,8 +16,29 @@ from ..deploy import (DEFAULT_PROBE_SHAPE, compact_checkpoint_path, find_deploya
                       unwrap_model, write_compact_checkpoint)
 from ..models.distributed import ExpandNetDistributedDataParallel
 from ..models.expandnet import deferring_expandnet
+from ..optim.factor_lr import EXPANDNET_PARAMWISE_KEYS
 from ..optim.schedule_check import absolute_floor_problems
 from ..surgery import expanded_layers
+
+
+def check_constructor_for_paramwise_keys(optim_wrapper_cfg: Any) -> None:
+    """Refuse ExpandNet ``paramwise_cfg`` keys given to a constructor that ignores them.
+
+    MMEngine's default constructor drops unknown ``paramwise_cfg`` keys, so
+    ``factor_lr_mult`` or ``weight_decay_on`` without
+    ``constructor='ExpandNetOptimWrapperConstructor'`` would silently train
+    with the defaults.
+    """
+    if not isinstance(optim_wrapper_cfg, Mapping):
+        return
+    used = [k for k in (optim_wrapper_cfg.get('paramwise_cfg') or {})
+            if k in EXPANDNET_PARAMWISE_KEYS]
+    constructor = optim_wrapper_cfg.get('constructor')
+    if used and constructor != 'ExpandNetOptimWrapperConstructor':
+        raise ValueError(f'optim_wrapper.paramwise_cfg sets {used}, which only '
+                         "constructor='ExpandNetOptimWrapperConstructor' reads, but the "
+                         f'constructor is {constructor or "the default"!r}: add '
+                         "optim_wrapper=dict(constructor='ExpandNetOptimWrapperConstructor')")
 
 
 @HOOKS.register_module()
@@ -61,6 +82,14 @@ class ContractCheckpointHook(Hook):
     def __init__(self, suffix: str = '_compact',
                  probe_shape: Sequence[int] = DEFAULT_PROBE_SHAPE,
                  rtol: float = 1e-4, verify: bool = True) -> None:
+        if not isinstance(suffix, str) or not suffix:
+            raise ValueError(f'ContractCheckpointHook: suffix={suffix!r} must be a non-empty '
+                             "string (the compact copy of iter_N.pth is iter_N{suffix}.pth; "
+                             "default '_compact'): with none it would overwrite its source")
+        if len(tuple(probe_shape)) != 4 or not all(
+                isinstance(d, int) and d > 0 for d in probe_shape):
+            raise ValueError(f'ContractCheckpointHook: probe_shape={probe_shape!r} must be an '
+                             'NCHW shape of four positive ints, e.g. (1, 3, 128, 128)')
         self.suffix = suffix
         self.probe_shape = tuple(probe_shape)
         self.rtol = rtol
@@ -92,6 +121,7 @@ class ContractCheckpointHook(Hook):
                 f'{type(deployable).__name__}, '
                 + ('contracted)' if expanded_layers(deployable) else 'no expanded layer: as '
                    'they are)'))
+        check_constructor_for_paramwise_keys(runner.cfg.get('optim_wrapper'))
         # Every ExpandNet config carries this hook, so it is where a schedule
         # that silently undoes the per-factor learning rates gets reported.
         for problem in absolute_floor_problems(unwrap_model(runner.model), runner.optim_wrapper,

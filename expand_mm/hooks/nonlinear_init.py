@@ -5,6 +5,7 @@ import copy
 
 from mmengine.hooks import Hook
 from mmengine.registry import HOOKS
+from mmengine.runner import IterBasedTrainLoop
 from torch import nn
 
 from ..checkpoint import NONLINEAR_INIT_META_KEY
@@ -80,7 +81,9 @@ class NonlinearInitHook(Hook):
 
     Raises:
         ValueError: On ``end <= 0``, an unknown or parameterised activation,
-            or (``before_train``) a model without expanded layers.
+            or (``before_train``) a model without expanded layers, an ``end``
+            at or past the end of training, or ``by_epoch=True`` in an
+            iteration-based loop.
     """
 
     priority = 'NORMAL'
@@ -121,11 +124,19 @@ class NonlinearInitHook(Hook):
             runner.logger.info(f'NonlinearInitHook: training starts at {unit} {done} >= '
                                f'end={self.end}; the expanded layers stay linear')
             return
+        if self.by_epoch and isinstance(getattr(runner, 'train_loop', None), IterBasedTrainLoop):
+            # after_train_epoch never runs in an iteration-based loop.
+            raise ValueError(
+                'NonlinearInitHook: by_epoch=True, but the training loop counts iterations '
+                '(IterBasedTrainLoop): the nonlinearity would never be '
+                'removed. Give `end` in iterations with by_epoch=False')
         total = runner.max_epochs if self.by_epoch else runner.max_iters
         if total is not None and self.end >= total:
-            runner.logger.warning(
+            raise ValueError(
                 f'NonlinearInitHook: end={self.end} >= the {total} {unit}s of training: the '
-                'model stays nonlinear to the end, and its checkpoints have no compact form')
+                'model would stay nonlinear to the end, and no checkpoint of it would have '
+                f'a compact form. Use an end below {total} (the paper removes the '
+                'nonlinearity part-way through training)')
         for path, layer in layers:
             self._modes[path] = layer.mode
             layer.set_mode('explicit').set_nonlinearity(_build_activation(self.act_cfg))

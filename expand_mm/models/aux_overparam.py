@@ -23,12 +23,15 @@ from mmengine.registry import MODELS
 from torch import Tensor, nn
 
 from ..surgery import contract_model, count_params, expanded_layers
+from .expandnet import check_model_overrides
 from .wrappers import (TrainingWrapper, add_loss_prefix, build_inner_model, deployable_model_cfg,
                        record_forward)
 
 # Head config keys that hold hidden widths (scaled); input and class counts are not.
 DEFAULT_WIDTH_KEYS = ('channels', 'out_channels', 'feat_channels')
 HEAD_NAMES = ('bbox_head', 'decode_head')
+AUX_OVERPARAM_KEYS = ('model', 'head', 'width_mult', 'aux_weight', 'width_keys', 'aux_head',
+                      'loss_prefix', 'data_preprocessor', 'init_cfg')
 
 
 def widen_head_cfg(head_cfg: dict, width_mult: float,
@@ -89,8 +92,16 @@ class AuxOverParam(TrainingWrapper):
                  data_preprocessor: dict | None = None, init_cfg: dict | None = None,
                  **model_overrides: Any) -> None:
         super().__init__(init_cfg=init_cfg)
-        if not width_mult > 0:
-            raise ValueError(f'AuxOverParam: width_mult={width_mult!r} must be > 0')
+        if isinstance(width_mult, bool) or not isinstance(width_mult, (int, float)) \
+                or not width_mult > 0:
+            raise ValueError(f'AuxOverParam: width_mult={width_mult!r} must be a number > 0 '
+                             '(the auxiliary head is that many times wider, e.g. 2.0)')
+        if isinstance(aux_weight, bool) or not isinstance(aux_weight, (int, float)) \
+                or not aux_weight >= 0:
+            raise ValueError(f'AuxOverParam: aux_weight={aux_weight!r} must be a number >= 0 '
+                             "(the weight of the auxiliary head's loss, e.g. 1.0)")
+        check_model_overrides(model_overrides, 'AuxOverParam', AUX_OVERPARAM_KEYS, model,
+                              'model')
         self.model = build_inner_model(model, 'model.model', 'AuxOverParam',
                                        data_preprocessor, model_overrides)
         self.data_preprocessor = self.model.data_preprocessor

@@ -33,7 +33,11 @@ from torch import Tensor, nn
 
 from ..checkpoint import (CheckpointError, compare_state_dict, match_state_dict, read_checkpoint,
                           strip_prefix)
+from .expandnet import check_model_overrides
 from .wrappers import TrainingWrapper, build_inner_model, get_submodule, record_forward
+
+DISTILLER_KEYS = ('student', 'teacher', 'teacher_ckpt', 'distill_losses', 'data_preprocessor',
+                  'init_cfg')
 
 
 def _flatten(out: Any, key: str) -> list[Tensor]:
@@ -326,9 +330,11 @@ class Distiller(TrainingWrapper):
         if not isinstance(teacher_ckpt, str) or not teacher_ckpt:
             raise ValueError(f'Distiller: model.teacher_ckpt={teacher_ckpt!r} must be the path '
                              "of the teacher's checkpoint (train the teacher config first)")
+        check_model_overrides(model_overrides, 'Distiller', DISTILLER_KEYS, student, 'student')
         self.student = build_inner_model(student, 'model.student', 'Distiller',
                                          data_preprocessor, model_overrides)
         self.teacher = _build_teacher(teacher, data_preprocessor)
+        self._teacher_source = teacher if isinstance(teacher, str) else None
         self.data_preprocessor = self.student.data_preprocessor
         self._check_normalisation()
         self.teacher_ckpt = teacher_ckpt
@@ -406,6 +412,13 @@ class Distiller(TrainingWrapper):
             load_checkpoint(self.teacher, path, map_location='cpu', strict=True,
                             logger=MMLogger.get_current_instance())
         else:  # read once, checked with a clear message, then loaded strictly
+            if not osp.isfile(path):
+                raise CheckpointError(
+                    f'Distiller: model.teacher_ckpt={path!r} '
+                    + ('is a folder' if osp.isdir(path) else 'does not exist')
+                    + ': train the teacher config first (python tools/train.py '
+                    f'{self._teacher_source or "TEACHER_CONFIG"}) or point model.teacher_ckpt '
+                    "at the teacher's iter_N.pth / epoch_N.pth")
             state_dict = strip_prefix(read_checkpoint(path)['state_dict'])
             try:
                 match_state_dict(self.teacher, state_dict, source=path)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import copy
 import difflib
 import functools
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from mmengine.logging import MMLogger
 from mmengine.model import BaseModule, is_model_wrapper
@@ -46,6 +46,41 @@ def _pretrained_paths(model: nn.Module) -> list[str]:
         if any(isinstance(c, dict) and c.get('type') == 'Pretrained' for c in cfgs):
             paths.append(path if path else '*')
     return paths
+
+
+def check_model_overrides(overrides: Mapping[str, Any], owner: str, options: Sequence[str],
+                          inner: Any, inner_key: str) -> None:
+    """Refuse top-level model keys that are neither options nor ``API_MODEL_KEYS``.
+
+    A wrapper passes those keys on to the model it builds, so a misspelled
+    option would otherwise fail deep in that model's ``__init__`` (or not at
+    all), blaming the wrong class.
+
+    Args:
+        overrides: The top-level keys the wrapper did not take as options.
+        owner: The wrapper's type name, for the message.
+        options: The wrapper's own option names (suggested for typos).
+        inner: The inner model's config dict (its keys are pointed to).
+        inner_key: Where that dict sits under ``model`` (e.g. ``'student'``).
+
+    Raises:
+        ValueError: Naming every unknown key and the option it resembles.
+    """
+    unknown = sorted(set(overrides) - set(API_MODEL_KEYS))
+    if not unknown:
+        return
+    hints = []
+    for key in unknown:
+        near = difflib.get_close_matches(key, options, n=1)
+        if near:
+            hints.append(f'{key!r}: did you mean {near[0]!r}?')
+        elif isinstance(inner, Mapping) and key in inner:
+            hints.append(f'{key!r} is a key of the inner model: set it inside `{inner_key}` '
+                         f'(--cfg-options model.{inner_key}.{key}...)')
+    raise ValueError(f'{owner}: unknown option(s) {unknown}. '
+                     + (' '.join(hints) + ' ' if hints else '')
+                     + f'{owner} takes {", ".join(options)}; the inner model\'s own settings '
+                     f'go inside `{inner_key}`')
 
 
 def build_expandnet(model: dict,
@@ -122,21 +157,8 @@ def build_expandnet(model: dict,
             or not all(isinstance(p, str) for p in keep_weights)):
         raise ValueError(f'ExpandNet: keep_weights={keep_weights!r} must be True/False or a '
                          "list of module-path glob patterns such as ['backbone.*']")
-    unknown = sorted(set(model_overrides) - set(API_MODEL_KEYS))
-    if unknown:
-        hints = []
-        for key in unknown:
-            near = difflib.get_close_matches(key, EXPANDNET_KEYS, n=1)
-            if near:
-                hints.append(f'{key!r}: did you mean {near[0]!r}?')
-            elif isinstance(model, dict) and key in model:
-                hints.append(f'{key!r} is a key of the compact model: set it inside '
-                             f'`model` (--cfg-options model.model.{key}...)')
-        raise ValueError(
-            f'ExpandNet: unknown option(s) {unknown}. '
-            + (' '.join(hints) + ' ' if hints else '')
-            + f'ExpandNet takes {", ".join(EXPANDNET_KEYS)} and data_preprocessor; the '
-            'compact model\'s own settings go inside `model`')
+    check_model_overrides(model_overrides, 'ExpandNet',
+                          EXPANDNET_KEYS + ('data_preprocessor',), model, 'model')
     if defer_factor_grads:
         unsupported = deferral_unsupported_reason()
         if unsupported is not None:

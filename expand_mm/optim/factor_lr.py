@@ -23,6 +23,8 @@ and 1.1-1.2x as far with the default extra factor ``DEFAULT_FACTOR_LR_MULT =
 """
 from __future__ import annotations
 
+import difflib
+
 import math
 from typing import Any
 
@@ -102,6 +104,28 @@ def factor_lr_multipliers(layer: ExpandedLayer, rule: str | float = 'fan_in',
     return [math.sqrt(compact / f) / share for f in fan_ins]
 
 
+# What DefaultOptimWrapperConstructor reads (mmengine 0.10), and what this one adds.
+STOCK_PARAMWISE_KEYS = ('custom_keys', 'bias_lr_mult', 'bias_decay_mult', 'norm_decay_mult',
+                        'dwconv_decay_mult', 'flat_decay_mult', 'bypass_duplicate',
+                        'dcn_offset_lr_mult')
+EXPANDNET_PARAMWISE_KEYS = ('factor_lr', 'factor_lr_chain', 'factor_lr_mult', 'weight_decay_on')
+
+
+def check_paramwise_keys(paramwise_cfg: dict) -> None:
+    """Refuse ``paramwise_cfg`` keys that no constructor reads, naming the nearest one.
+
+    MMEngine's constructor ignores unknown keys, so a misspelled
+    ``factor_lr_mult`` would train at the default rates without a word.
+    """
+    known = STOCK_PARAMWISE_KEYS + EXPANDNET_PARAMWISE_KEYS
+    for key in paramwise_cfg:
+        if key not in known:
+            near = difflib.get_close_matches(key, known, n=1)
+            raise ValueError(f'paramwise_cfg.{key} is not an option'
+                             + (f'; did you mean {near[0]!r}?' if near else '')
+                             + f' ExpandNetOptimWrapperConstructor reads {", ".join(known)}')
+
+
 @OPTIM_WRAPPER_CONSTRUCTORS.register_module()
 class ExpandNetOptimWrapperConstructor(DefaultOptimWrapperConstructor):
     """``DefaultOptimWrapperConstructor`` plus per-factor learning rates and product decay.
@@ -151,6 +175,7 @@ class ExpandNetOptimWrapperConstructor(DefaultOptimWrapperConstructor):
 
     def __init__(self, optim_wrapper_cfg: dict, paramwise_cfg: dict | None = None):
         paramwise_cfg = dict(paramwise_cfg or {})
+        check_paramwise_keys(paramwise_cfg)
         factor_lr = paramwise_cfg.pop('factor_lr', 'auto')
         self.factor_lr_chain = paramwise_cfg.pop('factor_lr_chain', 'sum')
         factor_lr_mult = paramwise_cfg.pop('factor_lr_mult', None)
