@@ -104,11 +104,13 @@ class ChannelPlanter:
 
     Args:
         model: The network (its units keep their full, stock widths).
-        include: Glob patterns over module paths; the ``ConvModule``-like units
-            matching one of them (or under a matching module) are planted.
+        include: Glob patterns over module paths (a string is one pattern); the
+            ``ConvModule``-like units matching one of them (or under a matching
+            module) are planted.
         stages: Fraction of each unit's output channels planted at each stage,
             strictly increasing, ending with 1.0.
-        exclude: Glob patterns of units to leave at full width.
+        exclude: Glob patterns of units to leave at full width; each must match
+            a unit.
         freeze: ``'all'``: from the second stage on, every parameter entry that
             existed before the stage is frozen (the paper); ``'none'``: nothing is
             frozen (growth only, an ablation).
@@ -125,7 +127,10 @@ class ChannelPlanter:
                  verify_rtol: float = 1e-5) -> None:
         if freeze not in FREEZE_MODES:
             raise PlantingError(f'freeze={freeze!r} must be one of {FREEZE_MODES}')
-        if isinstance(include, str) or not include:
+        # One pattern given as a string is that pattern, as for ExpandNet.
+        include = [include] if isinstance(include, str) else include
+        exclude = [exclude] if isinstance(exclude, str) else exclude
+        if not include:
             raise PlantingError(f'include={include!r} must be a non-empty list of glob '
                                 "patterns over module paths, e.g. ['backbone.*']")
         self.model = model
@@ -162,6 +167,15 @@ class ChannelPlanter:
                     'output channels planted on their own; exclude it (exclude=[...])')
             widths = stage_widths(module.conv.out_channels, self.fractions)
             units.append(PlantedUnit(path, module, module.conv, _unit_norm(module), widths))
+        # An exclude pattern that matches nothing would silently plant what it meant to keep.
+        unmatched = [p for p in exclude
+                     if not any(path_matches(path, [p]) for path, _ in candidates)]
+        if unmatched:
+            names = [p for p, _ in candidates]
+            close = difflib.get_close_matches(unmatched[0], names, n=3, cutoff=0.3)
+            raise PlantingError(
+                f'exclude pattern(s) {unmatched} match no conv unit of {type(model).__name__}'
+                + (f'; close module paths: {close}' if close else ''))
         unused = [p for p in include if p not in used]
         if unused:
             names = [p for p, _ in candidates]

@@ -76,6 +76,11 @@ def test_stage_widths_and_bad_settings():
         ChannelPlanter(net, ['backbone.*'], (0.5, 1.0))
     with pytest.raises(PlantingError, match='freeze='):
         ChannelPlanter(net, ['c1'], (0.5, 1.0), freeze='some')
+    # A misspelled exclude would plant what it meant to keep at full width.
+    with pytest.raises(PlantingError, match=r"exclude pattern\(s\) \['c3'\] match no conv unit"):
+        ChannelPlanter(net, ['c*'], (0.5, 1.0), exclude=['c3'])
+    # One pattern as a string (as --cfg-options passes it) is that pattern.
+    assert [u.path for u in ChannelPlanter(net, 'c*', (0.5, 1.0), exclude='c2').units] == ['c1']
     grouped = Chain()
     grouped.c2 = ConvModule(8, 8, 3, padding=1, groups=2, norm_cfg=dict(type='BN'))
     with pytest.raises(PlantingError, match='c2: a grouped conv'):
