@@ -72,6 +72,10 @@ class DistillLoss(nn.Module):
         self.student = student
         self.teacher = student if teacher is None else teacher
         self.index = index
+        if isinstance(loss_weight, bool) or not isinstance(loss_weight, (int, float)) \
+                or not loss_weight >= 0:
+            raise ValueError(f'{type(self).__name__}: loss_weight={loss_weight!r} must be a '
+                             'number >= 0, e.g. 1.0')
         self.loss_weight = float(loss_weight)
         self.loss_name = loss_name or self.default_name
         if 'loss' not in self.loss_name:
@@ -162,6 +166,10 @@ class LogitsKDLoss(DistillLoss):
         if reduction not in ('mean', 'batchmean', 'sum'):
             raise ValueError(f"LogitsKDLoss: reduction={reduction!r} must be 'mean', "
                              "'batchmean' or 'sum'")
+        if group_size is not None and (isinstance(group_size, bool)
+                                       or not isinstance(group_size, int) or group_size < 1):
+            raise ValueError(f'LogitsKDLoss: group_size={group_size!r} must be a positive int '
+                             '(channels per anchor), or None for one group of all channels')
         if channels is not None and (len(channels) != 2 or channels[0] >= channels[1]):
             raise ValueError(f'LogitsKDLoss: channels={channels!r} must be (start, stop) '
                              'with start < stop')
