@@ -64,6 +64,10 @@ def test_bad_builder_arguments_name_the_key():
     with pytest.raises(ValueError, match=r"'bbox_head' is a key of the inner model: set it "
                                          r"inside `model` \(--cfg-options model.model.bbox_head"):
         build(expandnet_cfg(bbox_head=dict(num_classes=3)))
+    # Several of them: the inherited compact model merged in (no _delete_=True).
+    compact = Config.fromfile(COMPACT).model
+    with pytest.raises(ValueError, match=r"start the dict with `_delete_=True`"):
+        build(expandnet_cfg(backbone=compact.backbone, neck=compact.neck))
     with pytest.raises(ValueError, match="include pattern 'backbon.*'"):
         build(expandnet_cfg(include=['backbon.*']))
 

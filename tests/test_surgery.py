@@ -125,6 +125,28 @@ def test_check_contraction_tells_float32_rounding_from_a_wrong_contraction():
     with pytest.raises(RuntimeError, match=r"compact tensors differ from that contraction by "
                                            r"up to 0\.001.*\(0\.weight\)"):
         expand_mm.check_contraction(net, compact, x, rtol=1e-4)
+    # A wrong online forward (what was trained) or a wrong contract() is not rounding,
+    # even where the float32 error alone cannot tell.
+    from expand_mm.layers import ExpandConv2d
+    for method in ('composed', 'contract'):
+        original = getattr(ExpandConv2d, method)
+        if method == 'composed':
+            def broken(self, original=original):
+                weight, bias = original(self)
+                return weight * 1.01, bias
+        else:
+            def broken(self, original=original):
+                conv = original(self)
+                with torch.no_grad():
+                    conv.weight.mul_(1.01)
+                return conv
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(ExpandConv2d, method, broken)
+            net.eval()
+            with pytest.raises(RuntimeError, match=r'in float64 the expanded model \(as trained, '
+                                                   r'and with explicit chains\) and its '
+                                                   r'contraction differ by (0\.[1-9]|[1-9])'):
+                expand_mm.check_contraction(net, contract_model(net), x, rtol=1e-4)
     # on a well-conditioned net the float32 check decides alone
     tiny = Tiny()
     expand_model(tiny, ratio=2)

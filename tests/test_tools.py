@@ -55,6 +55,10 @@ def test_test_tool_takes_a_checkpoint_with_extra_entries_and_says_so(tmp_path, c
     tool.check_plain_checkpoint(cfg, {**state, 'aux_head.weight': torch.zeros(1)}, 'a.pth')
     assert 'has 1 entries that this model does not use, ignored: aux_head.weight' in (
         capsys.readouterr().out)
+    # Older checkpoints lack BN's step counters: not refused.
+    counters = [k for k in state if k.endswith('num_batches_tracked')]
+    tool.check_plain_checkpoint(cfg, {k: v for k, v in state.items() if k not in counters},
+                                'old.pth')
     state.pop('neck.conv1.conv.weight')
     with pytest.raises(CheckpointError, match=r'missing \(1\): neck.conv1.conv.weight'):
         tool.check_plain_checkpoint(cfg, state, 'a.pth')

@@ -42,7 +42,7 @@ def main() -> int:
     args = parse_args()
     try:  # before the model is built: a wrong path costs nothing
         prepare_output_path(args.checkpoint, args.out)
-        read_checkpoint(args.checkpoint, mmap=True)
+        read_checkpoint(args.checkpoint)
     except CheckpointError as err:
         print(f'error: {err}', file=sys.stderr)
         return 2

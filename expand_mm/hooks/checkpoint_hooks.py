@@ -7,7 +7,7 @@ from typing import Any, Mapping, Sequence
 
 from mmengine.dist import is_main_process
 from mmengine.hooks import Hook
-from mmengine.registry import HOOKS
+from mmengine.registry import HOOKS, OPTIM_WRAPPER_CONSTRUCTORS
 from torch.nn.parallel import DistributedDataParallel
 
 from ..checkpoint import (NONLINEAR_INIT_META_KEY, CheckpointError, match_state_dict,
@@ -16,7 +16,7 @@ from ..deploy import (DEFAULT_PROBE_SHAPE, compact_checkpoint_path, find_deploya
                       unwrap_model, write_compact_checkpoint)
 from ..models.distributed import ExpandNetDistributedDataParallel
 from ..models.expandnet import deferring_expandnet
-from ..optim.factor_lr import EXPANDNET_PARAMWISE_KEYS
+from ..optim.factor_lr import EXPANDNET_PARAMWISE_KEYS, ExpandNetOptimWrapperConstructor
 from ..optim.schedule_check import absolute_floor_problems
 from ..surgery import expanded_layers
 
@@ -34,7 +34,10 @@ def check_constructor_for_paramwise_keys(optim_wrapper_cfg: Any) -> None:
     used = [k for k in (optim_wrapper_cfg.get('paramwise_cfg') or {})
             if k in EXPANDNET_PARAMWISE_KEYS]
     constructor = optim_wrapper_cfg.get('constructor')
-    if used and constructor != 'ExpandNetOptimWrapperConstructor':
+    cls = (constructor if isinstance(constructor, type) else
+           OPTIM_WRAPPER_CONSTRUCTORS.get(constructor) if isinstance(constructor, str) else None)
+    ours = isinstance(cls, type) and issubclass(cls, ExpandNetOptimWrapperConstructor)
+    if used and not ours:
         raise ValueError(f'optim_wrapper.paramwise_cfg sets {used}, which only '
                          "constructor='ExpandNetOptimWrapperConstructor' reads, but the "
                          f'constructor is {constructor or "the default"!r}: add '

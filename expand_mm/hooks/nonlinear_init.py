@@ -132,11 +132,14 @@ class NonlinearInitHook(Hook):
                 'removed. Give `end` in iterations with by_epoch=False')
         total = runner.max_epochs if self.by_epoch else runner.max_iters
         if total is not None and self.end >= total:
+            what = ('the nonlinearity would be removed only after the last '
+                    f'{unit}, with no linear training left' if self.end == total else
+                    'the model would stay nonlinear to the end, and no checkpoint of it '
+                    'would have a compact form')
             raise ValueError(
-                f'NonlinearInitHook: end={self.end} >= the {total} {unit}s of training: the '
-                'model would stay nonlinear to the end, and no checkpoint of it would have '
-                f'a compact form. Use an end below {total} (the paper removes the '
-                'nonlinearity part-way through training)')
+                f'NonlinearInitHook: end={self.end} >= the {total} {unit}s of training: '
+                f'{what}. Use an end below {total} (the paper removes the nonlinearity '
+                'part-way through training)')
         for path, layer in layers:
             self._modes[path] = layer.mode
             layer.set_mode('explicit').set_nonlinearity(_build_activation(self.act_cfg))

@@ -77,6 +77,13 @@ def check_model_overrides(overrides: Mapping[str, Any], owner: str, options: Seq
         elif isinstance(inner, Mapping) and key in inner:
             hints.append(f'{key!r} is a key of the inner model: set it inside `{inner_key}` '
                          f'(--cfg-options model.{inner_key}.{key}...)')
+    inner_keys = [k for k in unknown if isinstance(inner, Mapping) and k in inner]
+    if len(inner_keys) > 1:
+        # Typically `model = dict(type='ExpandNet', model=...)` without `_delete_=True`,
+        # which merges the inherited compact model's keys into the wrapper's dict.
+        hints = [f'{inner_keys} are keys of the inner model: if the config inherits the '
+                 f"compact model, start the dict with `_delete_=True` (model = dict("
+                 f"_delete_=True, type='{owner}', ...)) so they are not merged into it"]
     raise ValueError(f'{owner}: unknown option(s) {unknown}. '
                      + (' '.join(hints) + ' ' if hints else '')
                      + f'{owner} takes {", ".join(options)}; the inner model\'s own settings '
