@@ -124,7 +124,8 @@ class ContractCheckpointHook(Hook):
                 f'{type(deployable).__name__}, '
                 + ('contracted)' if expanded_layers(deployable) else 'no expanded layer: as '
                    'they are)'))
-        check_constructor_for_paramwise_keys(runner.cfg.get('optim_wrapper'))
+        cfg = getattr(runner, 'cfg', None)  # a Runner's; runner-like callers may have none
+        check_constructor_for_paramwise_keys(cfg.get('optim_wrapper') if cfg else None)
         # Every ExpandNet config carries this hook, so it is where a schedule
         # that silently undoes the per-factor learning rates gets reported.
         for problem in absolute_floor_problems(unwrap_model(runner.model), runner.optim_wrapper,
