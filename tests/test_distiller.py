@@ -275,6 +275,9 @@ def test_distillation_losses_refuse_mismatched_shapes():
         feat([torch.zeros(1, 4, 4, 4)], [torch.zeros(1, 8, 2, 2)])
     with pytest.raises(ValueError, match='student_channels'):
         feat([torch.zeros(1, 3, 4, 4)], [torch.zeros(1, 8, 4, 4)])
+    with pytest.raises(ValueError, match=r"teacher 'neck' outputs \[\(1, 6, 4, 4\)\] but "
+                                         r"teacher_channels=\[8\]"):
+        feat([torch.zeros(1, 4, 4, 4)], [torch.zeros(1, 6, 4, 4)])
     # group_size=0 was read as one group of all channels; a string weight failed in float().
     with pytest.raises(ValueError, match=r'group_size=0 must be a positive int'):
         LogitsKDLoss(student='x', group_size=0)

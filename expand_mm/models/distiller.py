@@ -269,6 +269,11 @@ class FeatureImitationLoss(DistillLoss):
                 f'FeatureImitationLoss ({self.loss_name}): student {self.student!r} outputs '
                 f'{[tuple(m.shape) for m in s_maps]} but student_channels={expected}')
         adapted = [adapter(m) for adapter, m in zip(self.adapters, s_maps)]
+        t_channels = [a.out_channels for a in self.adapters]
+        if [m.shape[1] if m.dim() == 4 else None for m in t_maps] != t_channels:
+            raise ValueError(
+                f'FeatureImitationLoss ({self.loss_name}): teacher {self.teacher!r} outputs '
+                f'{[tuple(m.shape) for m in t_maps]} but teacher_channels={t_channels}')
         self.check_shapes(adapted, t_maps)
         losses = [F.mse_loss(a, t.detach().to(a.dtype)) for a, t in zip(adapted, t_maps)]
         return self.loss_weight * torch.stack(losses).mean()
