@@ -202,6 +202,25 @@ def contract_state_dict(model: nn.Module, state_dict: dict, probe_shape=DEFAULT_
     return {k: v.detach().cpu() for k, v in compact.state_dict().items()}, errors
 
 
+def unfinished_planting(meta: dict) -> str | None:
+    """Why a checkpoint saved during channel planting has no stock compact form, or None.
+
+    Before the last stage the trained network masks its unplanted channels
+    (forward hooks, not weights); the stock network of its state dict would
+    run them. Read from the ``channel_planting`` entry ChannelPlantingHook
+    writes into ``meta``.
+    """
+    planting = meta.get('channel_planting')
+    if not isinstance(planting, dict):
+        return None
+    stage, stages = planting.get('stage'), planting.get('stages') or ()
+    if stage is None or stage >= len(stages) - 1:
+        return None
+    return (f'was saved at channel-planting stage {stage + 1} of {len(stages)}, while the '
+            'unplanted channels are masked by hooks: the stock compact network of its '
+            'weights would run them, so it has no compact equivalent')
+
+
 def write_compact_checkpoint(model: nn.Module, src: str, dst: str | None = None,
                              probe_shape=DEFAULT_PROBE_SHAPE, rtol: float = 1e-4,
                              verify: bool = True) -> tuple[str, dict[str, float] | None]:
@@ -236,6 +255,10 @@ def write_compact_checkpoint(model: nn.Module, src: str, dst: str | None = None,
             f'{src} was saved during the nonlinear phase of NonlinearInitHook (a nonlinearity '
             'between the sub-layers of every expanded layer): it has no compact equivalent. '
             'Contract a checkpoint saved after the hook\'s `end`')
+    unfinished = unfinished_planting(checkpoint.get('meta') or {})
+    if unfinished:
+        raise CheckpointError(f'{src} {unfinished}; contract a checkpoint saved at the last '
+                              'stage')
     state_dict, errors = contract_state_dict(model, checkpoint['state_dict'], probe_shape,
                                              rtol, verify)
     src_meta = checkpoint.get('meta') or {}

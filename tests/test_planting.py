@@ -218,6 +218,15 @@ def test_hook_plants_in_the_real_runner_and_resumes(tmp_path):
     with DefaultScope.overwrite_default_scope('mmdet'):
         compact = MODELS.build(cfg_stock.model)
     compact.load_state_dict(at4['state_dict'], strict=True)
+    # Before the last stage the masks are hooks, not weights: no compact copy of it.
+    from expand_mm.checkpoint import CheckpointError
+    from expand_mm.deploy import unfinished_planting, write_compact_checkpoint
+    assert unfinished_planting(at2['meta']) is None and unfinished_planting({}) is None
+    with pytest.raises(CheckpointError, match=r'iter_1.pth was saved at channel-planting stage '
+                                              r'1 of 2.*contract a checkpoint saved at the last'):
+        write_compact_checkpoint(compact, osp.join(work, 'iter_1.pth'),
+                                 str(tmp_path / 'out.pth'))
+    assert not (tmp_path / 'out.pth').exists()
 
     # Resume from iteration 3 (stage 1): the frozen entries stay those of iteration 2.
     cfg = tiny_cfg(tmp_path, max_iters=4, milestones=[2], work='work')

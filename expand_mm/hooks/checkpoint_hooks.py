@@ -13,7 +13,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ..checkpoint import (NONLINEAR_INIT_META_KEY, CheckpointError, match_state_dict,
                           read_checkpoint, strip_prefix)
 from ..deploy import (DEFAULT_PROBE_SHAPE, compact_checkpoint_path, find_deployable,
-                      unwrap_model, write_compact_checkpoint)
+                      unfinished_planting, unwrap_model, write_compact_checkpoint)
 from ..models.distributed import ExpandNetDistributedDataParallel
 from ..models.expandnet import deferring_expandnet
 from ..optim.factor_lr import EXPANDNET_PARAMWISE_KEYS, ExpandNetOptimWrapperConstructor
@@ -100,6 +100,7 @@ class ContractCheckpointHook(Hook):
         self._done: dict[str, str | None] = {}  # None: skipped (nonlinear phase)
         self._warned_remote = False
         self._warned_nonlinear = False
+        self._warned_planting = False
 
     def before_train(self, runner) -> None:
         """Check there is something to write, the schedule and the DDP wrapper; remember
@@ -200,6 +201,14 @@ class ContractCheckpointHook(Hook):
                     'of NonlinearInitHook (a nonlinearity between the sub-layers) and has no '
                     'compact equivalent; not contracted. Checkpoints saved after the '
                     'nonlinearity is removed are contracted as usual')
+                continue
+            unfinished = unfinished_planting(meta)
+            if unfinished:
+                self._done[path] = None
+                log = runner.logger.info if self._warned_planting else runner.logger.warning
+                self._warned_planting = True
+                log(f'ContractCheckpointHook: {path} {unfinished}; not contracted. The '
+                    'checkpoints of the last stage are contracted as usual')
                 continue
             dst, errors = write_compact_checkpoint(
                 runner.model, path, compact_checkpoint_path(path, self.suffix),
