@@ -14,7 +14,7 @@ import argparse
 import sys
 
 import expand_mm  # noqa: F401
-from expand_mm.checkpoint import CheckpointError, prepare_output_path, read_checkpoint
+from expand_mm.checkpoint import CheckpointError, prepare_output_path
 from expand_mm.deploy import count_macs, find_deployable, write_compact_checkpoint
 from expand_mm.surgery import contract_model, count_params, expanded_layers, set_expand_mode
 from mmengine.config import Config, DictAction
@@ -40,9 +40,8 @@ def parse_args() -> argparse.Namespace:
 def main() -> int:
     """Contract, verify, report."""
     args = parse_args()
-    try:  # before the model is built: a wrong path costs nothing
+    try:  # before the model is built: a wrong output path costs nothing
         prepare_output_path(args.checkpoint, args.out)
-        read_checkpoint(args.checkpoint)
     except CheckpointError as err:
         print(f'error: {err}', file=sys.stderr)
         return 2
