@@ -515,7 +515,7 @@ def _verify_in_float64(expanded: nn.Module, compact: nn.Module, inputs: Any,
     accelerator memory.
     """
     expanded64 = copy.deepcopy(expanded).to(device='cpu', dtype=torch.float64)
-    compact64 = contract_model_(copy.deepcopy(expanded64))
+    compact64 = contract_model(expanded64)
     inputs64 = _to_cpu_float64(inputs)
     as_trained = verify_contraction(expanded64, compact64, inputs64, forward_fn)
     for _, layer in expanded_layers(expanded64):
