@@ -34,10 +34,11 @@ drives it from MMEngine's training loop.
 """
 from __future__ import annotations
 
+import contextlib
 import difflib
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -411,6 +412,32 @@ class ChannelPlanter:
         total = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         return total - sum(int(f.sum()) for f, _ in self._frozen.values())
 
+    def masked_entries(self) -> dict[str, int]:
+        """``{state-dict key: planted rows}`` of the parameters whose trailing rows are masked.
+
+        For every unit not at full width: its conv's weight and bias and its
+        norm's weight and bias (keys relative to the planted model). Zeroing
+        rows ``planted:`` of these in a copy of the weights makes the stock
+        network compute what the masked one does, provided the unit's
+        activation maps 0 to 0 (ReLU, LeakyReLU, SiLU, ...) -- this is how a
+        checkpoint saved before the last stage gets its compact form
+        (:func:`bake_masks`; checked by :func:`~expand_mm.deploy.bake_planting_masks`).
+        Empty at the last stage.
+        """
+        entries: dict[str, int] = {}
+        for unit in self.units:
+            width = unit.widths[self.stage]
+            if width >= unit.conv.out_channels:
+                continue
+            named = [('conv', unit.conv)]
+            if unit.norm is not None:
+                named.append((unit.module.norm_name, unit.norm))
+            for child, module in named:
+                for name, param in module.named_parameters(recurse=False):
+                    if name in ('weight', 'bias') and param.shape[0] == unit.conv.out_channels:
+                        entries[f'{unit.path}.{child}.{name}'] = width
+        return entries
+
     def active_widths(self) -> dict[str, tuple[int, int]]:
         """``{unit path: (planted channels, full width)}`` at this stage."""
         return {u.path: (u.widths[self.stage], u.conv.out_channels) for u in self.units}
@@ -420,3 +447,64 @@ class ChannelPlanter:
         for handle in self._handles + self._grad_handles:
             handle.remove()
         self._handles, self._grad_handles, self._frozen = [], [], {}
+
+
+def bake_masks(state_dict: Mapping[str, Tensor], masked_entries: Mapping[str, int]
+               ) -> dict[str, Tensor]:
+    """A copy of ``state_dict`` with rows ``planted:`` of each masked entry set to zero.
+
+    Args:
+        state_dict: Weights of the planted network (its own keys).
+        masked_entries: :meth:`ChannelPlanter.masked_entries` of the stage they
+            were saved at.
+
+    Raises:
+        PlantingError: If an entry is missing or has fewer rows than planted.
+    """
+    baked = dict(state_dict)
+    for key, width in masked_entries.items():
+        if key not in baked:
+            raise PlantingError(f'the weights have no {key!r}, which channel planting masked '
+                                f'(keys are e.g. {sorted(baked)[:3]}): they are not the '
+                                'planted network\'s')
+        value = baked[key]
+        if not 0 < int(width) <= value.shape[0]:
+            raise PlantingError(f'{key!r} has {value.shape[0]} rows, {width} of them planted: '
+                                'the weights are not the planted network\'s')
+        value = value.detach().clone()
+        value[int(width):] = 0
+        baked[key] = value
+    return baked
+
+
+@contextlib.contextmanager
+def masked_units(model: nn.Module, widths: Mapping[str, int]) -> Iterator[None]:
+    """Within the block, the output channels ``widths[path]:`` of each unit are zero.
+
+    What :class:`ChannelPlanter`'s masks do at a stage, from the widths a
+    checkpoint records (``meta['channel_planting']['widths']``), without a
+    planter: to run a saved network as it was trained.
+
+    Raises:
+        PlantingError: If a path names no module of ``model``.
+    """
+    modules = dict(model.named_modules())
+    missing = [p for p in widths if p not in modules]
+    if missing:
+        raise PlantingError(f'planted unit(s) {missing} are not modules of '
+                            f'{type(model).__name__}: the weights are not the planted '
+                            'network\'s')
+
+    def hook_for(width: int) -> Callable:
+        def hook(module: nn.Module, args: Any, out: Tensor) -> Tensor:
+            mask = torch.zeros(out.shape[1], dtype=out.dtype, device=out.device)
+            mask[:width] = 1
+            return out * mask.view(1, -1, *([1] * (out.dim() - 2)))
+        return hook
+
+    handles = [modules[p].register_forward_hook(hook_for(int(w))) for p, w in widths.items()]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()

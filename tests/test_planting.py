@@ -218,15 +218,53 @@ def test_hook_plants_in_the_real_runner_and_resumes(tmp_path):
     with DefaultScope.overwrite_default_scope('mmdet'):
         compact = MODELS.build(cfg_stock.model)
     compact.load_state_dict(at4['state_dict'], strict=True)
-    # Before the last stage the masks are hooks, not weights: no compact copy of it.
-    from expand_mm.checkpoint import CheckpointError
+    # Before the last stage the masks are hooks: the compact copy zeroes the unplanted
+    # channels, so the stock network of it computes what the masked one did.
     from expand_mm.deploy import unfinished_planting, write_compact_checkpoint
     assert unfinished_planting(at2['meta']) is None and unfinished_planting({}) is None
-    with pytest.raises(CheckpointError, match=r'iter_1.pth was saved at channel-planting stage '
-                                              r'1 of 2.*contract a checkpoint saved at the last'):
-        write_compact_checkpoint(compact, osp.join(work, 'iter_1.pth'),
-                                 str(tmp_path / 'out.pth'))
-    assert not (tmp_path / 'out.pth').exists()
+    at1 = torch.load(osp.join(work, 'iter_1.pth'))
+    assert at1['meta']['channel_planting']['masked_entries'][key] == 64
+    out, errors = write_compact_checkpoint(compact, osp.join(work, 'iter_1.pth'),
+                                           str(tmp_path / 'out.pth'))
+    baked = torch.load(out)
+    assert baked['meta']['expand_mm']['channel_planting']['stage'] == 0
+    assert errors['max_rel'] <= 1e-4
+    assert torch.count_nonzero(baked['state_dict'][key][64:]) == 0
+    assert torch.equal(baked['state_dict'][key][:64], at1['state_dict'][key][:64])
+    stock_baked = copy.deepcopy(compact).eval()
+    stock_baked.load_state_dict(baked['state_dict'], strict=True)
+    masked = copy.deepcopy(compact).eval()
+    masked.load_state_dict(at1['state_dict'], strict=True)
+    ChannelPlanter(masked, ['backbone.*', 'neck.*'], (0.5, 1.0)).start(0)
+    x = torch.randn(1, 3, 96, 96, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want, got = masked(x, mode='tensor'), stock_baked(x, mode='tensor')
+        unmasked = copy.deepcopy(compact).eval()
+        unmasked.load_state_dict(at1['state_dict'], strict=True)
+        raw = unmasked(x, mode='tensor')
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    from expand_mm.surgery import _flatten_tensors
+    assert any((w - r).abs().max() > 1e-3
+               for w, r in zip(_flatten_tensors(want), _flatten_tensors(raw))), \
+        'the unplanted channels matter: the raw weights alone compute something else'
+
+    # tools/test.py refuses the raw mid-run checkpoint (the stock model would run the
+    # unplanted channels); tools/contract.py writes the same compact copy as above.
+    import subprocess
+    import sys
+    result = subprocess.run([sys.executable, osp.join(ROOT, 'tools', 'test.py'), COMPACT,
+                             osp.join(work, 'iter_1.pth')], capture_output=True, text=True,
+                            cwd=ROOT)
+    assert result.returncode == 2 and 'Traceback' not in result.stderr, result.stderr[-2000:]
+    assert 'saved at channel-planting stage 1 of 2' in result.stderr
+    assert 'Test its compact copy' in result.stderr
+    by_tool = tmp_path / 'by_tool.pth'
+    result = subprocess.run([sys.executable, osp.join(ROOT, 'tools', 'contract.py'), COMPACT,
+                             osp.join(work, 'iter_1.pth'), str(by_tool), '--img-size', '96',
+                             '96'], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
+    tool_weights = torch.load(by_tool)['state_dict']
+    assert all(torch.equal(tool_weights[k], v) for k, v in baked['state_dict'].items())
 
     # Resume from iteration 3 (stage 1): the frozen entries stay those of iteration 2.
     cfg = tiny_cfg(tmp_path, max_iters=4, milestones=[2], work='work')
@@ -240,9 +278,63 @@ def test_hook_plants_in_the_real_runner_and_resumes(tmp_path):
     assert torch.equal(at2['state_dict'][key][:64, :32], again['state_dict'][key][:64, :32])
 
 
+def test_baking_refuses_a_unit_whose_activation_is_not_zero_at_zero(tmp_path):
+    from expand_mm.deploy import PlantingBakeError, bake_planting_masks
+    net = trained_chain()
+    planter = ChannelPlanter(net, ['c1', 'c2'], (0.5, 1.0))
+    planter.start()
+    planting = dict(stage=0, stages=[0.5, 1.0], masked_entries=planter.masked_entries(),
+                    widths={p: a for p, (a, _) in planter.active_widths().items()})
+    assert planting['masked_entries'] == {'c1.conv.weight': 4, 'c1.bn.weight': 4,
+                                          'c1.bn.bias': 4, 'c2.conv.weight': 4,
+                                          'c2.bn.weight': 4, 'c2.bn.bias': 4}
+    planter.remove()
+    baked, errors = bake_planting_masks(net, net.state_dict(), planting, (1, 3, 16, 16))
+    assert errors['max_rel'] <= 1e-6 and torch.count_nonzero(baked['c2.bn.bias'][4:]) == 0
+    net.c2.activate = nn.Sigmoid()  # sigmoid(0) = 0.5: zeroed weights still output 0.5
+    with pytest.raises(PlantingBakeError, match=r"unit\(s\) \['c2'\] still output up to 0.5"):
+        bake_planting_masks(net, net.state_dict(), planting, (1, 3, 16, 16))
+    with pytest.raises(PlantingBakeError, match='older expand_mm'):
+        bake_planting_masks(net, net.state_dict(), dict(planting, masked_entries=None))
+
+
 def test_hook_settings_are_checked():
     from expand_mm.hooks.channel_planting import ChannelPlantingHook
     with pytest.raises(PlantingError, match='milestones=.*1 for stages'):
         ChannelPlantingHook(include=['backbone.*'], stages=(0.5, 1.0), milestones=[2, 3])
     with pytest.raises(PlantingError, match='strictly increasing positive ints'):
         ChannelPlantingHook(include=['backbone.*'], stages=(0.25, 0.5, 1.0), milestones=[3, 2])
+
+
+def test_planting_config_writes_a_compact_copy_of_every_stage(tmp_path):
+    """The distilled planting config in the real Runner: each stage's checkpoint gets a
+    stock compact twin, the narrower network of that stage."""
+    from test_distiller import TEACHER_DET, teacher_checkpoint
+    from wrapper_test_utils import DET_COMPACT, load_stock, make_digits, tiny_cfg
+    data = make_digits(tmp_path / 'digits')
+    work = tmp_path / 'work'
+    cfg = tiny_cfg(osp.join(ROOT, 'configs', 'planting',
+                            'plant-4s_kd-yolo-lite-w2_yolo-lite_1xb16-900i_digits-det-64x64.py'),
+                   data, work, 'det', max_iters=5)
+    cfg.model.teacher_ckpt = teacher_checkpoint(TEACHER_DET, tmp_path / 'teacher.pth')
+    cfg.default_hooks.checkpoint = dict(type='CheckpointHook', interval=1, by_epoch=False)
+    hook = next(h for h in cfg.custom_hooks if h['type'] == 'ChannelPlantingHook')
+    hook['milestones'] = [2, 3, 4]  # iter_N.pth is saved after the planting at N
+    runner = Runner.from_cfg(cfg)
+    runner.train()
+    key = 'backbone.stages.3.conv.conv.weight'  # 128 channels: 32, 64, 96, 128 planted
+    for it, planted in ((1, 32), (2, 64), (3, 96), (4, 128), (5, 128)):
+        saved = torch.load(work / f'iter_{it}_compact.pth')
+        weights = saved['state_dict']
+        load_stock(DET_COMPACT, weights)  # strict: stock keys and shapes
+        assert torch.count_nonzero(weights[key][planted:]) == 0
+        assert torch.count_nonzero(weights[key][:planted]) > 0
+        planting = saved['meta']['expand_mm'].get('channel_planting')
+        if it < 4:
+            assert planting['stage'] == it - 1 and planting['bake_error']['max_rel'] <= 1e-4
+        else:
+            assert planting is None
+    final = torch.load(work / 'iter_5_compact.pth')['state_dict']
+    student = runner.model.student.state_dict()
+    assert set(final) == set(student)
+    assert all(torch.equal(final[k], student[k].cpu()) for k in final)

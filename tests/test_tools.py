@@ -96,3 +96,37 @@ def test_contract_creates_the_output_folder(expandnet_checkpoint, tmp_path, caps
     cfg = Config.fromfile(str(COMPACT))
     with DefaultScope.overwrite_default_scope('mmdet'):
         MODELS.build(cfg.model).load_state_dict(torch.load(out)['state_dict'], strict=True)
+
+
+@pytest.mark.parametrize('config,size', [
+    # CK chains of 3x3 convs, strided
+    ('configs/expandnet/expandnet-ck-r4_yolo-lite-k5_8xb16-100e_voc0712.py', (96, 128)),
+    # a decoder stage whose output the trace finds dead counts nothing
+    ('configs/digits/expandnet-cl-r4_unet-s4-d16-c16-fcn_1xb16-800i_digits-seg-64x64.py',
+     (64, 96)),
+])
+def test_training_macs_from_shapes_equal_the_explicit_trace(config, size):
+    from expand_mm.deploy import count_macs, count_training_macs
+    from expand_mm.surgery import contract_model, set_expand_mode
+    cfg = Config.fromfile(str(ROOT / config))
+    with DefaultScope.overwrite_default_scope(cfg.default_scope):
+        model = MODELS.build(cfg.model).eval()
+    compact = contract_model(model).eval()
+    compact_macs, training_macs = count_training_macs(model, compact, size)
+    assert compact_macs == count_macs(compact, size)
+    set_expand_mode(model, 'explicit')
+    assert training_macs == count_macs(model, size)
+    assert training_macs > 2 * compact_macs  # the chains cost more than the compact layers
+
+
+def test_input_size_comes_from_the_test_pipeline():
+    from expand_mm.deploy import config_input_size
+    digits = Config.fromfile(str(ROOT / 'configs/digits/yolo-lite_1xb16-900i_digits-det-64x64.py'))
+    assert config_input_size(digits) == (64, 64)
+    cityscapes = Config.fromfile(str(ROOT / 'configs/unet/unet-s5-d16-c16_fcn_4xb4-160k_'
+                                 'cityscapes-512x1024.py'))
+    assert config_input_size(cityscapes) == (1024, 2048)  # mmcv's scale is (W, H)
+    assert config_input_size(Config(dict(test_pipeline=[dict(type='Resize', scale=300)]))) \
+        == (300, 300)
+    assert config_input_size(Config(dict(test_pipeline=[dict(type='LoadImageFromFile')]))) \
+        is None

@@ -8,15 +8,17 @@ paper's training pays) and of the deployed compact model, and, with
 training-time wrapper config (``type='Distiller'``, ``type='AuxOverParam'``)
 only its deployable network's entries are kept (contracted if it is an
 ExpandNet, as they are otherwise); the teacher, adapters or auxiliary branch
-are counted but not written.
+are counted but not written. A checkpoint saved before the last stage of
+channel planting becomes the network of its stage (unplanted channels zeroed).
 """
 import argparse
 import sys
 
 import expand_mm  # noqa: F401
-from expand_mm.checkpoint import CheckpointError, prepare_output_path
-from expand_mm.deploy import count_macs, find_deployable, write_compact_checkpoint
-from expand_mm.surgery import contract_model, count_params, expanded_layers, set_expand_mode
+from expand_mm.checkpoint import CheckpointError, prepare_output_path, read_checkpoint
+from expand_mm.deploy import (config_input_size, count_macs, count_training_macs,
+                              find_deployable, unfinished_planting, write_compact_checkpoint)
+from expand_mm.surgery import contract_model, count_params, expanded_layers
 from mmengine.config import Config, DictAction
 from mmengine.registry import MODELS, DefaultScope
 
@@ -31,8 +33,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument('--verify', action='store_true',
                         help='check the contraction on a probe input (refuses to write on a '
                         'mismatch)')
-    parser.add_argument('--img-size', type=int, nargs=2, default=(320, 320),
-                        metavar=('H', 'W'), help='input size for MACs and the probe')
+    parser.add_argument('--img-size', type=int, nargs=2, metavar=('H', 'W'),
+                        help="input size for MACs (default: the scale of the config's "
+                        'test-pipeline Resize, else 320 320) and the probe (each side at most '
+                        '512)')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction)
     return parser.parse_args()
 
@@ -51,6 +55,8 @@ def main() -> int:
     model_cfg = cfg.model.copy()
     if cfg.get('data_preprocessor') is not None:  # as the Runner builds the model
         model_cfg.setdefault('data_preprocessor', cfg.data_preprocessor)
+    if args.img_size is None:
+        args.img_size = config_input_size(cfg) or (320, 320)
     with DefaultScope.overwrite_default_scope(cfg.get('default_scope')):
         model = MODELS.build(model_cfg).eval()
     try:
@@ -58,25 +64,38 @@ def main() -> int:
     except ValueError as err:
         print(f'error: {err}', file=sys.stderr)
         return 2
-    if not prefix and not expanded_layers(deployable):
+    try:  # memory-mapped: only the meta is read here
+        meta = read_checkpoint(args.checkpoint, mmap=True).get('meta') or {}
+    except CheckpointError as err:
+        print(f'error: {err}', file=sys.stderr)
+        return 2
+    # A plain model mid-way through channel planting has a compact form: its stage's
+    # network, unplanted channels zeroed.
+    if not prefix and not expanded_layers(deployable) and not unfinished_planting(meta):
         print(f'error: {args.config} is neither an ExpandNet config nor a training-time wrapper '
               f'(model.type is {cfg.model.get("type")!r}; expected "ExpandNet", or a wrapper '
               'such as "Distiller" / "AuxOverParam")', file=sys.stderr)
         return 2
+    # The check does not depend on the image size; a Cityscapes-size probe would
+    # only cost memory (and, on a float32 rounding alarm, a float64 re-run).
+    probe_size = tuple(min(side, 512) for side in args.img_size)
     try:
         out, errors = write_compact_checkpoint(model, args.checkpoint, args.out,
-                                               probe_shape=(1, 3, *args.img_size),
+                                               probe_shape=(1, 3, *probe_size),
                                                verify=args.verify)
     except CheckpointError as err:
         print(f'error: {err}', file=sys.stderr)
         return 2
     compact = contract_model(deployable).eval()
-    set_expand_mode(deployable, 'explicit')
-    label = ('training form (explicit chain)' if expanded_layers(deployable)
-             else 'training form (deployable part)')
-    rows = [(label, count_params(deployable),
-             count_macs(deployable, args.img_size)),
-            ('deployed compact model', count_params(compact), count_macs(compact, args.img_size))]
+    if expanded_layers(deployable):
+        # Counted from the chains' shapes: tracing them would run the explicit model.
+        compact_macs, training_macs = count_training_macs(deployable, compact, args.img_size)
+        row = ('training form (explicit chain)', training_macs)
+    else:
+        compact_macs = count_macs(compact, args.img_size)
+        row = ('training form (deployable part)', compact_macs)
+    rows = [(row[0], count_params(deployable), row[1]),
+            ('deployed compact model', count_params(compact), compact_macs)]
     if prefix:
         print(f'{type(model).__name__}: {count_params(model):,} parameters in training, of '
               f'which {count_params(model) - count_params(deployable):,} outside the '
@@ -88,7 +107,7 @@ def main() -> int:
           f'MACs {rows[0][2] / rows[1][2]:.2f}x')
     if errors is not None:
         print(f'verified: max abs error {errors["max_abs"]:.3e}, max relative error '
-              f'{errors["max_rel"]:.3e} (probe 1x3x{args.img_size[0]}x{args.img_size[1]})')
+              f'{errors["max_rel"]:.3e} (probe 1x3x{probe_size[0]}x{probe_size[1]})')
     print(f'wrote {out}')
     return 0
 

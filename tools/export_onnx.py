@@ -19,6 +19,7 @@ from mmengine.registry import MODELS, DefaultScope
 
 import expand_mm
 from expand_mm.checkpoint import CheckpointError, prepare_output_path, read_checkpoint, strip_prefix
+from expand_mm.deploy import config_input_size, unfinished_planting
 from expand_mm.models import compact_model_cfg
 from expand_mm.surgery import _flatten_tensors
 
@@ -42,7 +43,14 @@ def build_compact(config: str, checkpoint: str) -> torch.nn.Module:
         CheckpointError: If the checkpoint is unreadable or fits neither form.
     """
     cfg = Config.fromfile(config)
-    state_dict = strip_prefix(read_checkpoint(checkpoint)['state_dict'])
+    saved = read_checkpoint(checkpoint)
+    planting = unfinished_planting(saved.get('meta') or {})
+    if planting:
+        raise CheckpointError(
+            f'{checkpoint} was saved at channel-planting stage {planting["stage"] + 1} of '
+            f'{len(planting["stages"])}, whose unplanted channels are masked by hooks; export '
+            'its compact copy (*_compact.pth, or python tools/contract.py CONFIG CKPT OUT)')
+    state_dict = strip_prefix(saved['state_dict'])
     with DefaultScope.overwrite_default_scope(cfg.get('default_scope')):
         compact = MODELS.build(compact_model_cfg(cfg.model))
         if compact_model_cfg(cfg.model) is not cfg.model:
@@ -81,7 +89,9 @@ def main() -> int:
     parser.add_argument('config')
     parser.add_argument('checkpoint')
     parser.add_argument('out')
-    parser.add_argument('--img-size', type=int, nargs=2, default=(320, 320), metavar=('H', 'W'))
+    parser.add_argument('--img-size', type=int, nargs=2, metavar=('H', 'W'),
+                        help="input size (default: the scale of the config's test-pipeline "
+                        'Resize, else 320 320)')
     parser.add_argument('--opset', type=int, default=17)
     args = parser.parse_args()
     try:
@@ -90,9 +100,10 @@ def main() -> int:
     except CheckpointError as err:
         print(f'error: {err}', file=sys.stderr)
         return 2
-    error = export(model, args.out, args.img_size, args.opset)
-    print(f'wrote {args.out}: {sum(p.numel() for p in model.parameters()):,} params; '
-          f'onnxruntime vs torch max abs error {error:.2e}')
+    img_size = args.img_size or config_input_size(Config.fromfile(args.config)) or (320, 320)
+    error = export(model, args.out, img_size, args.opset)
+    print(f'wrote {args.out}: {sum(p.numel() for p in model.parameters()):,} params, input '
+          f'1x3x{img_size[0]}x{img_size[1]}; onnxruntime vs torch max abs error {error:.2e}')
     return 0
 
 

@@ -46,12 +46,17 @@ class ChannelPlantingHook(Hook):
       readers of the stage's channels are traced on that batch);
     - ``after_train_iter`` / ``after_train_epoch``: plants the next stage when
       the next iteration / epoch is a milestone;
-    - ``before_save_checkpoint``: records the stage and widths in ``meta``.
+    - ``before_save_checkpoint``: records the stage, widths and masked
+      entries in ``meta``.
 
     The checkpoint always has the stock architecture and keys. After the last
     milestone every channel is planted and the model is exactly the stock one
-    (no mask left), so the final checkpoint is the deployable compact model;
-    one saved earlier holds channels that are still masked. An ``EMAHook``
+    (no mask left), so the final checkpoint is the deployable compact model.
+    One saved earlier holds channels that are still masked (their weights are
+    kept: they start training when planted); its compact copy
+    (``ContractCheckpointHook``, ``tools/contract.py``) has them zeroed, the
+    narrower network of its stage (:func:`~expand_mm.deploy.bake_planting_masks`).
+    An ``EMAHook``
     validates by copying its averaged weights into this model, so the masks
     apply there too; its averaged weights of a stage's new channels and of
     their readers were averaged while masked, so right after a planting step
@@ -171,4 +176,5 @@ class ChannelPlantingHook(Hook):
             return
         checkpoint.setdefault('meta', {})['channel_planting'] = dict(
             stage=self.planter.stage, stages=self.stages,
-            widths={p: a for p, (a, _) in self.planter.active_widths().items()})
+            widths={p: a for p, (a, _) in self.planter.active_widths().items()},
+            masked_entries=self.planter.masked_entries())

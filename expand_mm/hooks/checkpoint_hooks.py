@@ -12,8 +12,9 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..checkpoint import (NONLINEAR_INIT_META_KEY, CheckpointError, match_state_dict,
                           read_checkpoint, strip_prefix)
-from ..deploy import (DEFAULT_PROBE_SHAPE, compact_checkpoint_path, find_deployable,
-                      unfinished_planting, unwrap_model, write_compact_checkpoint)
+from ..deploy import (DEFAULT_PROBE_SHAPE, PlantingBakeError, compact_checkpoint_path,
+                      find_deployable, unfinished_planting, unwrap_model,
+                      write_compact_checkpoint)
 from ..models.distributed import ExpandNetDistributedDataParallel
 from ..models.expandnet import deferring_expandnet
 from ..optim.factor_lr import EXPANDNET_PARAMWISE_KEYS, ExpandNetOptimWrapperConstructor
@@ -202,17 +203,26 @@ class ContractCheckpointHook(Hook):
                     'compact equivalent; not contracted. Checkpoints saved after the '
                     'nonlinearity is removed are contracted as usual')
                 continue
-            unfinished = unfinished_planting(meta)
-            if unfinished:
+            planting = unfinished_planting(meta)
+            try:
+                dst, errors = write_compact_checkpoint(
+                    runner.model, path, compact_checkpoint_path(path, self.suffix),
+                    self.probe_shape, self.rtol, self.verify)
+            except PlantingBakeError as err:
+                # Training goes on; only this stage's checkpoints lack a compact twin.
                 self._done[path] = None
                 log = runner.logger.info if self._warned_planting else runner.logger.warning
                 self._warned_planting = True
-                log(f'ContractCheckpointHook: {path} {unfinished}; not contracted. The '
-                    'checkpoints of the last stage are contracted as usual')
+                log(f'ContractCheckpointHook: not contracted: {err}')
                 continue
-            dst, errors = write_compact_checkpoint(
-                runner.model, path, compact_checkpoint_path(path, self.suffix),
-                self.probe_shape, self.rtol, self.verify)
+            if planting:
+                self._done[path] = dst
+                runner.logger.info(
+                    f'ContractCheckpointHook: wrote compact checkpoint {dst}: the network of '
+                    f'channel-planting stage {planting["stage"] + 1} of '
+                    f'{len(planting["stages"])}, unplanted channels zeroed (masked vs zeroed '
+                    f'on the probe: relative {errors["max_rel"]:.2e})')
+                continue
             self._done[path] = dst
             if errors and 'float64_max_rel' in errors:
                 runner.logger.warning(
