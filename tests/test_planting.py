@@ -338,3 +338,12 @@ def test_planting_config_writes_a_compact_copy_of_every_stage(tmp_path):
     student = runner.model.student.state_dict()
     assert set(final) == set(student)
     assert all(torch.equal(final[k], student[k].cpu()) for k in final)
+    # load_from= a compact checkpoint starts the student from it (the config's load hook
+    # re-keys it under 'student.'; without it mmengine would load nothing, non-strictly).
+    cfg.load_from = str(work / 'iter_2_compact.pth')
+    cfg.work_dir = str(tmp_path / 'work2')
+    runner = Runner.from_cfg(cfg)
+    runner.load_or_resume()
+    loaded = runner.model.student.state_dict()
+    stage1 = torch.load(work / 'iter_2_compact.pth')['state_dict']
+    assert all(torch.equal(loaded[k].cpu(), stage1[k]) for k in stage1)

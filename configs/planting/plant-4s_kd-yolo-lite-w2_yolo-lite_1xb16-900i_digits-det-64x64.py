@@ -24,7 +24,10 @@ _base_ = '../distill/kd-yolo-lite-w2_yolo-lite_1xb16-900i_digits-det-64x64.py'
 stage_iters = 225  # 900 iterations, four stages of the base's schedule (warm-up + cosine)
 
 custom_hooks = [
-    # Writes iter_N_compact.pth: the student alone (teacher and adapters dropped).
+    # load_from= a student (compact) checkpoint loads strictly into the student.
+    dict(type='ExpandCheckpointLoadHook'),
+    # Writes iter_N_compact.pth: the student alone (teacher and adapters dropped); before
+    # the last stage, the narrower network of the stage (unplanted channels zeroed).
     dict(type='ContractCheckpointHook'),
     dict(
         type='ChannelPlantingHook',
