@@ -392,3 +392,33 @@ def test_load_hook_loads_a_deployable_checkpoint_into_the_wrapper():
     with pytest.raises(expand_mm.CheckpointError, match='fits neither'):
         ExpandCheckpointLoadHook().after_load_checkpoint(
             runner, {'state_dict': {'backbone.conv1.weight': torch.zeros(8, 3, 3, 3)}})
+
+
+def test_resume_needs_no_teacher_file(data, tmp_path):
+    """The distiller checkpoint holds the teacher: resuming works after the teacher's own
+    file is gone, with the teacher as saved; a fresh run still says the file is missing."""
+    teacher_ckpt = teacher_checkpoint(TEACHER_DET, tmp_path / 'teacher.pth')
+    work = tmp_path / 'work'
+    cfg = tiny_cfg(DISTILL / 'kd-yolo-lite-w2_yolo-lite_1xb16-900i_digits-det-64x64.py', data,
+                   work, 'det', max_iters=1)
+    cfg.model.teacher_ckpt = teacher_ckpt
+    Runner.from_cfg(copy.deepcopy(cfg)).train()
+    saved_teacher = torch.load(teacher_ckpt)['state_dict']
+    (tmp_path / 'teacher.pth').unlink()
+
+    resumed = copy.deepcopy(cfg)
+    resumed.train_cfg.max_iters = 2
+    resumed.resume = True
+    runner = Runner.from_cfg(resumed)
+    runner.train()
+    assert runner.iter == 2 and (work / 'iter_2.pth').is_file()
+    for key, value in runner.model.teacher.state_dict().items():
+        assert torch.equal(value, saved_teacher[key]), key
+
+    fresh = copy.deepcopy(cfg)
+    fresh.work_dir = str(tmp_path / 'empty')  # resume=True, but nothing to resume from
+    fresh.resume = True
+    with pytest.raises(expand_mm.CheckpointError,
+                       match=r"teacher.pth' does not exist: train the teacher config first.*"
+                             r"the resumed checkpoint had no teacher either"):
+        Runner.from_cfg(fresh).train()

@@ -283,10 +283,18 @@ class ExpandCheckpointLoadHook(Hook):
 
         MMEngine would otherwise fail inside ``torch.load`` with a pickle or
         zip error; the file is memory-mapped, not read, so this costs little.
+        When the run resumes, a distiller's teacher may come from the resumed
+        checkpoint (``Distiller.expect_teacher_from_resume``), so its
+        ``teacher_ckpt`` file need not exist any more.
         """
         load_from = runner._load_from
         if isinstance(load_from, str) and '://' not in load_from:
             read_checkpoint(load_from, mmap=True)
+        if runner._resume:
+            # A resumed distiller checkpoint holds the teacher: its own file may be gone.
+            expect = getattr(unwrap_model(runner.model), 'expect_teacher_from_resume', None)
+            if callable(expect):
+                expect()
 
     def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
         """Convert or check ``checkpoint['state_dict']`` in place.

@@ -352,6 +352,8 @@ class Distiller(TrainingWrapper):
         self._check_normalisation()
         self.teacher_ckpt = teacher_ckpt
         self._teacher_loaded = False
+        self._teacher_from_resume = False
+        self._teacher_missing: str | None = None
         self.teacher.requires_grad_(False)
         self.teacher.eval()
 
@@ -413,12 +415,24 @@ class Distiller(TrainingWrapper):
         super().init_weights()
         self.load_teacher()
 
+    def expect_teacher_from_resume(self) -> None:
+        """Let a missing ``teacher_ckpt`` wait for the resumed checkpoint's teacher.
+
+        Called by :class:`~expand_mm.hooks.ExpandCheckpointLoadHook` before the
+        Runner initialises the weights of a run that resumes: a Distiller
+        checkpoint holds the teacher, so the teacher's own file is not needed
+        (it may have been moved or deleted since). If the resume brings no
+        teacher, the first loss raises the missing-file error.
+        """
+        self._teacher_from_resume = True
+
     def load_teacher(self) -> None:
         """Load ``teacher_ckpt`` into the teacher, refusing one that does not fit.
 
         Raises:
             CheckpointError: If the file is missing or corrupt, or its keys or
-                shapes do not fit the teacher config (naming them).
+                shapes do not fit the teacher config (naming them). A missing
+                file is only logged after :meth:`expect_teacher_from_resume`.
         """
         path = self.teacher_ckpt
         if '://' in path:  # remote: MMEngine's loader (strict) does the checking
@@ -426,12 +440,19 @@ class Distiller(TrainingWrapper):
                             logger=MMLogger.get_current_instance())
         else:  # read once, checked with a clear message, then loaded strictly
             if not osp.isfile(path):
-                raise CheckpointError(
+                missing = (
                     f'Distiller: model.teacher_ckpt={path!r} '
                     + ('is a folder' if osp.isdir(path) else 'does not exist')
                     + ': train the teacher config first (python tools/train.py '
                     f'{self._teacher_source or "TEACHER_CONFIG"}) or point model.teacher_ckpt '
                     "at the teacher's iter_N.pth / epoch_N.pth")
+                if not self._teacher_from_resume:
+                    raise CheckpointError(missing)
+                self._teacher_missing = missing
+                MMLogger.get_current_instance().info(
+                    f'Distiller: model.teacher_ckpt={path!r} is not there; the teacher comes '
+                    'from the resumed checkpoint')
+                return
             state_dict = strip_prefix(read_checkpoint(path)['state_dict'])
             try:
                 match_state_dict(self.teacher, state_dict, source=path)
@@ -474,6 +495,9 @@ class Distiller(TrainingWrapper):
 
     def loss(self, inputs: Tensor, data_samples: Any) -> dict:
         """The student's losses plus every distillation loss (each under its own key)."""
+        if not self._teacher_loaded and self._teacher_missing:
+            raise CheckpointError(self._teacher_missing + ' (the resumed checkpoint had no '
+                                  'teacher either)')
         if not self._teacher_loaded:
             raise RuntimeError(
                 'Distiller: the teacher has no weights yet; call init_weights() (the Runner '
