@@ -96,6 +96,26 @@ def test_compact_twins_follow_max_keep_ckpts(tmp_path):
     assert kept == ['iter_3.pth', 'iter_3_compact.pth']
 
 
+def test_a_checkpoint_moved_by_hand_keeps_its_compact_twin(tmp_path):
+    from mmengine.hooks import Hook
+
+    class MoveFirstCheckpoint(Hook):
+        def before_train_iter(self, runner, batch_idx, data_batch=None):
+            if runner.iter == 2:  # iter_1.pth and its twin exist by now
+                os.replace(osp.join(runner.work_dir, 'iter_1.pth'), tmp_path / 'kept.pth')
+
+    cfg = tiny_cfg(tmp_path, max_iters=3)
+    cfg.default_hooks.checkpoint = dict(type='CheckpointHook', interval=1, by_epoch=False)
+    runner = Runner.from_cfg(cfg)
+    runner.register_hook(MoveFirstCheckpoint())
+    runner.train()
+    kept = sorted(f for f in os.listdir(cfg.work_dir) if f.endswith(".pth"))
+    assert kept == ['iter_1_compact.pth', 'iter_2.pth', 'iter_2_compact.pth', 'iter_3.pth',
+                    'iter_3_compact.pth']
+    log = open(osp.join(runner.log_dir, f'{runner.timestamp}.log')).read()
+    assert 'iter_1.pth is gone, but not by CheckpointHook; its compact copy' in log
+
+
 @pytest.mark.parametrize('kwargs, message', [
     (dict(suffix=''), r"suffix='' must be a non-empty string"),
     (dict(probe_shape=(3, 64, 64)), r'probe_shape=\(3, 64, 64\) must be an NCHW shape'),

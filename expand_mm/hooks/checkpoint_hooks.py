@@ -56,7 +56,8 @@ class ContractCheckpointHook(Hook):
     the saved ``state_dict`` already holds the EMA weights), contracted, checked
     on a probe input, and written as ``<name>_compact.pth``. When
     ``CheckpointHook`` removes a checkpoint (``max_keep_ckpts``, a replaced
-    ``best_*``), its compact twin is removed too. Only the main process writes;
+    ``best_*``), its compact twin is removed too; a checkpoint that disappears
+    otherwise (moved by hand) keeps its twin, with a warning. Only the main process writes;
     nothing here uses collective calls, so DDP cannot hang. Checkpoints on
     remote storage backends are not contracted (a warning says so); use
     ``tools/contract.py`` on a local copy.
@@ -99,6 +100,8 @@ class ContractCheckpointHook(Hook):
         self.rtol = rtol
         self.verify = verify
         self._done: dict[str, str | None] = {}  # None: skipped (nonlinear phase)
+        # src -> (message-hub key it was published under, its iter / epoch numbers)
+        self._origin: dict[str, tuple[str, frozenset]] = {}
         self._warned_remote = False
         self._warned_nonlinear = False
         self._warned_planting = False
@@ -150,6 +153,9 @@ class ContractCheckpointHook(Hook):
         resumed = runner.message_hub.get_info('last_ckpt')
         if resumed and osp.isfile(compact_checkpoint_path(resumed, self.suffix)):
             self._done[resumed] = compact_checkpoint_path(resumed, self.suffix)
+            if osp.isfile(resumed):
+                self._origin[resumed] = ('last_ckpt', _steps(
+                    read_checkpoint(resumed, mmap=True).get('meta') or {}))
 
     def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None) -> None:
         """Contract a checkpoint saved at this iteration."""
@@ -167,20 +173,35 @@ class ContractCheckpointHook(Hook):
         """Contract the last checkpoint."""
         self._contract_new(runner)
 
-    def _saved_paths(self, runner) -> list[str]:
+    def _saved_paths(self, runner) -> list[tuple[str, str]]:
         info = runner.message_hub.runtime_info
-        return [v for k, v in info.items()
+        return [(k, v) for k, v in info.items()
                 if (k == 'last_ckpt' or k.startswith('best_ckpt')) and isinstance(v, str)]
+
+    def _retired(self, runner, src: str) -> bool:
+        """Whether ``CheckpointHook`` removed ``src`` (``max_keep_ckpts``, a replaced best)."""
+        key, steps = self._origin.get(src, ('last_ckpt', frozenset()))
+        info = runner.message_hub.runtime_info
+        if key.startswith('best_ckpt'):
+            return info.get(key) != src
+        keep = info.get('keep_ckpt_ids')  # CheckpointHook's kept steps, with max_keep_ckpts
+        return keep is not None and not steps & set(keep)
 
     def _contract_new(self, runner) -> None:
         if not is_main_process():
             return
         for src, dst in list(self._done.items()):
-            if not osp.exists(src):  # CheckpointHook dropped it: drop its twin
-                if dst is not None and osp.isfile(dst):
+            if osp.exists(src):
+                continue
+            if dst is not None and osp.isfile(dst):
+                if self._retired(runner, src):  # CheckpointHook dropped it: drop its twin
                     os.remove(dst)
-                del self._done[src]
-        for path in self._saved_paths(runner):
+                else:  # moved or deleted by someone else: the twin may be all that is left
+                    runner.logger.warning(f'ContractCheckpointHook: {src} is gone, but not by '
+                                          f'CheckpointHook; its compact copy {dst} is kept')
+            del self._done[src]
+            self._origin.pop(src, None)
+        for key, path in self._saved_paths(runner):
             if path in self._done:
                 continue
             if not osp.isfile(path):
@@ -191,6 +212,7 @@ class ContractCheckpointHook(Hook):
                 continue
             # Memory-mapped: only the meta is read here.
             meta = read_checkpoint(path, mmap=True).get('meta') or {}
+            self._origin[path] = (key, _steps(meta))
             if meta.get(NONLINEAR_INIT_META_KEY):
                 # Saved while NonlinearInitHook had a nonlinearity between the
                 # sub-layers: the chains are not linear, there is nothing to
@@ -243,6 +265,15 @@ class ContractCheckpointHook(Hook):
                 check = 'not verified'
             runner.logger.info(f'ContractCheckpointHook: wrote compact checkpoint {dst} '
                                f'({check})')
+
+
+def _steps(meta: dict) -> frozenset:
+    """The iteration and epoch numbers a checkpoint's ``meta`` records.
+
+    ``CheckpointHook`` keeps ``max_keep_ckpts`` checkpoints by step: the epoch
+    or the iteration, whichever it counts; one of them is it.
+    """
+    return frozenset(v for v in (meta.get('iter'), meta.get('epoch')) if isinstance(v, int))
 
 
 def _article(word: str) -> str:
