@@ -514,7 +514,7 @@ def _verify_in_float64(expanded: nn.Module, compact: nn.Module, inputs: Any,
     contraction's. On CPU, so that a re-check during training takes no
     accelerator memory.
     """
-    expanded64 = copy.deepcopy(expanded).to(device='cpu', dtype=torch.float64)
+    expanded64 = _cpu_float64_copy(expanded)
     compact64 = contract_model(expanded64)
     inputs64 = _to_cpu_float64(inputs)
     as_trained = verify_contraction(expanded64, compact64, inputs64, forward_fn)
@@ -536,6 +536,23 @@ def _verify_in_float64(expanded: nn.Module, compact: nn.Module, inputs: Any,
     return dict(float64_max_rel=worst_outputs['max_rel'],
                 float64_max_abs=worst_outputs['max_abs'],
                 float64_weights_max_rel=worst, float64_worst_tensor=worst_key)
+
+
+def _cpu_float64_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` with its floating tensors in float64 on CPU.
+
+    Each parameter and buffer is converted on its own, straight into the copy
+    (``deepcopy``'s memo), so no float32 copy of the whole model is made on
+    the model's device first: during training that memory is the activations'.
+    """
+    memo: dict[int, Any] = {}
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        value = tensor.detach().to(
+            device='cpu', copy=True,
+            dtype=torch.float64 if tensor.is_floating_point() else tensor.dtype)
+        memo[id(tensor)] = (nn.Parameter(value, requires_grad=tensor.requires_grad)
+                            if isinstance(tensor, nn.Parameter) else value)
+    return copy.deepcopy(model, memo)
 
 
 def _to_cpu_float64(inputs: Any) -> Any:

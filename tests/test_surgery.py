@@ -214,3 +214,22 @@ def test_corrupt_and_missing_checkpoint_files(tmp_path):
         read_checkpoint(str(pickled))
     assert 'WeightsUnpickler error: ' in str(err.value)
     assert 'weights_only' not in str(err.value) and 'corrupt or truncated' in str(err.value)
+
+
+def test_float64_recheck_copy_shares_nothing_and_keeps_the_structure():
+    from expand_mm.surgery import _cpu_float64_copy
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Conv2d(8, 4, 1))
+    expand_mm.expand_model(net, strategy='cl', ratio=2, include=['0', '2'], expand_1x1=True)
+    net[1].weight.requires_grad_(False)
+    copy64 = _cpu_float64_copy(net)
+    originals = dict(net.state_dict(keep_vars=True))
+    for key, value in copy64.state_dict(keep_vars=True).items():
+        original = originals[key]
+        assert value.dtype == (torch.float64 if original.is_floating_point() else original.dtype)
+        assert value.data_ptr() != original.data_ptr(), key
+        assert torch.equal(value, original.to(value.dtype))
+    assert isinstance(copy64[1].weight, nn.Parameter) and not copy64[1].weight.requires_grad
+    copy64[1].num_batches_tracked += 1
+    assert int(net[1].num_batches_tracked) == 0
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(copy64.eval()(x.double()).float(), net.eval()(x))
