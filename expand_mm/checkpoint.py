@@ -216,3 +216,59 @@ def match_state_dict(model: nn.Module, state_dict: Mapping[str, Any],
         f'{type(model).__name__}. Closest: the {kind} form, but {best.describe()}. '
         'Use a checkpoint of this config (iter_N.pth / epoch_N.pth or *_compact.pth) '
         'or of its stock compact config.')
+
+
+def expanded_chain_paths(model: nn.Module, state_dict: Mapping[str, Any]) -> list[str]:
+    """Paths of ``model``'s layers that ``state_dict`` holds as expanded chains.
+
+    A layer at ``path`` whose ``path.weight`` is missing while
+    ``path.convs.0.weight`` / ``path.linears.0.weight`` is there: the state
+    dict is an ExpandNet training checkpoint of this (compact) model.
+    """
+    state_dict = strip_prefix(state_dict)
+    paths = []
+    for key in model.state_dict():
+        if key.endswith('.weight') and key not in state_dict:
+            path = key[:-len('.weight')]
+            if f'{path}.convs.0.weight' in state_dict or f'{path}.linears.0.weight' in state_dict:
+                paths.append(path)
+    return paths
+
+
+def check_plain_model_checkpoint(model: nn.Module, state_dict: Mapping[str, Any],
+                                 source: str) -> KeyMismatch:
+    """Refuse a checkpoint that does not give a plain (not expanded) model all its weights.
+
+    MMEngine loads checkpoints non-strictly and only logs the mismatch, so an
+    ExpandNet training checkpoint given with the compact config would run as a
+    model with random layers. Missing BatchNorm step counters (older and
+    converted checkpoints; eval never reads them) are tolerated; keys the
+    model lacks are returned for the caller to report.
+
+    Args:
+        model: The plain model (e.g. built from a stock compact config).
+        state_dict: The checkpoint's ``state_dict``.
+        source: Name used in the message (the file path).
+
+    Returns:
+        The mismatch (only ``unexpected`` can be non-empty).
+
+    Raises:
+        CheckpointError: Naming the missing and wrong-shaped keys, and what to
+            use instead when the checkpoint holds expanded chains.
+    """
+    mismatch = compare_state_dict(model, state_dict)
+    mismatch.missing = [k for k in mismatch.missing if not k.endswith('num_batches_tracked')]
+    if mismatch.missing or mismatch.wrong_shape:
+        chains = expanded_chain_paths(model, state_dict)
+        hint = (f'It is an ExpandNet training checkpoint ({len(chains)} layers, e.g. '
+                f'{chains[0]!r}, are expanded chains): use its *_compact.pth (or python '
+                'tools/contract.py EXPANDNET_CONFIG CKPT OUT), or the ExpandNet config it was '
+                'trained with' if chains else
+                'Use a checkpoint trained with this config; an ExpandNet training checkpoint '
+                '(iter_N.pth / epoch_N.pth) goes with the ExpandNet config it was trained '
+                'with, or through python tools/contract.py EXPANDNET_CONFIG CKPT OUT; a '
+                '*_compact.pth goes with the compact config')
+        raise CheckpointError(f'{source} does not fit {type(model).__name__}: '
+                              f'{mismatch.describe()}. {hint}.')
+    return mismatch

@@ -367,3 +367,33 @@ def test_loss_landscape_tool(voc_cfgs):
     files = sorted(os.listdir(out))
     assert 'landscape_1d.png' in files
     assert sum(f.startswith('landscape_2d_') and f.endswith('.png') for f in files) == 2
+
+
+def test_analysis_tools_refuse_checkpoints_that_do_not_fit_before_any_work(voc_cfgs):
+    """A checkpoint of another model would leave random layers: refused, naming the keys;
+    a missing or corrupt file in any run is found before the first run starts."""
+    from mmdet.registry import MODELS
+    from mmdet.utils import register_all_modules
+
+    from expand_mm.checkpoint import CheckpointError
+    tmp, cfgs = voc_cfgs
+    register_all_modules(init_default_scope=False)
+    expanded = MODELS.build(copy.deepcopy(cfgs[1].model))
+    expandnet_ckpt = str(tmp / 'expandnet_training.pth')
+    torch.save(dict(state_dict=expanded.state_dict(), meta={}), expandnet_ckpt)
+    tool = _load_tool('gradient_confusion')
+    with pytest.raises(CheckpointError, match=r"expandnet_training.pth does not fit YOLOV3: "
+                                              r"missing .*It is an ExpandNet training checkpoint"):
+        tool.main(['--num-batches', '2', '--out', str(tmp / 'gc_bad'),
+                   '--checkpoint', expandnet_ckpt], configs=cfgs[:1])
+    corrupt = tmp / 'corrupt.pth'
+    corrupt.write_bytes(b'not a checkpoint')
+    landscape = _load_tool('loss_landscape')
+    # The first run would be fine; the second one's file is found wanting first.
+    with pytest.raises(CheckpointError, match='cannot read checkpoint'):
+        landscape.main(['--num-batches', '1', '--steps-1d', '3', '--no-2d',
+                        '--out', str(tmp / 'ls_bad'), '--checkpoint', 'none', str(corrupt)],
+                       configs=cfgs)
+    assert not osp.exists(tmp / 'ls_bad')
+    with pytest.raises(SystemExit):
+        landscape.parse_args(['x.py', '--steps-1d', '4'])

@@ -38,8 +38,10 @@ def test_test_tool_refuses_a_training_checkpoint_with_the_compact_config(expandn
                              str(expandnet_checkpoint)], capture_output=True, text=True,
                             cwd=ROOT)
     assert result.returncode == 2, result.stderr[-2000:]
-    assert 'does not fit the model of this config (YOLOV3)' in result.stderr
-    assert 'python tools/contract.py' in result.stderr
+    assert 'does not fit YOLOV3: missing' in result.stderr
+    assert ("It is an ExpandNet training checkpoint (15 layers, e.g. 'backbone.stages.0.conv.conv', "
+            'are expanded chains): use its *_compact.pth (or python tools/contract.py') \
+        in result.stderr
     assert 'Traceback' not in result.stderr
 
 

@@ -14,7 +14,8 @@ import os.path as osp
 import sys
 
 import expand_mm  # noqa: F401  (registers ExpandNet, the hooks, torch.load fix)
-from expand_mm.checkpoint import CheckpointError, compare_state_dict, read_checkpoint, strip_prefix
+from expand_mm.checkpoint import (CheckpointError, check_plain_model_checkpoint, read_checkpoint,
+                                  strip_prefix)
 from expand_mm.datasets_check import check_datasets
 from expand_mm.deploy import unfinished_planting
 from expand_mm.models import compact_model_cfg
@@ -59,8 +60,8 @@ def check_plain_checkpoint(cfg: Config, state_dict: dict, path: str) -> None:
 
     MMEngine loads checkpoints non-strictly and only logs the mismatch, so an
     ExpandNet training checkpoint given with the compact config would be scored
-    as an untrained model. Keys the model lacks (an auxiliary head dropped for
-    testing) are only reported.
+    as an untrained model (:func:`~expand_mm.checkpoint.check_plain_model_checkpoint`).
+    Keys the model lacks (an auxiliary head dropped for testing) are only reported.
 
     Raises:
         CheckpointError: Naming the keys, if some of the model's weights are
@@ -68,17 +69,7 @@ def check_plain_checkpoint(cfg: Config, state_dict: dict, path: str) -> None:
     """
     with DefaultScope.overwrite_default_scope(cfg.get('default_scope')):
         model = MODELS.build(cfg.model)
-    mismatch = compare_state_dict(model, state_dict)
-    # Older and converted checkpoints lack BN's step counters, which eval never reads.
-    counters = [k for k in mismatch.missing if k.endswith('num_batches_tracked')]
-    mismatch.missing = [k for k in mismatch.missing if k not in counters]
-    if mismatch.missing or mismatch.wrong_shape:
-        raise CheckpointError(
-            f'{path} does not fit the model of this config ({cfg.model.get("type")}): '
-            f'{mismatch.describe()}. An ExpandNet training checkpoint (iter_N.pth / '
-            'epoch_N.pth) is tested with the ExpandNet config it was trained with, or '
-            'turned into a compact one first (python tools/contract.py EXPANDNET_CONFIG '
-            'CKPT OUT); a *_compact.pth goes with the compact config.')
+    mismatch = check_plain_model_checkpoint(model, state_dict, path)
     if mismatch.unexpected:
         print(f'warning: {path} has {len(mismatch.unexpected)} entries that this model does '
               f'not use, ignored: {", ".join(mismatch.unexpected[:6])}')

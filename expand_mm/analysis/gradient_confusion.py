@@ -489,6 +489,33 @@ def mm_preprocess(model: nn.Module, batches: Iterable[Any], num_batches: int | N
             for b in _take(batches, num_batches, 'mm_preprocess')]
 
 
+def check_checkpoint_fits(model: nn.Module, checkpoint: str) -> None:
+    """Refuse a checkpoint that would leave some of ``model``'s weights as initialised.
+
+    MMEngine's ``load_checkpoint`` is non-strict: a checkpoint of another model
+    would only log a warning, and an analysis of the untrained model would
+    follow. The checkpoint must be the model's own (a training-time wrapper's,
+    or its deployable network's alone), in the expanded or the compact form for
+    an ExpandNet.
+
+    Raises:
+        CheckpointError: For an unreadable file, or one that does not fit,
+            naming the keys.
+    """
+    from ..checkpoint import (check_plain_model_checkpoint, match_state_dict,
+                              read_checkpoint, strip_prefix)
+    from ..deploy import find_deployable
+    from ..surgery import expanded_layers
+    state_dict = strip_prefix(read_checkpoint(checkpoint)['state_dict'])
+    deployable, prefix = find_deployable(model)
+    if prefix and any(k.startswith(prefix) for k in state_dict):
+        state_dict = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    if expanded_layers(deployable):
+        match_state_dict(deployable, state_dict, strict=True, source=checkpoint)
+    else:
+        check_plain_model_checkpoint(deployable, state_dict, checkpoint)
+
+
 def build_mm_model_and_loader(cfg: Any, checkpoint: str | None = None, *,
                               seed: int = 0, work_dir: str | None = None,
                               init_weights: bool = True) -> tuple[nn.Module, Iterable[Any]]:
@@ -497,7 +524,8 @@ def build_mm_model_and_loader(cfg: Any, checkpoint: str | None = None, *,
     Builds a ``Runner`` from ``cfg`` (custom imports such as ``expand_mm``,
     the default scope, the ``ExpandNet`` builder), initialises the weights as
     ``runner.train()`` does (``init_weights()``: for an ExpandNet the compact
-    form, then the factors), then loads ``checkpoint`` if given through
+    form, then the factors), then loads ``checkpoint`` if given (checked to fit
+    first: :func:`check_checkpoint_fits`) through
     ``runner.load_checkpoint`` (with the hooks: an ExpandNet accepts a compact
     checkpoint and factorises it exactly). The global RNGs are then seeded
     again and the train dataloader is built with ``seed``, so two configs over
@@ -531,6 +559,7 @@ def build_mm_model_and_loader(cfg: Any, checkpoint: str | None = None, *,
     if init_weights and callable(getattr(model, 'init_weights', None)):
         model.init_weights()
     if checkpoint:
+        check_checkpoint_fits(runner.model, checkpoint)
         runner.load_checkpoint(checkpoint, map_location='cpu')
     # Re-seeded after the weights: the data transforms draw from the global
     # RNGs, and the model's initialisation (which differs between a compact

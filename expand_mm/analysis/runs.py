@@ -21,6 +21,10 @@ from .gradient_confusion import build_mm_model_and_loader
 NO_CHECKPOINT = ('none', '-')
 
 
+class RunSettingsError(ValueError):
+    """Configs, checkpoints, labels or the output path that do not go together."""
+
+
 def resolve_runs(configs: Sequence[str | Config], checkpoints: Sequence[str] | None,
                  labels: Sequence[str] | None) -> list[dict[str, Any]]:
     """Pair every config with its checkpoint and a unique label.
@@ -34,23 +38,47 @@ def resolve_runs(configs: Sequence[str | Config], checkpoints: Sequence[str] | N
         ``[{'config': ..., 'checkpoint': ..., 'label': ...}, ...]``.
 
     Raises:
-        ValueError: If the counts of checkpoints or labels do not match the configs.
+        RunSettingsError: If the counts of checkpoints or labels do not match the
+            configs, or labels repeat.
     """
     if checkpoints is not None and len(checkpoints) != len(configs):
-        raise ValueError(f'--checkpoint: got {len(checkpoints)} for {len(configs)} configs; '
-                         'give one per config (`none` for the initialisation)')
+        raise RunSettingsError(
+            f'--checkpoint: got {len(checkpoints)} for {len(configs)} configs; give one per '
+            'config (`none` for the initialisation), after the configs: CONFIG [CONFIG ...] '
+            '--checkpoint CKPT [CKPT ...]')
     if labels is not None and len(labels) != len(configs):
-        raise ValueError(f'--labels: got {len(labels)} for {len(configs)} configs')
+        raise RunSettingsError(f'--labels: got {len(labels)} for {len(configs)} configs')
     if labels is None:
         stems = [osp.splitext(osp.basename(c if isinstance(c, str) else c.filename or
                                            'config'))[0] for c in configs]
         labels = [s if stems.count(s) == 1 else f'{s}#{i}' for i, s in enumerate(stems)]
     if len(set(labels)) != len(labels):
-        raise ValueError(f'--labels must be unique, got {labels}')
+        raise RunSettingsError(f'--labels must be unique, got {labels}')
     ckpts = [None if c is None or c.lower() in NO_CHECKPOINT else c
              for c in (checkpoints or [None] * len(configs))]
     return [dict(config=c, checkpoint=k, label=lab)
             for c, k, lab in zip(configs, ckpts, labels)]
+
+
+def check_run_files(runs: Sequence[dict[str, Any]], out: str) -> None:
+    """Check every run's config and checkpoint file, and ``out``, before any work.
+
+    An analysis of several configs takes minutes each; a wrong path found
+    after the first one would waste them.
+
+    Raises:
+        RunSettingsError: For a missing config file or an ``out`` that is a file.
+        CheckpointError: For a missing or unreadable checkpoint (only the
+            header is read: memory-mapped).
+    """
+    from ..checkpoint import read_checkpoint
+    for run in runs:
+        if isinstance(run['config'], str) and not osp.isfile(run['config']):
+            raise RunSettingsError(f'config {run["config"]!r} does not exist')
+        if run['checkpoint']:
+            read_checkpoint(run['checkpoint'], mmap=True)
+    if osp.exists(out) and not osp.isdir(out):
+        raise RunSettingsError(f'--out {out!r} is a file; give a folder (it is created)')
 
 
 def load_config(config: str | Config, cfg_options: dict | None) -> Config:

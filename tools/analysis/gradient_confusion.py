@@ -44,7 +44,9 @@ import torch  # noqa: E402
 import expand_mm  # noqa: E402,F401  (registers ExpandNet and the hooks)
 from expand_mm.analysis import gradient_confusion, mm_loss_fn  # noqa: E402
 from expand_mm.cli import DefaultsHelpFormatter  # noqa: E402
-from expand_mm.analysis.runs import build_run, resolve_runs  # noqa: E402
+from expand_mm.analysis.runs import (RunSettingsError, build_run, check_run_files,  # noqa: E402
+                                     resolve_runs)
+from expand_mm.checkpoint import CheckpointError  # noqa: E402
 from expand_mm.surgery import count_params, expanded_layers  # noqa: E402
 from mmengine.config import Config, DictAction  # noqa: E402
 
@@ -186,6 +188,7 @@ def main(argv: Sequence[str] | None = None,
     args = parse_args(argv, need_configs=configs is None)
     runs = resolve_runs(list(configs) if configs is not None else args.config,
                         args.checkpoint, args.labels)
+    check_run_files(runs, args.out)
     os.makedirs(args.out, exist_ok=True)
     rows = [analyse(run, args) for run in runs]
     print(f'\nGradient confusion, {args.space} space, batch norm {args.bn}, seed {args.seed}')
@@ -204,4 +207,8 @@ def main(argv: Sequence[str] | None = None,
 
 
 if __name__ == '__main__':
-    main()
+    try:
+        main()
+    except (CheckpointError, RunSettingsError) as err:  # bad input: a message, no traceback
+        print(f'error: {err}', file=sys.stderr)
+        sys.exit(2)

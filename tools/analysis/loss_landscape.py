@@ -41,7 +41,9 @@ import numpy as np  # noqa: E402
 import expand_mm  # noqa: E402,F401  (registers ExpandNet and the hooks)
 from expand_mm.analysis import (loss_landscape_1d, loss_landscape_2d, mm_loss_fn,  # noqa: E402
                                 mm_preprocess)
-from expand_mm.analysis.runs import build_run, resolve_runs, safe_name  # noqa: E402
+from expand_mm.analysis.runs import (RunSettingsError, build_run, check_run_files,  # noqa: E402
+                                     resolve_runs, safe_name)
+from expand_mm.checkpoint import CheckpointError  # noqa: E402
 from expand_mm.cli import DefaultsHelpFormatter  # noqa: E402
 from expand_mm.surgery import expanded_layers  # noqa: E402
 from mmengine.config import Config, DictAction  # noqa: E402
@@ -59,9 +61,10 @@ def parse_args(argv: Sequence[str] | None = None, need_configs: bool = True
                         'without it every model is analysed at initialisation')
     parser.add_argument('--num-batches', type=int, default=4,
                         help='batches the loss is averaged over (fixed for every point)')
-    parser.add_argument('--steps-1d', type=int, default=21, help='points of the 1-D curve')
+    parser.add_argument('--steps-1d', type=int, default=21,
+                        help='points of the 1-D curve (odd: the centre is the trained point)')
     parser.add_argument('--steps-2d', type=int, default=11,
-                        help='points per axis of the 2-D grid')
+                        help='points per axis of the 2-D grid (odd)')
     parser.add_argument('--span', type=float, default=1.0,
                         help='coordinates run over [-span, span]')
     parser.add_argument('--form', choices=('training', 'compact'), default='training',
@@ -82,8 +85,11 @@ def parse_args(argv: Sequence[str] | None = None, need_configs: bool = True
     if args.num_batches < 1:
         parser.error('--num-batches must be >= 1')
     for key in ('steps_1d', 'steps_2d'):
-        if getattr(args, key) < 2:
-            parser.error(f'--{key.replace("_", "-")} must be >= 2')
+        steps = getattr(args, key)
+        # An even count puts no grid point at 0: the trained model itself is not on it.
+        if steps < 3 or steps % 2 == 0:
+            parser.error(f'--{key.replace("_", "-")} {steps}: give an odd count >= 3, so that '
+                         'the grid has the trained point (coordinate 0) at its centre')
     if not args.span > 0:
         parser.error('--span must be > 0')
     return args
@@ -200,6 +206,7 @@ def main(argv: Sequence[str] | None = None,
     args = parse_args(argv, need_configs=configs is None)
     runs = resolve_runs(list(configs) if configs is not None else args.config,
                         args.checkpoint, args.labels)
+    check_run_files(runs, args.out)
     os.makedirs(args.out, exist_ok=True)
     entries = [analyse(run, args) for run in runs]
     print(f'\nLoss landscape, {args.form} form, eval-mode batch norm, seed {args.seed}')
@@ -220,4 +227,8 @@ def main(argv: Sequence[str] | None = None,
 
 
 if __name__ == '__main__':
-    main()
+    try:
+        main()
+    except (CheckpointError, RunSettingsError) as err:  # bad input: a message, no traceback
+        print(f'error: {err}', file=sys.stderr)
+        sys.exit(2)
