@@ -97,8 +97,11 @@ def prepare_output_path(src: str, dst: str) -> str:
 
     Raises:
         CheckpointError: If ``dst`` is ``src`` (the same file under any name),
-            which writing would destroy.
+            which writing would destroy, or an existing folder.
     """
+    if osp.isdir(dst):
+        raise CheckpointError(f'the output {dst!r} is a folder; give a file path, e.g. '
+                              f'{osp.join(dst, osp.basename(src))!r} for the same name there')
     same = osp.realpath(src) == osp.realpath(dst) or (
         osp.exists(src) and osp.exists(dst) and osp.samefile(src, dst))
     if same:

@@ -466,7 +466,11 @@ def write_compact_checkpoint(model: nn.Module, src: str, dst: str | None = None,
             stage=planting['stage'], stages=planting['stages'], widths=planting.get('widths'),
             bake_error=errors)
     tmp = dst + '.tmp'
-    torch.save({'meta': meta, 'state_dict': state_dict}, tmp)
-    # Written beside and renamed so a crash never leaves a half-written checkpoint.
-    os.replace(tmp, dst)
+    try:
+        torch.save({'meta': meta, 'state_dict': state_dict}, tmp)
+        # Written beside and renamed so a crash never leaves a half-written checkpoint.
+        os.replace(tmp, dst)
+    finally:
+        if osp.exists(tmp):
+            os.remove(tmp)
     return dst, errors

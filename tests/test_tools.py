@@ -1,5 +1,6 @@
 """Command-line tools on wrong input: a checkpoint that does not fit, output = input."""
 import hashlib
+import os
 import importlib.util
 import subprocess
 import sys
@@ -83,6 +84,36 @@ def test_contract_and_export_never_overwrite_their_input(expandnet_checkpoint, t
                             capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 2 and 'would overwrite it' in result.stderr, result.stderr
     assert _digest(expandnet_checkpoint) == before
+
+
+def test_contract_refuses_a_folder_as_output_before_any_work(expandnet_checkpoint, tmp_path,
+                                                             capsys):
+    contract = load_tool('contract')
+    argv, sys.argv = sys.argv, ['contract.py', str(EXPANDNET), str(expandnet_checkpoint),
+                                str(tmp_path)]
+    try:
+        assert contract.main() == 2
+    finally:
+        sys.argv = argv
+    assert f"the output '{tmp_path}' is a folder; give a file path, e.g. " \
+        f"'{tmp_path / 'iter_1.pth'}'" in capsys.readouterr().err
+    assert os.listdir(tmp_path) == []  # no leftover .tmp
+
+
+def test_a_failed_write_leaves_no_temporary_file(tmp_path, monkeypatch):
+    from expand_mm.deploy import write_compact_checkpoint
+    cfg = Config.fromfile(str(EXPANDNET))
+    with DefaultScope.overwrite_default_scope('mmdet'):
+        model = MODELS.build(cfg.model)
+    src = tmp_path / 'iter_1.pth'
+    torch.save({'state_dict': model.state_dict(), 'meta': {}}, src)
+
+    def full_disk(src, dst):
+        raise OSError(28, 'No space left on device')
+    monkeypatch.setattr('expand_mm.deploy.os.replace', full_disk)
+    with pytest.raises(OSError, match='No space left'):
+        write_compact_checkpoint(model, str(src), str(tmp_path / 'out.pth'), verify=False)
+    assert sorted(os.listdir(tmp_path)) == ['iter_1.pth']
 
 
 def test_contract_creates_the_output_folder(expandnet_checkpoint, tmp_path, capsys):
