@@ -196,3 +196,28 @@ def test_bad_settings_name_the_key():
         build_optim_wrapper(net, dict(constructor='ExpandNetOptimWrapperConstructor',
                                       optimizer=dict(type='AdamW', lr=0.01),
                                       paramwise_cfg=dict(factor_lr_chain='mean')))
+
+
+def test_a_resume_with_other_factor_rates_says_the_saved_ones_apply():
+    net = expanded_tiny_net()
+
+    def build(mult):
+        return build_optim_wrapper(net, dict(
+            constructor='ExpandNetOptimWrapperConstructor',
+            optimizer=dict(type='AdamW', lr=0.004),
+            paramwise_cfg=dict(factor_lr_mult=mult)))
+
+    saved = build(0.25).state_dict()
+    logger = expand_mm.optim.factor_lr.MMLogger.get_current_instance()
+    with mock.patch.object(logger, 'warning') as warning:
+        same = build(0.25)
+        same.load_state_dict(saved)
+        warning.assert_not_called()
+        changed = build(0.1)
+        changed.load_state_dict(saved)
+    (message,), _ = warning.call_args
+    assert 'other learning rates in 9 of 13 param groups (saved / configured: 2.5..2.5)' in message
+    assert 'a resume keeps the saved ones' in message and 'load_from=<checkpoint>' in message
+    # What loads is the saved state, as MMEngine resumes every setting.
+    assert [g['lr'] for g in changed.optimizer.param_groups] == \
+        [g['lr'] for g in same.optimizer.param_groups]

@@ -32,6 +32,7 @@ from mmengine.logging import MMLogger
 from mmengine.optim import DefaultOptimWrapperConstructor, OptimWrapper
 from mmengine.registry import OPTIM_WRAPPER_CONSTRUCTORS
 from torch import nn
+from torch.optim import Optimizer
 
 from ..layers import ExpandedLayer
 from ..surgery import expanded_layers
@@ -126,6 +127,47 @@ def check_paramwise_keys(paramwise_cfg: dict) -> None:
                              + f' ExpandNetOptimWrapperConstructor reads {", ".join(known)}')
 
 
+class FactorRateCheck:
+    """Optimizer ``load_state_dict`` pre-hook: say when a resume keeps other factor rates.
+
+    Resuming restores the optimizer's param groups as saved, learning rates
+    included (MMEngine's behaviour for every setting), so a changed
+    ``factor_lr_mult`` / ``factor_lr`` / ``optimizer.lr`` in the config has no
+    effect on a resumed run while the constructor's log shows the new
+    multipliers. This compares each group's rate as built (``initial_lr``,
+    set by the schedulers, else ``lr``) with the saved one and logs a warning
+    with both when they differ; the state then loads unchanged.
+
+    Args:
+        optimizer: The torch optimizer that will load the state.
+    """
+
+    def __init__(self, optimizer: Optimizer) -> None:
+        self.handle = optimizer.register_load_state_dict_pre_hook(self)
+
+    def __call__(self, optimizer: Optimizer, state_dict: dict) -> None:
+        """Warn if ``state_dict``'s group rates differ from the ones just built."""
+        saved = state_dict.get('param_groups', [])
+        built = optimizer.param_groups
+        if len(saved) != len(built):
+            return  # torch refuses it itself, naming the counts
+        ratios = []
+        for old, new in zip(saved, built):
+            old_lr = old.get('initial_lr', old.get('lr'))
+            new_lr = new.get('initial_lr', new.get('lr'))
+            if isinstance(old_lr, (int, float)) and isinstance(new_lr, (int, float)) and new_lr:
+                ratios.append(float(old_lr) / float(new_lr))
+        changed = [r for r in ratios if abs(r - 1.0) > 1e-6]
+        if changed:
+            MMLogger.get_current_instance().warning(
+                f'ExpandNetOptimWrapperConstructor: the optimizer state being loaded has other '
+                f'learning rates in {len(changed)} of {len(ratios)} param groups (saved / '
+                f'configured: {min(changed):.4g}..{max(changed):.4g}); a resume keeps the saved '
+                'ones, so a changed factor_lr_mult, factor_lr or optimizer.lr does not apply. '
+                'To train with the new rates, start from the checkpoint\'s weights with '
+                'load_from=<checkpoint> and resume=False (a fresh optimizer)')
+
+
 @OPTIM_WRAPPER_CONSTRUCTORS.register_module()
 class ExpandNetOptimWrapperConstructor(DefaultOptimWrapperConstructor):
     """``DefaultOptimWrapperConstructor`` plus per-factor learning rates and product decay.
@@ -186,10 +228,12 @@ class ExpandNetOptimWrapperConstructor(DefaultOptimWrapperConstructor):
         if factor_lr_mult is not None and not _is_positive_number(factor_lr_mult):
             raise ValueError(f'paramwise_cfg.factor_lr_mult={factor_lr_mult!r} must be a '
                              'positive number')
+        self._factor_lr_given = factor_lr
+        opt_type = optim_wrapper_cfg.get('optimizer', {}).get('type', '')
+        name = opt_type if isinstance(opt_type, str) else getattr(opt_type, '__name__', '')
+        self._optimizer_name = name.split('.')[-1] or '?'
         if factor_lr == 'auto':
-            opt_type = optim_wrapper_cfg.get('optimizer', {}).get('type', '')
-            name = opt_type if isinstance(opt_type, str) else getattr(opt_type, '__name__', '')
-            factor_lr = 'fan_in' if name.split('.')[-1] in ADAPTIVE_OPTIMIZERS else 'none'
+            factor_lr = 'fan_in' if self._optimizer_name in ADAPTIVE_OPTIMIZERS else 'none'
         self.factor_lr = factor_lr
         # The measured correction belongs to the 'fan_in' rule; 'none' or an
         # explicit number means exactly what it says.
@@ -236,10 +280,14 @@ class ExpandNetOptimWrapperConstructor(DefaultOptimWrapperConstructor):
         # save the same groups and a check would refuse a matching resume.
         if any(id(p) in optimized for _, layer in layers for p in factor_weights(layer)):
             WeightDecayOnCheck(wrapper.optimizer, self.weight_decay_on)
+        if self._factor_multipliers:
+            FactorRateCheck(wrapper.optimizer)
         if layers:
             values = sorted(multipliers.values())
+            rule = (f"'auto' -> {self.factor_lr!r} ({self._optimizer_name})"
+                    if self._factor_lr_given == 'auto' else repr(self.factor_lr))
             MMLogger.get_current_instance().info(
-                f'ExpandNetOptimWrapperConstructor: factor_lr={self.factor_lr!r} '
+                f'ExpandNetOptimWrapperConstructor: factor_lr={rule} '
                 f'(chain {self.factor_lr_chain!r}, x{self.factor_lr_mult:g}) on '
                 f'{len(multipliers)} factor parameters of {len(layers)} expanded layers; '
                 f'multipliers {values[0]:.4g}..{values[-1]:.4g}')
