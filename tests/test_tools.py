@@ -163,3 +163,34 @@ def test_input_size_comes_from_the_test_pipeline():
         == (300, 300)
     assert config_input_size(Config(dict(test_pipeline=[dict(type='LoadImageFromFile')]))) \
         is None
+
+
+def test_train_tool_refuses_an_expandnet_checkpoint_for_a_compact_config(expandnet_checkpoint,
+                                                                        tmp_path):
+    from mmengine.runner import Runner
+
+    from data_factory import make_voc
+    from expand_mm.checkpoint import CheckpointError
+    from mm_test_utils import shrink_for_test
+    train = load_tool('train')
+    data_root = str(tmp_path / 'data')
+    make_voc(data_root, num_images=3, size=96)
+
+    def runner(load_from, resume=False):
+        cfg = Config.fromfile(str(COMPACT))
+        shrink_for_test(cfg, str(tmp_path / 'work'), data_root + '/', (96, 96), 1)
+        cfg.load_from, cfg.resume = str(load_from), resume
+        return Runner.from_cfg(cfg)
+
+    with pytest.raises(CheckpointError, match=r"load_from='.*iter_1.pth' is an ExpandNet training "
+                                              r"checkpoint of this model \(15 layers"):
+        train.check_load_from(runner(expandnet_checkpoint))
+    with pytest.raises(CheckpointError, match=r'iter_1.pth does not fit YOLOV3: missing'):
+        train.check_load_from(runner(expandnet_checkpoint, resume=True))
+    # Fine-tuning from a partial checkpoint (backbone only) stays allowed.
+    with DefaultScope.overwrite_default_scope('mmdet'):
+        state = MODELS.build(Config.fromfile(str(COMPACT)).model).state_dict()
+    partial = tmp_path / 'backbone.pth'
+    torch.save({'state_dict': {k: v for k, v in state.items() if k.startswith('backbone.')},
+                'meta': {}}, partial)
+    train.check_load_from(runner(partial))

@@ -8,9 +8,14 @@ Same shape and flags as mmdet's / mmseg's ``tools/train.py``::
 import argparse
 import os
 import os.path as osp
+import sys
 
 import expand_mm  # noqa: F401  (registers ExpandNet, the hooks, torch.load fix)
+from expand_mm.checkpoint import (CheckpointError, check_plain_model_checkpoint,
+                                  expanded_chain_paths, read_checkpoint)
 from expand_mm.datasets_check import check_datasets
+from expand_mm.deploy import find_deployable, unwrap_model
+from expand_mm.surgery import expanded_layers
 from mmengine.config import Config, DictAction
 from mmengine.registry import RUNNERS
 from mmengine.runner import Runner
@@ -69,14 +74,53 @@ def build_cfg(args: argparse.Namespace) -> Config:
     return cfg
 
 
-def main() -> None:
+def check_load_from(runner: Runner) -> None:
+    """Refuse a ``load_from`` / ``--resume`` checkpoint that a plain model would half-load.
+
+    For a stock (not ExpandNet, not wrapper) model MMEngine loads non-strictly
+    and only logs the mismatch. A resume must fit exactly (missing or
+    wrong-shaped weights are refused, naming them); ``load_from`` may be partial
+    (fine-tuning from a model with another head), but not an ExpandNet
+    training checkpoint of this model, whose expanded layers would stay random.
+    ExpandNet and wrapper configs are checked by ``ExpandCheckpointLoadHook``.
+
+    Raises:
+        CheckpointError: Naming the checkpoint, the keys and what to use.
+    """
+    path = runner._load_from
+    if not isinstance(path, str) or '://' in path:
+        return
+    model = unwrap_model(runner.model)
+    deployable, prefix = find_deployable(model)
+    if prefix or expanded_layers(deployable):
+        return
+    state_dict = read_checkpoint(path, mmap=True)['state_dict']
+    if runner._resume:
+        check_plain_model_checkpoint(model, state_dict, path)
+        return
+    chains = expanded_chain_paths(model, state_dict)
+    if chains:
+        raise CheckpointError(
+            f'load_from={path!r} is an ExpandNet training checkpoint of this model ('
+            f'{len(chains)} layers, e.g. {chains[0]!r}, are expanded chains), which would '
+            'leave them at their initialisation: load its *_compact.pth (or python '
+            'tools/contract.py EXPANDNET_CONFIG CKPT OUT), or train with the ExpandNet config')
+
+
+def main() -> int:
     """Build the runner from the config and train."""
     args = parse_args()
     cfg = build_cfg(args)
     check_datasets(cfg, ('train_dataloader', 'val_dataloader'))
     runner = Runner.from_cfg(cfg) if 'runner_type' not in cfg else RUNNERS.build(cfg)
+    try:
+        check_load_from(runner)
+    except CheckpointError as err:
+        print(f'error: {err}', file=sys.stderr)
+        return 2
     runner.train()
+    return 0
 
 
 if __name__ == '__main__':
-    main()
+    sys.exit(main())
