@@ -218,7 +218,9 @@ def match_state_dict(model: nn.Module, state_dict: Mapping[str, Any],
         f'{source} fits neither the expanded nor the compact form of '
         f'{type(model).__name__}. Closest: the {kind} form, but {best.describe()}. '
         'Use a checkpoint of this config (iter_N.pth / epoch_N.pth or *_compact.pth) '
-        'or of its stock compact config.')
+        'or of its stock compact config; a training checkpoint of another expansion (other '
+        'ratio or strategy) loads once contracted: python tools/contract.py ITS_CONFIG CKPT '
+        'OUT, then load_from=OUT.')
 
 
 def expanded_chain_paths(model: nn.Module, state_dict: Mapping[str, Any]) -> list[str]:

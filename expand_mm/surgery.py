@@ -192,6 +192,9 @@ def replace_submodule(root: nn.Module, path: str, new: nn.Module) -> None:
 
 
 def _check_settings(strategy: str, ratio: Any, mode: str) -> None:
+    if isinstance(strategy, str) and strategy.lower() in STRATEGIES and strategy not in STRATEGIES:
+        raise ValueError(f'expand_model: strategy={strategy!r}: the names are lower-case, '
+                         f'use {strategy.lower()!r}')
     if strategy not in STRATEGIES:
         raise ValueError(f"expand_model: strategy={strategy!r} is not one of {STRATEGIES} "
                          "('auto' = CK for odd kernels >= 5, CL otherwise)")
@@ -209,9 +212,14 @@ def _unmatched_pattern_error(kind: str, pattern: str, modules: dict[str, str],
                     if path_matches(p, [pattern])]
     other_hits = [f'{p} ({t})' for p, t in modules.items()
                   if p not in skipped and fnmatch.fnmatchcase(p, pattern)]
-    near = difflib.get_close_matches(pattern.replace('*', ''), paths, n=5, cutoff=0.3)
+    # Suggestions come from the layers that can be expanded, not every module
+    # (the nearest of those to a typo is often 'data_preprocessor').
+    expandable = [p for p, t in modules.items() if p not in skipped and t in ('Conv2d', 'Linear')] \
+        or paths
+    near = difflib.get_close_matches(pattern.replace('*', ''), expandable, n=5, cutoff=0.5)
     if not near:
-        near = [p for p in paths if p.split('.')[0] == pattern.split('.')[0]][:5] or paths[:5]
+        near = [p for p in expandable if p.split('.')[0] == pattern.split('.')[0]][:5] \
+            or sorted({p.split('.')[0] + '.*' for p in expandable})[:5]
     msg = f'{kind} pattern {pattern!r} matches no expandable layer.'
     if skipped_hits:
         msg += ' It matches only layers left compact: ' + ', '.join(skipped_hits[:5]) + '.'
@@ -326,8 +334,14 @@ def expand_model(model: nn.Module,
             f"{', '.join(impossible[:8])}{' ...' if len(impossible) > 8 else ''}. "
             "Use strategy='auto' (CK where possible, CL elsewhere) or restrict `include`.")
     if not selected:
-        raise ValueError('expand_model selected no layer to expand; candidates left compact: '
-                         + ', '.join(f'{p} ({r})' for p, r in list(skipped.items())[:8]))
+        cancelled = [p for p in (include or []) if any(
+            path_matches(c, [p]) and path_matches(c, exclude) for c, _ in candidates)]
+        raise ValueError(
+            'expand_model selected no layer to expand'
+            + (f': exclude={list(exclude)} removes every layer that include pattern(s) '
+               f'{cancelled} select' if cancelled else '')
+            + '; candidates left compact: '
+            + ', '.join(f'{p} ({r})' for p, r in list(skipped.items())[:8]))
 
     for path, module in selected:
         if isinstance(module, nn.Conv2d):

@@ -233,3 +233,22 @@ def test_float64_recheck_copy_shares_nothing_and_keeps_the_structure():
     assert int(net[1].num_batches_tracked) == 0
     x = torch.randn(2, 3, 8, 8)
     torch.testing.assert_close(copy64.eval()(x.double()).float(), net.eval()(x))
+
+
+def test_pattern_messages_suggest_expandable_layers_and_name_cancelling_patterns():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.data_preprocessor = nn.Identity()
+            self.backbone = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3))
+            self.head = nn.Conv2d(8, 4, 3)
+
+    with pytest.raises(ValueError, match=r"Nearest module paths: backbone.\*, head.\*"):
+        expand_model(Net(), exclude=['nothing.matches'])
+    with pytest.raises(ValueError, match=r"Nearest module paths: backbone.1, backbone.0 \("):
+        expand_model(Net(), include=['backbone.O'])
+    with pytest.raises(ValueError, match=r"exclude=\['backbone.\*'\] removes every layer that "
+                                         r"include pattern\(s\) \['backbone.\*'\] select"):
+        expand_model(Net(), include=['backbone.*'], exclude=['backbone.*'])
+    with pytest.raises(ValueError, match="strategy='CL': the names are lower-case, use 'cl'"):
+        expand_model(Net(), strategy='CL')

@@ -85,7 +85,7 @@ def check_model_overrides(overrides: Mapping[str, Any], owner: str, options: Seq
                  f"compact model, start the dict with `_delete_=True` (model = dict("
                  f"_delete_=True, type='{owner}', ...)) so they are not merged into it"]
     raise ValueError(f'{owner}: unknown option(s) {unknown}. '
-                     + (' '.join(hints) + ' ' if hints else '')
+                     + (' '.join(h.rstrip('.') + '.' for h in hints) + ' ' if hints else '')
                      + f'{owner} takes {", ".join(options)}; the inner model\'s own settings '
                      f'go inside `{inner_key}`')
 
