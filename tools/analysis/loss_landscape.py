@@ -127,7 +127,7 @@ def _fmt(v: Any) -> str:
 
 def format_table(entries: list[dict[str, Any]]) -> str:
     """Centre loss, 1-D end points and 2-D range of every config as a text table."""
-    header = ('config', 'form', 'params moved', 'batches', 'centre', 'L(-span)', 'L(+span)',
+    header = ('config', 'form', 'params', 'batches', 'centre', 'L(-span)', 'L(+span)',
               '2-D min', '2-D max')
     table = [header]
     for e in entries:
