@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import os.path as osp
+import zipfile
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -42,7 +43,7 @@ def read_checkpoint(path: str, map_location: Any = 'cpu', mmap: bool = False) ->
         path: Local path of a ``.pth`` file.
         map_location: Passed to ``torch.load``.
         mmap: Memory-map the tensors instead of reading them (a cheap check of
-            a file that will be loaded again later).
+            a file that will be loaded again later); legacy-format files are read.
 
     Returns:
         The checkpoint dict; a bare state dict is wrapped as ``{'state_dict': ...}``.
@@ -52,6 +53,8 @@ def read_checkpoint(path: str, map_location: Any = 'cpu', mmap: bool = False) ->
     """
     if not os.path.isfile(path):
         raise CheckpointError(f'checkpoint {path!r} does not exist')
+    # torch memory-maps only the zip format; legacy (torch < 1.6) files are read in full.
+    mmap = mmap and zipfile.is_zipfile(path)
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as err:  # noqa: BLE001 -- garbage input raises whatever the unpickler hits

@@ -25,7 +25,7 @@ from torch import nn
 from .checkpoint import (NONLINEAR_INIT_META_KEY, CheckpointError, match_state_dict,
                          prepare_output_path, read_checkpoint, strip_prefix)
 from .models.expandnet import deployable_model
-from .planting import PlantingError, bake_masks, masked_units
+from .planting import PlantingError, bake_masks, masked_units, remove_mask_hooks
 from .surgery import _flatten_tensors, check_contraction, contract_model_, expanded_layers
 
 DEFAULT_PROBE_SHAPE = (1, 3, 128, 128)
@@ -97,8 +97,9 @@ def count_training_macs(model: nn.Module, compact: nn.Module,
     MACs replace the compact layer's (in proportion to what the trace counted
     of it: a layer whose output the trace finds dead counts nothing, as in
     :func:`count_macs`). Equal to :func:`count_macs` of ``model`` in explicit
-    mode at a fraction of its time and memory (a Cityscapes U-Net at 1024x2048:
-    the explicit trace takes ~100 s and 4.5 GB here).
+    mode at a fraction of its time and memory (the Cityscapes U-Net at
+    1024x2048 on this project's 2-core machine: the explicit trace took 100 s
+    and 4.5 GB without autograd, 15 GB with it).
 
     Args:
         model: A model (or deployable network) with expanded layers.
@@ -143,12 +144,13 @@ def count_training_macs(model: nn.Module, compact: nn.Module,
 
 
 def config_input_size(cfg: Any) -> tuple[int, int] | None:
-    """``(H, W)`` of the test pipeline's ``Resize`` of an mm config, or None.
+    """``(H, W)`` of the ``scale`` of an mm config's test-pipeline ``Resize``, or None.
 
-    The input size the deployed model sees (for ``keep_ratio`` resizes, the
-    size images are scaled to fit), read from ``cfg.test_dataloader``'s
-    dataset pipeline (through dataset wrappers) or ``cfg.test_pipeline``.
-    mmcv's ``scale`` is ``(W, H)`` or one int.
+    Read from ``cfg.test_dataloader``'s dataset pipeline (through dataset
+    wrappers) or ``cfg.test_pipeline``; mmcv's ``scale`` is ``(W, H)`` or one
+    int. It is the size images are resized to, or, with ``keep_ratio``, the
+    box they are fitted into (an input can be smaller along one side), and it
+    ignores sliding-window testing (``test_cfg.mode='slide'``).
     """
     dataset = (cfg.get('test_dataloader') or {}).get('dataset') or {}
     while isinstance(dataset, dict) and 'pipeline' not in dataset and 'dataset' in dataset:
@@ -362,6 +364,10 @@ def bake_planting_masks(model: nn.Module, state_dict: dict, planting: dict,
     try:
         baked = bake_masks(state_dict, entries)
         masked, plain = copy.deepcopy(deployable).eval(), copy.deepcopy(deployable).eval()
+        # During training the deployable carries the planter's own masks: without
+        # removing them the baked copy would be masked too, and the check vacuous.
+        remove_mask_hooks(masked)
+        remove_mask_hooks(plain)
         masked.load_state_dict(state_dict, strict=True)
         plain.load_state_dict(baked, strict=True)
         probe = make_probe(plain, probe_shape)

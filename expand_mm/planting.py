@@ -47,6 +47,7 @@ from .layers import ExpandedLayer
 from .surgery import _flatten_tensors, path_matches
 
 FREEZE_MODES = ('all', 'none')
+MASK_HOOK_MARK = '_expand_mm_planting_mask'
 
 
 class PlantingError(ValueError):
@@ -81,6 +82,17 @@ def _is_unit(module: nn.Module) -> bool:
     """An mmcv ``ConvModule``-like unit: a ``conv`` child (a conv, maybe expanded) and a norm slot."""
     return (isinstance(getattr(module, 'conv', None), (nn.Conv2d, ExpandedLayer))
             and hasattr(module, 'norm_name'))
+
+
+def _norm_follows_conv(module: nn.Module) -> bool:
+    """Whether a unit's norm acts on the conv's output (mmcv ``ConvModule.order``).
+
+    A norm before the conv (``order=('norm', 'conv', 'act')``) normalises the
+    input channels: its rows are not the planted ones.
+    """
+    order = tuple(getattr(module, 'order', ('conv', 'norm', 'act')))
+    return 'norm' not in order or 'conv' not in order or \
+        order.index('norm') > order.index('conv')
 
 
 def stage_widths(channels: int, fractions: Sequence[float]) -> list[int]:
@@ -139,6 +151,14 @@ class ChannelPlanter:
         self.verify_rtol = verify_rtol
         self.fractions = [float(f) for f in stages]
         stage_widths(1, self.fractions)  # validates
+        expanded = [path for path, m in model.named_modules() if isinstance(m, ExpandedLayer)]
+        if expanded:
+            # The tracing of a planted channel's readers and the freezing act on plain
+            # convs; an online expanded reader runs its composed kernel, past both.
+            raise PlantingError(
+                f'{type(model).__name__} has expanded layers (ExpandNet), e.g. {expanded[:3]}: '
+                'channel planting works on a compact model. Plant the compact model (a '
+                "Distiller's student without type='ExpandNet')")
         self.units = self._select_units(model, list(include), list(exclude or []))
         self.stage = -1
         self.new_columns: dict[nn.Conv2d, Tensor] = {}
@@ -159,9 +179,6 @@ class ChannelPlanter:
             if pattern is None or path_matches(path, exclude):
                 continue
             used.add(pattern)
-            if isinstance(module.conv, ExpandedLayer):
-                raise PlantingError(f'{path}: channel planting works on compact convs; this '
-                                    'one is expanded (ExpandNet). Plant the compact model')
             if module.conv.groups != 1:
                 raise PlantingError(
                     f'{path}: a grouped conv (groups={module.conv.groups}) cannot have its '
@@ -207,6 +224,7 @@ class ChannelPlanter:
                 new[unit.widths[self.stage - 1]:unit.widths[self.stage]] = True
                 out = out.masked_fill(new.view(1, -1, *([1] * (out.dim() - 2))), float('nan'))
             return out
+        setattr(hook, MASK_HOOK_MARK, True)  # found again in copies: remove_mask_hooks
         return hook
 
     def _install_masks(self, always: bool = False) -> None:
@@ -430,7 +448,7 @@ class ChannelPlanter:
             if width >= unit.conv.out_channels:
                 continue
             named = [('conv', unit.conv)]
-            if unit.norm is not None:
+            if unit.norm is not None and _norm_follows_conv(unit.module):
                 named.append((unit.module.norm_name, unit.norm))
             for child, module in named:
                 for name, param in module.named_parameters(recurse=False):
@@ -508,3 +526,21 @@ def masked_units(model: nn.Module, widths: Mapping[str, int]) -> Iterator[None]:
     finally:
         for handle in handles:
             handle.remove()
+
+
+def remove_mask_hooks(model: nn.Module) -> int:
+    """Remove :class:`ChannelPlanter`'s mask hooks from ``model`` (e.g. a deep copy of it).
+
+    A deep copy of a model being planted carries the planter's forward hooks;
+    this strips them (and only them), so the copy runs its weights as they are.
+
+    Returns:
+        The number of hooks removed.
+    """
+    removed = 0
+    for module in model.modules():
+        for key, hook in list(module._forward_hooks.items()):
+            if getattr(hook, MASK_HOOK_MARK, False):
+                del module._forward_hooks[key]
+                removed += 1
+    return removed

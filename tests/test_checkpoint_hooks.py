@@ -96,6 +96,23 @@ def test_compact_twins_follow_max_keep_ckpts(tmp_path):
     assert kept == ['iter_3.pth', 'iter_3_compact.pth']
 
 
+def test_compact_twins_follow_max_keep_ckpts_by_epoch(tmp_path):
+    # 3 iterations per epoch: epoch_1.pth holds iter 3, a step number that the kept
+    # epochs [2, 3] contain; the twin goes by the hook's file names, not by numbers.
+    cfg = tiny_cfg(tmp_path, max_iters=2)
+    cfg.train_cfg = dict(type='EpochBasedTrainLoop', max_epochs=3, val_interval=100)
+    cfg.log_processor = dict(by_epoch=True)
+    cfg.default_hooks.checkpoint = dict(type='CheckpointHook', interval=1, by_epoch=True,
+                                        max_keep_ckpts=2)
+    runner = Runner.from_cfg(cfg)
+    runner.train()
+    assert runner.iter == 9
+    kept = sorted(f for f in os.listdir(cfg.work_dir) if f.endswith('.pth'))
+    assert kept == ['epoch_2.pth', 'epoch_2_compact.pth', 'epoch_3.pth', 'epoch_3_compact.pth']
+    log = open(osp.join(runner.log_dir, f'{runner.timestamp}.log')).read()
+    assert 'is gone, but not by CheckpointHook' not in log
+
+
 def test_a_checkpoint_moved_by_hand_keeps_its_compact_twin(tmp_path):
     from mmengine.hooks import Hook
 

@@ -87,7 +87,8 @@ def test_stage_widths_and_bad_settings():
         ChannelPlanter(grouped, ['c*'], (0.5, 1.0))
     expanded = Chain()
     expand_mm.expand_model(expanded, include=['c2.*'])
-    with pytest.raises(PlantingError, match='c2: .* expanded'):
+    with pytest.raises(PlantingError, match=r"Chain has expanded layers \(ExpandNet\), e.g. "
+                                            r"\['c2.conv'\]: channel planting works on a compact"):
         ChannelPlanter(expanded, ['c*'], (0.5, 1.0))
 
 
@@ -288,14 +289,39 @@ def test_baking_refuses_a_unit_whose_activation_is_not_zero_at_zero(tmp_path):
     assert planting['masked_entries'] == {'c1.conv.weight': 4, 'c1.bn.weight': 4,
                                           'c1.bn.bias': 4, 'c2.conv.weight': 4,
                                           'c2.bn.weight': 4, 'c2.bn.bias': 4}
-    planter.remove()
+    # As in training: the planter's masks are on the model being baked.
     baked, errors = bake_planting_masks(net, net.state_dict(), planting, (1, 3, 16, 16))
     assert errors['max_rel'] <= 1e-6 and torch.count_nonzero(baked['c2.bn.bias'][4:]) == 0
     net.c2.activate = nn.Sigmoid()  # sigmoid(0) = 0.5: zeroed weights still output 0.5
     with pytest.raises(PlantingBakeError, match=r"unit\(s\) \['c2'\] still output up to 0.5"):
         bake_planting_masks(net, net.state_dict(), planting, (1, 3, 16, 16))
+    planter.remove()
+    with pytest.raises(PlantingBakeError, match=r"unit\(s\) \['c2'\] still output up to 0.5"):
+        bake_planting_masks(net, net.state_dict(), planting, (1, 3, 16, 16))
     with pytest.raises(PlantingBakeError, match='older expand_mm'):
         bake_planting_masks(net, net.state_dict(), dict(planting, masked_entries=None))
+
+
+def test_a_norm_before_the_conv_is_not_baked():
+    """order=('norm', 'conv', 'act'): the norm's rows are input channels, not planted ones."""
+    from expand_mm.deploy import bake_planting_masks
+    torch.manual_seed(0)
+    net = nn.Sequential(ConvModule(3, 8, 3, padding=1, norm_cfg=dict(type='BN')),
+                        ConvModule(8, 8, 3, padding=1, norm_cfg=dict(type='BN'),
+                                   order=('norm', 'conv', 'act')),
+                        nn.Conv2d(8, 2, 1)).eval()
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.bias.data.uniform_(0.1, 0.5)
+    planter = ChannelPlanter(net, ['0', '1'], (0.5, 1.0))
+    planter.start()
+    entries = planter.masked_entries()
+    assert '1.bn.weight' not in entries and entries['1.conv.weight'] == 4
+    assert entries['0.bn.weight'] == 4
+    planting = dict(stage=0, stages=[0.5, 1.0], masked_entries=entries,
+                    widths={p: a for p, (a, _) in planter.active_widths().items()})
+    _, errors = bake_planting_masks(net, net.state_dict(), planting, (1, 3, 16, 16))
+    assert errors['max_rel'] <= 1e-6
 
 
 def test_hook_settings_are_checked():

@@ -194,3 +194,11 @@ def test_train_tool_refuses_an_expandnet_checkpoint_for_a_compact_config(expandn
     torch.save({'state_dict': {k: v for k, v in state.items() if k.startswith('backbone.')},
                 'meta': {}}, partial)
     train.check_load_from(runner(partial))
+
+
+def test_a_legacy_format_checkpoint_is_read_even_when_memory_mapping_is_asked(tmp_path):
+    from expand_mm.checkpoint import read_checkpoint
+    path = tmp_path / 'legacy.pth'
+    torch.save({'state_dict': {'w': torch.ones(2)}, 'meta': {}}, path,
+               _use_new_zipfile_serialization=False)
+    assert torch.equal(read_checkpoint(str(path), mmap=True)['state_dict']['w'], torch.ones(2))

@@ -559,7 +559,8 @@ def build_mm_model_and_loader(cfg: Any, checkpoint: str | None = None, *,
     if init_weights and callable(getattr(model, 'init_weights', None)):
         model.init_weights()
     if checkpoint:
-        check_checkpoint_fits(runner.model, checkpoint)
+        if '://' not in checkpoint:  # a remote file is read by MMEngine's loader only
+            check_checkpoint_fits(runner.model, checkpoint)
         runner.load_checkpoint(checkpoint, map_location='cpu')
     # Re-seeded after the weights: the data transforms draw from the global
     # RNGs, and the model's initialisation (which differs between a compact

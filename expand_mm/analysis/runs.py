@@ -75,7 +75,7 @@ def check_run_files(runs: Sequence[dict[str, Any]], out: str) -> None:
     for run in runs:
         if isinstance(run['config'], str) and not osp.isfile(run['config']):
             raise RunSettingsError(f'config {run["config"]!r} does not exist')
-        if run['checkpoint']:
+        if run['checkpoint'] and '://' not in run['checkpoint']:  # remote: the loader checks
             read_checkpoint(run['checkpoint'], mmap=True)
     if osp.exists(out) and not osp.isdir(out):
         raise RunSettingsError(f'--out {out!r} is a file; give a folder (it is created)')

@@ -6,8 +6,9 @@ import os.path as osp
 from typing import Any, Mapping, Sequence
 
 from mmengine.dist import is_main_process
-from mmengine.hooks import Hook
+from mmengine.hooks import CheckpointHook, Hook
 from mmengine.registry import HOOKS, OPTIM_WRAPPER_CONSTRUCTORS
+from mmengine.runner import find_latest_checkpoint
 from torch.nn.parallel import DistributedDataParallel
 
 from ..checkpoint import (NONLINEAR_INIT_META_KEY, CheckpointError, match_state_dict,
@@ -100,8 +101,7 @@ class ContractCheckpointHook(Hook):
         self.rtol = rtol
         self.verify = verify
         self._done: dict[str, str | None] = {}  # None: skipped (nonlinear phase)
-        # src -> (message-hub key it was published under, its iter / epoch numbers)
-        self._origin: dict[str, tuple[str, frozenset]] = {}
+        self._origin: dict[str, str] = {}  # src -> the message-hub key it was published under
         self._warned_remote = False
         self._warned_nonlinear = False
         self._warned_planting = False
@@ -153,9 +153,7 @@ class ContractCheckpointHook(Hook):
         resumed = runner.message_hub.get_info('last_ckpt')
         if resumed and osp.isfile(compact_checkpoint_path(resumed, self.suffix)):
             self._done[resumed] = compact_checkpoint_path(resumed, self.suffix)
-            if osp.isfile(resumed):
-                self._origin[resumed] = ('last_ckpt', _steps(
-                    read_checkpoint(resumed, mmap=True).get('meta') or {}))
+            self._origin[resumed] = 'last_ckpt'
 
     def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None) -> None:
         """Contract a checkpoint saved at this iteration."""
@@ -179,13 +177,25 @@ class ContractCheckpointHook(Hook):
                 if (k == 'last_ckpt' or k.startswith('best_ckpt')) and isinstance(v, str)]
 
     def _retired(self, runner, src: str) -> bool:
-        """Whether ``CheckpointHook`` removed ``src`` (``max_keep_ckpts``, a replaced best)."""
-        key, steps = self._origin.get(src, ('last_ckpt', frozenset()))
+        """Whether ``CheckpointHook`` removed ``src`` (``max_keep_ckpts``, a replaced best).
+
+        A periodic checkpoint is retired when ``max_keep_ckpts`` is on and its
+        file name is none of the kept steps' (the hook's ``filename_tmpl``: its
+        own counter, epochs or iterations).
+        """
+        key = self._origin.get(src, 'last_ckpt')
         info = runner.message_hub.runtime_info
         if key.startswith('best_ckpt'):
             return info.get(key) != src
-        keep = info.get('keep_ckpt_ids')  # CheckpointHook's kept steps, with max_keep_ckpts
-        return keep is not None and not steps & set(keep)
+        hook = next((h for h in getattr(runner, 'hooks', [])
+                     if isinstance(h, CheckpointHook)), None)
+        keep = info.get('keep_ckpt_ids')
+        if hook is None or not getattr(hook, 'max_keep_ckpts', 0) > 0 or keep is None:
+            return False
+        template = getattr(hook, 'filename_tmpl', None)
+        if not isinstance(template, str):
+            return False
+        return osp.basename(src) not in {template.format(step) for step in keep}
 
     def _contract_new(self, runner) -> None:
         if not is_main_process():
@@ -212,7 +222,7 @@ class ContractCheckpointHook(Hook):
                 continue
             # Memory-mapped: only the meta is read here.
             meta = read_checkpoint(path, mmap=True).get('meta') or {}
-            self._origin[path] = (key, _steps(meta))
+            self._origin[path] = key
             if meta.get(NONLINEAR_INIT_META_KEY):
                 # Saved while NonlinearInitHook had a nonlinearity between the
                 # sub-layers: the chains are not linear, there is nothing to
@@ -267,15 +277,6 @@ class ContractCheckpointHook(Hook):
                                f'({check})')
 
 
-def _steps(meta: dict) -> frozenset:
-    """The iteration and epoch numbers a checkpoint's ``meta`` records.
-
-    ``CheckpointHook`` keeps ``max_keep_ckpts`` checkpoints by step: the epoch
-    or the iteration, whichever it counts; one of them is it.
-    """
-    return frozenset(v for v in (meta.get('iter'), meta.get('epoch')) if isinstance(v, int))
-
-
 def _article(word: str) -> str:
     return 'an' if word[:1] in 'aeiou' else 'a'
 
@@ -321,8 +322,9 @@ class ExpandCheckpointLoadHook(Hook):
         load_from = runner._load_from
         if isinstance(load_from, str) and '://' not in load_from:
             read_checkpoint(load_from, mmap=True)
-        if runner._resume:
-            # A resumed distiller checkpoint holds the teacher: its own file may be gone.
+        # A resumed distiller checkpoint holds the teacher: its own file may be gone.
+        # Only when there is something to resume (auto-resume may find nothing).
+        if runner._resume and (runner._load_from or find_latest_checkpoint(runner.work_dir)):
             expect = getattr(unwrap_model(runner.model), 'expect_teacher_from_resume', None)
             if callable(expect):
                 expect()
