@@ -86,7 +86,8 @@ def parse_args(argv: Sequence[str] | None = None, need_configs: bool = True
                         'train_dataloader.batch_size=8')
     args = parser.parse_args(argv)
     if need_configs and not args.config:
-        parser.error('give at least one CONFIG')
+        parser.error('give at least one CONFIG, before the options: --checkpoint and --labels '
+                     'take every value that follows them')
     if args.num_batches < 2:
         parser.error(f'--num-batches {args.num_batches}: pairs need at least 2 batches')
     return args

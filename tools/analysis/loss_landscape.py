@@ -81,7 +81,8 @@ def parse_args(argv: Sequence[str] | None = None, need_configs: bool = True
                         help='override settings of every config')
     args = parser.parse_args(argv)
     if need_configs and not args.config:
-        parser.error('give at least one CONFIG')
+        parser.error('give at least one CONFIG, before the options: --checkpoint and --labels '
+                     'take every value that follows them')
     if args.num_batches < 1:
         parser.error('--num-batches must be >= 1')
     for key in ('steps_1d', 'steps_2d'):
