@@ -57,6 +57,7 @@ class _ContractMiddleAxis(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, later: Tensor, first: Tensor) -> Tensor:
+        """``later (g, n, m, u)`` contracted with ``first (g, m, c)`` over ``m``: ``(g, n, c, u)``."""
         ctx.save_for_backward(later, first)
         # float64 (contraction) has no fast conv kernel on CPU; the GEMM is.
         if first.shape[0] == 1 and later.dtype != torch.float64:
@@ -69,6 +70,7 @@ class _ContractMiddleAxis(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        """Gradients of ``later`` and ``first`` from the saved inputs (no saved product)."""
         saved_later, saved_first = ctx.saved_tensors
         # Under autocast the forward ran in low precision: so does backward,
         # and each gradient comes back in its input's dtype.
