@@ -280,7 +280,7 @@ class ExpandNetOptimWrapperConstructor(DefaultOptimWrapperConstructor):
         # save the same groups and a check would refuse a matching resume.
         if any(id(p) in optimized for _, layer in layers for p in factor_weights(layer)):
             WeightDecayOnCheck(wrapper.optimizer, self.weight_decay_on)
-        if self._factor_multipliers:
+        if any(key in optimized for key in self._factor_multipliers):  # none when all frozen
             FactorRateCheck(wrapper.optimizer)
         if layers:
             values = sorted(multipliers.values())
