@@ -709,3 +709,21 @@ def test_online_composition_saves_no_copy_of_the_big_factor():
         layer.composed()
     big = layer.convs[1].weight.numel()
     assert sum(saved) < 0.5 * big, (sum(saved), big)
+
+
+@pytest.mark.parametrize('kernel,bias', [(3, False), (3, True), (1, True)])
+def test_second_order_gradients_of_online_equal_explicit(kernel, bias):
+    """A gradient penalty differentiates the factor gradients: online == explicit."""
+    torch.manual_seed(0)
+    layer = ExpandConv2d(4, 4, kernel, padding=kernel // 2, bias=bias, ratio=2,
+                         dtype=torch.float64)
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
+    params = list(layer.parameters())
+
+    def second_order(mode):
+        layer.set_mode(mode)
+        grads = torch.autograd.grad(layer(x).square().sum(), params, create_graph=True)
+        return torch.autograd.grad(sum(g.square().sum() for g in grads), params)
+
+    for online, explicit in zip(second_order('online'), second_order('explicit')):
+        torch.testing.assert_close(online, explicit, rtol=1e-10, atol=1e-12)

@@ -52,7 +52,8 @@ class _ContractMiddleAxis(torch.autograd.Function):
     to the backward pass. Here only the inputs (the parameters themselves) are
     saved. With one group, both the product and the gradient of ``later`` are
     1x1 convolutions over ``later`` seen as a batch of ``n`` images of ``m``
-    channels, which read it in place. First-order gradients only.
+    channels, which read it in place. Its backward is made of differentiable ops,
+    so second-order gradients (``create_graph=True``: gradient penalties) are exact too.
     """
 
     @staticmethod
@@ -68,7 +69,6 @@ class _ContractMiddleAxis(torch.autograd.Function):
         return torch.einsum('gnmu,gmc->gncu', later, first)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
         """Gradients of ``later`` and ``first`` from the saved inputs (no saved product)."""
         saved_later, saved_first = ctx.saved_tensors
