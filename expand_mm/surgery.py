@@ -143,6 +143,8 @@ def _is_plain_conv(module: nn.Module) -> bool:
     """
     if not isinstance(module, nn.Conv2d):
         return False
+    if type(module)._conv_forward is not nn.Conv2d._conv_forward:  # e.g. weight standardisation
+        return False
     forward = type(module).forward
     if forward is nn.Conv2d.forward:
         return True
@@ -151,6 +153,24 @@ def _is_plain_conv(module: nn.Module) -> bool:
     except ImportError:  # mmcv is optional for the surgery itself
         return False
     return forward is MMCVConv2d.forward
+
+
+def _attached_behaviour(module: nn.Module) -> str | None:
+    """Why ``module`` does more than its class's forward, or None.
+
+    Forward / backward hooks and parametrizations (``weight_norm``,
+    ``spectral_norm``, old-style ones are pre-hooks) belong to the module
+    object: an expanded layer in its place would silently drop them.
+    """
+    from torch.nn.utils import parametrize
+    if parametrize.is_parametrized(module):
+        return ('has a parametrization (e.g. weight_norm / spectral_norm) that an expanded '
+                'chain would drop')
+    if module._forward_pre_hooks or module._forward_hooks or module._backward_hooks or \
+            getattr(module, '_backward_pre_hooks', None):
+        return ('has hooks (forward / backward, or an old-style weight_norm / spectral_norm) '
+                'that an expanded chain would drop')
+    return None
 
 
 def _is_plain_linear(module: nn.Module) -> bool:
@@ -283,6 +303,10 @@ def expand_model(model: nn.Module,
     report = ExpansionReport(model_params_before=count_params(model), ratio=ratio, mode=mode)
 
     all_modules: dict[str, str] = {}
+    aliases: dict[int, list[str]] = {}
+    for path, module in model.named_modules(remove_duplicate=False):
+        if path:
+            aliases.setdefault(id(module), []).append(path)
     candidates: list[tuple[str, nn.Module]] = []
     skipped: dict[str, str] = {}
     inside_expanded: list[str] = []
@@ -296,10 +320,14 @@ def expand_model(model: nn.Module,
             inside_expanded.append(path)
             skipped[path] = 'already expanded'
             continue
-        if isinstance(module, nn.Conv2d):
+        attached = (_attached_behaviour(module)
+                    if isinstance(module, (nn.Conv2d, nn.Linear)) else None)
+        if attached:
+            skipped[path] = f'{type(module).__name__} {attached}'
+        elif isinstance(module, nn.Conv2d):
             if not _is_plain_conv(module):
-                skipped[path] = (f'{type(module).__name__} overrides Conv2d.forward; '
-                                 'only plain nn.Conv2d can be contracted exactly')
+                skipped[path] = (f'{type(module).__name__} overrides Conv2d.forward or '
+                                 '_conv_forward; only plain nn.Conv2d can be contracted exactly')
             elif module.kernel_size == (1, 1) and not expand_1x1:
                 skipped[path] = '1x1 conv (pass expand_1x1=True to expand it)'
             else:
@@ -356,7 +384,11 @@ def expand_model(model: nn.Module,
             record = ExpandedLayerRecord(path, 'Linear',
                                          f'{module.in_features}->{module.out_features}', 'fc',
                                          count_params(module), count_params(new))
-        replace_submodule(model, path, new)
+        if not any(p.requires_grad for p in module.parameters()):
+            new.requires_grad_(False)  # a frozen layer stays frozen as its factors
+        # A module shared by several paths stays shared: every path gets the new layer.
+        for alias in aliases.get(id(module), [path]):
+            replace_submodule(model, alias, new)
         report.layers.append(record)
 
     report.skipped = sorted(skipped.items())
@@ -427,8 +459,12 @@ def contract_model_(model: nn.Module) -> nn.Module:
     Prefer :func:`contract_model`, which leaves its input untouched; this form
     exists for callers that already own a copy (e.g. a checkpoint writer).
     """
-    for path, layer in expanded_layers(model):
-        replace_submodule(model, path, layer.contract())
+    compact: dict[int, nn.Module] = {}  # a layer shared by several paths stays shared
+    for path, layer in model.named_modules(remove_duplicate=False):
+        if isinstance(layer, ExpandedLayer):
+            if id(layer) not in compact:
+                compact[id(layer)] = layer.contract()
+            replace_submodule(model, path, compact[id(layer)])
     return model
 
 

@@ -15,7 +15,8 @@ from expand_mm.layers import ExpandConv2d, ExpandedLayer, ExpandLinear
 from expand_mm.ops import ck_exact_min_ratio, ck_kernel_sizes
 
 F64 = torch.float64
-PROPERTY = settings(max_examples=60, deadline=None)
+# Derandomised: CI runs the same examples every time (a failure is reproducible).
+PROPERTY = settings(max_examples=60, deadline=None, derandomize=True)
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -149,7 +150,7 @@ def test_conv_explicit_online_contracted_agree_float64(case):
     assert rel_err(layer.set_mode('online')(x), y_explicit) <= 1e-10
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=40, deadline=None, derandomize=True)
 @given(conv_cases())
 def test_conv_online_and_explicit_give_the_same_loss_and_gradients(case):
     layer = case.expanded()
@@ -170,7 +171,7 @@ def test_conv_online_and_explicit_give_the_same_loss_and_gradients(case):
         assert rel_err(g_o[name], g_e[name]) <= 1e-4, name
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=40, deadline=None, derandomize=True)
 @given(conv_cases(ratio_min=1), st.booleans())
 def test_keep_weights_reproduces_the_compact_conv(case, double):
     dtype = F64 if double else torch.float32
@@ -420,9 +421,14 @@ def test_linear_explicit_online_contracted_agree(case, double):
     assert contracted.weight.dtype == dtype
     # Rounding is relative to the size of the summed terms, not of their sum: with one
     # output and cancelling terms, |y| alone can be far smaller than the rounding.
+    # The chain's own rounding grows with |x| |W1| |W2| |W3|, which factors that
+    # cancel in the product make far larger than |x| |W| (seen: 1e-5 relative).
     with torch.no_grad():
         terms = float((x.abs() @ contracted.weight.abs().t()).max())
-        scale = max(float(y.abs().max()), terms)
+        chain = x.abs()
+        for sub in layer.linears:
+            chain = chain @ sub.weight.abs().t() + (0 if sub.bias is None else sub.bias.abs())
+        scale = max(float(y.abs().max()), terms, float(chain.max()))
         assert float((contracted(x) - y).abs().max()) <= tol * scale
         assert float((layer.set_mode('online')(x) - y).abs().max()) <= tol * scale
 

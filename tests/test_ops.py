@@ -13,7 +13,7 @@ from expand_mm.ops import (chain_order, ck_anchors, ck_channels, ck_depth, ck_ex
                            propagate_conv_bias, propagate_linear_bias, random_orthonormal)
 
 F64 = torch.float64
-FAST = settings(max_examples=40, deadline=None)
+FAST = settings(max_examples=40, deadline=None, derandomize=True)  # same examples in CI
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -252,3 +252,45 @@ def test_pattern_messages_suggest_expandable_layers_and_name_cancelling_patterns
         expand_model(Net(), include=['backbone.*'], exclude=['backbone.*'])
     with pytest.raises(ValueError, match="strategy='CL': the names are lower-case, use 'cl'"):
         expand_model(Net(), strategy='CL')
+
+
+def test_what_a_conv_carries_beyond_its_class_is_kept_or_refused():
+    """Found by fuzzing: sharing, freezing, _conv_forward overrides, hooks, parametrizations."""
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(3, 3, 3, padding=1)
+            self.b = self.a
+
+        def forward(self, x):
+            return self.b(self.a(x))
+
+    shared = Shared()
+    expand_model(shared)
+    assert isinstance(shared.a, expand_mm.ExpandConv2d) and shared.a is shared.b
+    torch.optim.SGD(shared.parameters(), lr=0.1).zero_grad()
+    shared(torch.randn(1, 3, 5, 5)).sum().backward()
+    for p in shared.parameters():
+        p.data.add_(p.grad, alpha=-0.1)
+    compact = contract_model(shared, verify_inputs=torch.randn(1, 3, 5, 5))
+    assert compact.a is compact.b and type(compact.a) is nn.Conv2d
+
+    frozen = nn.Sequential(nn.Conv2d(3, 4, 3).requires_grad_(False), nn.Conv2d(4, 4, 3))
+    expand_model(frozen)
+    assert not any(p.requires_grad for p in frozen[0].parameters())
+    assert all(p.requires_grad for p in frozen[1].parameters())
+
+    class WSConv(nn.Conv2d):
+        def _conv_forward(self, x, w, b):
+            return super()._conv_forward(x, (w - w.mean()) / (w.std() + 1e-5), b)
+
+    hooked = nn.Conv2d(4, 4, 3)
+    hooked.register_forward_pre_hook(lambda module, args: None)
+    net = nn.Sequential(WSConv(3, 4, 3), hooked,
+                        nn.utils.parametrizations.weight_norm(nn.Conv2d(4, 4, 3)),
+                        nn.Conv2d(4, 4, 3))
+    skipped = dict(expand_model(net).skipped)
+    assert 'overrides Conv2d.forward or _conv_forward' in skipped['0']
+    assert 'has hooks' in skipped['1']
+    assert 'has a parametrization' in skipped['2']
+    assert isinstance(net[3], expand_mm.ExpandConv2d)
