@@ -733,3 +733,21 @@ def test_second_order_gradients_of_online_equal_explicit(kernel, bias):
 
     for online, explicit in zip(second_order('online'), second_order('explicit')):
         torch.testing.assert_close(online, explicit, rtol=1e-10, atol=1e-12)
+
+
+def test_deferral_under_non_reentrant_activation_checkpointing():
+    """The recomputation finds the composed leaves cached: it must save what the first
+    forward saved (torch checks the counts), and the gradients stay plain autograd's."""
+    import torch.utils.checkpoint as checkpoint
+    from expand_mm.surgery import deferred_factor_grads, expand_model
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(),
+                        nn.Conv2d(4, 4, 3, padding=1, groups=2))
+    expand_model(net)
+    ref = copy.deepcopy(net)
+    x = torch.randn(2, 3, 7, 7)
+    with deferred_factor_grads(net):
+        checkpoint.checkpoint(net, x, use_reentrant=False).square().sum().backward()
+    ref(x).square().sum().backward()
+    for p, q in zip(net.parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7)

@@ -328,7 +328,13 @@ class ExpandedLayer(nn.Module):
 
     def _deferred_leaves(self) -> tuple[Tensor, Tensor | None]:
         leaves = []
-        for composed in self._compose(None):
+        # The composition is saved for the deferred backward outside any
+        # saved-tensor hooks in force (non-reentrant activation checkpointing):
+        # a recomputation finds these leaves cached and must save what the
+        # first forward saved, i.e. only what the conv saves.
+        with torch.autograd.graph.saved_tensors_hooks(_keep, _keep):
+            composed_pair = self._compose(None)
+        for composed in composed_pair:
             if composed is None or not composed.requires_grad:
                 leaves.append(composed)
                 continue
@@ -416,3 +422,8 @@ class ExpandedLayer(nn.Module):
         state['_cache'] = None
         state['_deferred'] = None
         return state
+
+
+def _keep(tensor: Tensor) -> Tensor:
+    """Identity pack / unpack of a saved tensor (see ``_deferred_leaves``)."""
+    return tensor
