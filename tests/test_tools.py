@@ -67,18 +67,22 @@ def test_test_tool_takes_a_checkpoint_with_extra_entries_and_says_so(tmp_path, c
         tool.check_plain_checkpoint(cfg, state, 'a.pth')
 
 
+def run_contract(*args) -> int:
+    """``tools/contract.py EXPANDNET ARGS...``'s exit code, run in this process."""
+    contract = load_tool('contract')
+    argv, sys.argv = sys.argv, ['contract.py', str(EXPANDNET), *map(str, args)]
+    try:
+        return contract.main()
+    finally:
+        sys.argv = argv
+
+
 def test_contract_and_export_never_overwrite_their_input(expandnet_checkpoint, tmp_path):
     before = _digest(expandnet_checkpoint)
     alias = tmp_path / 'alias.pth'
     alias.symlink_to(expandnet_checkpoint)
-    contract = load_tool('contract')
     for out in (expandnet_checkpoint, alias):
-        argv, sys.argv = sys.argv, ['contract.py', str(EXPANDNET), str(expandnet_checkpoint),
-                                    str(out)]
-        try:
-            assert contract.main() == 2
-        finally:
-            sys.argv = argv
+        assert run_contract(expandnet_checkpoint, out) == 2
     result = subprocess.run([sys.executable, str(ROOT / 'tools' / 'export_onnx.py'),
                              str(EXPANDNET), str(expandnet_checkpoint), str(alias)],
                             capture_output=True, text=True, cwd=ROOT)
@@ -88,13 +92,7 @@ def test_contract_and_export_never_overwrite_their_input(expandnet_checkpoint, t
 
 def test_contract_refuses_a_folder_as_output_before_any_work(expandnet_checkpoint, tmp_path,
                                                              capsys):
-    contract = load_tool('contract')
-    argv, sys.argv = sys.argv, ['contract.py', str(EXPANDNET), str(expandnet_checkpoint),
-                                str(tmp_path)]
-    try:
-        assert contract.main() == 2
-    finally:
-        sys.argv = argv
+    assert run_contract(expandnet_checkpoint, tmp_path) == 2
     assert f"the output '{tmp_path}' is a folder; give a file path, e.g. " \
         f"'{tmp_path / 'iter_1.pth'}'" in capsys.readouterr().err
     assert os.listdir(tmp_path) == []  # no leftover .tmp
@@ -118,13 +116,7 @@ def test_a_failed_write_leaves_no_temporary_file(tmp_path, monkeypatch):
 
 def test_contract_creates_the_output_folder(expandnet_checkpoint, tmp_path, capsys):
     out = tmp_path / 'new' / 'folder' / 'compact.pth'
-    contract = load_tool('contract')
-    argv, sys.argv = sys.argv, ['contract.py', str(EXPANDNET), str(expandnet_checkpoint),
-                                str(out), '--img-size', '64', '64']
-    try:
-        assert contract.main() == 0
-    finally:
-        sys.argv = argv
+    assert run_contract(expandnet_checkpoint, out, '--img-size', '64', '64') == 0
     assert f'wrote {out}' in capsys.readouterr().out
     cfg = Config.fromfile(str(COMPACT))
     with DefaultScope.overwrite_default_scope('mmdet'):
