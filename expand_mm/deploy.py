@@ -26,7 +26,7 @@ from .checkpoint import (NONLINEAR_INIT_META_KEY, CheckpointError, match_state_d
                          prepare_output_path, read_checkpoint, strip_prefix)
 from .models.expandnet import deployable_model
 from .planting import PlantingError, bake_masks, masked_units, remove_mask_hooks
-from .surgery import _flatten_tensors, check_contraction, contract_model_, expanded_layers
+from .surgery import check_contraction, contract_model_, expanded_layers, verify_contraction
 
 DEFAULT_PROBE_SHAPE = (1, 3, 128, 128)
 
@@ -325,6 +325,35 @@ def unfinished_planting(meta: dict) -> dict | None:
     return planting
 
 
+def planting_stage(planting: dict) -> str:
+    """``'channel-planting stage 2 of 4'`` for a ``meta['channel_planting']`` entry."""
+    return f'channel-planting stage {planting["stage"] + 1} of {len(planting["stages"])}'
+
+
+def refuse_unfinished_planting(meta: dict, source: str, use: str) -> None:
+    """Refuse a raw checkpoint saved before the last stage of channel planting.
+
+    Its unplanted channels were masked by hooks that its stock network does
+    not have; its compact copy (:func:`bake_planting_masks`) is the network
+    that was trained.
+
+    Args:
+        meta: The checkpoint's ``meta``.
+        source: The checkpoint's name, for the message.
+        use: The verb the tool offers instead, e.g. ``'Test'`` / ``'Export'``.
+
+    Raises:
+        CheckpointError: For such a checkpoint.
+    """
+    planting = unfinished_planting(meta)
+    if planting:
+        raise CheckpointError(
+            f'{source} was saved at {planting_stage(planting)}: the trained network masks its '
+            'unplanted channels with hooks, which the weights alone do not carry. '
+            f'{use} its compact copy (*_compact.pth, or python tools/contract.py CONFIG CKPT '
+            'OUT) with the compact config')
+
+
 def bake_planting_masks(model: nn.Module, state_dict: dict, planting: dict,
                         probe_shape=DEFAULT_PROBE_SHAPE, rtol: float = 1e-4,
                         source: str = 'checkpoint') -> tuple[dict, dict[str, float]]:
@@ -353,8 +382,7 @@ def bake_planting_masks(model: nn.Module, state_dict: dict, planting: dict,
             entries, or a unit's output is not zero once its weights are (an
             activation with ``act(0) != 0``, a norm without affine parameters).
     """
-    where = (f'{source} was saved at channel-planting stage {planting["stage"] + 1} of '
-             f'{len(planting["stages"])}')
+    where = f'{source} was saved at {planting_stage(planting)}'
     entries, widths = planting.get('masked_entries'), planting.get('widths') or {}
     if not isinstance(entries, dict):
         raise PlantingBakeError(f'{where} by an older expand_mm that did not record which '
@@ -370,24 +398,20 @@ def bake_planting_masks(model: nn.Module, state_dict: dict, planting: dict,
         remove_mask_hooks(plain)
         masked.load_state_dict(state_dict, strict=True)
         plain.load_state_dict(baked, strict=True)
-        probe = make_probe(plain, probe_shape)
-        outputs: dict[str, torch.Tensor] = {}
+        outputs: dict[str, torch.Tensor] = {}  # each unit's output in the baked network
         handles = [plain.get_submodule(path).register_forward_hook(
             lambda m, a, out, path=path: outputs.__setitem__(path, out.detach()))
             for path in widths]
-        with torch.no_grad():
-            with masked_units(masked, widths):
-                want = _flatten_outputs(probe_forward(masked, probe))
-            got = _flatten_outputs(probe_forward(plain, probe))
-        for handle in handles:
-            handle.remove()
+        try:
+            with torch.no_grad(), masked_units(masked, widths):
+                errors = verify_contraction(masked, plain, make_probe(plain, probe_shape),
+                                            forward_fn=probe_forward)
+        finally:
+            for handle in handles:
+                handle.remove()
     except (PlantingError, RuntimeError) as err:
         raise PlantingBakeError(f'{where}; its weights do not fit the planted network: '
                                 f'{err}') from err
-    scale = max((float(t.abs().max()) for t in want if t.numel()), default=0.0)
-    max_abs = max((float((a.double() - b.double()).abs().max()) for a, b in zip(want, got)
-                   if a.numel()), default=0.0)
-    errors = dict(max_abs=max_abs, max_rel=max_abs / max(scale, 1e-12))
     if not errors['max_rel'] <= rtol:
         leaks = {path: float(out[:, int(widths[path]):].abs().max())
                  for path, out in outputs.items()
@@ -402,10 +426,6 @@ def bake_planting_masks(model: nn.Module, state_dict: dict, planting: dict,
                'by something other than a conv')
             + '; use a checkpoint saved at the last stage')
     return {k: v.detach().cpu() for k, v in baked.items()}, errors
-
-
-def _flatten_outputs(outputs: Any) -> list[torch.Tensor]:
-    return [t.float() for t in _flatten_tensors(outputs)]
 
 
 def write_compact_checkpoint(model: nn.Module, src: str, dst: str | None = None,

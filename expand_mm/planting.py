@@ -95,6 +95,16 @@ def _norm_follows_conv(module: nn.Module) -> bool:
         order.index('norm') > order.index('conv')
 
 
+def channel_mask(width: int, like: Tensor) -> Tensor:
+    """1 on the first ``width`` channels (axis 1) of a tensor shaped like ``like``, else 0.
+
+    Shaped ``(1, C, 1, ...)`` to broadcast over ``like``, in its dtype and device.
+    """
+    mask = torch.zeros(like.shape[1], dtype=like.dtype, device=like.device)
+    mask[:width] = 1
+    return mask.view(1, -1, *([1] * (like.dim() - 2)))
+
+
 def stage_widths(channels: int, fractions: Sequence[float]) -> list[int]:
     """Active channels of a layer with ``channels`` outputs at each stage.
 
@@ -211,9 +221,7 @@ class ChannelPlanter:
         key = (id(unit.module), stage, like.dtype, like.device, like.dim())
         mask = self._masks.get(key)
         if mask is None:
-            mask = torch.zeros(unit.conv.out_channels, dtype=like.dtype, device=like.device)
-            mask[:unit.widths[stage]] = 1
-            mask = self._masks[key] = mask.view(1, -1, *([1] * (like.dim() - 2)))
+            mask = self._masks[key] = channel_mask(unit.widths[stage], like)
         return mask
 
     def _unit_hook(self, unit: PlantedUnit) -> Callable:
@@ -515,9 +523,7 @@ def masked_units(model: nn.Module, widths: Mapping[str, int]) -> Iterator[None]:
 
     def hook_for(width: int) -> Callable:
         def hook(module: nn.Module, args: Any, out: Tensor) -> Tensor:
-            mask = torch.zeros(out.shape[1], dtype=out.dtype, device=out.device)
-            mask[:width] = 1
-            return out * mask.view(1, -1, *([1] * (out.dim() - 2)))
+            return out * channel_mask(width, out)
         return hook
 
     handles = [modules[p].register_forward_hook(hook_for(int(w))) for p, w in widths.items()]

@@ -460,7 +460,7 @@ def contract_model_(model: nn.Module) -> nn.Module:
     exists for callers that already own a copy (e.g. a checkpoint writer).
     """
     compact: dict[int, nn.Module] = {}  # a layer shared by several paths stays shared
-    for path, layer in model.named_modules(remove_duplicate=False):
+    for path, layer in list(model.named_modules(remove_duplicate=False)):
         if isinstance(layer, ExpandedLayer):
             if id(layer) not in compact:
                 compact[id(layer)] = layer.contract()

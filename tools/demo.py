@@ -994,7 +994,7 @@ def write_report(results: list[dict], args: argparse.Namespace, info: dict[str, 
         if extra:
             md.append(f'- {res["task"]} further metrics: {extra}')
     md += ['', '![report](report.png)', '']
-    md += [f'Predictions side by side: ' + ', '.join(
+    md += ['Predictions side by side: ' + ', '.join(
         f'[{osp.basename(r["predictions"])}]({osp.basename(r["predictions"])})'
         for r in results), '']
     md += ['## Commands', '', '```bash', cmd, '# equivalent to:']

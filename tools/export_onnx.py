@@ -19,7 +19,7 @@ from mmengine.registry import MODELS, DefaultScope
 
 import expand_mm
 from expand_mm.checkpoint import CheckpointError, prepare_output_path, read_checkpoint, strip_prefix
-from expand_mm.deploy import config_input_size, unfinished_planting
+from expand_mm.deploy import config_input_size, refuse_unfinished_planting
 from expand_mm.models import compact_model_cfg
 from expand_mm.surgery import _flatten_tensors
 
@@ -44,12 +44,7 @@ def build_compact(config: str, checkpoint: str) -> torch.nn.Module:
     """
     cfg = Config.fromfile(config)
     saved = read_checkpoint(checkpoint)
-    planting = unfinished_planting(saved.get('meta') or {})
-    if planting:
-        raise CheckpointError(
-            f'{checkpoint} was saved at channel-planting stage {planting["stage"] + 1} of '
-            f'{len(planting["stages"])}, whose unplanted channels are masked by hooks; export '
-            'its compact copy (*_compact.pth, or python tools/contract.py CONFIG CKPT OUT)')
+    refuse_unfinished_planting(saved.get('meta') or {}, checkpoint, 'Export')
     state_dict = strip_prefix(saved['state_dict'])
     with DefaultScope.overwrite_default_scope(cfg.get('default_scope')):
         compact = MODELS.build(compact_model_cfg(cfg.model))

@@ -17,7 +17,7 @@ import expand_mm  # noqa: F401  (registers ExpandNet, the hooks, torch.load fix)
 from expand_mm.checkpoint import (CheckpointError, check_plain_model_checkpoint, read_checkpoint,
                                   strip_prefix)
 from expand_mm.datasets_check import check_datasets
-from expand_mm.deploy import unfinished_planting
+from expand_mm.deploy import refuse_unfinished_planting
 from expand_mm.models import compact_model_cfg
 from mmengine.config import Config, DictAction
 from mmengine.registry import MODELS, RUNNERS, DefaultScope
@@ -97,14 +97,7 @@ def main() -> int:
     cfg.work_dir = args.work_dir or cfg.get('work_dir') or osp.join(
         './work_dirs', osp.splitext(osp.basename(args.config))[0])
     checkpoint = read_checkpoint(args.checkpoint)
-    planting = unfinished_planting(checkpoint.get('meta') or {})
-    if planting:
-        # Its unplanted channels were masked by hooks that a stock model does not have.
-        raise CheckpointError(
-            f'{args.checkpoint} was saved at channel-planting stage {planting["stage"] + 1} of '
-            f'{len(planting["stages"])}: the trained network masks its unplanted channels, '
-            'which the weights alone do not. Test its compact copy (*_compact.pth, or python '
-            'tools/contract.py CONFIG CKPT OUT) with the compact config')
+    refuse_unfinished_planting(checkpoint.get('meta') or {}, args.checkpoint, 'Test')
     if compact_model_cfg(cfg.model) is cfg.model:
         check_plain_checkpoint(cfg, checkpoint['state_dict'], args.checkpoint)
     elif is_compact_checkpoint(cfg, checkpoint['state_dict']):

@@ -506,7 +506,8 @@ def check_checkpoint_fits(model: nn.Module, checkpoint: str) -> None:
                               read_checkpoint, strip_prefix)
     from ..deploy import find_deployable
     from ..surgery import expanded_layers
-    state_dict = strip_prefix(read_checkpoint(checkpoint)['state_dict'])
+    # Memory-mapped: keys and shapes are all the check needs; the runner reads it next.
+    state_dict = strip_prefix(read_checkpoint(checkpoint, mmap=True)['state_dict'])
     deployable, prefix = find_deployable(model)
     if prefix and any(k.startswith(prefix) for k in state_dict):
         state_dict = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}

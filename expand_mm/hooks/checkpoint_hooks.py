@@ -14,7 +14,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ..checkpoint import (NONLINEAR_INIT_META_KEY, CheckpointError, match_state_dict,
                           read_checkpoint, strip_prefix)
 from ..deploy import (DEFAULT_PROBE_SHAPE, PlantingBakeError, compact_checkpoint_path,
-                      find_deployable, unfinished_planting, unwrap_model,
+                      find_deployable, planting_stage, unfinished_planting, unwrap_model,
                       write_compact_checkpoint)
 from ..models.distributed import ExpandNetDistributedDataParallel
 from ..models.expandnet import deferring_expandnet
@@ -247,15 +247,13 @@ class ContractCheckpointHook(Hook):
                 self._warned_planting = True
                 log(f'ContractCheckpointHook: not contracted: {err}')
                 continue
+            self._done[path] = dst
             if planting:
-                self._done[path] = dst
                 runner.logger.info(
                     f'ContractCheckpointHook: wrote compact checkpoint {dst}: the network of '
-                    f'channel-planting stage {planting["stage"] + 1} of '
-                    f'{len(planting["stages"])}, unplanted channels zeroed (masked vs zeroed '
+                    f'{planting_stage(planting)}, unplanted channels zeroed (masked vs zeroed '
                     f'on the probe: relative {errors["max_rel"]:.2e})')
                 continue
-            self._done[path] = dst
             if errors and 'float64_max_rel' in errors:
                 runner.logger.warning(
                     f'ContractCheckpointHook: wrote compact checkpoint {dst}. In float32 the '
