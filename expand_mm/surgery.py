@@ -253,6 +253,19 @@ def _unmatched_pattern_error(kind: str, pattern: str, modules: dict[str, str],
     return ValueError(msg)
 
 
+def _refuse_uninitialised_lazy_modules(model: nn.Module) -> None:
+    """Name the lazy modules whose shapes are still unknown (nothing can be expanded
+    or counted before they have seen a batch)."""
+    lazy = [path or type(model).__name__ for path, module in model.named_modules()
+            if any(nn.parameter.is_lazy(p) for p in module.parameters(recurse=False))]
+    if lazy:
+        raise ValueError(
+            f"expand_model: {', '.join(lazy[:8])}{' ...' if len(lazy) > 8 else ''} "
+            'still have uninitialised lazy parameters (nn.LazyConv2d / nn.LazyLinear); '
+            'run one forward pass with a dummy batch first, as torch requires before '
+            'using them, then expand.')
+
+
 def expand_model(model: nn.Module,
                  strategy: str = 'cl',
                  ratio: int = 4,
@@ -300,6 +313,7 @@ def expand_model(model: nn.Module,
         exclude = [exclude]
     include = list(include) if include is not None else None
     exclude = list(exclude or [])
+    _refuse_uninitialised_lazy_modules(model)
     report = ExpansionReport(model_params_before=count_params(model), ratio=ratio, mode=mode)
 
     all_modules: dict[str, str] = {}

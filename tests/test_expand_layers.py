@@ -527,6 +527,32 @@ def test_composed_kernel_keeps_the_compact_memory_format(strategy, kernel, group
     x_cl = x.contiguous(memory_format=torch.channels_last)
     assert layer.weight.is_contiguous(memory_format=torch.channels_last)
     assert layer(x_cl).is_contiguous(memory_format=torch.channels_last)
+    contracted = layer.contract()
+    assert contracted.weight.is_contiguous(memory_format=torch.channels_last)
+    assert not contracted.weight.is_contiguous()
+    assert layer.set_mode('online').contract().weight.is_contiguous(
+        memory_format=torch.channels_last)
+    assert ExpandConv2d.from_conv(conv, strategy=strategy, ratio=4).contract() \
+        .weight.is_contiguous()
+
+
+def test_a_non_strict_load_without_bias_keeps_the_composed_bias_as_a_conv_keeps_its_own():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 6, 3, padding=1)
+    layer = ExpandConv2d.from_conv(conv, strategy='cl', ratio=2)
+    with torch.no_grad():
+        for sub in layer.convs:
+            sub.bias.normal_()
+    bias_before = layer.bias.detach().clone()
+    new_weight = torch.randn_like(conv.weight)
+    result = layer.load_state_dict({'weight': new_weight}, strict=False)
+    assert result.missing_keys == ['bias']
+    torch.testing.assert_close(layer.weight, new_weight, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(layer.bias, bias_before, rtol=1e-5, atol=1e-6)
+    plain = nn.Conv2d(4, 6, 3, padding=1)
+    plain_bias = plain.bias.detach().clone()
+    plain.load_state_dict({'weight': new_weight}, strict=False)
+    assert torch.equal(plain.bias, plain_bias)  # what the chain imitates
 
 
 @pytest.mark.parametrize('strategy,kernel,groups', [('cl', 3, 1), ('cl', 3, 4), ('ck', 5, 1)])

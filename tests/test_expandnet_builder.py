@@ -139,3 +139,22 @@ def test_single_patterns_given_as_strings_are_one_pattern():
     assert paths and all(p.startswith('backbone.') and not p.startswith('backbone.stages.0.')
                          for p in paths)
     assert as_string.expandnet_cfg['keep_weights'] == ['neck.*']
+
+
+def test_kept_ck_layers_with_a_too_small_ratio_are_refused_at_build_time():
+    """The exact CK factorisation at init_weights() needs a minimum ratio: say so at build."""
+    k5 = Config.fromfile(osp.join(ROOT, 'configs', 'yolo_lite',
+                                  'yolo-lite-k5_8xb16-100e_voc0712.py')).model
+    with pytest.raises(ValueError, match=r"init='compact' / keep_weights=True asks for an exact "
+                                         r"CK factorisation .* at ratio=2, too small for: "
+                                         r"backbone\.\S+ \(5x5, needs ratio >= \d+\).*"
+                                         r"strategy='cl'"):
+        build(dict(type='ExpandNet', model=k5, strategy='auto', ratio=2, init='compact'))
+    fresh = build(dict(type='ExpandNet', model=k5, strategy='auto', ratio=2))
+    strategies = {r.strategy for r in fresh.expansion_report.layers}
+    assert 'ck' in strategies  # the same expansion builds when nothing is kept
+    needs = {layer.exact_min_ratio() for _, layer in expand_mm.expanded_layers(fresh)
+             if layer.strategy == 'ck'}
+    enough = build(dict(type='ExpandNet', model=k5, strategy='auto', ratio=max(needs),
+                        init='compact'))
+    enough.init_weights()  # factorises every kept CK layer without raising

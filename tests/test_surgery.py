@@ -294,3 +294,11 @@ def test_what_a_conv_carries_beyond_its_class_is_kept_or_refused():
     assert 'has hooks' in skipped['1']
     assert 'has a parametrization' in skipped['2']
     assert isinstance(net[3], expand_mm.ExpandConv2d)
+
+    lazy = nn.Sequential(nn.LazyConv2d(4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3))
+    with pytest.raises(ValueError, match=r"expand_model: 0 still have uninitialised lazy "
+                                         r"parameters .* run one forward pass"):
+        expand_model(lazy)
+    lazy(torch.randn(1, 3, 8, 8))  # a dummy batch materialises it
+    expand_model(lazy)
+    assert isinstance(lazy[0], expand_mm.ExpandConv2d)

@@ -407,8 +407,14 @@ class ExpandedLayer(nn.Module):
             if bias is not None and not self._has_bias():
                 unexpected_keys.append(bias_key)
                 bias = None
-            elif bias is None and self._has_bias() and strict:
-                missing_keys.append(bias_key)
+            elif bias is None and self._has_bias():
+                if strict:
+                    missing_keys.append(bias_key)
+                if self.nonlinearity is None:
+                    # A plain layer keeps its bias when the state dict has none;
+                    # so must the composed one, which set_compact would zero.
+                    with torch.no_grad():
+                        bias = self._compose(None)[1]
             ref = next(self.parameters())
             self.set_compact(weight.to(ref), None if bias is None else bias.to(ref))
             for name, param in self.named_parameters():

@@ -217,8 +217,8 @@ class ExpandConv2d(ExpandedLayer):
     def contract(self) -> nn.Conv2d:
         """Return the compact ``nn.Conv2d`` computing the same function.
 
-        Composed in float64 and cast back; same hyper-parameters, device, dtype
-        and train/eval state as the compact conv this layer stands for.
+        Composed in float64 and cast back; same hyper-parameters, device, dtype,
+        memory format and train/eval state as the compact conv this layer stands for.
         """
         self._check_linear('contract()')
         ref = self.convs[0].weight
@@ -232,6 +232,8 @@ class ExpandConv2d(ExpandedLayer):
             conv.weight.copy_(weight)
             if bias is not None:
                 conv.bias.copy_(bias)
+        if not weight.is_contiguous():  # _compose gave the chain's channels-last layout
+            conv = conv.to(memory_format=torch.channels_last)
         return conv.train(self.training)
 
     def set_compact(self, weight: Tensor, bias: Tensor | None = None, *,
@@ -267,8 +269,7 @@ class ExpandConv2d(ExpandedLayer):
         else:
             sizes = [tuple(c.kernel_size) for c in self.convs]
             channels = [self.in_channels] + [c.out_channels for c in self.convs]
-            need = ck_exact_min_ratio(self.in_channels // self.groups,
-                                      self.out_channels // self.groups, sizes)
+            need = self.exact_min_ratio()
             if self.ratio < need:
                 raise ValueError(
                     f"{who}: keep_weights with strategy='ck' on a "
@@ -285,6 +286,14 @@ class ExpandConv2d(ExpandedLayer):
                     conv.bias.zero_()
             if bias is not None:
                 self.convs[-1].bias.copy_(bias)
+
+    def exact_min_ratio(self) -> int:
+        """Smallest ratio at which :meth:`set_compact` is exact: 1 for CL, more for CK."""
+        if self.strategy == 'cl':
+            return 1
+        return ck_exact_min_ratio(self.in_channels // self.groups,
+                                  self.out_channels // self.groups,
+                                  [tuple(c.kernel_size) for c in self.convs])
 
     def extra_repr(self) -> str:
         """Compact hyper-parameters plus strategy, ratio, mode and compact shape."""

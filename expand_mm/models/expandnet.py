@@ -25,6 +25,7 @@ from mmengine.model import BaseModule, is_model_wrapper
 from mmengine.registry import MODELS
 from torch import nn
 
+from ..layers import ExpandConv2d
 from ..layers.base import deferral_unsupported_reason
 from ..surgery import (ExpansionReport, deferred_factor_grads, expand_model, expanded_layers,
                        path_matches, replace_submodule)
@@ -186,6 +187,7 @@ def build_expandnet(model: dict,
     report = expand_model(compact, strategy=strategy, ratio=ratio, mode=mode,
                           include=include, exclude=exclude, expand_1x1=expand_1x1,
                           expand_linear=expand_linear)
+    _check_kept_layers_factorise_exactly(compact, keep, ratio)
     compact.expandnet_cfg = dict(strategy=strategy, ratio=ratio, mode=mode, include=include,
                                  exclude=exclude, expand_1x1=expand_1x1,
                                  expand_linear=expand_linear, keep_weights=keep_weights,
@@ -201,6 +203,33 @@ def build_expandnet(model: dict,
 
 
 MODELS.register_module(name='ExpandNet', module=build_expandnet)
+
+
+def _check_kept_layers_factorise_exactly(model: nn.Module, keep: bool | list[str],
+                                         ratio: int) -> None:
+    """Refuse, at build time, kept CK layers whose ratio is too small to factorise.
+
+    ``init_weights()`` factorises every kept layer (``init='compact'``,
+    ``keep_weights``, a ``Pretrained`` ``init_cfg``) exactly from its compact
+    initialisation; a CK chain needs a minimum ratio for that, and finding out
+    only when the runner initialises the model wastes the build and data setup.
+    """
+    short = [(path, layer) for path, layer in expanded_layers(model)
+             if isinstance(layer, ExpandConv2d)
+             and (keep is True or (keep and path_matches(path, keep)))
+             and layer.ratio < layer.exact_min_ratio()]
+    if not short:
+        return
+    why = ("init='compact' / keep_weights=True" if keep is True else
+           f'keep_weights / a Pretrained init_cfg (patterns {keep})')
+    need = max(layer.exact_min_ratio() for _, layer in short)
+    listed = ', '.join(f'{path} ({layer.kernel_size[0]}x{layer.kernel_size[1]}, needs ratio >= '
+                       f'{layer.exact_min_ratio()})' for path, layer in short[:6])
+    raise ValueError(
+        f'ExpandNet: {why} asks for an exact CK factorisation of {len(short)} layer(s) at '
+        f"ratio={ratio}, too small for: {listed}{' ...' if len(short) > 6 else ''}. Use "
+        f"strategy='cl' (exact for any ratio), ratio >= {need}, or leave these layers out "
+        'of keep_weights / the expansion (exclude=[...]).')
 
 
 def init_expanded_weights(model: BaseModule) -> None:
