@@ -2,10 +2,8 @@
 yields a compact checkpoint that the stock mmdet / mmseg clients load and that
 predicts what the expanded model predicts."""
 import glob
-import os
 import os.path as osp
 
-import numpy as np
 import pytest
 import torch
 from mmengine.config import Config
