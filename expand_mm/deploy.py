@@ -143,15 +143,26 @@ def count_training_macs(model: nn.Module, compact: nn.Module,
     return compact_macs, total
 
 
-def config_input_size(cfg: Any) -> tuple[int, int] | None:
-    """``(H, W)`` of the ``scale`` of an mm config's test-pipeline ``Resize``, or None.
+def config_input_size(cfg: Any) -> tuple[tuple[int, int], str] | None:
+    """``((H, W), source)`` of the network's input under an mm config's test settings.
 
-    Read from ``cfg.test_dataloader``'s dataset pipeline (through dataset
-    wrappers) or ``cfg.test_pipeline``; mmcv's ``scale`` is ``(W, H)`` or one
-    int. It is the size images are resized to, or, with ``keep_ratio``, the
-    box they are fitted into (an input can be smaller along one side), and it
-    ignores sliding-window testing (``test_cfg.mode='slide'``).
+    With sliding-window testing (mmseg's ``test_cfg.mode='slide'``, found in
+    the model config through wrappers) the network sees ``crop_size``
+    windows, so that is the size. Otherwise it is the ``scale`` of the
+    test-pipeline ``Resize``, read from ``cfg.test_dataloader``'s dataset
+    (through dataset wrappers) or ``cfg.test_pipeline``; mmcv's ``scale`` is
+    ``(W, H)`` or one int. With ``keep_ratio`` the scale is only the box an
+    image is fitted into (one side can come out smaller), which ``source``
+    says. None when neither is in the config.
     """
+    test_cfg = _find_test_cfg(cfg.get('model'))
+    if test_cfg is not None and test_cfg.get('mode') == 'slide':
+        crop = test_cfg.get('crop_size')
+        if isinstance(crop, int) and crop > 0:
+            return (crop, crop), 'sliding-window test_cfg.crop_size'
+        if (isinstance(crop, (tuple, list)) and len(crop) == 2
+                and all(isinstance(v, int) and v > 0 for v in crop)):
+            return (int(crop[0]), int(crop[1])), 'sliding-window test_cfg.crop_size (H, W)'
     dataset = (cfg.get('test_dataloader') or {}).get('dataset') or {}
     while isinstance(dataset, dict) and 'pipeline' not in dataset and 'dataset' in dataset:
         dataset = dataset['dataset']
@@ -160,12 +171,29 @@ def config_input_size(cfg: Any) -> tuple[int, int] | None:
     for step in pipeline:
         if not isinstance(step, dict) or str(step.get('type', '')).split('.')[-1] != 'Resize':
             continue
+        source = ('test-pipeline Resize scale'
+                  + (', keep_ratio: the box images are fitted into' if step.get('keep_ratio')
+                     else ''))
         scale = step.get('scale')
         if isinstance(scale, int) and scale > 0:
-            return scale, scale
+            return (scale, scale), source
         if (isinstance(scale, (tuple, list)) and len(scale) == 2
                 and all(isinstance(v, int) and v > 0 for v in scale)):
-            return int(scale[1]), int(scale[0])
+            return (int(scale[1]), int(scale[0])), source
+    return None
+
+
+def _find_test_cfg(model_cfg: Any) -> Any:
+    """The first ``test_cfg`` dict with a ``mode`` in a model config, wrappers included."""
+    if not isinstance(model_cfg, dict):
+        return None
+    test_cfg = model_cfg.get('test_cfg')
+    if isinstance(test_cfg, dict) and 'mode' in test_cfg:
+        return test_cfg
+    for value in model_cfg.values():
+        found = _find_test_cfg(value)
+        if found is not None:
+            return found
     return None
 
 

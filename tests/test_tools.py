@@ -117,7 +117,8 @@ def test_a_failed_write_leaves_no_temporary_file(tmp_path, monkeypatch):
 def test_contract_creates_the_output_folder(expandnet_checkpoint, tmp_path, capsys):
     out = tmp_path / 'new' / 'folder' / 'compact.pth'
     assert run_contract(expandnet_checkpoint, out, '--img-size', '64', '64') == 0
-    assert f'wrote {out}' in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f'wrote {out}' in printed and 'input size 64x64 (--img-size)' in printed
     cfg = Config.fromfile(str(COMPACT))
     with DefaultScope.overwrite_default_scope('mmdet'):
         MODELS.build(cfg.model).load_state_dict(torch.load(out)['state_dict'], strict=True)
@@ -144,15 +145,26 @@ def test_training_macs_from_shapes_equal_the_explicit_trace(config, size):
     assert training_macs > 2 * compact_macs  # the chains cost more than the compact layers
 
 
-def test_input_size_comes_from_the_test_pipeline():
+def test_input_size_comes_from_the_test_settings():
     from expand_mm.deploy import config_input_size
     digits = Config.fromfile(str(ROOT / 'configs/digits/yolo-lite_1xb16-900i_digits-det-64x64.py'))
-    assert config_input_size(digits) == (64, 64)
+    assert config_input_size(digits) == (
+        (64, 64), 'test-pipeline Resize scale, keep_ratio: the box images are fitted into')
     cityscapes = Config.fromfile(str(ROOT / 'configs/unet/unet-s5-d16-c16_fcn_4xb4-160k_'
                                  'cityscapes-512x1024.py'))
-    assert config_input_size(cityscapes) == (1024, 2048)  # mmcv's scale is (W, H)
+    size, source = config_input_size(cityscapes)
+    assert size == (1024, 2048)  # mmcv's scale is (W, H)
+    assert 'keep_ratio' in source  # the box images are fitted into
+    # Sliding-window testing runs the network on crops, in any wrapper: (H, W) of the crop.
+    expandnet = Config.fromfile(str(ROOT / 'configs/expandnet/expandnet-cl-r4_unet-s5-d16-c16-'
+                                'fcn_4xb4-160k_cityscapes-512x1024.py'))
+    expandnet.model.model.test_cfg = dict(mode='slide', crop_size=(512, 1024), stride=(340, 682))
+    assert config_input_size(expandnet) == ((512, 1024),
+                                            'sliding-window test_cfg.crop_size (H, W)')
+    expandnet.model.model.test_cfg = dict(mode='whole')
+    assert config_input_size(expandnet)[0] == (1024, 2048)
     assert config_input_size(Config(dict(test_pipeline=[dict(type='Resize', scale=300)]))) \
-        == (300, 300)
+        == ((300, 300), 'test-pipeline Resize scale')
     assert config_input_size(Config(dict(test_pipeline=[dict(type='LoadImageFromFile')]))) \
         is None
 

@@ -55,8 +55,10 @@ def main() -> int:
     model_cfg = cfg.model.copy()
     if cfg.get('data_preprocessor') is not None:  # as the Runner builds the model
         model_cfg.setdefault('data_preprocessor', cfg.data_preprocessor)
+    size_source = '--img-size'
     if args.img_size is None:
-        args.img_size = config_input_size(cfg) or (320, 320)
+        args.img_size, size_source = (config_input_size(cfg)
+                                      or ((320, 320), 'default, none in the config'))
     with DefaultScope.overwrite_default_scope(cfg.get('default_scope')):
         model = MODELS.build(model_cfg).eval()
     try:
@@ -100,6 +102,7 @@ def main() -> int:
         print(f'{type(model).__name__}: {count_params(model):,} parameters in training, of '
               f'which {count_params(model) - count_params(deployable):,} outside the '
               f'deployable {prefix.rstrip(".")!r} (not written)')
+    print(f'input size {args.img_size[0]}x{args.img_size[1]} ({size_source})')
     print(f'{"":32s}{"params":>14s}{"MACs @" + "x".join(map(str, args.img_size)):>18s}')
     for name, params, flops in rows:
         print(f'{name:32s}{params:>14,d}{flops:>18,d}')

@@ -95,10 +95,13 @@ def main() -> int:
     except CheckpointError as err:
         print(f'error: {err}', file=sys.stderr)
         return 2
-    img_size = args.img_size or config_input_size(Config.fromfile(args.config)) or (320, 320)
+    img_size, size_source = ((args.img_size, '--img-size') if args.img_size else
+                             config_input_size(Config.fromfile(args.config))
+                             or ((320, 320), 'default, none in the config'))
     error = export(model, args.out, img_size, args.opset)
     print(f'wrote {args.out}: {sum(p.numel() for p in model.parameters()):,} params, input '
-          f'1x3x{img_size[0]}x{img_size[1]}; onnxruntime vs torch max abs error {error:.2e}')
+          f'1x3x{img_size[0]}x{img_size[1]} ({size_source}); onnxruntime vs torch max abs '
+          f'error {error:.2e}')
     return 0
 
 
