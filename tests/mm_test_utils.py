@@ -5,7 +5,8 @@ from typing import Any
 
 from stock_models import disable_pretrained
 
-SIZE_KEYS = {'Resize': 'scale', 'RandomResize': 'scale', 'RandomCrop': 'crop_size'}
+SIZE_KEYS = {'Resize': 'scale', 'RandomResize': 'scale', 'RandomCrop': 'crop_size',
+             'Mosaic': 'img_scale', 'MixUp': 'img_scale'}
 
 
 def _walk(obj: Any):
@@ -51,10 +52,16 @@ def shrink_for_test(cfg, work_dir: str, data_root: str, size: tuple[int, int],
                 node['filter_cfg'] = dict(filter_empty_gt=False)
             key = SIZE_KEYS.get(node.get('type'))
             if key:
-                node[key] = (size[1], size[0]) if key == 'scale' else size
+                node[key] = (size[1], size[0]) if key in ('scale', 'img_scale') else size
+            if node.get('type') == 'Pad' and 'size' in node:
+                node['size'] = (size[1], size[0])  # (W, H)
+            if node.get('type') == 'RandomAffine' and 'border' in node:
+                node['border'] = (-size[1] // 2, -size[0] // 2)  # Mosaic's 2x canvas -> size
     for node in _walk(cfg.model):
         if node.get('type', '').endswith('DataPreprocessor') and 'size' in node:
             node['size'] = size
+        if node.get('type') == 'BatchSyncRandomResize':
+            node['random_size_range'] = (min(size), max(size))
     cfg.train_cfg = dict(type='IterBasedTrainLoop', max_iters=max_iters, val_interval=10_000)
     cfg.val_cfg = None
     cfg.val_dataloader = None

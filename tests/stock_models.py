@@ -1,4 +1,4 @@
-"""Build the four stock compact models of the project from their mmdet / mmseg configs.
+"""Build the stock compact models of the project from their mmdet / mmseg configs.
 
 ``mmdet::`` / ``mmseg::`` paths only resolve inside ``_base_``, so each config is
 a one-line file inheriting the stock one.
@@ -17,6 +17,8 @@ STOCK_CONFIGS = {
     'ssdlite_mobilenetv2': 'mmdet::ssd/ssdlite_mobilenetv2-scratch_8xb24-600e_coco.py',
     'unet_fcn': 'mmseg::unet/unet-s5-d16_fcn_4xb4-160k_cityscapes-512x1024.py',
     'fcn_mobilenetv2': 'mmseg::mobilenet_v2/mobilenet-v2-d8_fcn_4xb2-80k_cityscapes-512x1024.py',
+    'yolox_tiny': 'mmdet::yolox/yolox_tiny_8xb8-300e_coco.py',
+    'yolox_nano': 'mmdet::yolox/yolox_nano_8xb8-300e_coco.py',  # depthwise-separable
 }
 
 

@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 import torch
 from mmengine.config import Config
+from mmengine.logging import MessageHub
 from mmengine.registry import MODELS, DefaultScope
 from torch import nn
 
@@ -166,7 +167,8 @@ def test_the_config_set_is_complete():
                     'ssdlite_mobilenetv2-scratch_8xb24-600e_voc0712',
                     'yolo-lite_8xb16-100e_voc0712',
                     'unet-s5-d16-c16_fcn_4xb4-160k_cityscapes-512x1024',
-                    'mobilenet-v2-d8_fcn_4xb2-80k_cityscapes-512x1024'):
+                    'mobilenet-v2-d8_fcn_4xb2-80k_cityscapes-512x1024',
+                    'yolox_tiny_8xb8-300e_coco'):
         assert compact in names
         fields = compact.split('_')
         expandnet = 'expandnet-cl-r4_' + '-'.join(fields[:-2]) + '_' + '_'.join(fields[-2:])
@@ -195,6 +197,15 @@ def test_config_builds_and_runs(path: Path):
             assert [tuple(t.shape) for t in pred_maps] == [
                 (1, head.num_base_priors * (5 + num_classes), INPUT_SIZE // s, INPUT_SIZE // s)
                 for s in head.featmap_strides]
+        elif inner['type'] == 'YOLOX':  # class scores, boxes, objectness for 3 levels
+            cls_scores, bbox_preds, objectnesses = b.outputs
+            assert len(cls_scores) == len(head.strides) == 3
+            for stride, cls, box, obj in zip(head.strides, cls_scores, bbox_preds,
+                                             objectnesses):
+                size = INPUT_SIZE // stride
+                assert tuple(cls.shape) == (1, num_classes, size, size)
+                assert tuple(box.shape) == (1, 4, size, size)
+                assert tuple(obj.shape) == (1, 1, size, size)
         else:  # SSD: class scores and box deltas for 6 levels
             cls_scores, bbox_preds = b.outputs
             assert len(cls_scores) == len(bbox_preds) == 6
@@ -331,6 +342,8 @@ def test_ddp_wrapper_setting_fits_the_model(path: Path):
     wrapper = b.cfg.get('model_wrapper_cfg')
     model = b.model.train()
     torch.manual_seed(0)
+    # YOLOX's batch resize reads the runner's iteration from the message hub.
+    MessageHub.get_current_instance().update_info('iter', 0)
     data = model.data_preprocessor(_training_batch(b), training=True)
     loss, _ = model.parse_losses(model(**data, mode='loss'))
     model.zero_grad(set_to_none=True)

@@ -1,4 +1,4 @@
-"""Expand -> contract the four stock compact models: same function, stock state dict."""
+"""Expand -> contract the stock compact models: same function, stock state dict."""
 import pytest
 import torch
 
