@@ -155,6 +155,19 @@ def _is_plain_conv(module: nn.Module) -> bool:
     return forward is MMCVConv2d.forward
 
 
+def _is_deform_offset_conv(model: nn.Module, path: str) -> bool:
+    """Whether ``path`` is the ``conv_offset`` of an mmcv deformable conv."""
+    parent_path, _, name = path.rpartition('.')
+    if name != 'conv_offset':
+        return False
+    try:
+        from mmcv.ops import DeformConv2d, ModulatedDeformConv2d
+    except ImportError:  # mmcv without its ops has no deformable conv
+        return False
+    parent = model.get_submodule(parent_path) if parent_path else model
+    return isinstance(parent, (DeformConv2d, ModulatedDeformConv2d))
+
+
 def _attached_behaviour(module: nn.Module) -> str | None:
     """Why ``module`` does more than its class's forward, or None.
 
@@ -338,6 +351,9 @@ def expand_model(model: nn.Module,
                     if isinstance(module, (nn.Conv2d, nn.Linear)) else None)
         if attached:
             skipped[path] = f'{type(module).__name__} {attached}'
+        elif isinstance(module, nn.Conv2d) and _is_deform_offset_conv(model, path):
+            skipped[path] = ('offset conv of a deformable conv (zero-initialised so that '
+                             'sampling starts on the grid; dcn_offset_lr_mult rules it)')
         elif isinstance(module, nn.Conv2d):
             if not _is_plain_conv(module):
                 skipped[path] = (f'{type(module).__name__} overrides Conv2d.forward or '

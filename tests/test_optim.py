@@ -221,3 +221,68 @@ def test_a_resume_with_other_factor_rates_says_the_saved_ones_apply():
     # What loads is the saved state, as MMEngine resumes every setting.
     assert [g['lr'] for g in changed.optimizer.param_groups] == \
         [g['lr'] for g in same.optimizer.param_groups]
+
+
+def _composed_after_a_zero_gradient_step(net, optim_wrapper_cfg):
+    """(composed kernel before, after) one optimizer step with zero gradients: only
+    weight decay moves it."""
+    wrapper = build_optim_wrapper(net, optim_wrapper_cfg)
+    before = net.dw.composed()[0].detach().clone()
+    for p in net.parameters():
+        p.grad = torch.zeros_like(p)
+    wrapper.optimizer.step()
+    return wrapper, before, net.dw.composed()[0].detach().clone()
+
+
+@pytest.mark.parametrize('weight_decay_on', ['factors', 'product'])
+@pytest.mark.parametrize('optimizer', ['SGD', 'AdamW'])
+def test_dwconv_decay_mult_reaches_every_factor_of_an_expanded_depthwise_conv(
+        optimizer, weight_decay_on):
+    """mmengine marks a conv depthwise when in_channels == groups; inside a CL chain
+    only the first factor is, so the others used to decay at the full rate."""
+    torch.manual_seed(0)
+    net = nn.Sequential()
+    net.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False)
+    expand_mm.expand_model(net, strategy='cl', ratio=4)
+    wrapper, before, after = _composed_after_a_zero_gradient_step(net, dict(
+        constructor='ExpandNetOptimWrapperConstructor',
+        optimizer=dict(type=optimizer, lr=0.1, weight_decay=0.1),
+        paramwise_cfg=dict(dwconv_decay_mult=0.0, weight_decay_on=weight_decay_on)))
+    assert [g['weight_decay'] for g in wrapper.optimizer.param_groups] == [0.0] * 3
+    torch.testing.assert_close(after, before)  # no decay, as on the compact conv
+    # A plain (not depthwise) expanded conv keeps its decay.
+    net.dw = expand_mm.ExpandConv2d(8, 8, 3, padding=1, strategy='cl', ratio=4, bias=False)
+    wrapper, before, after = _composed_after_a_zero_gradient_step(net, dict(
+        constructor='ExpandNetOptimWrapperConstructor',
+        optimizer=dict(type=optimizer, lr=0.1, weight_decay=0.1),
+        paramwise_cfg=dict(dwconv_decay_mult=0.0, weight_decay_on=weight_decay_on)))
+    assert float(after.norm() / before.norm()) < 0.999
+
+
+def test_a_shared_expanded_conv_builds_with_adam_and_no_paramwise_cfg():
+    """The stock constructor lists a shared module's parameters once (model.parameters());
+    the per-factor groups must too."""
+    conv = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+    net = nn.Sequential(nn.Sequential(conv, nn.BatchNorm2d(8)),
+                        nn.Sequential(conv, nn.BatchNorm2d(8)))  # two parents, one conv
+    expand_mm.expand_model(net, strategy='cl', ratio=2)
+    wrapper = build_optim_wrapper(net, dict(constructor='ExpandNetOptimWrapperConstructor',
+                                            optimizer=dict(type='AdamW', lr=0.01)))
+    listed = [id(p) for g in wrapper.optimizer.param_groups for p in g['params']]
+    assert sorted(listed) == sorted(id(p) for p in net.parameters())
+
+
+def test_dcn_offset_convs_stay_compact_and_keep_their_zero_init_and_rate():
+    from mmcv.ops import ModulatedDeformConv2dPack
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), ModulatedDeformConv2dPack(8, 8, 3,
+                                                                               padding=1))
+    report = expand_mm.expand_model(net, strategy='cl', ratio=2)
+    assert [r.path for r in report.layers] == ['0']
+    assert 'offset conv of a deformable conv' in dict(report.skipped)['1.conv_offset']
+    assert type(net[1].conv_offset) is nn.Conv2d
+    assert float(net[1].conv_offset.weight.abs().max()) == 0.0
+    wrapper = build_optim_wrapper(net, dict(
+        constructor='ExpandNetOptimWrapperConstructor',
+        optimizer=dict(type='SGD', lr=0.01), paramwise_cfg=dict(dcn_offset_lr_mult=0.1)))
+    assert group_lrs(wrapper, net)['1.conv_offset.weight'] == pytest.approx(0.001)

@@ -191,6 +191,28 @@ def test_decoupled_decay_shrinks_the_composed_kernel_like_adamw():
         torch.testing.assert_close(seen[path], (1 - 0.01 * 0.5) * before[path])
 
 
+def test_decoupled_decay_is_continuous_when_one_factor_does_not_decay():
+    """A factor with decay 0 acts as one with a tiny decay: the root is over every
+    trained factor, so the composed kernel shrinks by (1 - lr * wd) ** (2 / 3)."""
+    scales = []
+    for factor_decay_mult in (1e-9, 0.0):
+        torch.manual_seed(0)
+        net = nn.Sequential()
+        net.conv = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        expand_mm.expand_model(net, strategy='cl', ratio=4)
+        wrapper = build_optim_wrapper(net, dict(
+            constructor='ExpandNetOptimWrapperConstructor',
+            optimizer=dict(type='AdamW', lr=0.1, weight_decay=0.1),
+            paramwise_cfg=dict(weight_decay_on='product',
+                               custom_keys={'conv.convs.0': dict(decay_mult=factor_decay_mult)})))
+        before = net.conv.composed()[0].detach().clone()
+        for p in net.parameters():
+            p.grad = torch.zeros_like(p)
+        wrapper.optimizer.step()
+        scales.append(float(net.conv.composed()[0].norm() / before.norm()))
+    assert scales == pytest.approx([0.99 ** (2 / 3)] * 2, rel=1e-6)
+
+
 def test_update_params_with_accumulation_and_deferred_grads_decays_once_per_step():
     net = expanded_net()
     for _, layer in expand_mm.expanded_layers(net):

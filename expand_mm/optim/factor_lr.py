@@ -23,6 +23,7 @@ and 1.1-1.2x as far with the default extra factor ``DEFAULT_FACTOR_LR_MULT =
 """
 from __future__ import annotations
 
+import copy
 import difflib
 
 import math
@@ -268,9 +269,10 @@ class ExpandNetOptimWrapperConstructor(DefaultOptimWrapperConstructor):
         if (self._factor_multipliers or product) and not self.paramwise_cfg:
             # The rates (and the product decay's keys) go into the per-parameter
             # groups that add_params builds, which the default constructor does
-            # for any non-empty paramwise_cfg; bypass_duplicate=False is
-            # mmengine's default, so nothing else changes.
-            self.paramwise_cfg = dict(bypass_duplicate=False)
+            # for any non-empty paramwise_cfg. Without a paramwise_cfg it passes
+            # model.parameters(), which lists a shared module's parameters once;
+            # bypass_duplicate=True does the same for the groups.
+            self.paramwise_cfg = dict(bypass_duplicate=True)
         wrapper = super().__call__(model)
         if product:
             self._install_product_decay(wrapper, layers, multipliers)
@@ -347,7 +349,12 @@ class ExpandNetOptimWrapperConstructor(DefaultOptimWrapperConstructor):
         if not any(p.requires_grad for p in module.parameters()):
             return
         start = len(params)
-        super().add_params(params, module, prefix=prefix, is_dcn_module=is_dcn_module)
+        if isinstance(module, ExpandedLayer) and (
+                sum(1 for _ in module.parameters())
+                == sum(1 for _ in module.sublayers.parameters())):
+            self._add_expanded_layer(params, module, prefix, is_dcn_module)
+        else:
+            super().add_params(params, module, prefix=prefix, is_dcn_module=is_dcn_module)
         if prefix:  # the recursion's outermost call rescales, once
             return
         for group in params[start:]:
@@ -355,3 +362,36 @@ class ExpandNetOptimWrapperConstructor(DefaultOptimWrapperConstructor):
             mult = self._factor_multipliers.get(id(param))
             if mult is not None:
                 group['lr'] = group.get('lr', self.base_lr) * mult
+
+    def _add_expanded_layer(self, params: list[dict], layer: ExpandedLayer, prefix: str,
+                            is_dcn_module: Any) -> None:
+        """Add an expanded layer's factors under the rules of the compact layer.
+
+        mmengine decides per module: ``dwconv_decay_mult`` for a conv with
+        ``in_channels == groups``, ``dcn_offset_lr_mult`` for the children of a
+        deformable conv. Inside a chain only the first factor of a depthwise
+        conv passes that test and no factor is a DCN's child, so each factor is
+        presented as the compact layer would be: a shallow copy sharing the
+        factor's parameters, marked depthwise when the compact conv is, with the
+        DCN flag the layer itself got.
+        """
+        depthwise = (getattr(layer, 'groups', None) is not None
+                     and layer.groups == getattr(layer, 'in_channels', None))
+        for index, sub in enumerate(layer.sublayers):
+            sub_prefix = f'{prefix}.{_sublayer_path(layer, index)}' if prefix \
+                else _sublayer_path(layer, index)
+            if depthwise and isinstance(sub, nn.Conv2d) and sub.in_channels != sub.groups:
+                stand_in = copy.copy(sub)  # shares the Parameters, not the attributes
+                stand_in.in_channels = sub.groups
+                sub = stand_in
+            DefaultOptimWrapperConstructor.add_params(self, params, sub, prefix=sub_prefix,
+                                                      is_dcn_module=is_dcn_module)
+
+
+def _sublayer_path(layer: ExpandedLayer, index: int) -> str:
+    """Path of ``layer.sublayers[index]`` inside ``layer`` (e.g. ``'convs.1'``)."""
+    target = layer.sublayers[index]
+    for name, module in layer.named_modules():
+        if module is target:
+            return name
+    raise LookupError(f'{layer._describe()}: sub-layer {index} is not among its modules')

@@ -177,8 +177,8 @@ class ProductWeightDecay:
         grad_scale = getattr(optimizer, 'grad_scale', None)
         found_inf = getattr(optimizer, 'found_inf', None)
         for _, layer in self.layers:
-            factors = [(p, groups[id(p)]) for p in factor_weights(layer) if id(p) in groups]
-            factors = [(p, g) for p, g in factors if g.get(PRODUCT_DECAY_KEY, 0.0) > 0]
+            optimized = [(p, groups[id(p)]) for p in factor_weights(layer) if id(p) in groups]
+            factors = [(p, g) for p, g in optimized if g.get(PRODUCT_DECAY_KEY, 0.0) > 0]
             # The optimizer skips a parameter without a gradient, decay included;
             # a layer unused in this step is skipped alike.
             if not factors or all(p.grad is None for p, _ in factors):
@@ -186,7 +186,7 @@ class ProductWeightDecay:
             if self.style == 'coupled':
                 self._coupled(layer, factors, grad_scale)
             else:
-                self._decoupled(layer, factors, found_inf)
+                self._decoupled(layer, factors, found_inf, num_factors=len(optimized))
 
     @staticmethod
     def _coupled(layer: ExpandedLayer, factors: list[tuple[Tensor, dict]],
@@ -216,8 +216,10 @@ class ProductWeightDecay:
 
     @staticmethod
     def _decoupled(layer: ExpandedLayer, factors: list[tuple[Tensor, dict]],
-                   found_inf: Tensor | None = None) -> None:
-        num = len(factors)
+                   found_inf: Tensor | None = None, num_factors: int | None = None) -> None:
+        # The root is over every trained factor of the chain, decaying or not,
+        # so a factor's decay of 0 acts as the limit of a tiny one (continuous).
+        num = num_factors or len(factors)
         with torch.no_grad():
             for param, group in factors:
                 lr = group['lr'] / group.get(FACTOR_LR_MULT_KEY, 1.0)
