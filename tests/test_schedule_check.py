@@ -36,6 +36,39 @@ def test_absolute_eta_min_with_scaled_factor_rates_is_named(cfg, instead):
         assert 'eta_min_ratio' not in problem
 
 
+def test_one_cycle_with_one_eta_max_and_a_plateau_floor_are_named():
+    """OneCycleLR overwrites every group's rates (initial_lr included) from one eta_max;
+    ReduceOnPlateauLR's min_value is an absolute floor."""
+    net = expanded_net(torch.float32)
+    wrapper = wrapper_of(net, ADAMW)
+    (problem,) = absolute_floor_problems(net, wrapper, [scheduler(
+        wrapper, type='OneCycleLR', eta_max=0.01, total_steps=10)])
+    assert 'param_scheduler[0] (OneCycleLR, eta_max=0.01)' in problem
+    assert 'from the first step' in problem and 'one value per param group' in problem
+    groups = wrapper.optimizer.param_groups
+    assert len({g['initial_lr'] for g in groups}) == 1  # why the recorded multiplier is read
+    wrapper = wrapper_of(net, ADAMW)
+    plateau = PARAM_SCHEDULERS.build(dict(type='ReduceOnPlateauLR', monitor='loss',
+                                          min_value=1e-5, by_epoch=True),
+                                     default_args=dict(optimizer=wrapper))
+    (problem,) = absolute_floor_problems(net, wrapper, [plateau])
+    assert '(ReduceOnPlateauLR, min_value=1e-05)' in problem
+    assert 'Use min_value=0' in problem
+
+
+def test_rates_scaled_by_the_users_custom_keys_are_not_blamed_on_the_constructor():
+    """SGD leaves the factor rates alone; a custom_keys lr_mult is the user's, as on a
+    compact model, and an absolute eta_min does to it what it does there."""
+    net = expanded_net(torch.float32)
+    wrapper = build_optim_wrapper(net, dict(
+        constructor='ExpandNetOptimWrapperConstructor',
+        optimizer=dict(type='SGD', lr=0.01, momentum=0.9),
+        paramwise_cfg=dict(custom_keys={'': dict(lr_mult=0.1)})))
+    assert all(g['lr'] == pytest.approx(0.001) for g in wrapper.optimizer.param_groups)
+    assert absolute_floor_problems(net, wrapper, [scheduler(
+        wrapper, type='CosineAnnealingLR', T_max=10, eta_min=1e-5)]) == []
+
+
 @pytest.mark.parametrize('case', ['ratio', 'zero', 'sgd', 'compact'])
 def test_schedules_that_keep_the_factor_rates_pass(case):
     net = TinyNet() if case == 'compact' else expanded_net(torch.float32)

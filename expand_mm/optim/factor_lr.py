@@ -245,6 +245,7 @@ class ExpandNetOptimWrapperConstructor(DefaultOptimWrapperConstructor):
             raise ValueError('ExpandNetOptimWrapperConstructor: optimizer.lr is not set, so '
                              "there is no base rate to scale; set it or use factor_lr='none'")
         self._factor_multipliers: dict[int, float] = {}
+        self._all_factor_multipliers: dict[int, float] = {}
 
     def __call__(self, model: nn.Module) -> OptimWrapper:
         """Build the optim wrapper with per-parameter groups and scaled factor rates.
@@ -260,6 +261,7 @@ class ExpandNetOptimWrapperConstructor(DefaultOptimWrapperConstructor):
             for sub, mult in zip(layer.sublayers, mults):
                 for param in sub.parameters(recurse=False):
                     multipliers[id(param)] = mult * self.factor_lr_mult
+        self._all_factor_multipliers = multipliers
         self._factor_multipliers = {k: v for k, v in multipliers.items() if v != 1.0}
         product = self.weight_decay_on == 'product'
         if product and not layers:
@@ -359,9 +361,15 @@ class ExpandNetOptimWrapperConstructor(DefaultOptimWrapperConstructor):
             return
         for group in params[start:]:
             (param,) = group['params']
-            mult = self._factor_multipliers.get(id(param))
-            if mult is not None:
+            mult = self._all_factor_multipliers.get(id(param))
+            if mult is None:
+                continue
+            if mult != 1.0:
                 group['lr'] = group.get('lr', self.base_lr) * mult
+            # Recorded for the schedule check: a custom_keys lr_mult is the user's,
+            # and schedulers that set absolute rates (OneCycleLR) overwrite what
+            # the rate started as.
+            group[FACTOR_LR_MULT_KEY] = mult
 
     def _add_expanded_layer(self, params: list[dict], layer: ExpandedLayer, prefix: str,
                             is_dcn_module: Any) -> None:

@@ -10,7 +10,9 @@ absolute floor: ``CosineAnnealingLR(eta_min=...)``, ``CosineRestartLR`` with
 ``1 / multiplier`` times its intended rate, and the expanded model trains late
 in the schedule like a compact one at a larger rate. ``eta_min_ratio`` (cosine
 schedulers) ends each group at the same fraction of its own rate instead;
-``eta_min=0`` is safe everywhere.
+``eta_min=0`` is safe everywhere. ``ReduceOnPlateauLR(min_value=...)`` is such
+a floor too, and ``OneCycleLR`` with one number as ``eta_max`` sets every
+group's rates from that number, undoing the scaling from the first step.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from mmengine.optim import OptimWrapper, OptimWrapperDict
 from torch import nn
 
 from ..surgery import expanded_layers
+from .product_decay import FACTOR_LR_MULT_KEY
 
 # Relative tolerance under which a factor group's rate counts as the base rate.
 _SAME_RATE_RTOL = 1e-6
@@ -45,9 +48,31 @@ def _optimizers(optim_wrapper: Any) -> list:
     return []
 
 
-def _base_rate(group: dict) -> float:
-    # Schedulers record the rate a group started with as 'initial_lr'.
-    return float(group.get('initial_lr', group['lr']))
+def _factor_multiplier(group: dict, base: float) -> float:
+    """The multiplier the constructor gave a factor group's rate.
+
+    Recorded in the group; a group saved before it was (an older checkpoint)
+    reads it from the rate the group started with (``initial_lr``, set by
+    the schedulers), which a scheduler that sets absolute rates overwrites.
+    """
+    if FACTOR_LR_MULT_KEY in group:
+        return float(group[FACTOR_LR_MULT_KEY])
+    return float(group.get('initial_lr', group['lr'])) / base
+
+
+def _floor_problem(scheduler: Any, base: float) -> tuple[str, str] | None:
+    """``(setting, remedy)`` when ``scheduler`` ends every group at one absolute rate."""
+    name = type(scheduler).__name__
+    eta_min = getattr(scheduler, 'eta_min', None)
+    if eta_min and getattr(scheduler, 'eta_min_ratio', None) is None:
+        instead = (f'eta_min_ratio={eta_min / base:.4g} (the same end rate for the base '
+                   'groups) or eta_min=0' if hasattr(scheduler, 'eta_min_ratio')
+                   else 'eta_min=0')
+        return f'{name}, eta_min={eta_min:g}', instead
+    min_values = getattr(scheduler, 'min_values', None)  # ReduceOnPlateauLR
+    if isinstance(min_values, (list, tuple)) and any(v > 0 for v in min_values):
+        return f'{name}, min_value={max(min_values):g}', 'min_value=0'
+    return None
 
 
 def absolute_floor_problems(model: nn.Module, optim_wrapper: Any,
@@ -75,28 +100,36 @@ def absolute_floor_problems(model: nn.Module, optim_wrapper: Any,
             continue
         factor_groups = [g for g in optimizer.param_groups
                          if any(id(p) in factor_ids for p in g['params'])]
-        multipliers = [_base_rate(g) / base for g in factor_groups
-                       if abs(_base_rate(g) / base - 1.0) > _SAME_RATE_RTOL]
+        multipliers = [m for m in (_factor_multiplier(g, base) for g in factor_groups)
+                       if abs(m - 1.0) > _SAME_RATE_RTOL]
         if not multipliers:
             continue
+        scaled = (f'{len(multipliers)} factor groups of the expanded layers, whose rates '
+                  'ExpandNetOptimWrapperConstructor scaled by '
+                  f'{min(multipliers):.3g}..{max(multipliers):.3g}')
         for index, scheduler in enumerate(_flat_schedulers(param_schedulers)):
             # MMEngine schedulers hold the OptimWrapper or the torch optimizer.
             target = getattr(scheduler, 'optimizer', None)
             if optimizer not in (target, getattr(target, 'optimizer', None)):
                 continue
-            eta_min = getattr(scheduler, 'eta_min', None)
-            if (getattr(scheduler, 'param_name', None) != 'lr' or not eta_min
-                    or getattr(scheduler, 'eta_min_ratio', None) is not None):
+            if getattr(scheduler, 'param_name', None) != 'lr':
                 continue
-            name = type(scheduler).__name__
-            has_ratio = hasattr(scheduler, 'eta_min_ratio')
-            instead = (f'eta_min_ratio={eta_min / base:.4g} (the same end rate for the base '
-                       'groups) or eta_min=0' if has_ratio else 'eta_min=0')
+            eta_max = getattr(scheduler, 'eta_max', None)
+            if hasattr(scheduler, 'div_factor') and isinstance(eta_max, (int, float)):
+                problems.append(
+                    f'param_scheduler[{index}] ({type(scheduler).__name__}, '
+                    f'eta_max={eta_max:g}) sets every param group\'s rates from the same '
+                    f'eta_max, so the {scaled}, lose that scaling from the first step (up to '
+                    f'{1 / min(multipliers):.3g}x their intended rate). Give eta_max one '
+                    'value per param group, or use schedulers that scale each group\'s own '
+                    'rate (e.g. LinearLR warm-up + CosineAnnealingLR with eta_min_ratio).')
+                continue
+            floor = _floor_problem(scheduler, base)
+            if floor is None:
+                continue
+            setting, instead = floor
             problems.append(
-                f'param_scheduler[{index}] ({name}, eta_min={eta_min:g}) drives every param '
-                f'group to the same absolute learning rate, so the {len(multipliers)} factor '
-                'groups of the expanded layers, whose rates ExpandNetOptimWrapperConstructor '
-                f'scaled by {min(multipliers):.3g}..{max(multipliers):.3g}, lose that '
-                f'scaling towards its end (up to {1 / min(multipliers):.3g}x their intended '
-                f'rate). Use {instead}.')
+                f'param_scheduler[{index}] ({setting}) drives every param group to the same '
+                f'absolute learning rate, so the {scaled}, lose that scaling towards its end '
+                f'(up to {1 / min(multipliers):.3g}x their intended rate). Use {instead}.')
     return problems
