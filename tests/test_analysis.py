@@ -350,12 +350,18 @@ def test_gradient_confusion_tool(voc_cfgs):
         assert f.read(8) == b'\x89PNG\r\n\x1a\n'
 
 
-def test_loss_landscape_tool(voc_cfgs):
+def test_loss_landscape_tool(voc_cfgs, capsys):
     tmp, cfgs = voc_cfgs
     out = str(tmp / 'landscape')
     tool = _load_tool('loss_landscape')
+    with open(osp.join(os.makedirs(out) or out, 'landscape_2d_old.png'), 'wb'):
+        pass  # a plot of an earlier run into the same --out
     entries = tool.main(['--num-batches', '1', '--steps-1d', '3', '--steps-2d', '3',
-                         '--span', '0.5', '--out', out], configs=cfgs)
+                         '--span', '0.5', '--out', out], configs=copy.deepcopy(cfgs))
+    printed = capsys.readouterr().out
+    assert 'landscape_2d_old.png' in printed.split('note: 1 older 2-D plot(s)')[1]
+    # The runners log warnings only: no environment table or config dump per config.
+    assert 'System environment' not in printed and 'Config:' not in printed
     data = json.load(open(osp.join(out, 'landscape.json')))
     assert len(data['runs']) == 2
     for entry in entries:
@@ -366,7 +372,7 @@ def test_loss_landscape_tool(voc_cfgs):
     assert entries[1]['1d']['num_params'] > entries[0]['1d']['num_params']
     files = sorted(os.listdir(out))
     assert 'landscape_1d.png' in files
-    assert sum(f.startswith('landscape_2d_') and f.endswith('.png') for f in files) == 2
+    assert sum(f.startswith('landscape_2d_') and f.endswith('.png') for f in files) == 3
 
 
 def test_analysis_tools_refuse_checkpoints_that_do_not_fit_before_any_work(voc_cfgs):

@@ -95,15 +95,20 @@ def safe_name(label: str) -> str:
 
 
 def build_run(run: dict[str, Any], cfg_options: dict | None, seed: int,
-              out: str) -> tuple[Config, nn.Module, Any]:
+              out: str, verbose: bool = False) -> tuple[Config, nn.Module, Any]:
     """The config, model and train loader of one run of :func:`resolve_runs`.
 
     Checks the config's training data exists, gives the runner a unique
     experiment name (one runner per config in one process: their loggers,
     message hubs and visualisers stay apart) and a work dir under
     ``out/runs/<label>``, and builds as :func:`build_mm_model_and_loader` does.
+    Unless ``verbose`` (or a ``log_level`` in ``cfg_options``), the runner logs
+    warnings only: its environment table, config dump and per-parameter
+    initialisation report, once per config, would bury the tool's own output.
     """
     cfg = load_config(run['config'], cfg_options)
+    if not verbose and 'log_level' not in (cfg_options or {}):
+        cfg.log_level = 'WARNING'
     check_datasets(cfg, ('train_dataloader',))
     name = safe_name(run['label'])
     cfg.experiment_name = f'{name}_{time.strftime("%Y%m%d_%H%M%S")}'

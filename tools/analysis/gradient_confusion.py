@@ -81,6 +81,9 @@ def parse_args(argv: Sequence[str] | None = None, need_configs: bool = True
     parser.add_argument('--out', default=osp.join('work_dirs', 'analysis',
                                                   'gradient_confusion'),
                         help='output directory (JSON, PNG, runner logs)')
+    parser.add_argument('--verbose', action='store_true',
+                        help="show the runners' INFO logs (environment, config, "
+                        'initialisation); by default only their warnings')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction,
                         help='override settings of every config, e.g. '
                         'train_dataloader.batch_size=8')
@@ -95,7 +98,7 @@ def parse_args(argv: Sequence[str] | None = None, need_configs: bool = True
 
 def analyse(run: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     """Gradient confusion of one config; the result's ``to_dict()`` plus the run's settings."""
-    cfg, model, loader = build_run(run, args.cfg_options, args.seed, args.out)
+    cfg, model, loader = build_run(run, args.cfg_options, args.seed, args.out, args.verbose)
     torch.manual_seed(args.seed)  # dropout and the like
 
     def progress(index: int, loss: float) -> None:

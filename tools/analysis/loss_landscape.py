@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import glob
 import json
 import os
 import os.path as osp
@@ -77,6 +78,9 @@ def parse_args(argv: Sequence[str] | None = None, need_configs: bool = True
                         help='names in the table and plots (default: config file stems)')
     parser.add_argument('--out', default=osp.join('work_dirs', 'analysis', 'loss_landscape'),
                         help='output directory (JSON, PNGs, runner logs)')
+    parser.add_argument('--verbose', action='store_true',
+                        help="show the runners' INFO logs (environment, config, "
+                        'initialisation); by default only their warnings')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction,
                         help='override settings of every config')
     args = parser.parse_args(argv)
@@ -98,7 +102,7 @@ def parse_args(argv: Sequence[str] | None = None, need_configs: bool = True
 
 def analyse(run: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     """The 1-D (and 2-D) landscape of one config, JSON-friendly."""
-    cfg, model, loader = build_run(run, args.cfg_options, args.seed, args.out)
+    cfg, model, loader = build_run(run, args.cfg_options, args.seed, args.out, args.verbose)
     batches = mm_preprocess(model, loader, args.num_batches)
     loss_fn = mm_loss_fn(preprocess=False)
     label = run['label']
@@ -224,6 +228,10 @@ def main(argv: Sequence[str] | None = None,
             written.append(osp.join(args.out, f'landscape_2d_{safe_name(e["label"])}.png'))
             plot_2d(e, written[-1], title)
     print('wrote ' + ', '.join(written))
+    stale = sorted(set(glob.glob(osp.join(args.out, 'landscape_2d_*.png'))) - set(written))
+    if stale:  # left as they are: they may be wanted, but they are not this run's
+        print(f'note: {len(stale)} older 2-D plot(s) in {args.out} are not from this run: '
+              + ', '.join(osp.basename(p) for p in stale))
     return entries
 
 
