@@ -24,7 +24,7 @@ ADAMW = dict(type='AdamW', lr=0.01, weight_decay=0.01)
 
 @pytest.mark.parametrize('cfg, instead', [
     (dict(type='CosineAnnealingLR', T_max=10, eta_min=1e-5), 'eta_min_ratio=0.001'),
-    (dict(type='PolyLR', eta_min=1e-4), 'eta_min=0'),
+    (dict(type='PolyLR', eta_min=1e-4), "type='PolyLRRatio' (expand_mm) with eta_min_ratio=0.01"),
 ])
 def test_absolute_eta_min_with_scaled_factor_rates_is_named(cfg, instead):
     net = expanded_net(torch.float32)
@@ -32,8 +32,6 @@ def test_absolute_eta_min_with_scaled_factor_rates_is_named(cfg, instead):
     (problem,) = absolute_floor_problems(net, wrapper, [scheduler(wrapper, **cfg)])
     assert f'param_scheduler[0] ({cfg["type"]}, eta_min=' in problem
     assert 'factor groups' in problem and f'Use {instead}' in problem
-    if cfg['type'] == 'PolyLR':  # PolyLR has no eta_min_ratio to suggest
-        assert 'eta_min_ratio' not in problem
 
 
 def test_one_cycle_with_one_eta_max_and_a_plateau_floor_are_named():
@@ -95,3 +93,32 @@ def test_contract_checkpoint_hook_warns_at_the_start_of_training(tmp_path):
     (warning,) = warnings
     assert warning.startswith('ContractCheckpointHook: param_scheduler[1] (CosineAnnealingLR')
     assert 'eta_min_ratio=0.0001' in warning
+
+
+def test_poly_lr_ratio_ends_every_group_at_the_same_fraction_of_its_own_rate():
+    """PolyLRRatio: PolyLR's curve, each group towards ratio x its initial rate; a base
+    group follows PolyLR(eta_min=ratio x base) exactly."""
+    import expand_mm.optim  # noqa: F401  (registers PolyLRRatio)
+    net = expanded_net(torch.float32)
+    wrapper = wrapper_of(net, ADAMW)
+    twin = wrapper_of(net, ADAMW)
+    ratio_sched = scheduler(wrapper, type='PolyLRRatio', eta_min_ratio=0.01, power=0.9)
+    stock = scheduler(twin, type='PolyLR', eta_min=0.01 * 0.01, power=0.9)
+    assert absolute_floor_problems(net, wrapper, [ratio_sched]) == []
+    initial = [g['initial_lr'] for g in wrapper.optimizer.param_groups]
+    assert len(set(initial)) > 1  # scaled factor groups and base groups
+    for _ in range(9):
+        wrapper.optimizer.step()
+        ratio_sched.step()
+        stock.step()
+    for group, start in zip(wrapper.optimizer.param_groups, initial):
+        assert group['lr'] == pytest.approx(0.01 * start, rel=1e-6)
+    base = [i for i, lr in enumerate(initial) if lr == pytest.approx(0.01)]
+    assert base
+    for i in base:
+        assert wrapper.optimizer.param_groups[i]['lr'] == pytest.approx(
+            twin.optimizer.param_groups[i]['lr'], rel=1e-9)
+    with pytest.raises(ValueError, match=r'eta_min_ratio=1\.5 must be a number in \[0, 1\)'):
+        scheduler(wrapper, type='PolyLRRatio', eta_min_ratio=1.5)
+    with pytest.raises(ValueError, match='eta_min_ratio or eta_min, not both'):
+        scheduler(wrapper, type='PolyLRRatio', eta_min_ratio=0.1, eta_min=1e-4)

@@ -65,9 +65,14 @@ def _floor_problem(scheduler: Any, base: float) -> tuple[str, str] | None:
     name = type(scheduler).__name__
     eta_min = getattr(scheduler, 'eta_min', None)
     if eta_min and getattr(scheduler, 'eta_min_ratio', None) is None:
-        instead = (f'eta_min_ratio={eta_min / base:.4g} (the same end rate for the base '
-                   'groups) or eta_min=0' if hasattr(scheduler, 'eta_min_ratio')
-                   else 'eta_min=0')
+        ratio = (f'eta_min_ratio={eta_min / base:.4g} (the same end rate for the base '
+                 'groups)')
+        if hasattr(scheduler, 'eta_min_ratio'):
+            instead = f'{ratio} or eta_min=0'
+        elif name == 'PolyLR':
+            instead = f"type='PolyLRRatio' (expand_mm) with {ratio}, or eta_min=0"
+        else:
+            instead = 'eta_min=0'
         return f'{name}, eta_min={eta_min:g}', instead
     min_values = getattr(scheduler, 'min_values', None)  # ReduceOnPlateauLR
     if isinstance(min_values, (list, tuple)) and any(v > 0 for v in min_values):
