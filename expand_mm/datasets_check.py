@@ -64,6 +64,7 @@ def check_datasets(cfg: Any, loaders: tuple[str, ...] = ('train_dataloader', 'va
                              if name in str(dataset.get('data_root', ''))),
                             'put the dataset where the config expects it, or override '
                             f'{key}.dataset.data_root with --cfg-options')
+                where = '' if osp.isabs(path) else f', i.e. {osp.abspath(path)!r} from here'
                 raise FileNotFoundError(
-                    f'{key}: dataset path {path!r} does not exist (data_root='
+                    f'{key}: dataset path {path!r} does not exist{where} (data_root='
                     f'{dataset.get("data_root")!r}). How to get it: {hint}.')

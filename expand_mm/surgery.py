@@ -12,6 +12,7 @@ state-dict key outside the conv unchanged.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import difflib
@@ -114,8 +115,11 @@ class ExpansionReport:
             f'model {self.model_params_before:,} -> {self.model_params_after:,} '
             f'({self.param_ratio:.2f}x)')
         if self.skipped:
-            lines.append(f'{len(self.skipped)} candidate layers left compact '
-                         '(see report.skipped for why)')
+            reasons = collections.Counter(reason for _, reason in self.skipped)
+            lines.append(f'{len(self.skipped)} candidate layers left compact: '
+                         + '; '.join(f'{n} x {reason}' for reason, n in reasons.most_common(4))
+                         + ('; ...' if len(reasons) > 4 else '')
+                         + ' (each one in expansion_report.skipped)')
         return '\n'.join(lines)
 
 
@@ -399,7 +403,9 @@ def expand_model(model: nn.Module,
             + (f': exclude={list(exclude)} removes every layer that include pattern(s) '
                f'{cancelled} select' if cancelled else '')
             + '; candidates left compact: '
-            + ', '.join(f'{p} ({r})' for p, r in list(skipped.items())[:8]))
+            # Those the patterns left out first: the likeliest to be the ones meant.
+            + ', '.join(f'{p} ({r})' for p, r in sorted(
+                skipped.items(), key=lambda item: item[1] != 'not selected by include/exclude')[:8]))
 
     for path, module in selected:
         if isinstance(module, nn.Conv2d):

@@ -58,7 +58,7 @@ def test_bad_builder_arguments_name_the_key():
         build(expandnet_cfg(keep_weights=3))
     # A misspelled option names the option meant, not the detector's __init__.
     with pytest.raises(ValueError, match=r"unknown option\(s\) \['ratoi'\]. 'ratoi': did you "
-                                         r"mean 'ratio'\?"):
+                                         r"mean 'ratio'\? ExpandNet takes"):
         build(expandnet_cfg(ratoi=2))
     # A compact-model key at the top level says where it belongs.
     with pytest.raises(ValueError, match=r"'bbox_head' is a key of the inner model: set it "
@@ -131,14 +131,16 @@ def test_without_the_deferral_hooks_the_expandnet_builds_with_plain_autograd(mon
 def test_single_patterns_given_as_strings_are_one_pattern():
     """`--cfg-options model.include=backbone.*` passes a string, not a list."""
     as_string = build(expandnet_cfg(strategy='cl', ratio=2, include='backbone.*',
-                                    exclude='backbone.stages.0.*', keep_weights='neck.*'))
+                                    exclude='backbone.stages.0.*',
+                                    keep_weights='backbone.stages.1.*'))
     as_list = build(expandnet_cfg(strategy='cl', ratio=2, include=['backbone.*'],
-                                  exclude=['backbone.stages.0.*'], keep_weights=['neck.*']))
+                                  exclude=['backbone.stages.0.*'],
+                                  keep_weights=['backbone.stages.1.*']))
     paths = [r.path for r in as_string.expansion_report.layers]
     assert paths == [r.path for r in as_list.expansion_report.layers]
     assert paths and all(p.startswith('backbone.') and not p.startswith('backbone.stages.0.')
                          for p in paths)
-    assert as_string.expandnet_cfg['keep_weights'] == ['neck.*']
+    assert as_string.expandnet_cfg['keep_weights'] == ['backbone.stages.1.*']
 
 
 def test_kept_ck_layers_with_a_too_small_ratio_are_refused_at_build_time():
@@ -158,3 +160,47 @@ def test_kept_ck_layers_with_a_too_small_ratio_are_refused_at_build_time():
     enough = build(dict(type='ExpandNet', model=k5, strategy='auto', ratio=max(needs),
                         init='compact'))
     enough.init_weights()  # factorises every kept CK layer without raising
+
+
+def test_misspelled_model_key_and_unmatched_keep_weights_are_named():
+    compact = Config.fromfile(COMPACT).model
+    with pytest.raises(ValueError, match=r"`model`, the compact model's config, is missing "
+                                         r"\('modle': did you mean 'model'\?\)"):
+        build(dict(type='ExpandNet', modle=compact))
+    with pytest.raises(ValueError, match="`model`, the compact model's config, is missing: "):
+        build(dict(type='ExpandNet', ratio=2))
+    with pytest.raises(ValueError, match=r"keep_weights pattern 'nek\.\*' matches no expanded "
+                                         r"layer .* Nearest: .*neck"):
+        build(expandnet_cfg(strategy='cl', ratio=2, keep_weights=['nek.*']))
+    # A module left compact (a 1x1 conv) is no expanded layer either.
+    with pytest.raises(ValueError, match="keep_weights pattern 'bbox_head.convs_pred.0'"):
+        build(expandnet_cfg(strategy='cl', ratio=2, keep_weights=['bbox_head.convs_pred.0']))
+
+
+def test_wrapper_level_settings_reach_the_compact_model_and_its_config():
+    """--cfg-options model.test_cfg... / model.data_preprocessor.size=... on an ExpandNet
+    config act as they do on the compact config: built and in compact_model_cfg."""
+    from expand_mm.models import compact_model_cfg
+    unet = Config.fromfile(str(osp.join(ROOT, 'configs', 'expandnet', 'expandnet-cl-r4_unet-'
+                                        's5-d16-c16-fcn_4xb4-160k_cityscapes-512x1024.py')))
+    slide = dict(mode='slide', crop_size=(16, 16), stride=(16, 16))
+    unet.merge_from_dict({'model.test_cfg': slide,
+                          'model.data_preprocessor.size': (32, 64),
+                          'model.data_preprocessor.pad_val': 7})
+    inner = compact_model_cfg(unet.model)
+    assert inner['test_cfg'] == slide
+    assert inner['data_preprocessor']['size'] == (32, 64)
+    assert inner['data_preprocessor']['type'] == 'SegDataPreProcessor'
+    with DefaultScope.overwrite_default_scope('mmseg'):
+        model = MODELS.build(unet.model)
+    assert model.test_cfg['mode'] == 'slide'
+    assert tuple(model.data_preprocessor.size) == (32, 64)
+    assert model.data_preprocessor.pad_val == 7
+    # A full top-level preprocessor (what the Runner passes) does not replace the model's own.
+    plain = Config.fromfile(str(osp.join(ROOT, 'configs', 'expandnet', 'expandnet-cl-r4_unet-'
+                                         's5-d16-c16-fcn_4xb4-160k_cityscapes-512x1024.py')))
+    own = dict(plain.model.model.data_preprocessor)
+    with DefaultScope.overwrite_default_scope('mmseg'):
+        model = MODELS.build(dict(plain.model, data_preprocessor=dict(own, size=(8, 8))))
+    assert tuple(model.data_preprocessor.size) == tuple(own['size'])
+    assert compact_model_cfg(plain.model) is plain.model.model  # nothing to carry: the same

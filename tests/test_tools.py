@@ -206,3 +206,39 @@ def test_a_legacy_format_checkpoint_is_read_even_when_memory_mapping_is_asked(tm
     torch.save({'state_dict': {'w': torch.ones(2)}, 'meta': {}}, path,
                _use_new_zipfile_serialization=False)
     assert torch.equal(read_checkpoint(str(path), mmap=True)['state_dict']['w'], torch.ones(2))
+
+
+def test_train_tool_warns_about_what_an_expandnet_config_leaves_out(tmp_path):
+    """AdamW without the per-factor rates, and no ContractCheckpointHook: both said; the
+    project's configs (SGD with the constructor, and AdamW with it) say nothing."""
+    from mmengine.runner import Runner
+    train = load_tool('train')
+
+    def warnings_of(cfg):
+        cfg.work_dir = str(tmp_path / 'work')
+        return train.expandnet_setup_warnings(cfg, Runner.from_cfg(cfg))
+
+    assert warnings_of(Config.fromfile(str(EXPANDNET))) == []
+    assert warnings_of(Config.fromfile(str(COMPACT))) == []
+    digits = ROOT / 'configs/digits/expandnet-cl-r4_yolo-lite_1xb16-900i_digits-det-64x64.py'
+    assert warnings_of(Config.fromfile(str(digits))) == []
+    bare = Config.fromfile(str(digits))
+    bare.optim_wrapper.pop('constructor')
+    bare.custom_hooks = []
+    optimizer, hooks = warnings_of(bare)
+    assert optimizer.startswith('15 expanded layers train with AdamW at the base rate: set '
+                                "optim_wrapper.constructor='ExpandNetOptimWrapperConstructor'")
+    assert hooks.startswith('no ContractCheckpointHook in custom_hooks')
+
+
+def test_train_and_test_tools_name_missing_data_with_its_absolute_path(tmp_path,
+                                                                        expandnet_checkpoint):
+    for tool, args in (('train.py', [str(COMPACT), '--work-dir', str(tmp_path / 'w')]),
+                       ('test.py', [str(EXPANDNET), str(expandnet_checkpoint)])):
+        # The config's data_root is relative: run where there is no data below it.
+        result = subprocess.run([sys.executable, str(ROOT / 'tools' / tool), *args],
+                                capture_output=True, text=True, cwd=tmp_path)
+        assert result.returncode == 2, (tool, result.stderr[-2000:])
+        error = [line for line in result.stderr.splitlines() if line.startswith('error: ')]
+        assert len(error) == 1 and 'Traceback' not in result.stderr, (tool, result.stderr)
+        assert f"i.e. '{tmp_path}/data/VOCdevkit" in error[0], error

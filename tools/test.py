@@ -106,7 +106,11 @@ def main() -> int:
     cfg.load_from = args.checkpoint
     if args.show_dir:
         enable_visualisation(cfg, args.show_dir)
-    check_datasets(cfg, ('test_dataloader',))
+    try:
+        check_datasets(cfg, ('test_dataloader',))
+    except FileNotFoundError as err:
+        print(f'error: {err}', file=sys.stderr)
+        return 2
     runner = Runner.from_cfg(cfg) if 'runner_type' not in cfg else RUNNERS.build(cfg)
     runner.test()
     return 0

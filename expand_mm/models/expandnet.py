@@ -49,6 +49,35 @@ def _pretrained_paths(model: nn.Module) -> list[str]:
     return paths
 
 
+def apply_data_preprocessor(inner_cfg: dict, given: Any, owner: str,
+                            announce: bool = True) -> None:
+    """Give a wrapper's ``data_preprocessor`` to the model config it wraps (in place).
+
+    A full config (with a ``type``: MMEngine's Runner passes the config's
+    top-level one) is the inner model's only when it has none, as for any
+    model. One without a ``type`` can only be a change of some of its keys
+    (``--cfg-options model.data_preprocessor.size=...``): those keys are set
+    on the inner model's preprocessor, where the same option on the compact
+    config would have set them, instead of being dropped.
+    """
+    if given is None:
+        return
+    current = inner_cfg.get('data_preprocessor')
+    if current is None:
+        inner_cfg['data_preprocessor'] = copy.deepcopy(given)
+    elif isinstance(given, Mapping) and 'type' not in given:
+        if not isinstance(current, Mapping):
+            raise ValueError(f'{owner}: data_preprocessor={dict(given)} changes keys of the '
+                             f"inner model's data_preprocessor, which is {current!r}")
+        merged = copy.deepcopy(dict(current))
+        merged.update(copy.deepcopy(dict(given)))
+        inner_cfg['data_preprocessor'] = merged
+        if announce:
+            MMLogger.get_current_instance().info(
+                f"{owner}: data_preprocessor keys {sorted(given)} set on the wrapped model's "
+                'data_preprocessor')
+
+
 def check_model_overrides(overrides: Mapping[str, Any], owner: str, options: Sequence[str],
                           inner: Any, inner_key: str) -> None:
     """Refuse top-level model keys that are neither options nor ``API_MODEL_KEYS``.
@@ -86,12 +115,13 @@ def check_model_overrides(overrides: Mapping[str, Any], owner: str, options: Seq
                  f"compact model, start the dict with `_delete_=True` (model = dict("
                  f"_delete_=True, type='{owner}', ...)) so they are not merged into it"]
     raise ValueError(f'{owner}: unknown option(s) {unknown}. '
-                     + (' '.join(h.rstrip('.') + '.' for h in hints) + ' ' if hints else '')
+                     + (' '.join(h if h.endswith(('?', '.')) else h + '.' for h in hints)
+                        + ' ' if hints else '')
                      + f'{owner} takes {", ".join(options)}; the inner model\'s own settings '
                      f'go inside `{inner_key}`')
 
 
-def build_expandnet(model: dict,
+def build_expandnet(model: dict | None = None,
                     strategy: str = 'cl',
                     ratio: int = 4,
                     mode: str = 'online',
@@ -140,7 +170,8 @@ def build_expandnet(model: dict,
             (the stock ``MMDistributedDataParallel`` keeps plain autograd).
         data_preprocessor: Given to the compact model when its config has none
             (MMEngine's Runner adds the config's top-level ``data_preprocessor``
-            to the model dict it builds).
+            to the model dict it builds); one without a ``type`` changes those
+            keys of the compact model's (see :func:`apply_data_preprocessor`).
         **model_overrides: Keys that mm APIs set on the top-level model dict
             (``API_MODEL_KEYS``: mmseg's ``init_model`` sets ``pretrained`` and
             ``train_cfg``); they are applied to the compact model's config.
@@ -150,6 +181,13 @@ def build_expandnet(model: dict,
         The stock model instance, expanded, with ``expandnet_cfg`` and
         ``expansion_report`` attributes.
     """
+    if model is None:  # e.g. misspelled: `modle={{_base_.model}}` lands in model_overrides
+        typo = difflib.get_close_matches('model', [k for k in model_overrides
+                                                   if k not in API_MODEL_KEYS], n=1)
+        raise ValueError(
+            "ExpandNet: `model`, the compact model's config, is missing"
+            + (f' ({typo[0]!r}: did you mean \'model\'?)' if typo else '')
+            + ": model=dict(_delete_=True, type='ExpandNet', model={{_base_.model}}, ...)")
     if init not in ('fresh', 'compact'):
         raise ValueError(f"ExpandNet: init={init!r} must be 'fresh' or 'compact'")
     if not isinstance(defer_factor_grads, bool):
@@ -175,8 +213,7 @@ def build_expandnet(model: dict,
                 'training uses plain autograd (same gradients, higher peak memory)')
             defer_factor_grads = False
     model = copy.deepcopy(model)
-    if data_preprocessor is not None:
-        model.setdefault('data_preprocessor', data_preprocessor)
+    apply_data_preprocessor(model, data_preprocessor, 'ExpandNet')
     model.update(model_overrides)
     compact = MODELS.build(model)
 
@@ -187,6 +224,7 @@ def build_expandnet(model: dict,
     report = expand_model(compact, strategy=strategy, ratio=ratio, mode=mode,
                           include=include, exclude=exclude, expand_1x1=expand_1x1,
                           expand_linear=expand_linear)
+    _check_keep_patterns_match(compact, keep_weights)
     _check_kept_layers_factorise_exactly(compact, keep, ratio)
     compact.expandnet_cfg = dict(strategy=strategy, ratio=ratio, mode=mode, include=include,
                                  exclude=exclude, expand_1x1=expand_1x1,
@@ -203,6 +241,23 @@ def build_expandnet(model: dict,
 
 
 MODELS.register_module(name='ExpandNet', module=build_expandnet)
+
+
+def _check_keep_patterns_match(model: nn.Module, keep_weights: bool | list[str]) -> None:
+    """Refuse a ``keep_weights`` pattern that selects no expanded layer (a typo would
+    otherwise start every layer from fresh factors without a word)."""
+    if isinstance(keep_weights, bool):
+        return
+    paths = [path for path, _ in expanded_layers(model)]
+    for pattern in keep_weights:
+        if any(path_matches(path, [pattern]) for path in paths):
+            continue
+        near = difflib.get_close_matches(pattern.replace('*', ''), paths, n=5, cutoff=0.5) \
+            or sorted({path.split('.')[0] + '.*' for path in paths})[:5]
+        raise ValueError(
+            f'ExpandNet: keep_weights pattern {pattern!r} matches no expanded layer (it '
+            'selects expanded layers to factorise from their compact initialisation; a '
+            f"layer left compact keeps its weights anyway). Nearest: {', '.join(near)}")
 
 
 def _check_kept_layers_factorise_exactly(model: nn.Module, keep: bool | list[str],
@@ -263,7 +318,8 @@ def init_expanded_weights(model: BaseModule) -> None:
             kept += 1
     MMLogger.get_current_instance().info(
         f'ExpandNet: initialised the compact form; {kept} of {len(layers)} expanded layers '
-        'factorised from it exactly, the others keep fresh factors')
+        'factorised from it exactly'
+        + (', the others keep fresh factors' if kept < len(layers) else ''))
 
 
 def train_step_deferring_factor_grads(model: nn.Module, data: Any, optim_wrapper: Any) -> Any:

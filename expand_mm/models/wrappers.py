@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 from typing import Any, Iterator, Mapping, Sequence
 
 from mmengine.model import BaseModel
@@ -26,7 +27,7 @@ from mmengine.registry import MODELS
 from torch import nn
 
 from ..surgery import deferred_factor_grads
-from .expandnet import deferring_expandnet
+from .expandnet import API_MODEL_KEYS, apply_data_preprocessor, deferring_expandnet
 
 
 def build_inner_model(cfg: Mapping, key: str, owner: str,
@@ -49,8 +50,7 @@ def build_inner_model(cfg: Mapping, key: str, owner: str,
                          f'{{{{_base_.model}}}} or dict(type=\'ExpandNet\', model=...)), got '
                          f'{type(cfg).__name__}')
     cfg = copy.deepcopy(dict(cfg))
-    if data_preprocessor is not None:
-        cfg.setdefault('data_preprocessor', data_preprocessor)
+    apply_data_preprocessor(cfg, data_preprocessor, owner)
     cfg.update(overrides or {})
     model = MODELS.build(cfg)
     if not isinstance(model, BaseModel):
@@ -119,21 +119,39 @@ def deployable_model_cfg(cfg: Any) -> Any:
 
     Follows each wrapper's :meth:`TrainingWrapper.deployable_cfg` (the config
     counterpart of ``deployable_model()``) and ``type='ExpandNet'``'s
-    ``model``; any other config is returned as it is.
+    ``model``; any other config is returned as it is (the same object). As the
+    builders do, the keys mm APIs set on a wrapper (``test_cfg``, ``train_cfg``,
+    ``init_cfg``, ``pretrained``, unless the wrapper takes them itself) override
+    the inner config's, and a wrapper's ``data_preprocessor`` is the inner
+    model's when the inner config has none: a ``test_cfg`` set on an ExpandNet
+    config (sliding-window testing) holds for its compact model too.
 
     Args:
         cfg: A model config (e.g. ``cfg.model``).
     """
     while isinstance(cfg, Mapping):
         if cfg.get('type') == 'ExpandNet':
-            cfg = cfg['model']
-            continue
-        cls = MODELS.get(cfg.get('type')) if isinstance(cfg.get('type'), str) else None
-        if isinstance(cls, type) and issubclass(cls, TrainingWrapper):
-            cfg = cls.deployable_cfg(cfg)
-            continue
-        break
+            from .expandnet import build_expandnet
+            inner, own = cfg['model'], _named_parameters(build_expandnet)
+        else:
+            cls = MODELS.get(cfg.get('type')) if isinstance(cfg.get('type'), str) else None
+            if not (isinstance(cls, type) and issubclass(cls, TrainingWrapper)):
+                break
+            inner, own = cls.deployable_cfg(cfg), _named_parameters(cls.__init__)
+        passed = {key: copy.deepcopy(cfg[key]) for key in API_MODEL_KEYS
+                  if key in cfg and key not in own}
+        preprocessor = cfg.get('data_preprocessor')
+        if isinstance(inner, Mapping) and (passed or preprocessor is not None):
+            inner = copy.deepcopy(inner)
+            apply_data_preprocessor(inner, preprocessor, str(cfg.get('type')), announce=False)
+            inner.update(passed)
+        cfg = inner
     return cfg
+
+
+def _named_parameters(function: Any) -> set[str]:
+    """Names of ``function``'s parameters (the options a wrapper takes itself)."""
+    return set(inspect.signature(function).parameters) - {'self'}
 
 
 class TrainingWrapper(BaseModel):
