@@ -19,12 +19,12 @@ import os.path as osp
 from typing import Any, Sequence
 
 import torch
-from mmengine.model import BaseModel, is_model_wrapper
+from mmengine.model import BaseModel
 from torch import nn
 
 from .checkpoint import (NONLINEAR_INIT_META_KEY, CheckpointError, match_state_dict,
                          prepare_output_path, read_checkpoint, strip_prefix)
-from .models.expandnet import deployable_model
+from .models.expandnet import deployable_model, wraps_a_model
 from .planting import PlantingError, bake_masks, masked_units, remove_mask_hooks
 from .surgery import check_contraction, contract_model_, expanded_layers, verify_contraction
 
@@ -205,8 +205,9 @@ def make_probe(model: nn.Module, shape: Sequence[int] = DEFAULT_PROBE_SHAPE) -> 
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """``model`` without DDP-style model wrappers (``MMDistributedDataParallel``, ...)."""
-    while is_model_wrapper(model):
+    """``model`` without DDP-style model wrappers (``MMDistributedDataParallel``, ...)
+    and test-time-augmentation models, as MMEngine's checkpoint loading unwraps them."""
+    while wraps_a_model(model):
         model = model.module
     return model
 

@@ -5,10 +5,12 @@ import importlib.util
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from mmengine.config import Config
 from mmengine.registry import MODELS, DefaultScope
+from PIL import Image
 
 import expand_mm  # noqa: F401  (registers ExpandNet)
 from wrapper_test_utils import ROOT, load_tool
@@ -242,3 +244,49 @@ def test_train_and_test_tools_name_missing_data_with_its_absolute_path(tmp_path,
         error = [line for line in result.stderr.splitlines() if line.startswith('error: ')]
         assert len(error) == 1 and 'Traceback' not in result.stderr, (tool, result.stderr)
         assert f"i.e. '{tmp_path}/data/VOCdevkit" in error[0], error
+
+
+def test_test_tool_tta_and_out_evaluate_the_compact_twin_as_the_expanded_model(tmp_path):
+    """--tta wraps the model tested (the compact one for a *_compact.pth) in the config's
+    tta_model; --out dumps the predictions. Same predictions from both checkpoints."""
+    from mmengine.runner import Runner
+
+    from data_factory import make_cityscapes
+    from mm_test_utils import shrink_for_test
+    config = ROOT / ('configs/expandnet/expandnet-cl-r4_unet-s5-d16-c16-fcn_4xb4-160k_'
+                     'cityscapes-512x1024.py')
+    data_root = str(tmp_path / 'data') + '/'
+    make_cityscapes(data_root, num_images=2, size=(64, 128))
+    cfg = Config.fromfile(str(config))
+    shrink_for_test(cfg, str(tmp_path / 'work'), data_root, (64, 128), max_iters=1)
+    Runner.from_cfg(cfg).train()
+    test = load_tool('test')
+    predictions = {}
+    for name in ('iter_1.pth', 'iter_1_compact.pth'):
+        out = tmp_path / f'out_{name}'
+        argv, sys.argv = sys.argv, [
+            'test.py', str(config), str(tmp_path / 'work' / name), '--tta', '--out', str(out),
+            '--work-dir', str(tmp_path / f'test_{name}'), '--cfg-options',
+            f'test_dataloader.dataset.data_root={data_root}', 'test_dataloader.batch_size=1']
+        try:
+            assert test.main() == 0
+        finally:
+            sys.argv = argv
+        dumped = Config.fromfile(str(tmp_path / f'test_{name}' / config.name))
+        assert dumped.model.type == 'SegTTAModel'
+        assert (dumped.model.module.type == 'ExpandNet') == (name == 'iter_1.pth')
+        files = sorted(out.rglob('*.png'))
+        assert len(files) == 2, files
+        predictions[name] = [np.asarray(Image.open(f)) for f in files]
+    for a, b in zip(*predictions.values()):
+        assert (a == b).mean() > 0.999
+
+
+def test_test_tool_tta_without_tta_settings_is_refused(expandnet_checkpoint, capsys):
+    test = load_tool('test')
+    argv, sys.argv = sys.argv, ['test.py', str(EXPANDNET), str(expandnet_checkpoint), '--tta']
+    try:
+        assert test.main() == 2
+    finally:
+        sys.argv = argv
+    assert 'error: --tta needs tta_model and tta_pipeline in the config' in capsys.readouterr().err

@@ -1,6 +1,7 @@
 """Evaluate a checkpoint with the stock MMEngine Runner, metrics and visualiser.
 
-    python tools/test.py CONFIG CKPT [--work-dir DIR] [--show-dir DIR] [--cfg-options ...]
+    python tools/test.py CONFIG CKPT [--work-dir DIR] [--out PATH] [--show-dir DIR] [--tta]
+                         [--cfg-options ...]
 
 CONFIG may be an ExpandNet config; CKPT may be its training checkpoint (the
 expanded model is evaluated) or a compact checkpoint (``*_compact.pth``, or any
@@ -30,7 +31,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument('config', help='test config file path')
     parser.add_argument('checkpoint', help='training or compact checkpoint')
     parser.add_argument('--work-dir', help='the directory to save the evaluation metrics')
+    parser.add_argument('--out', help='also dump the predictions: a .pkl file for mmdet '
+                        '(DumpDetResults), a directory of prediction images for mmseg')
     parser.add_argument('--show-dir', help='directory where painted images are saved')
+    parser.add_argument('--tta', action='store_true', help="test-time augmentation with the "
+                        "config's tta_model and tta_pipeline (of the model tested: the "
+                        'compact one for a compact checkpoint)')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction,
                         help='override config settings')
     parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'],
@@ -87,6 +93,41 @@ def enable_visualisation(cfg: Config, show_dir: str) -> None:
         cfg.visualizer['save_dir'] = show_dir
 
 
+def enable_tta(cfg: Config) -> None:
+    """Wrap the model to test in the config's ``tta_model``, data in ``tta_pipeline``.
+
+    As mmdet's / mmseg's ``tools/test.py --tta`` do; here it wraps the model
+    that is tested (the compact one for a compact checkpoint).
+
+    Raises:
+        KeyError: If the config has no ``tta_model`` or no ``tta_pipeline``.
+    """
+    missing = [key for key in ('tta_model', 'tta_pipeline') if key not in cfg]
+    if missing:
+        raise KeyError(f'--tta needs {" and ".join(missing)} in the config (mmseg\'s dataset '
+                       "configs define them; for mmdet, see its configs' *_tta.py files)")
+    cfg.model = dict(cfg.tta_model, module=cfg.model)
+    dataset = cfg.test_dataloader.dataset
+    while 'dataset' in dataset:
+        dataset = dataset['dataset']
+    if 'batch_shapes_cfg' in dataset:  # YOLO-style batch shapes do not apply to TTA views
+        dataset['batch_shapes_cfg'] = None
+    dataset['pipeline'] = cfg.tta_pipeline
+
+
+def dump_predictions(cfg: Config, out: str) -> None:
+    """Add the stock prediction dump of the task to the test evaluator (``--out``)."""
+    if cfg.get('default_scope') == 'mmdet':
+        if not out.endswith(('.pkl', '.pickle')):
+            raise ValueError(f'--out {out!r}: mmdet dumps predictions to a .pkl or .pickle file')
+        evaluators = cfg.test_evaluator if isinstance(cfg.test_evaluator, list) \
+            else [cfg.test_evaluator]
+        cfg.test_evaluator = [*evaluators, dict(type='DumpDetResults', out_file_path=out)]
+    else:  # mmseg's IoUMetric writes the predicted label maps into output_dir
+        cfg.test_evaluator['output_dir'] = out
+        cfg.test_evaluator['keep_results'] = True
+
+
 def main() -> int:
     """Build the runner for the right (compact or expanded) model and test."""
     args = parse_args()
@@ -106,6 +147,14 @@ def main() -> int:
     cfg.load_from = args.checkpoint
     if args.show_dir:
         enable_visualisation(cfg, args.show_dir)
+    try:
+        if args.out:
+            dump_predictions(cfg, args.out)
+        if args.tta:
+            enable_tta(cfg)
+    except (KeyError, ValueError) as err:
+        print(f'error: {err.args[0]}', file=sys.stderr)
+        return 2
     try:
         check_datasets(cfg, ('test_dataloader',))
     except FileNotFoundError as err:

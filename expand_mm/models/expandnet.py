@@ -21,7 +21,7 @@ import functools
 from typing import Any, Mapping, Sequence
 
 from mmengine.logging import MMLogger
-from mmengine.model import BaseModule, is_model_wrapper
+from mmengine.model import BaseModule, BaseTTAModel, is_model_wrapper
 from mmengine.registry import MODELS
 from torch import nn
 
@@ -333,15 +333,22 @@ def train_step_deferring_factor_grads(model: nn.Module, data: Any, optim_wrapper
         return type(model).train_step(model, data, optim_wrapper)
 
 
+def wraps_a_model(model: nn.Module) -> bool:
+    """Whether ``model`` only wraps ``model.module``: a DDP-style wrapper, or a
+    test-time-augmentation model (MMEngine's checkpoint loading unwraps both)."""
+    return is_model_wrapper(model) or isinstance(model, BaseTTAModel)
+
+
 def deployable_model(model: nn.Module) -> nn.Module:
     """The module whose contraction is the deployed model.
 
-    Unwraps DDP-style model wrappers; a training-time wrapper (a distiller, an
-    auxiliary-branch model) that holds the deployable network elsewhere
-    implements ``deployable_model() -> nn.Module`` and is unwrapped through it.
+    Unwraps DDP-style model wrappers and test-time-augmentation models; a
+    training-time wrapper (a distiller, an auxiliary-branch model) that holds
+    the deployable network elsewhere implements
+    ``deployable_model() -> nn.Module`` and is unwrapped through it.
     """
     while True:
-        if is_model_wrapper(model):
+        if wraps_a_model(model):
             model = model.module
         elif callable(getattr(model, 'deployable_model', None)):
             inner = model.deployable_model()
