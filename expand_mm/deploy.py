@@ -147,8 +147,8 @@ def config_input_size(cfg: Any) -> tuple[tuple[int, int], str] | None:
     """``((H, W), source)`` of the network's input under an mm config's test settings.
 
     With sliding-window testing (mmseg's ``test_cfg.mode='slide'``, found in
-    the model config through wrappers) the network sees ``crop_size``
-    windows, so that is the size. Otherwise it is the ``scale`` of the
+    the model config through wrappers) the network sees windows of at most
+    ``crop_size`` (clipped at the image border), so that is the size. Otherwise it is the ``scale`` of the
     test-pipeline ``Resize``, read from ``cfg.test_dataloader``'s dataset
     (through dataset wrappers) or ``cfg.test_pipeline``; mmcv's ``scale`` is
     ``(W, H)`` or one int. With ``keep_ratio`` the scale is only the box an
@@ -157,12 +157,9 @@ def config_input_size(cfg: Any) -> tuple[tuple[int, int], str] | None:
     """
     test_cfg = _find_test_cfg(cfg.get('model'))
     if test_cfg is not None and test_cfg.get('mode') == 'slide':
-        crop = test_cfg.get('crop_size')
-        if isinstance(crop, int) and crop > 0:
-            return (crop, crop), 'sliding-window test_cfg.crop_size'
-        if (isinstance(crop, (tuple, list)) and len(crop) == 2
-                and all(isinstance(v, int) and v > 0 for v in crop)):
-            return (int(crop[0]), int(crop[1])), 'sliding-window test_cfg.crop_size (H, W)'
+        crop = _size_pair(test_cfg.get('crop_size'))  # mmseg's crop_size is (H, W)
+        if crop is not None:
+            return crop, 'sliding-window test_cfg.crop_size (H, W)'
     dataset = (cfg.get('test_dataloader') or {}).get('dataset') or {}
     while isinstance(dataset, dict) and 'pipeline' not in dataset and 'dataset' in dataset:
         dataset = dataset['dataset']
@@ -174,12 +171,19 @@ def config_input_size(cfg: Any) -> tuple[tuple[int, int], str] | None:
         source = ('test-pipeline Resize scale'
                   + (', keep_ratio: the box images are fitted into' if step.get('keep_ratio')
                      else ''))
-        scale = step.get('scale')
-        if isinstance(scale, int) and scale > 0:
-            return (scale, scale), source
-        if (isinstance(scale, (tuple, list)) and len(scale) == 2
-                and all(isinstance(v, int) and v > 0 for v in scale)):
-            return (int(scale[1]), int(scale[0])), source
+        scale = _size_pair(step.get('scale'))
+        if scale is not None:
+            return (scale[1], scale[0]), source  # mmcv's scale is (W, H)
+    return None
+
+
+def _size_pair(value: Any) -> tuple[int, int] | None:
+    """``value`` as two positive ints (one int is both), or None if it is neither."""
+    if isinstance(value, int) and value > 0:
+        return value, value
+    if (isinstance(value, (tuple, list)) and len(value) == 2
+            and all(isinstance(v, int) and v > 0 for v in value)):
+        return int(value[0]), int(value[1])
     return None
 
 

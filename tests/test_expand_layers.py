@@ -536,6 +536,26 @@ def test_composed_kernel_keeps_the_compact_memory_format(strategy, kernel, group
         .weight.is_contiguous()
 
 
+@pytest.mark.parametrize('conv_kwargs', [
+    dict(in_channels=8, out_channels=8, kernel_size=3, padding=1, groups=8),  # [C, 1, k, k]
+    dict(in_channels=1, out_channels=8, kernel_size=3, padding=1),
+    dict(in_channels=4, out_channels=8, kernel_size=1),  # [O, I, 1, 1]
+    dict(in_channels=4, out_channels=8, kernel_size=3, padding=1)])
+def test_kernels_whose_shape_fits_both_layouts_keep_the_compact_convs_layout(conv_kwargs):
+    """A depthwise, 1-input-channel or 1x1 kernel passes both is_contiguous tests; the
+    conv follows its actual strides, so online and contracted must have the compact ones."""
+    torch.manual_seed(0)
+    x = torch.randn(2, conv_kwargs['in_channels'], 6, 6)
+    for layout in (torch.channels_last, torch.contiguous_format):
+        conv = nn.Conv2d(**conv_kwargs).to(memory_format=layout)
+        layer = ExpandConv2d.from_conv(conv, strategy='cl', ratio=2).to(memory_format=layout)
+        compact_out = conv(x).is_contiguous(memory_format=torch.channels_last)
+        assert compact_out == (layout == torch.channels_last)
+        for module in (layer, layer.contract()):
+            assert module.weight.stride() == conv.weight.stride()
+            assert module(x).is_contiguous(memory_format=torch.channels_last) == compact_out
+
+
 def test_a_non_strict_load_without_bias_keeps_the_composed_bias_as_a_conv_keeps_its_own():
     torch.manual_seed(0)
     conv = nn.Conv2d(4, 6, 3, padding=1)

@@ -286,3 +286,30 @@ def test_dcn_offset_convs_stay_compact_and_keep_their_zero_init_and_rate():
         constructor='ExpandNetOptimWrapperConstructor',
         optimizer=dict(type='SGD', lr=0.01), paramwise_cfg=dict(dcn_offset_lr_mult=0.1)))
     assert group_lrs(wrapper, net)['1.conv_offset.weight'] == pytest.approx(0.001)
+
+
+def test_factors_of_a_grouped_conv_are_not_taken_for_depthwise_ones():
+    """Conv2d(8, 4, 3, groups=4) is not depthwise, but at ratio 1 its last CL factor
+    (4 -> 4, groups=4) would pass mmengine's in_channels == groups test."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(8, 4, 3, groups=4))
+    expand_mm.expand_model(net, strategy='cl', ratio=1)
+    wrapper = build_optim_wrapper(net, dict(
+        constructor='ExpandNetOptimWrapperConstructor',
+        optimizer=dict(type='SGD', lr=0.01, weight_decay=0.1),
+        paramwise_cfg=dict(dwconv_decay_mult=0.0)))
+    assert [g['weight_decay'] for g in wrapper.optimizer.param_groups] == [0.1] * 6
+
+
+def test_a_hand_expanded_dcn_offset_conv_keeps_dcn_offset_lr_mult():
+    from mmcv.ops import ModulatedDeformConv2dPack
+    dcn = ModulatedDeformConv2dPack(8, 8, 3, padding=1)
+    dcn.conv_offset = ExpandConv2d.from_conv(dcn.conv_offset, strategy='cl', ratio=2)
+    net = nn.Sequential(dcn)
+    wrapper = build_optim_wrapper(net, dict(
+        constructor='ExpandNetOptimWrapperConstructor',
+        optimizer=dict(type='SGD', lr=0.01), paramwise_cfg=dict(dcn_offset_lr_mult=0.1)))
+    rates = group_lrs(wrapper, net)
+    assert {n for n in rates if 'conv_offset' in n} and all(
+        rate == pytest.approx(0.001) for n, rate in rates.items() if 'conv_offset' in n)
+    assert rates['0.weight'] == pytest.approx(0.01)

@@ -52,6 +52,13 @@ def test_one_cycle_with_one_eta_max_and_a_plateau_floor_are_named():
     (problem,) = absolute_floor_problems(net, wrapper, [plateau])
     assert '(ReduceOnPlateauLR, min_value=1e-05)' in problem
     assert 'Use min_value=0' in problem
+    # One floor per group, proportional to each group's own rate, keeps the ratios.
+    wrapper = wrapper_of(net, ADAMW)
+    proportional = PARAM_SCHEDULERS.build(
+        dict(type='ReduceOnPlateauLR', monitor='loss', by_epoch=True,
+             min_value=[1e-3 * g['lr'] for g in wrapper.optimizer.param_groups]),
+        default_args=dict(optimizer=wrapper.optimizer))
+    assert absolute_floor_problems(net, wrapper, [proportional]) == []
 
 
 def test_rates_scaled_by_the_users_custom_keys_are_not_blamed_on_the_constructor():

@@ -34,9 +34,9 @@ def parse_args() -> argparse.Namespace:
                         help='check the contraction on a probe input (refuses to write on a '
                         'mismatch)')
     parser.add_argument('--img-size', type=int, nargs=2, metavar=('H', 'W'),
-                        help="input size for MACs (default: the scale of the config's "
-                        'test-pipeline Resize, else 320 320) and the probe (each side at most '
-                        '512)')
+                        help="input size for MACs (default: the config's sliding-window "
+                        'crop_size, else its test-pipeline Resize scale, else 320 320) and the '
+                        'probe (each side at most 512)')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction)
     return parser.parse_args()
 

@@ -85,8 +85,8 @@ def main() -> int:
     parser.add_argument('checkpoint')
     parser.add_argument('out')
     parser.add_argument('--img-size', type=int, nargs=2, metavar=('H', 'W'),
-                        help="input size (default: the scale of the config's test-pipeline "
-                        'Resize, else 320 320)')
+                        help="input size (default: the config's sliding-window crop_size, "
+                        'else its test-pipeline Resize scale, else 320 320)')
     parser.add_argument('--opset', type=int, default=17)
     args = parser.parse_args()
     try:

@@ -190,10 +190,13 @@ class ExpandConv2d(ExpandedLayer):
         # the conv the layout the compact conv would have: that of the k x k
         # factor (channels-last only after model.to(memory_format=...)).
         ref = max(self.convs, key=lambda c: c.kernel_size[0] * c.kernel_size[1]).weight
-        fmt = (torch.channels_last if ref.is_contiguous(memory_format=torch.channels_last)
-               and not ref.is_contiguous() else torch.contiguous_format)
-        return (weight.contiguous(memory_format=fmt),
-                propagate_conv_bias(kernels, biases, self.groups))
+        channels_last = _has_channels_last_strides(ref)
+        if weight.stride() != _layout_strides(weight.shape, channels_last):
+            # Not .contiguous(memory_format=...): a [C, 1, k, k] or [O, I, 1, 1] kernel
+            # passes both layouts' tests and would keep strides a conv reads as the other.
+            fmt = torch.channels_last if channels_last else torch.contiguous_format
+            weight = torch.empty_like(weight, memory_format=fmt).copy_(weight)
+        return weight, propagate_conv_bias(kernels, biases, self.groups)
 
     def forward(self, x: Tensor) -> Tensor:
         """Apply the layer to ``x`` of shape ``(B, m, H, W)``."""
@@ -229,11 +232,12 @@ class ExpandConv2d(ExpandedLayer):
                          dtype=ref.dtype)
         with torch.no_grad():
             weight, bias = self._compose(torch.float64)
+            if _has_channels_last_strides(weight):  # the chain's layout (see _compose)
+                conv.weight.data = torch.empty_like(conv.weight,
+                                                    memory_format=torch.channels_last)
             conv.weight.copy_(weight)
             if bias is not None:
                 conv.bias.copy_(bias)
-        if not weight.is_contiguous():  # _compose gave the chain's channels-last layout
-            conv = conv.to(memory_format=torch.channels_last)
         return conv.train(self.training)
 
     def set_compact(self, weight: Tensor, bias: Tensor | None = None, *,
@@ -314,3 +318,20 @@ class ExpandConv2d(ExpandedLayer):
         if self.name:
             s += f', name={self.name!r}'
         return s
+
+
+def _has_channels_last_strides(tensor: Tensor) -> bool:
+    """Whether a 4-D tensor is laid out channels-last, as a conv reads its weight.
+
+    ``is_contiguous(memory_format=...)`` cannot tell for a ``[C, 1, k, k]`` or
+    ``[O, I, 1, 1]`` tensor (both tests pass), but a conv still follows the
+    actual strides, so they are compared here.
+    """
+    return (tensor.stride() == _layout_strides(tensor.shape, True)
+            and tensor.stride() != _layout_strides(tensor.shape, False))
+
+
+def _layout_strides(shape: Sequence[int], channels_last: bool) -> tuple[int, ...]:
+    """Strides of a dense 4-D tensor of ``shape``, channels-last or contiguous."""
+    _, c, h, w = shape
+    return (h * w * c, 1, w * c, c) if channels_last else (c * h * w, h * w, w, 1)

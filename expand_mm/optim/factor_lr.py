@@ -185,8 +185,9 @@ class ExpandNetOptimWrapperConstructor(DefaultOptimWrapperConstructor):
     :mod:`expand_mm.optim.product_decay`): their groups get ``weight_decay=0``
     and a :class:`~expand_mm.optim.ProductWeightDecay` step pre-hook, exposed
     as the wrapper's ``product_weight_decay`` attribute, applies it once per
-    optimizer step. The default ``'factors'`` adds nothing to the groups or
-    the step. In either setting, when factor weights are trained, a
+    optimizer step. The default ``'factors'`` adds nothing to the step. Each
+    factor's own param group records its rate multiplier under
+    ``factor_lr_mult`` (read by the schedule check). In either setting, when factor weights are trained, a
     :class:`~expand_mm.optim.product_decay.WeightDecayOnCheck` on the
     optimizer's ``load_state_dict`` refuses (``resume``) an optimizer state
     saved under the other setting, which would otherwise silently replace the
@@ -277,7 +278,7 @@ class ExpandNetOptimWrapperConstructor(DefaultOptimWrapperConstructor):
             self.paramwise_cfg = dict(bypass_duplicate=True)
         wrapper = super().__call__(model)
         if product:
-            self._install_product_decay(wrapper, layers, multipliers)
+            self._install_product_decay(wrapper, layers)
         optimized = {id(p) for g in wrapper.optimizer.param_groups for p in g['params']}
         # Only factor weights the optimizer trains carry the regime in their
         # groups: with none (frozen, e.g. an expanded teacher) both settings
@@ -298,8 +299,7 @@ class ExpandNetOptimWrapperConstructor(DefaultOptimWrapperConstructor):
         return wrapper
 
     def _install_product_decay(self, wrapper: OptimWrapper,
-                               layers: list[tuple[str, ExpandedLayer]],
-                               multipliers: dict[int, float]) -> None:
+                               layers: list[tuple[str, ExpandedLayer]]) -> None:
         """Zero the factor weights' decay, keep it in their groups, hook the optimizer.
 
         Reads each factor group's ``weight_decay`` after the optimizer filled in
@@ -322,8 +322,7 @@ class ExpandNetOptimWrapperConstructor(DefaultOptimWrapperConstructor):
                         f'{len(group["params"]) - 1} other parameters; it needs a group of '
                         'its own')
                 decay = float(group.get('weight_decay') or 0.0)
-                group[PRODUCT_DECAY_KEY] = decay
-                group[FACTOR_LR_MULT_KEY] = multipliers.get(id(param), 1.0)
+                group[PRODUCT_DECAY_KEY] = decay  # add_params recorded FACTOR_LR_MULT_KEY
                 if 'weight_decay' in group:
                     group['weight_decay'] = 0.0
                 moved.append(decay)
@@ -377,23 +376,22 @@ class ExpandNetOptimWrapperConstructor(DefaultOptimWrapperConstructor):
 
         mmengine decides per module: ``dwconv_decay_mult`` for a conv with
         ``in_channels == groups``, ``dcn_offset_lr_mult`` for the children of a
-        deformable conv. Inside a chain only the first factor of a depthwise
-        conv passes that test and no factor is a DCN's child, so each factor is
-        presented as the compact layer would be: a shallow copy sharing the
-        factor's parameters, marked depthwise when the compact conv is, with the
-        DCN flag the layer itself got.
+        deformable conv. Inside a chain a factor passes the depthwise test or
+        not regardless of the compact conv, and no factor is a DCN's child, so
+        each conv factor is presented as the compact conv: a shallow copy
+        sharing the factor's parameters, with the compact ``in_channels`` and
+        ``groups`` (the only attributes the rule reads), and the DCN flag the
+        layer itself got.
         """
-        depthwise = (getattr(layer, 'groups', None) is not None
-                     and layer.groups == getattr(layer, 'in_channels', None))
         for index, sub in enumerate(layer.sublayers):
             sub_prefix = f'{prefix}.{_sublayer_path(layer, index)}' if prefix \
                 else _sublayer_path(layer, index)
-            if depthwise and isinstance(sub, nn.Conv2d) and sub.in_channels != sub.groups:
+            if isinstance(sub, nn.Conv2d) and hasattr(layer, 'groups'):
                 stand_in = copy.copy(sub)  # shares the Parameters, not the attributes
-                stand_in.in_channels = sub.groups
+                stand_in.in_channels, stand_in.groups = layer.in_channels, layer.groups
                 sub = stand_in
-            DefaultOptimWrapperConstructor.add_params(self, params, sub, prefix=sub_prefix,
-                                                      is_dcn_module=is_dcn_module)
+            # Through the override: a frozen factor is left out without a warning.
+            self.add_params(params, sub, prefix=sub_prefix, is_dcn_module=is_dcn_module)
 
 
 def _sublayer_path(layer: ExpandedLayer, index: int) -> str:

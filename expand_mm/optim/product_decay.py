@@ -36,11 +36,12 @@ Other optimizers are refused: their decay semantics are not known here.
 (the optimizer's ``weight_decay`` times any ``paramwise_cfg`` ``decay_mult``),
 kept in the group under :data:`PRODUCT_DECAY_KEY` (and so in the optimizer's
 state dict). When factors of one layer carry different values (a
-``custom_keys`` entry naming one factor, mmengine's ``dwconv_decay_mult`` that
-only sees the first factor of a depthwise chain as depthwise) each factor gets
-the product's decay gradient (coupled) or shrink (decoupled) with its own
-value; with equal values -- every setting that does not single out factors --
-this is exactly the compact kernel's decay.
+``custom_keys`` entry naming one factor) each factor gets the product's decay
+gradient (coupled) or shrink (decoupled, the root taken over every trained
+factor of the chain) with its own value; with equal values -- every setting
+that does not single out factors, ``dwconv_decay_mult`` included, which the
+constructor applies to every factor of a depthwise conv -- this is exactly
+the compact kernel's decay.
 
 Factor *biases* keep their own, per-factor decay as before: the composed bias
 is a sum of every factor bias carried through the later kernels, so a decay
@@ -90,7 +91,9 @@ COUPLED_DECAY_OPTIMIZERS = ('SGD', 'Adam', 'Adamax', 'NAdam', 'RAdam', 'Adagrad'
                             'Adadelta', 'ASGD')
 # Optimizers that shrink the parameter as ``p <- (1 - lr * weight_decay) p``.
 DECOUPLED_DECAY_OPTIMIZERS = ('AdamW', 'Lion')
-# Param-group keys written by ExpandNetOptimWrapperConstructor for factor weights.
+# Param-group keys written by ExpandNetOptimWrapperConstructor: the decay moved
+# onto the product (factor weights, weight_decay_on='product'), and the
+# multiplier of the factor's rate (every factor's group, when it has one).
 PRODUCT_DECAY_KEY = 'product_weight_decay'
 FACTOR_LR_MULT_KEY = 'factor_lr_mult'
 

@@ -60,8 +60,9 @@ def _factor_multiplier(group: dict, base: float) -> float:
     return float(group.get('initial_lr', group['lr'])) / base
 
 
-def _floor_problem(scheduler: Any, base: float) -> tuple[str, str] | None:
-    """``(setting, remedy)`` when ``scheduler`` ends every group at one absolute rate."""
+def _floor_problem(scheduler: Any, base: float, groups: list) -> tuple[str, str] | None:
+    """``(setting, remedy)`` when ``scheduler`` floors the param ``groups`` at rates that
+    are not the same fraction of each group's own rate."""
     name = type(scheduler).__name__
     eta_min = getattr(scheduler, 'eta_min', None)
     if eta_min and getattr(scheduler, 'eta_min_ratio', None) is None:
@@ -76,13 +77,21 @@ def _floor_problem(scheduler: Any, base: float) -> tuple[str, str] | None:
         return f'{name}, eta_min={eta_min:g}', instead
     min_values = getattr(scheduler, 'min_values', None)  # ReduceOnPlateauLR
     if isinstance(min_values, (list, tuple)) and any(v > 0 for v in min_values):
-        return f'{name}, min_value={max(min_values):g}', 'min_value=0'
+        # One value per group (MMEngine may append one for the base settings): a list
+        # proportional to the groups' own rates keeps them.
+        fractions = [value / float(group.get('initial_lr', group['lr']))
+                     for value, group in zip(min_values, groups)]
+        if max(fractions) - min(fractions) > _SAME_RATE_RTOL * max(fractions):
+            return f'{name}, min_value={max(min_values):g}', 'min_value=0'
     return None
 
 
 def absolute_floor_problems(model: nn.Module, optim_wrapper: Any,
                             param_schedulers: Iterable | dict | None) -> list[str]:
-    """Describe every lr scheduler whose absolute ``eta_min`` undoes scaled factor rates.
+    """Describe every lr scheduler whose absolute rates undo scaled factor rates.
+
+    Those are an absolute floor (``eta_min``, ``ReduceOnPlateauLR``'s
+    ``min_value``) and ``OneCycleLR``'s one ``eta_max`` for every group.
 
     Args:
         model: The trained model (its expanded layers' factors are looked up).
@@ -91,8 +100,8 @@ def absolute_floor_problems(model: nn.Module, optim_wrapper: Any,
 
     Returns:
         One message per offending scheduler (empty when none): it names the
-        scheduler, its ``eta_min``, how far off the factor groups end, and
-        what to use instead.
+        scheduler, the setting, how far off the factor groups get, and what
+        to use instead.
     """
     factor_ids = {id(p) for _, layer in expanded_layers(model)
                   for sub in layer.sublayers for p in sub.parameters(recurse=False)}
@@ -129,7 +138,7 @@ def absolute_floor_problems(model: nn.Module, optim_wrapper: Any,
                     'value per param group, or use schedulers that scale each group\'s own '
                     'rate (e.g. LinearLR warm-up + CosineAnnealingLR with eta_min_ratio).')
                 continue
-            floor = _floor_problem(scheduler, base)
+            floor = _floor_problem(scheduler, base, optimizer.param_groups)
             if floor is None:
                 continue
             setting, instead = floor

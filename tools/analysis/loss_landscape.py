@@ -228,7 +228,8 @@ def main(argv: Sequence[str] | None = None,
             written.append(osp.join(args.out, f'landscape_2d_{safe_name(e["label"])}.png'))
             plot_2d(e, written[-1], title)
     print('wrote ' + ', '.join(written))
-    stale = sorted(set(glob.glob(osp.join(args.out, 'landscape_2d_*.png'))) - set(written))
+    stale = sorted(set(glob.glob(osp.join(glob.escape(args.out), 'landscape_2d_*.png')))
+                   - set(written))
     if stale:  # left as they are: they may be wanted, but they are not this run's
         print(f'note: {len(stale)} older 2-D plot(s) in {args.out} are not from this run: '
               + ', '.join(osp.basename(p) for p in stale))
