@@ -148,8 +148,9 @@ def config_input_size(cfg: Any) -> tuple[tuple[int, int], str] | None:
 
     With sliding-window testing (mmseg's ``test_cfg.mode='slide'``, found in
     the model config through wrappers) the network sees windows of at most
-    ``crop_size`` (clipped at the image border), so that is the size. Otherwise it is the ``scale`` of the
-    test-pipeline ``Resize``, read from ``cfg.test_dataloader``'s dataset
+    ``crop_size`` (clipped at the image border), so that is the size.
+    Otherwise it is the ``scale`` of the test-pipeline ``Resize``, read from
+    ``cfg.test_dataloader``'s dataset
     (through dataset wrappers) or ``cfg.test_pipeline``; mmcv's ``scale`` is
     ``(W, H)`` or one int. With ``keep_ratio`` the scale is only the box an
     image is fitted into (one side can come out smaller), which ``source``

@@ -405,7 +405,8 @@ def expand_model(model: nn.Module,
             + '; candidates left compact: '
             # Those the patterns left out first: the likeliest to be the ones meant.
             + ', '.join(f'{p} ({r})' for p, r in sorted(
-                skipped.items(), key=lambda item: item[1] != 'not selected by include/exclude')[:8]))
+                skipped.items(),
+                key=lambda item: item[1] != 'not selected by include/exclude')[:8]))
 
     for path, module in selected:
         if isinstance(module, nn.Conv2d):

@@ -187,7 +187,8 @@ class ExpandNetOptimWrapperConstructor(DefaultOptimWrapperConstructor):
     as the wrapper's ``product_weight_decay`` attribute, applies it once per
     optimizer step. The default ``'factors'`` adds nothing to the step. Each
     factor's own param group records its rate multiplier under
-    ``factor_lr_mult`` (read by the schedule check). In either setting, when factor weights are trained, a
+    ``factor_lr_mult`` (read by the schedule check). In either setting, when
+    factor weights are trained, a
     :class:`~expand_mm.optim.product_decay.WeightDecayOnCheck` on the
     optimizer's ``load_state_dict`` refuses (``resume``) an optimizer state
     saved under the other setting, which would otherwise silently replace the
