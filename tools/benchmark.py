@@ -165,15 +165,19 @@ def load_config(path: str) -> Config:
 
 
 def _fit_preprocessor(model_cfg: dict, img_size: tuple[int, int]) -> None:
-    """Make a segmentation preprocessor pad to the benchmark size, not the crop size.
+    """Make the preprocessor keep the benchmark size.
 
     mmseg's ``SegDataPreProcessor`` pads every batch to ``size`` (the training
     crop, e.g. 512x1024); left as is, every variant would run at the crop size
-    whatever ``--img-size`` says.
+    whatever ``--img-size`` says. mmdet's ``batch_augments`` (YOLOX's
+    ``BatchSyncRandomResize``) would resize batches at random, and read the
+    iteration from a runner's message hub; they are dropped.
     """
     pre = model_cfg.get('data_preprocessor')
     if isinstance(pre, dict) and pre.get('size') is not None:
         pre['size'] = tuple(img_size)
+    if isinstance(pre, dict) and pre.get('batch_augments'):
+        pre['batch_augments'] = None
 
 
 def build_models(cfg: Config, img_size: tuple[int, int], device: torch.device,
