@@ -110,13 +110,15 @@ class ExpansionReport:
                  for row in rows]
         lines.insert(1, '-' * len(lines[0]))
         lines.append(
-            f'{len(self.layers)} layers expanded (ratio {self.ratio}, {self.mode}): '
+            f'{len(self.layers)} layer{"s" * (len(self.layers) != 1)} expanded (ratio '
+            f'{self.ratio}, {self.mode}): '
             f'{self.compact_params:,} -> {self.expanded_params:,} params in those layers; '
             f'model {self.model_params_before:,} -> {self.model_params_after:,} '
             f'({self.param_ratio:.2f}x)')
         if self.skipped:
             reasons = collections.Counter(reason for _, reason in self.skipped)
-            lines.append(f'{len(self.skipped)} candidate layers left compact: '
+            lines.append(f'{len(self.skipped)} candidate layer'
+                         f'{"s" * (len(self.skipped) != 1)} left compact: '
                          + '; '.join(f'{n} x {reason}' for reason, n in reasons.most_common(4))
                          + ('; ...' if len(reasons) > 4 else '')
                          + ' (each one in expansion_report.skipped)')

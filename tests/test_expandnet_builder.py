@@ -204,3 +204,24 @@ def test_wrapper_level_settings_reach_the_compact_model_and_its_config():
         model = MODELS.build(dict(plain.model, data_preprocessor=dict(own, size=(8, 8))))
     assert tuple(model.data_preprocessor.size) == tuple(own['size'])
     assert compact_model_cfg(plain.model) is plain.model.model  # nothing to carry: the same
+
+
+def test_fresh_expanded_head_convs_keep_the_heads_prior_bias():
+    """expand_1x1 on YOLOv3's prediction convs: fresh factor weights, but the composed bias
+    is the stock init's (the objectness / class prior), not the fresh chain's."""
+    torch.manual_seed(0)
+    model = build(expandnet_cfg(strategy='cl', ratio=2, expand_1x1=True,
+                                include=['bbox_head.convs_pred.*']))
+    model.init_weights()
+    torch.manual_seed(0)
+    with DefaultScope.overwrite_default_scope('mmdet'):
+        stock = MODELS.build(Config.fromfile(COMPACT).model)
+    stock.init_weights()
+    layers = dict(expand_mm.expanded_layers(model))
+    assert len(layers) == 3
+    for path, layer in layers.items():
+        weight, bias = layer.composed()
+        reference = stock.get_submodule(path)
+        torch.testing.assert_close(bias, reference.bias, rtol=1e-6, atol=1e-6)
+        assert float(reference.bias.min()) < -3  # the prior: log(0.01 / 0.99)-like values
+        assert not torch.allclose(weight, reference.weight)  # the weights stay fresh

@@ -3,11 +3,11 @@
 # Trains the 3x3 convs of the CSPDarknet backbone, the PAFPN neck and the
 # decoupled head as 1x1 -> 3x3 -> 1x1 chains with 4x the channels inside,
 # composed into one kernel per forward (online mode); the 1x1 convs stay
-# compact (expand_1x1=True expands them too). Everything else of the stock
-# recipe is inherited: Mosaic + MixUp, the mode switch of the last 15 epochs,
-# SGD with Nesterov momentum and no decay on norms / biases, and the EMA of the
-# weights (the compact twin of a checkpoint is contracted from the EMA weights
-# saved in it).
+# compact (expand_1x1=True expands them too; fresh factors keep the heads'
+# prior biases). Everything else of the stock recipe is inherited: Mosaic (tiny
+# has no MixUp), the mode switch of the last 15 epochs, SGD with Nesterov
+# momentum and no decay on norms / biases, and the EMA of the weights (the
+# compact twin of a checkpoint is contracted from the EMA weights saved in it).
 _base_ = '../yolox/yolox_tiny_8xb8-300e_coco.py'
 
 custom_imports = dict(imports=['expand_mm'], allow_failed_imports=False)

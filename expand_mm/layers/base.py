@@ -225,6 +225,21 @@ class ExpandedLayer(nn.Module):
         """Set the factors so that the chain computes the given compact layer."""
         raise NotImplementedError
 
+    def set_composed_bias(self, bias: Tensor) -> None:
+        """Make the composed bias ``bias``, the factor weights left as they are.
+
+        The intermediate biases become 0 and the last one ``bias``: with no bias
+        inside, the chain's bias is its last layer's.
+        """
+        if not self._has_bias():
+            raise ValueError(f'{self._describe()}: got a bias but the layer has none '
+                             '(bias=False)')
+        with torch.no_grad():
+            for sub in self.sublayers[:-1]:
+                if sub.bias is not None:
+                    sub.bias.zero_()
+            self.sublayers[-1].bias.copy_(bias)
+
     def compact_weight_shape(self) -> tuple[int, ...]:
         """Shape of the compact layer's weight."""
         raise NotImplementedError

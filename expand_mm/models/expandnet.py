@@ -297,7 +297,10 @@ def init_expanded_weights(model: BaseModule) -> None:
     factor. Then the expanded layers are put back (same parameter objects, so
     the optimizer is unaffected); those selected by ``keep_paths`` (pretrained
     modules, ``keep_weights``, ``init='compact'``) are factorised exactly from
-    their initialised compact stand-in, the others keep their fresh factors.
+    their initialised compact stand-in, the others keep their fresh factor
+    weights but take the stand-in's bias as their composed bias, so an
+    initialised bias (a detection head's prior, ``bias_prob=0.01``) survives
+    when such a conv is expanded (``expand_1x1=True`` on YOLO heads).
     """
     layers = expanded_layers(model)
     for path, layer in layers:
@@ -311,11 +314,13 @@ def init_expanded_weights(model: BaseModule) -> None:
     keep = model.expandnet_cfg['keep_paths']
     kept = 0
     for path, layer in layers:
+        stand_in = stand_ins[path]
         if keep is True or (keep and path_matches(path, keep)):
-            stand_in = stand_ins[path]
             layer.set_compact(stand_in.weight.detach(),
                               None if stand_in.bias is None else stand_in.bias.detach())
             kept += 1
+        elif stand_in.bias is not None:
+            layer.set_composed_bias(stand_in.bias.detach())
     MMLogger.get_current_instance().info(
         f'ExpandNet: initialised the compact form; {kept} of {len(layers)} expanded layers '
         'factorised from it exactly'
