@@ -313,3 +313,22 @@ def test_a_hand_expanded_dcn_offset_conv_keeps_dcn_offset_lr_mult():
     assert {n for n in rates if 'conv_offset' in n} and all(
         rate == pytest.approx(0.001) for n, rate in rates.items() if 'conv_offset' in n)
     assert rates['0.weight'] == pytest.approx(0.01)
+
+
+def test_a_custom_key_naming_a_compact_parameter_of_an_expanded_layer_is_refused():
+    net = expanded_tiny_net()
+    with pytest.raises(ValueError, match=r"custom_keys: 'conv.weight' names a parameter of "
+                                         r"'conv', an expanded layer .* use the module path "
+                                         r"'conv'"):
+        build_optim_wrapper(net, dict(constructor='ExpandNetOptimWrapperConstructor',
+                                      optimizer=dict(type='SGD', lr=0.01),
+                                      paramwise_cfg=dict(custom_keys={
+                                          'conv.weight': dict(lr_mult=0.0)})))
+    # The module path reaches every factor; keys of compact layers still work.
+    wrapper = build_optim_wrapper(net, dict(
+        constructor='ExpandNetOptimWrapperConstructor', optimizer=dict(type='SGD', lr=0.01),
+        paramwise_cfg=dict(custom_keys={'conv': dict(lr_mult=0.0),
+                                        'head.weight': dict(lr_mult=0.5)})))
+    rates = group_lrs(wrapper, net)
+    assert all(rate == 0.0 for name, rate in rates.items() if name.startswith('conv.'))
+    assert rates['head.weight'] == pytest.approx(0.005)

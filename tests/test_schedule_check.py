@@ -129,3 +129,15 @@ def test_poly_lr_ratio_ends_every_group_at_the_same_fraction_of_its_own_rate():
         scheduler(wrapper, type='PolyLRRatio', eta_min_ratio=1.5)
     with pytest.raises(ValueError, match='eta_min_ratio or eta_min, not both'):
         scheduler(wrapper, type='PolyLRRatio', eta_min_ratio=0.1, eta_min=1e-4)
+
+
+def test_the_suggested_ratio_follows_the_rates_the_groups_start_from():
+    """--auto-scale-lr scales every group's rate, not optimizer.defaults['lr']: the
+    suggested eta_min_ratio must end the compact groups at eta_min all the same."""
+    net = expanded_net(torch.float32)
+    wrapper = wrapper_of(net, ADAMW)
+    for group in wrapper.optimizer.param_groups:  # what mmengine's scale_lr does
+        group['lr'] *= 0.0625
+    (problem,) = absolute_floor_problems(net, wrapper, [scheduler(
+        wrapper, type='CosineAnnealingLR', T_max=10, eta_min=1e-5)])
+    assert f'eta_min_ratio={1e-5 / (0.01 * 0.0625):.4g}' in problem

@@ -264,6 +264,7 @@ class ExpandNetOptimWrapperConstructor(DefaultOptimWrapperConstructor):
                 for param in sub.parameters(recurse=False):
                     multipliers[id(param)] = mult * self.factor_lr_mult
         self._all_factor_multipliers = multipliers
+        _refuse_custom_keys_of_compact_parameters(self.paramwise_cfg, inner, layers)
         self._factor_multipliers = {k: v for k, v in multipliers.items() if v != 1.0}
         product = self.weight_decay_on == 'product'
         if product and not layers:
@@ -393,6 +394,29 @@ class ExpandNetOptimWrapperConstructor(DefaultOptimWrapperConstructor):
                 sub = stand_in
             # Through the override: a frozen factor is left out without a warning.
             self.add_params(params, sub, prefix=sub_prefix, is_dcn_module=is_dcn_module)
+
+
+def _refuse_custom_keys_of_compact_parameters(paramwise_cfg: dict | None, model: nn.Module,
+                                              layers: list[tuple[str, ExpandedLayer]]) -> None:
+    """Refuse a ``custom_keys`` entry that named a parameter of a now-expanded layer.
+
+    mmengine matches a key as a substring of parameter names; a key such as
+    ``'backbone.stem.conv.weight'`` matched the compact conv's weight, but the
+    layer's parameters are now its factors' (``...conv.convs.1.weight``), so
+    the rule would silently apply to nothing.
+    """
+    custom_keys = (paramwise_cfg or {}).get('custom_keys') or {}
+    names = [name for name, _ in model.named_parameters()]
+    for key in custom_keys:
+        if any(key in name for name in names):
+            continue
+        owner = next((path for path, _ in layers if key.startswith(path + '.')), None)
+        if owner is not None:
+            raise ValueError(
+                f'paramwise_cfg.custom_keys: {key!r} names a parameter of {owner!r}, an '
+                f'expanded layer whose parameters are now its factors\' ({owner}.convs.N.'
+                f'weight, ...), so it would match nothing; use the module path {owner!r} '
+                'to reach every factor')
 
 
 def _sublayer_path(layer: ExpandedLayer, index: int) -> str:

@@ -118,6 +118,11 @@ def absolute_floor_problems(model: nn.Module, optim_wrapper: Any,
                        if abs(m - 1.0) > _SAME_RATE_RTOL]
         if not multipliers:
             continue
+        # The compact rate the factors' rates were scaled from, as the groups started
+        # (--auto-scale-lr scales the groups, not optimizer.defaults): the most common.
+        compact_rates = [float(g.get('initial_lr', g['lr'])) / _factor_multiplier(g, base)
+                         for g in factor_groups]
+        base = max(set(compact_rates), key=compact_rates.count)
         scaled = (f'{len(multipliers)} factor groups of the expanded layers, whose rates '
                   'ExpandNetOptimWrapperConstructor scaled by '
                   f'{min(multipliers):.3g}..{max(multipliers):.3g}')
