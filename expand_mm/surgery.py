@@ -553,10 +553,19 @@ def check_contraction(expanded: nn.Module, compact: nn.Module, inputs: Any,
     otherwise the float32 figure is put down to rounding, which every float32
     copy of that network shares.
 
+    A probe can also be too weak to tell: through an untrained network whose
+    batch norms still hold their initial statistics the signal can fade until
+    the outputs are the heads' constant biases, whatever the kernels. When the
+    compact outputs change by less than :data:`WEAK_PROBE_SENSITIVITY` (of
+    their size) between ``inputs`` and another random input, every expanded
+    layer is checked on its own instead (:func:`check_layer_contractions`).
+
     Returns:
-        :func:`verify_contraction`'s dict; after a float64 re-check also
-        ``float64_max_rel`` (outputs), ``float64_weights_max_rel`` and the
-        tensor it was found in, ``float64_worst_tensor``.
+        :func:`verify_contraction`'s dict, with ``input_sensitivity`` (how much
+        the outputs depend on the input) and, for a weak probe,
+        ``layers_max_rel``; after a float64 re-check also ``float64_max_rel``
+        (outputs), ``float64_weights_max_rel`` and the tensor it was found in,
+        ``float64_worst_tensor``.
 
     Raises:
         RuntimeError: If the float64 check (or the float32 one, when float64
@@ -564,6 +573,11 @@ def check_contraction(expanded: nn.Module, compact: nn.Module, inputs: Any,
     """
     errors = verify_contraction(expanded, compact, inputs, forward_fn)
     if errors['max_rel'] <= rtol:
+        sensitivity = _input_sensitivity(compact, inputs, forward_fn)
+        if sensitivity is not None:
+            errors['input_sensitivity'] = sensitivity
+            if sensitivity < WEAK_PROBE_SENSITIVITY:
+                errors['layers_max_rel'] = check_layer_contractions(expanded, compact, rtol)
         return errors
     failed = (f'contraction check failed: max relative error {errors["max_rel"]:.3g} > '
               f'{rtol:g} (max abs {errors["max_abs"]:.3g})')
@@ -586,6 +600,95 @@ def check_contraction(expanded: nn.Module, compact: nn.Module, inputs: Any,
             f'({exact["float64_worst_tensor"]}): the compact model would not compute what the '
             'expanded one does')
     return errors
+
+
+# Below this change of the outputs (relative) between two random probes, a probe
+# says too little about the kernels and each layer is checked on its own.
+WEAK_PROBE_SENSITIVITY = 1e-3
+
+
+def _input_sensitivity(model: nn.Module, inputs: Any,
+                       forward_fn: Callable[[nn.Module, Any], Any] | None) -> float | None:
+    """max |y(x') - y(x)| / max |y(x)| for another random ``x'`` of ``inputs``' shapes
+    (None when ``inputs`` has no floating-point tensor to vary)."""
+    gen = torch.Generator().manual_seed(1)
+    varied = False
+
+    def other(tensor: torch.Tensor) -> torch.Tensor:
+        nonlocal varied
+        if not tensor.is_floating_point():
+            return tensor
+        varied = True
+        return torch.randn(tensor.shape, generator=gen).to(tensor) * tensor.std().clamp_min(1)
+
+    second = _map_tensors(inputs, other)
+    if not varied:
+        return None
+    forward_fn = forward_fn or _default_forward
+    flag = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            first = _flatten_tensors(forward_fn(model, inputs))
+            again = _flatten_tensors(forward_fn(model, second))
+    finally:
+        model.train(flag)
+    scale = max((float(t.abs().max()) for t in first if t.numel()), default=0.0)
+    change = max((float((a - b).abs().max()) for a, b in zip(first, again) if a.numel()),
+                 default=0.0)
+    return change / scale if scale > 0 else 0.0
+
+
+def _map_tensors(value: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    if isinstance(value, torch.Tensor):
+        return fn(value)
+    if isinstance(value, dict):
+        return {k: _map_tensors(v, fn) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_map_tensors(v, fn) for v in value)
+    return value
+
+
+def check_layer_contractions(expanded: nn.Module, compact: nn.Module,
+                             rtol: float = 1e-4) -> float:
+    """Check every expanded layer against its contracted counterpart, one by one.
+
+    Each chain runs explicitly (the paper's form) in float64 on CPU on a
+    random input, against the layer at the same path in ``compact`` (in
+    float64 too); the relative error must be within ``rtol``. Independent of
+    the network around the layers, so it holds where a whole-model probe
+    cannot tell (see :func:`check_contraction`).
+
+    Returns:
+        The largest relative error over the layers (0 without expanded layers).
+
+    Raises:
+        RuntimeError: Naming the first layer whose error exceeds ``rtol``.
+    """
+    gen = torch.Generator().manual_seed(0)
+    worst = 0.0
+    for path, layer in expanded_layers(expanded):
+        chain = copy.deepcopy(layer).to(device='cpu', dtype=torch.float64)
+        chain.set_mode('explicit').eval()
+        target = copy.deepcopy(compact.get_submodule(path)).to(device='cpu',
+                                                               dtype=torch.float64).eval()
+        if isinstance(layer, ExpandConv2d):
+            reach = max(d * (k - 1) + 1 for d, k in zip(layer.dilation, layer.kernel_size))
+            side = reach + max(layer.stride) + 2
+            x = torch.randn(1, layer.in_channels, side, side, generator=gen,
+                            dtype=torch.float64)
+        else:
+            x = torch.randn(2, layer.in_features, generator=gen, dtype=torch.float64)
+        with torch.no_grad():
+            y_chain, y_compact = chain(x), target(x)
+        error = float((y_chain - y_compact).abs().max()
+                      / y_chain.abs().max().clamp_min(1e-30))
+        if error > rtol:
+            raise RuntimeError(f'contraction check failed at {path}: the contracted layer and '
+                               f'its chain (float64, explicit) differ by {error:.3g} (relative) '
+                               f'> {rtol:g}')
+        worst = max(worst, error)
+    return worst
 
 
 def _eps_of(model: nn.Module) -> float:

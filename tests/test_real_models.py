@@ -78,3 +78,30 @@ def test_keep_weights_preserves_stock_model(name):
     assert len(flat(before)) == len(flat(after)) > 0
     for a, b in zip(flat(before), flat(after)):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4 * float(a.abs().max()))
+
+
+def test_a_weak_probe_falls_back_to_checking_each_layer():
+    """Untrained YOLOX (initial batch norm statistics): its outputs are the heads' prior
+    biases whatever the input, so a corrupted kernel passes the whole-model probe; each
+    layer is then checked on its own, and the corruption is named."""
+    from expand_mm.surgery import check_contraction
+    torch.manual_seed(0)
+    model = build_stock_model('yolox_tiny').eval()
+    expand_mm.expand_model(model, strategy='cl', ratio=2)
+    compact = expand_mm.contract_model(model)
+    x = torch.randn(1, 3, 64, 64)
+    errors = check_contraction(model, compact, x, forward_fn=probe_forward)
+    assert errors['input_sensitivity'] < 1e-3
+    assert errors['layers_max_rel'] < 1e-6  # the compact weights' float32 rounding
+    with torch.no_grad():
+        compact.backbone.stem.conv.conv.weight.mul_(1.5)
+    assert expand_mm.verify_contraction(model, compact, x, forward_fn=probe_forward)[
+        'max_rel'] < 1e-4  # what the probe alone would have let through
+    with pytest.raises(RuntimeError, match=r'contraction check failed at '
+                                           r'backbone.stem.conv.conv: .* differ by 0.5'):
+        check_contraction(model, compact, x, forward_fn=probe_forward)
+    # A probe the outputs depend on keeps the whole-model check alone.
+    calibrate_batch_norm(model, x)
+    errors = check_contraction(model, expand_mm.contract_model(model), x,
+                               forward_fn=probe_forward)
+    assert errors['input_sensitivity'] > 1e-3 and 'layers_max_rel' not in errors
