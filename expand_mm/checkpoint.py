@@ -151,7 +151,7 @@ def _compare(expected: Mapping[str, torch.Size], state_dict: Mapping[str, Any]) 
             mismatch.missing.append(key)
         elif tuple(state_dict[key].shape) != tuple(shape):
             mismatch.wrong_shape.append(
-                f'{key} {tuple(state_dict[key].shape)} != {tuple(shape)}')
+                f'{key} (checkpoint {tuple(state_dict[key].shape)}, model {tuple(shape)})')
     mismatch.unexpected = [k for k in state_dict if k not in expected]
     return mismatch
 

@@ -190,7 +190,8 @@ def test_other_models_checkpoint_is_refused_with_keys():
     assert 'other.pth fits neither' in str(err.value) and 'missing' in str(err.value)
     wrong_shape = Tiny().state_dict()
     wrong_shape['backbone.0.conv.weight'] = torch.zeros(8, 3, 5, 5)
-    with pytest.raises(CheckpointError, match=r'backbone.0.conv.weight \(8, 3, 5, 5\)'):
+    with pytest.raises(CheckpointError, match=r'backbone.0.conv.weight \(checkpoint '
+                                              r'\(8, 3, 5, 5\), model \(8, 3, 3, 3\)\)'):
         match_state_dict(model, wrong_shape)
 
 

@@ -346,7 +346,8 @@ class ExpandCheckpointLoadHook(Hook):
         if not prefix and not expanded_layers(deployable):
             return
         source = (str(runner._load_from or 'the loaded checkpoint') if not runner._resume
-                  else 'resumed checkpoint')
+                  else f'resumed checkpoint {runner._load_from!r}' if runner._load_from
+                  else 'resumed checkpoint (the latest in the work dir)')
         state_dict = strip_prefix(checkpoint['state_dict'])
         own = bool(prefix) and any(k.startswith(prefix) for k in state_dict)
         part = ({k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
