@@ -121,6 +121,13 @@ def test_contract_creates_the_output_folder(expandnet_checkpoint, tmp_path, caps
     assert run_contract(expandnet_checkpoint, out, '--img-size', '64', '64') == 0
     printed = capsys.readouterr().out
     assert f'wrote {out}' in printed and 'input size 64x64 (--img-size)' in printed
+    assert 'already holds the compact form' not in printed
+    # Given the compact checkpoint it wrote, it says so (and writes the same network).
+    again = tmp_path / 'again.pth'
+    assert run_contract(out, again, '--img-size', '64', '64') == 0
+    assert f'note: {out} already holds the compact form' in capsys.readouterr().out
+    for key, value in torch.load(out)['state_dict'].items():
+        torch.testing.assert_close(torch.load(again)['state_dict'][key], value)
     cfg = Config.fromfile(str(COMPACT))
     with DefaultScope.overwrite_default_scope('mmdet'):
         MODELS.build(cfg.model).load_state_dict(torch.load(out)['state_dict'], strict=True)
@@ -233,8 +240,14 @@ def test_train_tool_warns_about_what_an_expandnet_config_leaves_out(tmp_path):
     assert hooks.startswith('no ContractCheckpointHook in custom_hooks')
 
 
-def test_train_and_test_tools_name_missing_data_with_its_absolute_path(tmp_path,
+def test_train_and_test_tools_refuse_amp_on_cpu_and_missing_data_in_one_line(tmp_path,
                                                                         expandnet_checkpoint):
+    if not torch.cuda.is_available():  # --amp is refused first, before any work
+        result = subprocess.run([sys.executable, str(ROOT / 'tools' / 'train.py'),
+                                 str(COMPACT), '--amp'], capture_output=True, text=True,
+                                cwd=tmp_path)
+        assert result.returncode == 2 and 'Traceback' not in result.stderr, result.stderr
+        assert "error: --amp needs a GPU" in result.stderr
     for tool, args in (('train.py', [str(COMPACT), '--work-dir', str(tmp_path / 'w')]),
                        ('test.py', [str(EXPANDNET), str(expandnet_checkpoint)])):
         # The config's data_root is relative: run where there is no data below it.

@@ -15,7 +15,8 @@ import argparse
 import sys
 
 import expand_mm  # noqa: F401
-from expand_mm.checkpoint import CheckpointError, prepare_output_path, read_checkpoint
+from expand_mm.checkpoint import (CheckpointError, prepare_output_path, read_checkpoint,
+                                  strip_prefix)
 from expand_mm.deploy import (config_input_size, count_macs, count_training_macs,
                               find_deployable, unfinished_planting, write_compact_checkpoint)
 from expand_mm.surgery import contract_model, count_params, expanded_layers
@@ -66,11 +67,20 @@ def main() -> int:
     except ValueError as err:
         print(f'error: {err}', file=sys.stderr)
         return 2
-    try:  # memory-mapped: only the meta is read here
-        meta = read_checkpoint(args.checkpoint, mmap=True).get('meta') or {}
+    try:  # memory-mapped: only the meta and the keys are read here
+        header = read_checkpoint(args.checkpoint, mmap=True)
     except CheckpointError as err:
         print(f'error: {err}', file=sys.stderr)
         return 2
+    meta = header.get('meta') or {}
+    layers = expanded_layers(deployable)
+    keys = set(strip_prefix(header.get('state_dict') or {}))
+    # A wrapper's training checkpoint holds the deployable part under its prefix; a
+    # compact checkpoint of it holds the deployable network alone.
+    if layers and any(all(f'{start}{path}.weight' in keys for path, _ in layers)
+                      for start in {prefix, ''}):
+        print(f'note: {args.checkpoint} already holds the compact form (e.g. a *_compact.pth); '
+              f'{args.out} will be the same network, checked again')
     # A plain model mid-way through channel planting has a compact form: its stage's
     # network, unplanted channels zeroed.
     if not prefix and not expanded_layers(deployable) and not unfinished_planting(meta):

@@ -54,6 +54,10 @@ def build_cfg(args: argparse.Namespace) -> Config:
     elif cfg.get('work_dir', None) is None:
         cfg.work_dir = osp.join('./work_dirs', osp.splitext(osp.basename(args.config))[0])
     if args.amp:
+        from mmengine.device import get_device
+        if get_device() == 'cpu':  # mmengine refuses only once the model is built
+            raise ValueError('--amp needs a GPU (or an NPU / MLU / MUSA device): mmengine\'s '
+                             'AmpOptimWrapper does not train on the CPU')
         optim_wrapper = cfg.optim_wrapper.type
         if optim_wrapper == 'AmpOptimWrapper':
             print('AMP training is already enabled in your config.')
@@ -143,11 +147,11 @@ def expandnet_setup_warnings(cfg: Config, runner: Runner) -> list[str]:
 def main() -> int:
     """Build the runner from the config and train."""
     args = parse_args()
-    cfg = build_cfg(args)
     try:
+        cfg = build_cfg(args)
         check_datasets(cfg, ('train_dataloader', 'val_dataloader'))
-    except FileNotFoundError as err:
-        print(f'error: {err}', file=sys.stderr)
+    except (FileNotFoundError, KeyError, ValueError) as err:  # bad input: one line
+        print(f'error: {err.args[0] if isinstance(err, KeyError) else err}', file=sys.stderr)
         return 2
     runner = Runner.from_cfg(cfg) if 'runner_type' not in cfg else RUNNERS.build(cfg)
     try:
