@@ -240,8 +240,8 @@ def test_train_tool_warns_about_what_an_expandnet_config_leaves_out(tmp_path):
     assert hooks.startswith('no ContractCheckpointHook in custom_hooks')
 
 
-def test_train_and_test_tools_refuse_amp_on_cpu_and_missing_data_in_one_line(tmp_path,
-                                                                        expandnet_checkpoint):
+def test_train_and_test_tools_refuse_amp_on_cpu_and_missing_data_in_one_line(
+        tmp_path, expandnet_checkpoint):
     if not torch.cuda.is_available():  # --amp is refused first, before any work
         result = subprocess.run([sys.executable, str(ROOT / 'tools' / 'train.py'),
                                  str(COMPACT), '--amp'], capture_output=True, text=True,
