@@ -1,4 +1,6 @@
 """Expand -> contract the stock compact models: same function, stock state dict."""
+import copy
+
 import pytest
 import torch
 
@@ -30,6 +32,15 @@ def calibrate_batch_norm(model, x) -> None:
     model.eval()
 
 
+def float32_rounding_error(model, x) -> float:
+    """Largest output difference between ``model`` in float32 and a float64 copy of it."""
+    model64 = copy.deepcopy(model).double()
+    with torch.no_grad():
+        outputs = expand_mm.surgery._flatten_tensors(probe_forward(model, x))
+        outputs64 = expand_mm.surgery._flatten_tensors(probe_forward(model64, x.double()))
+    return max(float((a.double() - b).abs().max()) for a, b in zip(outputs, outputs64))
+
+
 @pytest.mark.parametrize('strategy', ['cl', 'auto'])
 @pytest.mark.parametrize('name', sorted(STOCK_CONFIGS))
 def test_expand_contract_stock_model(name, strategy):
@@ -54,8 +65,12 @@ def test_expand_contract_stock_model(name, strategy):
     assert {k: v.shape for k, v in compact.state_dict().items()} == stock_keys
     errors = expand_mm.verify_contraction(model, compact, x, forward_fn=probe_forward)
     # Calibrated batch norm divides by small batch variances, which amplifies float32
-    # rounding (measured here: up to 8e-4 of max|y|); the algebra is checked in float64.
-    assert errors['max_abs'] <= 1e-3 * errors['max_ref'], errors
+    # rounding: on SSDLite the compact network alone differs from its float64 self by
+    # 1.3e-3 of max|y| (the CPU's kernels decide how much). The online composition
+    # rounds every kernel once more, so it is held to a few times the network's own
+    # float32 noise (measured here: 0.9-4.7x); the algebra is checked in float64 below.
+    float32_noise = float32_rounding_error(compact, x)
+    assert errors['max_abs'] <= 16 * float32_noise, (errors, float32_noise)
     # The chains run explicitly (the paper's training form), against the contraction.
     model.double()
     compact = expand_mm.contract_model(model)
