@@ -238,6 +238,9 @@ def test_train_tool_warns_about_what_an_expandnet_config_leaves_out(tmp_path):
     assert optimizer.startswith('15 expanded layers train with AdamW at the base rate: set '
                                 "optim_wrapper.constructor='ExpandNetOptimWrapperConstructor'")
     assert hooks.startswith('no ContractCheckpointHook in custom_hooks')
+    runner = Runner.from_cfg(bare)
+    bare.optim_wrapper.optimizer.type = torch.optim.AdamW  # pure-Python config style
+    assert train.expandnet_setup_warnings(bare, runner)[0] == optimizer
 
 
 def test_train_and_test_tools_refuse_amp_on_cpu_and_missing_data_in_one_line(

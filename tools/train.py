@@ -15,7 +15,7 @@ from expand_mm.checkpoint import (CheckpointError, check_plain_model_checkpoint,
                                   expanded_chain_paths, read_checkpoint)
 from expand_mm.datasets_check import check_datasets
 from expand_mm.deploy import find_deployable, unwrap_model
-from expand_mm.optim.factor_lr import ADAPTIVE_OPTIMIZERS
+from expand_mm.optim.factor_lr import ADAPTIVE_OPTIMIZERS, type_name
 from expand_mm.surgery import expanded_layers
 from mmengine.config import Config, DictAction
 from mmengine.registry import RUNNERS
@@ -129,11 +129,12 @@ def expandnet_setup_warnings(cfg: Config, runner: Runner) -> list[str]:
         return []
     warnings = []
     optim_cfg = cfg.get('optim_wrapper') or {}
-    optimizer = str((optim_cfg.get('optimizer') or {}).get('type', '')).split('.')[-1]
-    constructor = str(optim_cfg.get('constructor', '')).split('.')[-1]
+    optimizer = type_name((optim_cfg.get('optimizer') or {}).get('type', ''))
+    constructor = type_name(optim_cfg.get('constructor', ''))
     if optimizer in ADAPTIVE_OPTIMIZERS and constructor != 'ExpandNetOptimWrapperConstructor':
         warnings.append(
-            f"{len(trained)} expanded layers train with {optimizer} at the base rate: set "
+            f"{len(trained)} expanded layer{'s' * (len(trained) != 1)} train"
+            f"{'s' * (len(trained) == 1)} with {optimizer} at the base rate: set "
             "optim_wrapper.constructor='ExpandNetOptimWrapperConstructor' (per-factor rates; "
             'without them the expanded layers move far faster than compact ones, see README)')
     if not any(type(hook).__name__ == 'ContractCheckpointHook' for hook in runner.hooks):

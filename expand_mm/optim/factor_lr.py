@@ -62,6 +62,12 @@ def _is_positive_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
 
 
+def type_name(type_: Any) -> str:
+    """The bare name of a config ``type``: a registry string (``'mmdet.AdamW'``) or a class."""
+    name = type_ if isinstance(type_, str) else getattr(type_, '__name__', '')
+    return name.split('.')[-1]
+
+
 def check_factor_lr(rule: Any, chain: Any, rules: tuple[str, ...] = FACTOR_LR_RULES) -> None:
     """Raise ``ValueError`` naming the ``paramwise_cfg`` key of a bad setting.
 
@@ -232,9 +238,8 @@ class ExpandNetOptimWrapperConstructor(DefaultOptimWrapperConstructor):
             raise ValueError(f'paramwise_cfg.factor_lr_mult={factor_lr_mult!r} must be a '
                              'positive number')
         self._factor_lr_given = factor_lr
-        opt_type = optim_wrapper_cfg.get('optimizer', {}).get('type', '')
-        name = opt_type if isinstance(opt_type, str) else getattr(opt_type, '__name__', '')
-        self._optimizer_name = name.split('.')[-1] or '?'
+        self._optimizer_name = type_name(
+            optim_wrapper_cfg.get('optimizer', {}).get('type', '')) or '?'
         if factor_lr == 'auto':
             factor_lr = 'fan_in' if self._optimizer_name in ADAPTIVE_OPTIMIZERS else 'none'
         self.factor_lr = factor_lr
