@@ -16,6 +16,8 @@ through its constructor, which restores the default statistics methods.
 from __future__ import annotations
 
 import copyreg
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -65,6 +67,25 @@ def allow_mmengine_checkpoints() -> None:
     from mmengine.logging.history_buffer import HistoryBuffer
     copyreg.pickle(HistoryBuffer, _reduce_history_buffer)
     add_safe_globals(mmengine_checkpoint_globals())
+
+
+def plain_builtins(value: Any) -> Any:
+    """A copy of ``value`` with every mapping a plain ``dict``, every sequence a list / tuple.
+
+    For what expand_mm writes into a checkpoint's ``meta``. Config files hand
+    hooks mmengine ``ConfigDict`` objects, which are not among the globals
+    ``torch.load(weights_only=True)`` (the default from torch 2.6) accepts: one
+    of them in ``meta`` makes the whole checkpoint unreadable, for ``--resume``
+    as for every tool. Other leaves (str, int, float, bool, None, tensors) are
+    kept as they are.
+    """
+    if isinstance(value, Mapping):
+        return {key: plain_builtins(item) for key, item in value.items()}
+    if isinstance(value, tuple):
+        return tuple(plain_builtins(item) for item in value)
+    if isinstance(value, list):
+        return [plain_builtins(item) for item in value]
+    return value
 
 
 def patch_mmdet_ssd_head() -> None:

@@ -242,3 +242,51 @@ def test_contraction_refuses_a_nonlinear_phase_checkpoint(tmp_path):
     assert not osp.exists(tmp_path / 'nonlinear_compact.pth')
     dst, errors = write_compact_checkpoint(net, plain, probe_shape=(1, 3, 8, 8))
     assert osp.isfile(dst) and errors['max_rel'] < 1e-5
+
+
+NLINIT_DIGITS = osp.join(ROOT, 'configs', 'digits',
+                         'expandnet-cl-r4-nlinit_yolo-lite_1xb16-900i_digits-det-64x64.py')
+
+
+def test_config_file_checkpoint_of_the_nonlinear_phase_reads_back_and_resumes(tmp_path):
+    """The nlinit config as a file: its act_cfg is an mmengine ConfigDict, which must not
+    reach the checkpoint's meta (torch >= 2.6 loads with weights_only=True and refuses it:
+    the Runner crashed at the first nonlinear-phase checkpoint, and nothing could read it)."""
+    import subprocess
+    import sys
+    from wrapper_test_utils import make_digits, tiny_cfg as digits_cfg
+
+    data = make_digits(tmp_path / 'digits')
+
+    def nlinit_cfg(work):
+        cfg = digits_cfg(NLINIT_DIGITS, data, tmp_path / work, 'det', max_iters=3)
+        cfg.default_hooks.checkpoint.interval = 1
+        hook = next(h for h in cfg.custom_hooks if h['type'] == 'NonlinearInitHook')
+        hook['end'] = 2
+        assert type(hook['act_cfg']).__name__ == 'ConfigDict'  # what the bug needs
+        return cfg
+
+    cfg = nlinit_cfg('work')
+    runner, seen = run(cfg)
+    work = cfg.work_dir
+    assert seen == [True, True, False]
+    marked = osp.join(work, 'iter_1.pth')
+    meta = torch.load(marked, weights_only=True)['meta'][NONLINEAR_INIT_META_KEY]
+    assert meta == dict(act_cfg=dict(type='ReLU'), end=2, by_epoch=False)
+    assert type(meta['act_cfg']) is dict
+    # ContractCheckpointHook skipped it and contracted the linear ones.
+    assert not osp.exists(osp.join(work, 'iter_1_compact.pth'))
+    assert osp.isfile(osp.join(work, 'iter_2_compact.pth'))
+    # tools/contract.py reads it and refuses it by name.
+    result = subprocess.run([sys.executable, osp.join(ROOT, 'tools', 'contract.py'),
+                             NLINIT_DIGITS, marked, str(tmp_path / 'out.pth'),
+                             '--img-size', '64', '64'],
+                            capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 2 and 'Traceback' not in result.stderr, result.stderr[-2000:]
+    assert 'iter_1.pth was saved during the nonlinear phase' in result.stderr
+    # --resume from it: nonlinear for the one iteration left before end, then linear.
+    cfg = nlinit_cfg('resumed')
+    cfg.resume, cfg.load_from = True, marked
+    runner, seen = run(cfg)
+    assert seen == [True, False] and runner.iter == 3
+    assert osp.isfile(osp.join(cfg.work_dir, 'iter_3_compact.pth'))

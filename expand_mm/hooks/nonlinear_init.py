@@ -9,6 +9,7 @@ from mmengine.runner import IterBasedTrainLoop
 from torch import nn
 
 from ..checkpoint import NONLINEAR_INIT_META_KEY
+from ..compat import plain_builtins
 from ..layers import ExpandedLayer
 from ..models.expandnet import deployable_model
 from ..surgery import expanded_layers
@@ -94,7 +95,8 @@ class NonlinearInitHook(Hook):
             raise ValueError(f'NonlinearInitHook: end={end!r} must be a positive int (the '
                              f'{"epoch" if by_epoch else "iteration"} after which the '
                              'expanded layers become linear)')
-        self.act_cfg = dict(type='ReLU') if act_cfg is None else act_cfg
+        # Plain builtins: act_cfg goes into the checkpoints' meta (see plain_builtins).
+        self.act_cfg = dict(type='ReLU') if act_cfg is None else plain_builtins(act_cfg)
         _build_activation(self.act_cfg)  # fail at build time, not at before_train
         self.end = end
         self.by_epoch = by_epoch
@@ -176,4 +178,5 @@ class NonlinearInitHook(Hook):
         """Mark a checkpoint saved during the nonlinear phase."""
         if self.active:
             checkpoint.setdefault('meta', {})[NONLINEAR_INIT_META_KEY] = dict(
-                act_cfg=copy.deepcopy(self.act_cfg), end=self.end, by_epoch=self.by_epoch)
+                act_cfg=plain_builtins(self.act_cfg), end=int(self.end),
+                by_epoch=bool(self.by_epoch))
