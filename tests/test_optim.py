@@ -332,3 +332,45 @@ def test_a_custom_key_naming_a_compact_parameter_of_an_expanded_layer_is_refused
     rates = group_lrs(wrapper, net)
     assert all(rate == 0.0 for name, rate in rates.items() if name.startswith('conv.'))
     assert rates['head.weight'] == pytest.approx(0.005)
+
+
+
+def nested_stem_and_fc_net():
+    """An expanded conv at ``backbone.stem`` and an expanded linear at ``fc``."""
+    torch.manual_seed(0)
+    net = nn.Sequential()
+    net.backbone = nn.Sequential()
+    net.backbone.stem = nn.Conv2d(3, 8, 3)
+    net.fc = nn.Linear(8, 4)
+    expand_mm.expand_model(net, strategy='cl', ratio=2, expand_linear=True)
+    return net
+
+
+def build_with_custom_key(net, key):
+    return build_optim_wrapper(net, dict(constructor='ExpandNetOptimWrapperConstructor',
+                                         optimizer=dict(type='SGD', lr=0.01),
+                                         paramwise_cfg=dict(custom_keys={
+                                             key: dict(lr_mult=0.0)})))
+
+
+def test_the_refusal_of_a_compact_key_names_the_real_factors_of_an_expanded_linear():
+    """An expanded Linear's factors are ``linears.N``, not ``convs.N``."""
+    net = nested_stem_and_fc_net()
+    with pytest.raises(ValueError, match=r"'fc.bias' names a parameter of 'fc', .*"
+                                         r"\(fc\.linears\.0\.weight, \.\.\.\)"):
+        build_with_custom_key(net, 'fc.bias')
+
+
+def test_a_custom_key_that_was_a_substring_of_a_compact_parameter_name_is_refused():
+    """mmengine matches custom_keys as substrings: 'stem.weight' matched the compact
+    'backbone.stem.weight' and would now silently match nothing."""
+    net = nested_stem_and_fc_net()
+    with pytest.raises(ValueError, match=r"custom_keys: 'stem.weight' names a parameter of "
+                                         r"'backbone.stem', .*\(backbone\.stem\.convs\.0\."
+                                         r"weight, \.\.\.\).* use the module path "
+                                         r"'backbone.stem'"):
+        build_with_custom_key(net, 'stem.weight')
+    # A key that still matches factor parameters is the user's to give.
+    rates = group_lrs(build_with_custom_key(net, 'stem'), net)
+    assert all(rate == 0.0 for name, rate in rates.items() if 'stem' in name)
+    assert rates['fc.linears.0.weight'] == pytest.approx(0.01)

@@ -5,6 +5,7 @@ from mmengine.optim import build_optim_wrapper
 from mmengine.registry import PARAM_SCHEDULERS
 
 from expand_mm.hooks import ContractCheckpointHook
+from expand_mm.optim.product_decay import FACTOR_BASE_LR_KEY
 from expand_mm.optim.schedule_check import absolute_floor_problems
 from test_product_decay import TinyNet, expanded_net, toy_runner
 
@@ -135,9 +136,65 @@ def test_the_suggested_ratio_follows_the_rates_the_groups_start_from():
     """--auto-scale-lr scales every group's rate, not optimizer.defaults['lr']: the
     suggested eta_min_ratio must end the compact groups at eta_min all the same."""
     net = expanded_net(torch.float32)
-    wrapper = wrapper_of(net, ADAMW)
-    for group in wrapper.optimizer.param_groups:  # what mmengine's scale_lr does
-        group['lr'] *= 0.0625
-    (problem,) = absolute_floor_problems(net, wrapper, [scheduler(
-        wrapper, type='CosineAnnealingLR', T_max=10, eta_min=1e-5)])
-    assert f'eta_min_ratio={1e-5 / (0.01 * 0.0625):.4g}' in problem
+    for recorded in (True, False):  # False: groups of a checkpoint saved before the record
+        wrapper = wrapper_of(net, ADAMW)
+        for group in wrapper.optimizer.param_groups:  # what mmengine's scale_lr does
+            group['lr'] *= 0.0625
+            if not recorded:
+                group.pop(FACTOR_BASE_LR_KEY, None)
+        (problem,) = absolute_floor_problems(net, wrapper, [scheduler(
+            wrapper, type='CosineAnnealingLR', T_max=10, eta_min=1e-5)])
+        assert f'eta_min_ratio={1e-5 / (0.01 * 0.0625):.4g}' in problem
+
+
+def backbone_and_head(num_backbone_convs):
+    """``num_backbone_convs`` expanded convs under ``backbone``, one under ``head``."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential()
+    net.backbone = torch.nn.Sequential(*[torch.nn.Conv2d(8, 8, 3, padding=1)
+                                         for _ in range(num_backbone_convs)])
+    net.head = torch.nn.Conv2d(8, 8, 3, padding=1)
+    import expand_mm
+    expand_mm.expand_model(net, strategy='cl', ratio=4)
+    return net
+
+
+def wrapper_with_lr_mult(net, custom_keys):
+    return build_optim_wrapper(net, dict(constructor='ExpandNetOptimWrapperConstructor',
+                                         optimizer=ADAMW,
+                                         paramwise_cfg=dict(custom_keys=custom_keys)))
+
+
+@pytest.mark.parametrize('cfg', [
+    dict(type='CosineAnnealingLR', T_max=10, eta_min=1e-5),
+    dict(type='ReduceOnPlateauLR', monitor='loss', min_value=1e-5),
+])
+def test_factor_groups_frozen_by_lr_mult_zero_are_left_out_of_the_check(cfg):
+    """custom_keys lr_mult=0 on the part holding most expanded layers gives their groups
+    rate 0: no scaling to lose, and no rate to divide by (was ZeroDivisionError)."""
+    def floor_problems(custom_keys):
+        wrapper = wrapper_with_lr_mult(net, custom_keys)
+        built = PARAM_SCHEDULERS.build(dict(cfg, by_epoch=cfg['type'] == 'ReduceOnPlateauLR'),
+                                       default_args=dict(optimizer=wrapper))
+        return absolute_floor_problems(net, wrapper, [built])
+
+    net = backbone_and_head(3)
+    (problem,) = floor_problems({'backbone': dict(lr_mult=0.0)})
+    assert 'so the 6 factor groups' in problem  # the head's three factors, weight and bias
+    if cfg['type'] == 'CosineAnnealingLR':
+        assert 'eta_min_ratio=0.001' in problem
+    # Every expanded layer frozen: nothing left that a floor could unscale.
+    assert floor_problems({'': dict(lr_mult=0.0)}) == []
+
+
+def test_the_suggested_ratio_is_eta_min_over_optimizer_lr_whatever_lr_mult_most_layers_have():
+    """A custom_keys lr_mult on most expanded layers must not move the suggestion (it was
+    the most common rate / multiplier of the factor groups), with --auto-scale-lr too."""
+    net = backbone_and_head(3)
+    for scale in (1.0, 0.0625):
+        wrapper = wrapper_with_lr_mult(net, {'backbone': dict(lr_mult=0.1)})
+        for group in wrapper.optimizer.param_groups:  # what mmengine's scale_lr does
+            group['lr'] *= scale
+        (problem,) = absolute_floor_problems(net, wrapper, [scheduler(
+            wrapper, type='CosineAnnealingLR', T_max=10, eta_min=1e-5)])
+        assert f'eta_min_ratio={1e-5 / (0.01 * scale):.4g} (' in problem

@@ -37,8 +37,9 @@ from torch.optim import Optimizer
 
 from ..layers import ExpandedLayer
 from ..surgery import expanded_layers
-from .product_decay import (FACTOR_LR_MULT_KEY, PRODUCT_DECAY_KEY, ProductWeightDecay,
-                            WeightDecayOnCheck, check_weight_decay_on, factor_weights)
+from .product_decay import (FACTOR_BASE_LR_KEY, FACTOR_LR_MULT_KEY, PRODUCT_DECAY_KEY,
+                            ProductWeightDecay, WeightDecayOnCheck, check_weight_decay_on,
+                            factor_weights)
 
 FACTOR_LR_RULES = ('fan_in', 'none')
 # Optimizers whose step size does not scale with the gradient's magnitude (per
@@ -193,7 +194,8 @@ class ExpandNetOptimWrapperConstructor(DefaultOptimWrapperConstructor):
     as the wrapper's ``product_weight_decay`` attribute, applies it once per
     optimizer step. The default ``'factors'`` adds nothing to the step. Each
     factor's own param group records its rate multiplier under
-    ``factor_lr_mult`` (read by the schedule check). In either setting, when
+    ``factor_lr_mult`` and its rate before it under ``factor_base_lr`` (read
+    by the schedule check). In either setting, when
     factor weights are trained, a
     :class:`~expand_mm.optim.product_decay.WeightDecayOnCheck` on the
     optimizer's ``load_state_dict`` refuses (``resume``) an optimizer state
@@ -370,12 +372,16 @@ class ExpandNetOptimWrapperConstructor(DefaultOptimWrapperConstructor):
             mult = self._all_factor_multipliers.get(id(param))
             if mult is None:
                 continue
+            rate = group.get('lr', self.base_lr)
             if mult != 1.0:
-                group['lr'] = group.get('lr', self.base_lr) * mult
+                group['lr'] = rate * mult
             # Recorded for the schedule check: a custom_keys lr_mult is the user's,
             # and schedulers that set absolute rates (OneCycleLR) overwrite what
-            # the rate started as.
+            # the rate started as. The rate before the multiplier tells a later
+            # scaling of the groups (--auto-scale-lr) apart from a custom_keys one.
             group[FACTOR_LR_MULT_KEY] = mult
+            if rate is not None:
+                group[FACTOR_BASE_LR_KEY] = rate
 
     def _add_expanded_layer(self, params: list[dict], layer: ExpandedLayer, prefix: str,
                             is_dcn_module: Any) -> None:
@@ -406,22 +412,25 @@ def _refuse_custom_keys_of_compact_parameters(paramwise_cfg: dict | None, model:
     """Refuse a ``custom_keys`` entry that named a parameter of a now-expanded layer.
 
     mmengine matches a key as a substring of parameter names; a key such as
-    ``'backbone.stem.conv.weight'`` matched the compact conv's weight, but the
-    layer's parameters are now its factors' (``...conv.convs.1.weight``), so
-    the rule would silently apply to nothing.
+    ``'backbone.stem.conv.weight'`` (or just ``'stem.conv.weight'``) matched
+    the compact conv's weight, but the layer's parameters are now its
+    factors' (``...conv.convs.1.weight``), so the rule would silently apply
+    to nothing. A key that still matches some parameter is left alone.
     """
     custom_keys = (paramwise_cfg or {}).get('custom_keys') or {}
     names = [name for name, _ in model.named_parameters()]
     for key in custom_keys:
         if any(key in name for name in names):
             continue
-        owner = next((path for path, _ in layers if key.startswith(path + '.')), None)
-        if owner is not None:
-            raise ValueError(
-                f'paramwise_cfg.custom_keys: {key!r} names a parameter of {owner!r}, an '
-                f'expanded layer whose parameters are now its factors\' ({owner}.convs.N.'
-                f'weight, ...), so it would match nothing; use the module path {owner!r} '
-                'to reach every factor')
+        for path, layer in layers:
+            compact_names = (f'{path}.weight', f'{path}.bias')
+            if any(key in name for name in compact_names):
+                factor_example = f'{path}.{_sublayer_path(layer, 0)}.weight'
+                raise ValueError(
+                    f'paramwise_cfg.custom_keys: {key!r} names a parameter of {path!r}, an '
+                    f'expanded layer whose parameters are now its factors\' '
+                    f'({factor_example}, ...), so it would match nothing; use the module '
+                    f'path {path!r} to reach every factor')
 
 
 def _sublayer_path(layer: ExpandedLayer, index: int) -> str:

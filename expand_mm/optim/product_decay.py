@@ -92,10 +92,13 @@ COUPLED_DECAY_OPTIMIZERS = ('SGD', 'Adam', 'Adamax', 'NAdam', 'RAdam', 'Adagrad'
 # Optimizers that shrink the parameter as ``p <- (1 - lr * weight_decay) p``.
 DECOUPLED_DECAY_OPTIMIZERS = ('AdamW', 'Lion')
 # Param-group keys written by ExpandNetOptimWrapperConstructor: the decay moved
-# onto the product (factor weights, weight_decay_on='product'), and the
-# multiplier of the factor's rate (every factor's group, when it has one).
+# onto the product (factor weights, weight_decay_on='product'), the multiplier
+# of the factor's rate (every factor's group, when it has one) and the rate the
+# group had before that multiplier (optimizer.lr times any custom_keys lr_mult),
+# from which the schedule check tells a later scaling (--auto-scale-lr) apart.
 PRODUCT_DECAY_KEY = 'product_weight_decay'
 FACTOR_LR_MULT_KEY = 'factor_lr_mult'
+FACTOR_BASE_LR_KEY = 'factor_base_lr'
 
 
 def check_weight_decay_on(value: Any) -> None:

@@ -16,13 +16,14 @@ group's rates from that number, undoing the scaling from the first step.
 """
 from __future__ import annotations
 
+import statistics
 from typing import Any, Iterable
 
 from mmengine.optim import OptimWrapper, OptimWrapperDict
 from torch import nn
 
 from ..surgery import expanded_layers
-from .product_decay import FACTOR_LR_MULT_KEY
+from .product_decay import FACTOR_BASE_LR_KEY, FACTOR_LR_MULT_KEY
 
 # Relative tolerance under which a factor group's rate counts as the base rate.
 _SAME_RATE_RTOL = 1e-6
@@ -48,6 +49,12 @@ def _optimizers(optim_wrapper: Any) -> list:
     return []
 
 
+def _initial_rate(group: dict) -> float:
+    """The rate a param group started the schedule at (``initial_lr``, set by the
+    schedulers; ``lr`` before any scheduler is built)."""
+    return float(group.get('initial_lr', group['lr']))
+
+
 def _factor_multiplier(group: dict, base: float) -> float:
     """The multiplier the constructor gave a factor group's rate.
 
@@ -57,7 +64,36 @@ def _factor_multiplier(group: dict, base: float) -> float:
     """
     if FACTOR_LR_MULT_KEY in group:
         return float(group[FACTOR_LR_MULT_KEY])
-    return float(group.get('initial_lr', group['lr'])) / base
+    return _initial_rate(group) / base
+
+
+def _compact_rate(optimizer: Any, factor_groups: list[dict]) -> float:
+    """The rate of the groups no multiplier touched, as the schedule starts.
+
+    That is ``optimizer.lr`` times any scaling of the groups after the build:
+    ``--auto-scale-lr`` scales every group's rate, not
+    ``optimizer.defaults['lr']``. A factor group records the rate it had before
+    its multiplier (``optimizer.lr`` times any ``custom_keys`` ``lr_mult``), so
+    its starting rate over that rate times the multiplier is the later scaling,
+    whatever ``lr_mult`` the user gave it. Groups saved before that rate was
+    recorded (an older checkpoint) fall back to the most common
+    ``rate / multiplier``, which a ``lr_mult`` on most expanded layers skews.
+
+    Args:
+        optimizer: The torch optimizer.
+        factor_groups: Its factor groups, none at rate 0.
+
+    Returns:
+        The rate that an ``eta_min_ratio`` should end at ``eta_min``.
+    """
+    base = float(optimizer.defaults['lr'])
+    scalings = [_initial_rate(g) / (float(g[FACTOR_BASE_LR_KEY]) * float(g[FACTOR_LR_MULT_KEY]))
+                for g in factor_groups
+                if g.get(FACTOR_BASE_LR_KEY) and g.get(FACTOR_LR_MULT_KEY)]
+    if scalings:
+        return base * statistics.median(scalings)
+    compact_rates = [_initial_rate(g) / _factor_multiplier(g, base) for g in factor_groups]
+    return max(set(compact_rates), key=compact_rates.count)
 
 
 def _floor_problem(scheduler: Any, base: float, groups: list) -> tuple[str, str] | None:
@@ -79,9 +115,10 @@ def _floor_problem(scheduler: Any, base: float, groups: list) -> tuple[str, str]
     if isinstance(min_values, (list, tuple)) and any(v > 0 for v in min_values):
         # One value per group (MMEngine may append one for the base settings): a list
         # proportional to the groups' own rates keeps them.
-        fractions = [value / float(group.get('initial_lr', group['lr']))
-                     for value, group in zip(min_values, groups)]
-        if max(fractions) - min(fractions) > _SAME_RATE_RTOL * max(fractions):
+        # A group at rate 0 (a custom_keys lr_mult=0 freezes it) stays there.
+        fractions = [value / _initial_rate(group)
+                     for value, group in zip(min_values, groups) if _initial_rate(group) > 0]
+        if fractions and max(fractions) - min(fractions) > _SAME_RATE_RTOL * max(fractions):
             return f'{name}, min_value={max(min_values):g}', 'min_value=0'
     return None
 
@@ -112,17 +149,16 @@ def absolute_floor_problems(model: nn.Module, optim_wrapper: Any,
         base = optimizer.defaults.get('lr')
         if not base:
             continue
+        # A factor group at rate 0 (under a custom_keys lr_mult=0) has no scaling to
+        # lose: a floor does to it what it does to a compact model's frozen group.
         factor_groups = [g for g in optimizer.param_groups
-                         if any(id(p) in factor_ids for p in g['params'])]
+                         if any(id(p) in factor_ids for p in g['params'])
+                         and _initial_rate(g) > 0]
         multipliers = [m for m in (_factor_multiplier(g, base) for g in factor_groups)
                        if abs(m - 1.0) > _SAME_RATE_RTOL]
         if not multipliers:
             continue
-        # The compact rate the factors' rates were scaled from, as the groups started
-        # (--auto-scale-lr scales the groups, not optimizer.defaults): the most common.
-        compact_rates = [float(g.get('initial_lr', g['lr'])) / _factor_multiplier(g, base)
-                         for g in factor_groups]
-        base = max(set(compact_rates), key=compact_rates.count)
+        base = _compact_rate(optimizer, factor_groups)
         scaled = (f'{len(multipliers)} factor groups of the expanded layers, whose rates '
                   'ExpandNetOptimWrapperConstructor scaled by '
                   f'{min(multipliers):.3g}..{max(multipliers):.3g}')
