@@ -403,3 +403,37 @@ def test_analysis_tools_refuse_checkpoints_that_do_not_fit_before_any_work(voc_c
     assert not osp.exists(tmp / 'ls_bad')
     with pytest.raises(SystemExit):
         landscape.parse_args(['x.py', '--steps-1d', '4'])
+
+
+def test_analysis_refuses_a_checkpoint_saved_mid_way_through_channel_planting(voc_cfgs):
+    """Before the last planting stage the trained network masks its unplanted channels with
+    hooks the weights do not carry: analysing the weights would analyse the full-width
+    network. Refused as tools/test.py refuses it, pointing to the *_compact.pth."""
+    from mmdet.registry import MODELS
+    from mmdet.utils import register_all_modules
+
+    from expand_mm.analysis.gradient_confusion import check_checkpoint_fits
+    from expand_mm.checkpoint import CheckpointError
+    tmp, cfgs = voc_cfgs
+    register_all_modules(init_default_scope=False)
+    compact_model = MODELS.build(copy.deepcopy(cfgs[0].model))
+    planting = dict(stage=0, stages=[0.5, 1.0], widths={}, masked_entries={})
+    planted = str(tmp / 'iter_1.pth')
+    torch.save(dict(state_dict=compact_model.state_dict(), meta=dict(channel_planting=planting)),
+               planted)
+    refusal = (r"iter_1.pth was saved at channel-planting stage 1 of 2: .*Analyse its compact "
+               r"copy \(\*_compact.pth")
+    for name in ('gradient_confusion', 'loss_landscape'):
+        out = tmp / f'{name}_planted'
+        with pytest.raises(CheckpointError, match=refusal):
+            _load_tool(name).main(['--num-batches', '2', '--out', str(out),
+                                   '--checkpoint', planted], configs=cfgs[:1])
+        assert not osp.exists(out), 'refused before any work'
+    # Where the library loads checkpoints (build_mm_model_and_loader) it is refused too.
+    with pytest.raises(CheckpointError, match=refusal):
+        check_checkpoint_fits(compact_model, planted)
+    # At the last stage the weights are the stock network: accepted.
+    finished = str(tmp / 'iter_2.pth')
+    torch.save(dict(state_dict=compact_model.state_dict(),
+                    meta=dict(channel_planting=dict(planting, stage=1))), finished)
+    check_checkpoint_fits(compact_model, finished)

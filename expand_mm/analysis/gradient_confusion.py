@@ -496,18 +496,24 @@ def check_checkpoint_fits(model: nn.Module, checkpoint: str) -> None:
     would only log a warning, and an analysis of the untrained model would
     follow. The checkpoint must be the model's own (a training-time wrapper's,
     or its deployable network's alone), in the expanded or the compact form for
-    an ExpandNet.
+    an ExpandNet. A channel-planting checkpoint saved before the last stage is
+    refused as ``tools/test.py`` refuses it: the network that was trained masks
+    its unplanted channels with hooks the weights do not carry, so loading it
+    would analyse the full-width network instead; its ``*_compact.pth`` is that
+    trained network.
 
     Raises:
-        CheckpointError: For an unreadable file, or one that does not fit,
-            naming the keys.
+        CheckpointError: For an unreadable file, one that does not fit (naming
+            the keys), or one saved mid-way through channel planting.
     """
     from ..checkpoint import (check_plain_model_checkpoint, match_state_dict,
                               read_checkpoint, strip_prefix)
-    from ..deploy import find_deployable
+    from ..deploy import find_deployable, refuse_unfinished_planting
     from ..surgery import expanded_layers
-    # Memory-mapped: keys and shapes are all the check needs; the runner reads it next.
-    state_dict = strip_prefix(read_checkpoint(checkpoint, mmap=True)['state_dict'])
+    # Memory-mapped: meta, keys and shapes are all the check needs; the runner reads it next.
+    saved = read_checkpoint(checkpoint, mmap=True)
+    refuse_unfinished_planting(saved.get('meta') or {}, checkpoint, 'Analyse')
+    state_dict = strip_prefix(saved['state_dict'])
     deployable, prefix = find_deployable(model)
     if prefix and any(k.startswith(prefix) for k in state_dict):
         state_dict = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}

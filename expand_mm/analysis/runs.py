@@ -69,14 +69,19 @@ def check_run_files(runs: Sequence[dict[str, Any]], out: str) -> None:
     Raises:
         RunSettingsError: For a missing config file or an ``out`` that is a file.
         CheckpointError: For a missing or unreadable checkpoint (only the
-            header is read: memory-mapped).
+            header is read: memory-mapped), or one saved before the last stage
+            of channel planting (its ``*_compact.pth`` is the trained network;
+            see
+            :func:`~expand_mm.analysis.gradient_confusion.check_checkpoint_fits`).
     """
     from ..checkpoint import read_checkpoint
+    from ..deploy import refuse_unfinished_planting
     for run in runs:
         if isinstance(run['config'], str) and not osp.isfile(run['config']):
             raise RunSettingsError(f'config {run["config"]!r} does not exist')
         if run['checkpoint'] and '://' not in run['checkpoint']:  # remote: the loader checks
-            read_checkpoint(run['checkpoint'], mmap=True)
+            meta = read_checkpoint(run['checkpoint'], mmap=True).get('meta') or {}
+            refuse_unfinished_planting(meta, run['checkpoint'], 'Analyse')
     if osp.exists(out) and not osp.isdir(out):
         raise RunSettingsError(f'--out {out!r} is a file; give a folder (it is created)')
 
