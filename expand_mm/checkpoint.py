@@ -217,6 +217,10 @@ def match_state_dict(model: nn.Module, state_dict: Mapping[str, Any],
                      key=lambda t: t[0].count)
     if not strict:
         return kind
+    wrapper = wrapper_checkpoint_hint(
+        {**expanded_key_shapes(model), **compact_key_shapes(model)}, state_dict)
+    if wrapper:
+        raise CheckpointError(f'{source} does not fit {type(model).__name__}: {wrapper}.')
     raise CheckpointError(
         f'{source} fits neither the expanded nor the compact form of '
         f'{type(model).__name__}. Closest: the {kind} form, but {best.describe()}. '
@@ -224,6 +228,56 @@ def match_state_dict(model: nn.Module, state_dict: Mapping[str, Any],
         'or of its stock compact config; a training checkpoint of another expansion (other '
         'ratio or strategy) loads once contracted: python tools/contract.py ITS_CONFIG CKPT '
         'OUT, then load_from=OUT.')
+
+
+def wrapped_model_prefix(model_shapes: Mapping[str, torch.Size],
+                         state_dict: Mapping[str, Any]) -> str | None:
+    """The key prefix under which ``state_dict`` holds a model of ``model_shapes``, if any.
+
+    A training-time wrapper's checkpoint (a ``Distiller``'s ``student.``, an
+    ``AuxOverParam``'s ``model.``) holds its network under a prefix; given with
+    the network's own config, it matches (almost) no key. Prefixes of one or
+    two dotted components are tried; the one under which the most keys of
+    the model are found with their shapes (a wider teacher's have other
+    shapes) is returned if that is at least half of them, and more than
+    without a prefix.
+
+    Args:
+        model_shapes: The model's keys and their shapes.
+        state_dict: The checkpoint's state dict.
+    """
+    state_dict = strip_prefix(state_dict)
+
+    def found_under(prefix: str) -> int:
+        return sum(tuple(getattr(state_dict.get(prefix + key), 'shape', ())) == tuple(shape)
+                   for key, shape in model_shapes.items() if prefix + key in state_dict)
+
+    candidates = set()
+    for key in state_dict:
+        parts = key.split('.')
+        candidates.update('.'.join(parts[:depth]) + '.' for depth in (1, 2)
+                          if len(parts) > depth)
+    best, found = None, found_under('')
+    for prefix in sorted(candidates):
+        count = found_under(prefix)
+        if count > found:
+            best, found = prefix, count
+    return best if best is not None and 2 * found >= len(model_shapes) else None
+
+
+def wrapper_checkpoint_hint(model_shapes: Mapping[str, torch.Size],
+                            state_dict: Mapping[str, Any]) -> str:
+    """What to use instead of a wrapper's training checkpoint; ``''`` if it is none.
+
+    See :func:`wrapped_model_prefix` for the arguments.
+    """
+    prefix = wrapped_model_prefix(model_shapes, state_dict)
+    if prefix is None:
+        return ''
+    return (f'its entries for this model are under {prefix!r}: it is a training checkpoint of '
+            'a training-time wrapper (Distiller, AuxOverParam) around it. Use its '
+            '*_compact.pth (or python tools/contract.py WRAPPER_CONFIG CKPT OUT), or the '
+            'wrapper config it was trained with')
 
 
 def expanded_chain_paths(model: nn.Module, state_dict: Mapping[str, Any]) -> list[str]:
@@ -269,14 +323,19 @@ def check_plain_model_checkpoint(model: nn.Module, state_dict: Mapping[str, Any]
     mismatch.missing = [k for k in mismatch.missing if not k.endswith('num_batches_tracked')]
     if mismatch.missing or mismatch.wrong_shape:
         chains = expanded_chain_paths(model, state_dict)
-        hint = (f'It is an ExpandNet training checkpoint ({len(chains)} layers, e.g. '
-                f'{chains[0]!r}, are expanded chains): use its *_compact.pth (or python '
-                'tools/contract.py EXPANDNET_CONFIG CKPT OUT), or the ExpandNet config it was '
-                'trained with' if chains else
-                'Use a checkpoint trained with this config; an ExpandNet training checkpoint '
-                '(iter_N.pth / epoch_N.pth) goes with the ExpandNet config it was trained '
-                'with, or through python tools/contract.py EXPANDNET_CONFIG CKPT OUT; a '
-                '*_compact.pth goes with the compact config')
+        wrapper = wrapper_checkpoint_hint(expanded_key_shapes(model), state_dict)
+        if wrapper:
+            hint = wrapper[0].upper() + wrapper[1:]
+        elif chains:
+            hint = (f'It is an ExpandNet training checkpoint ({len(chains)} layers, e.g. '
+                    f'{chains[0]!r}, are expanded chains): use its *_compact.pth (or python '
+                    'tools/contract.py EXPANDNET_CONFIG CKPT OUT), or the ExpandNet config it '
+                    'was trained with')
+        else:
+            hint = ('Use a checkpoint trained with this config; an ExpandNet training '
+                    'checkpoint (iter_N.pth / epoch_N.pth) goes with the ExpandNet config it '
+                    'was trained with, or through python tools/contract.py EXPANDNET_CONFIG '
+                    'CKPT OUT; a *_compact.pth goes with the compact config')
         raise CheckpointError(f'{source} does not fit {type(model).__name__}: '
                               f'{mismatch.describe()}. {hint}.')
     return mismatch

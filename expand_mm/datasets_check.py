@@ -15,9 +15,21 @@ HOW_TO_GET = {
                    'gtFine_trainvaltest.zip from cityscapes-dataset.com, extract them to '
                    'data/cityscapes and run mmseg\'s tools/dataset_converters/cityscapes.py '
                    'data/cityscapes to create the *_labelTrainIds.png maps'),
-    'digits_det': 'the digits set ships with scikit-learn: run `python tools/make_digits_data.py`',
-    'digits_seg': 'the digits set ships with scikit-learn: run `python tools/make_digits_data.py`',
 }
+#: The 64x64 digits sets of configs/digits, distill, aux and planting (the demo's).
+DIGITS64_OPTIONS = '--img-size 64 --min-scale 16 --max-scale 32 --max-digits 4'
+
+
+def _digits_hint(data_root: str) -> str | None:
+    """The command that writes the digits set under ``data_root``, or None if it is not one."""
+    root = data_root.rstrip('/')
+    if osp.basename(root) not in ('digits_det', 'digits_seg'):
+        return None
+    out = osp.dirname(root) or '.'
+    options = f' {DIGITS64_OPTIONS}' if 'digits64' in out else ''
+    return ('the digits set is drawn from scikit-learn\'s bundled digits: run `python '
+            f'tools/make_digits_data.py --out {out}{options}`'
+            + (' (tools/demo.py also writes it when missing)' if options else ''))
 
 
 def _datasets(cfg: Any) -> Iterator[dict]:
@@ -60,10 +72,11 @@ def check_datasets(cfg: Any, loaders: tuple[str, ...] = ('train_dataloader', 'va
             for path in _required_paths(dataset):
                 if osp.exists(path):
                     continue
-                hint = next((how for name, how in HOW_TO_GET.items()
-                             if name in str(dataset.get('data_root', ''))),
-                            'put the dataset where the config expects it, or override '
-                            f'{key}.dataset.data_root with --cfg-options')
+                data_root = str(dataset.get('data_root', ''))
+                hint = _digits_hint(data_root) or next(
+                    (how for name, how in HOW_TO_GET.items() if name in data_root),
+                    'put the dataset where the config expects it, or override '
+                    f'{key}.dataset.data_root with --cfg-options')
                 where = '' if osp.isabs(path) else f', i.e. {osp.abspath(path)!r} from here'
                 raise FileNotFoundError(
                     f'{key}: dataset path {path!r} does not exist{where} (data_root='

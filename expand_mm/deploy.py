@@ -154,7 +154,8 @@ def config_input_size(cfg: Any) -> tuple[tuple[int, int], str] | None:
     (through dataset wrappers) or ``cfg.test_pipeline``; mmcv's ``scale`` is
     ``(W, H)`` or one int. With ``keep_ratio`` the scale is only the box an
     image is fitted into (one side can come out smaller), which ``source``
-    says. None when neither is in the config.
+    says, unless a later ``Pad`` pads to it (``size`` or ``pad_to_square``:
+    YOLOX). None when neither is in the config.
     """
     test_cfg = _find_test_cfg(cfg.get('model'))
     if test_cfg is not None and test_cfg.get('mode') == 'slide':
@@ -166,15 +167,21 @@ def config_input_size(cfg: Any) -> tuple[tuple[int, int], str] | None:
         dataset = dataset['dataset']
     pipeline = (dataset.get('pipeline') if isinstance(dataset, dict) else None) \
         or cfg.get('test_pipeline') or []
-    for step in pipeline:
-        if not isinstance(step, dict) or str(step.get('type', '')).split('.')[-1] != 'Resize':
+    types = [str(step.get('type', '')).split('.')[-1] if isinstance(step, dict) else ''
+             for step in pipeline]
+    for index, step in enumerate(pipeline):
+        scale = _size_pair(step.get('scale')) if types[index] == 'Resize' else None
+        if scale is None:
             continue
-        source = ('test-pipeline Resize scale'
-                  + (', keep_ratio: the box images are fitted into' if step.get('keep_ratio')
-                     else ''))
-        scale = _size_pair(step.get('scale'))
-        if scale is not None:
-            return (scale[1], scale[0]), source  # mmcv's scale is (W, H)
+        source = 'test-pipeline Resize scale'
+        if step.get('keep_ratio'):
+            pads = [pad for pad, kind in zip(pipeline[index:], types[index:]) if kind == 'Pad']
+            if pads and (_size_pair(pads[0].get('size')) == scale or (
+                    pads[0].get('pad_to_square') and scale[0] == scale[1])):
+                source += ', padded to it'
+            else:
+                source += ' (keep_ratio: images are fitted into this box)'
+        return (scale[1], scale[0]), source  # mmcv's scale is (W, H)
     return None
 
 

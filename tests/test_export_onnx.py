@@ -42,3 +42,29 @@ def test_export_refuses_a_checkpoint_of_another_model(tmp_path):
                             capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 2
     assert 'fits neither' in result.stderr and 'conv.weight' in result.stderr
+
+
+def test_export_takes_a_training_wrappers_checkpoint_and_names_it_with_the_compact_config(
+        tmp_path):
+    """An AuxOverParam (ExpandNet inside) training checkpoint exports its contracted main
+    branch with the wrapper config; with the compact config it is refused, naming the
+    prefix its network sits under and what to use."""
+    import expand_mm
+    from wrapper_test_utils import DET_COMPACT, ROOT as REPO, build_model, save_state
+    aux = REPO / 'configs/aux/aux-w2_expandnet-cl-r4_yolo-lite_1xb16-900i_digits-det-64x64.py'
+    torch.manual_seed(0)
+    model = build_model(aux)
+    ckpt = save_state(model, tmp_path / 'iter_1.pth')
+    out = tmp_path / 'aux.onnx'
+    result = subprocess.run([sys.executable, osp.join(ROOT, 'tools', 'export_onnx.py'),
+                             str(aux), ckpt, str(out)], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
+    params = sum(p.numel() for p in expand_mm.contract_model(model.model).parameters())
+    assert f'wrote {out}: {params:,} params, input 1x3x64x64' in result.stdout
+    assert float(result.stdout.rsplit('max abs error', 1)[1]) < 1e-3
+    result = subprocess.run([sys.executable, osp.join(ROOT, 'tools', 'export_onnx.py'),
+                             str(DET_COMPACT), ckpt, str(out)], capture_output=True, text=True,
+                            cwd=ROOT)
+    assert result.returncode == 2 and 'Traceback' not in result.stderr, result.stderr[-2000:]
+    assert "Its entries for this model are under 'model.': it is a training checkpoint of a " \
+           'training-time wrapper' in result.stderr

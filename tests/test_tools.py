@@ -71,10 +71,11 @@ def test_test_tool_takes_a_checkpoint_with_extra_entries_and_says_so(tmp_path, c
 
 def run_contract(*args) -> int:
     """``tools/contract.py EXPANDNET ARGS...``'s exit code, run in this process."""
+    from expand_mm.cli import run_tool
     contract = load_tool('contract')
     argv, sys.argv = sys.argv, ['contract.py', str(EXPANDNET), *map(str, args)]
     try:
-        return contract.main()
+        return run_tool(contract.main)
     finally:
         sys.argv = argv
 
@@ -158,7 +159,9 @@ def test_input_size_comes_from_the_test_settings():
     from expand_mm.deploy import config_input_size
     digits = Config.fromfile(str(ROOT / 'configs/digits/yolo-lite_1xb16-900i_digits-det-64x64.py'))
     assert config_input_size(digits) == (
-        (64, 64), 'test-pipeline Resize scale, keep_ratio: the box images are fitted into')
+        (64, 64), 'test-pipeline Resize scale (keep_ratio: images are fitted into this box)')
+    yolox = Config.fromfile(str(ROOT / 'configs/yolox/yolox_tiny_8xb8-300e_coco.py'))
+    assert config_input_size(yolox) == ((416, 416), 'test-pipeline Resize scale, padded to it')
     cityscapes = Config.fromfile(str(ROOT / 'configs/unet/unet-s5-d16-c16_fcn_4xb4-160k_'
                                  'cityscapes-512x1024.py'))
     size, source = config_input_size(cityscapes)
@@ -207,6 +210,20 @@ def test_train_tool_refuses_an_expandnet_checkpoint_for_a_compact_config(expandn
     torch.save({'state_dict': {k: v for k, v in state.items() if k.startswith('backbone.')},
                 'meta': {}}, partial)
     train.check_load_from(runner(partial))
+    # A wrapper's training checkpoint holds the model under a prefix (next to a teacher
+    # with the same key names but other shapes); another model's gives it no weight.
+    wrapped = tmp_path / 'distiller.pth'
+    torch.save({'state_dict': {**{'student.' + k: v for k, v in state.items()},
+                               **{'teacher.' + k: torch.zeros(2, *v.shape[1:])
+                                  for k, v in state.items() if v.dim() > 1}}}, wrapped)
+    with pytest.raises(CheckpointError, match=r"distiller.pth' would load nothing: its entries "
+                                              r"for this model are under 'student.'"):
+        train.check_load_from(runner(wrapped))
+    other = tmp_path / 'other.pth'
+    torch.save({'state_dict': {'decode_head.conv_seg.weight': torch.zeros(2, 4, 1, 1)}}, other)
+    with pytest.raises(CheckpointError, match=r"other.pth' has none of the \d+ weights of this "
+                                              r"YOLOV3 .* it is a checkpoint of another model"):
+        train.check_load_from(runner(other))
 
 
 def test_a_legacy_format_checkpoint_is_read_even_when_memory_mapping_is_asked(tmp_path):
@@ -300,9 +317,61 @@ def test_test_tool_tta_and_out_evaluate_the_compact_twin_as_the_expanded_model(t
 
 def test_test_tool_tta_without_tta_settings_is_refused(expandnet_checkpoint, capsys):
     test = load_tool('test')
+    from expand_mm.cli import run_tool
     argv, sys.argv = sys.argv, ['test.py', str(EXPANDNET), str(expandnet_checkpoint), '--tta']
     try:
-        assert test.main() == 2
+        assert run_tool(test.main) == 2
     finally:
         sys.argv = argv
     assert 'error: --tta needs tta_model and tta_pipeline in the config' in capsys.readouterr().err
+
+
+def test_tools_print_their_own_checks_in_one_line_and_keep_other_tracebacks(capsys, tmp_path):
+    """A ``raise`` in expand_mm (a check with a message for the user) becomes one
+    ``error:`` line and exit code 2; an error elsewhere (a config, mmengine, a bug) keeps
+    its traceback, and ``EXPAND_MM_TRACEBACK=1`` shows every traceback."""
+    from expand_mm.cli import is_own_check, require_file, run_tool
+    from expand_mm.optim.factor_lr import check_factor_lr
+
+    def refused() -> int:
+        check_factor_lr('fan_out', 'sum')
+        return 0
+
+    assert run_tool(refused) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: paramwise_cfg.factor_lr='fan_out'") and err.count('\n') == 1
+
+    def missing() -> int:
+        require_file(str(tmp_path / 'nope.py'), 'config')
+        return 0
+
+    assert run_tool(missing) == 2
+    assert capsys.readouterr().err == (f"error: config '{tmp_path}/nope.py' does not exist "
+                                       f"(looked at '{tmp_path}/nope.py')\n")
+
+    def config_mistake() -> int:
+        return {'a': 1}['b']  # not a raise statement of expand_mm: a traceback
+
+    with pytest.raises(KeyError):
+        run_tool(config_mistake)
+    try:
+        Config.fromfile(str(tmp_path / 'nope.py'))
+    except FileNotFoundError as err:  # raised inside mmengine
+        assert not is_own_check(err)
+    os.environ['EXPAND_MM_TRACEBACK'] = '1'
+    try:
+        with pytest.raises(ValueError, match='factor_lr'):
+            run_tool(refused)
+    finally:
+        del os.environ['EXPAND_MM_TRACEBACK']
+
+
+def test_missing_digits_data_names_the_command_that_writes_it(tmp_path):
+    """The 64x64 configs read data/digits64: the hint gives the options that write it."""
+    from expand_mm.datasets_check import check_datasets
+    cfg = Config.fromfile(str(ROOT / 'configs/distill/yolo-lite-w2_1xb16-900i_digits-det-64x64.py'))
+    cfg.train_dataloader.dataset.data_root = f'{tmp_path}/digits64/digits_det/'
+    with pytest.raises(FileNotFoundError, match=(
+            rf'run `python tools/make_digits_data.py --out {tmp_path}/digits64 --img-size 64 '
+            r'--min-scale 16 --max-scale 32 --max-digits 4`')):
+        check_datasets(cfg, ('train_dataloader',))

@@ -15,8 +15,8 @@ import argparse
 import sys
 
 import expand_mm  # noqa: F401
-from expand_mm.checkpoint import (CheckpointError, prepare_output_path, read_checkpoint,
-                                  strip_prefix)
+from expand_mm.checkpoint import prepare_output_path, read_checkpoint, strip_prefix
+from expand_mm.cli import UsageError, require_file, run_tool
 from expand_mm.deploy import (config_input_size, count_macs, count_training_macs,
                               find_deployable, unfinished_planting, write_compact_checkpoint)
 from expand_mm.surgery import contract_model, count_params, expanded_layers
@@ -45,11 +45,10 @@ def parse_args() -> argparse.Namespace:
 def main() -> int:
     """Contract, verify, report."""
     args = parse_args()
-    try:  # before the model is built: a wrong output path costs nothing
-        prepare_output_path(args.checkpoint, args.out)
-    except CheckpointError as err:
-        print(f'error: {err}', file=sys.stderr)
-        return 2
+    # Before the model is built: a wrong path costs nothing.
+    require_file(args.config, 'config')
+    require_file(args.checkpoint, 'checkpoint')
+    prepare_output_path(args.checkpoint, args.out)
     cfg = Config.fromfile(args.config)
     if args.cfg_options:
         cfg.merge_from_dict(args.cfg_options)
@@ -62,16 +61,9 @@ def main() -> int:
                                       or ((320, 320), 'default, none in the config'))
     with DefaultScope.overwrite_default_scope(cfg.get('default_scope')):
         model = MODELS.build(model_cfg).eval()
-    try:
-        deployable, prefix = find_deployable(model)
-    except ValueError as err:
-        print(f'error: {err}', file=sys.stderr)
-        return 2
-    try:  # memory-mapped: only the meta and the keys are read here
-        header = read_checkpoint(args.checkpoint, mmap=True)
-    except CheckpointError as err:
-        print(f'error: {err}', file=sys.stderr)
-        return 2
+    deployable, prefix = find_deployable(model)
+    # Memory-mapped: only the meta and the keys are read here.
+    header = read_checkpoint(args.checkpoint, mmap=True)
     meta = header.get('meta') or {}
     layers = expanded_layers(deployable)
     keys = set(strip_prefix(header.get('state_dict') or {}))
@@ -84,20 +76,14 @@ def main() -> int:
     # A plain model mid-way through channel planting has a compact form: its stage's
     # network, unplanted channels zeroed.
     if not prefix and not expanded_layers(deployable) and not unfinished_planting(meta):
-        print(f'error: {args.config} is neither an ExpandNet config nor a training-time wrapper '
-              f'(model.type is {cfg.model.get("type")!r}; expected "ExpandNet", or a wrapper '
-              'such as "Distiller" / "AuxOverParam")', file=sys.stderr)
-        return 2
+        raise UsageError(f'{args.config} is neither an ExpandNet config nor a training-time '
+                         f'wrapper (model.type is {cfg.model.get("type")!r}; expected '
+                         '"ExpandNet", or a wrapper such as "Distiller" / "AuxOverParam")')
     # The check does not depend on the image size; a Cityscapes-size probe would
     # only cost memory (and, on a float32 rounding alarm, a float64 re-run).
     probe_size = tuple(min(side, 512) for side in args.img_size)
-    try:
-        out, errors = write_compact_checkpoint(model, args.checkpoint, args.out,
-                                               probe_shape=(1, 3, *probe_size),
-                                               verify=args.verify)
-    except CheckpointError as err:
-        print(f'error: {err}', file=sys.stderr)
-        return 2
+    out, errors = write_compact_checkpoint(model, args.checkpoint, args.out,
+                                           probe_shape=(1, 3, *probe_size), verify=args.verify)
     compact = contract_model(deployable).eval()
     if expanded_layers(deployable):
         # Counted from the chains' shapes: tracing them would run the explicit model.
@@ -123,7 +109,7 @@ def main() -> int:
               f'{errors["max_rel"]:.3e} (probe 1x3x{probe_size[0]}x{probe_size[1]})')
         if 'layers_max_rel' in errors:
             print(f'  the probe output barely depends on the input (relative change '
-                  f'{errors["input_sensitivity"]:.1e}: untrained batch norm statistics), so '
+                  f'{errors["input_sensitivity"]:.1e}; e.g. untrained batch norm statistics), so '
                   f'each expanded layer was also checked on its own: max relative error '
                   f'{errors["layers_max_rel"]:.3e}')
     print(f'wrote {out}')
@@ -131,4 +117,4 @@ def main() -> int:
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    sys.exit(run_tool(main))

@@ -2,9 +2,10 @@
 
     python tools/export_onnx.py CONFIG CKPT OUT.onnx [--img-size H W] [--opset 17]
 
-CONFIG may be an ExpandNet config or a stock compact one; CKPT may be a compact
-checkpoint (``*_compact.pth``) or an ExpandNet training checkpoint (contracted
-first). What is exported is the network's raw output (``mode='tensor'``: the
+CONFIG may be an ExpandNet config, a training-time wrapper's (``Distiller``,
+``AuxOverParam``) or a stock compact one; CKPT may be a compact checkpoint
+(``*_compact.pth``) or a training checkpoint of CONFIG (its deployable network,
+contracted first). What is exported is the network's raw output (``mode='tensor'``: the
 detection head's per-level maps, the segmentation logits); box decoding and NMS
 stay in the host code, as with mmdet / mmseg's own ``mode='tensor'``. The file
 is run with onnxruntime on a random input and compared with PyTorch.
@@ -17,9 +18,11 @@ import torch
 from mmengine.config import Config
 from mmengine.registry import MODELS, DefaultScope
 
-import expand_mm
-from expand_mm.checkpoint import CheckpointError, prepare_output_path, read_checkpoint, strip_prefix
-from expand_mm.deploy import config_input_size, refuse_unfinished_planting
+import expand_mm  # noqa: F401  (registers ExpandNet and the wrappers)
+from expand_mm.checkpoint import (CheckpointError, check_plain_model_checkpoint,
+                                  prepare_output_path, read_checkpoint, strip_prefix)
+from expand_mm.cli import require_file, run_tool
+from expand_mm.deploy import config_input_size, contract_state_dict, refuse_unfinished_planting
 from expand_mm.models import compact_model_cfg
 from expand_mm.surgery import _flatten_tensors
 
@@ -39,6 +42,11 @@ class RawOutputs(torch.nn.Module):
 def build_compact(config: str, checkpoint: str) -> torch.nn.Module:
     """The compact model of ``config`` with the weights of ``checkpoint``.
 
+    ``config`` may be a stock compact config, an ExpandNet config or a
+    training-time wrapper's (``Distiller``, ``AuxOverParam``); ``checkpoint``
+    a compact one, or a training checkpoint of ``config``, whose deployable
+    network is taken (and contracted, if it is an ExpandNet).
+
     Raises:
         CheckpointError: If the checkpoint is unreadable or fits neither form.
     """
@@ -46,21 +54,21 @@ def build_compact(config: str, checkpoint: str) -> torch.nn.Module:
     saved = read_checkpoint(checkpoint)
     refuse_unfinished_planting(saved.get('meta') or {}, checkpoint, 'Export')
     state_dict = strip_prefix(saved['state_dict'])
+    compact_cfg = compact_model_cfg(cfg.model)
     with DefaultScope.overwrite_default_scope(cfg.get('default_scope')):
-        compact = MODELS.build(compact_model_cfg(cfg.model))
-        if compact_model_cfg(cfg.model) is not cfg.model:
-            expanded = MODELS.build(cfg.model)
-            if expand_mm.match_state_dict(expanded, state_dict,
-                                          source=checkpoint) == 'expanded':
-                expanded.load_state_dict(state_dict)
-                state_dict = expand_mm.contract_model(expanded).state_dict()
-    missing, unexpected = compact.load_state_dict(state_dict, strict=False)
-    if missing or unexpected:
-        hint = ('' if compact_model_cfg(cfg.model) is not cfg.model else
-                '. An ExpandNet training checkpoint goes with the ExpandNet config it was '
-                'trained with (it is contracted first), or through tools/contract.py')
-        raise CheckpointError(f'{checkpoint} does not fit the compact model of {config}: '
-                              f'missing {missing[:5]}, unexpected {unexpected[:5]}{hint}')
+        compact = MODELS.build(compact_cfg)
+        try:
+            check_plain_model_checkpoint(compact, state_dict, checkpoint)
+        except CheckpointError:
+            if compact_cfg is cfg.model:
+                raise
+            # A training checkpoint of this config: its deployable network, contracted.
+            model_cfg = cfg.model.copy()
+            if cfg.get('data_preprocessor') is not None:  # as the Runner builds the model
+                model_cfg.setdefault('data_preprocessor', cfg.data_preprocessor)
+            state_dict, _ = contract_state_dict(MODELS.build(model_cfg), state_dict,
+                                                verify=False)
+    compact.load_state_dict(state_dict, strict=False)
     return compact.eval()
 
 
@@ -89,12 +97,10 @@ def main() -> int:
                         'else its test-pipeline Resize scale, else 320 320)')
     parser.add_argument('--opset', type=int, default=17)
     args = parser.parse_args()
-    try:
-        prepare_output_path(args.checkpoint, args.out)
-        model = build_compact(args.config, args.checkpoint)
-    except CheckpointError as err:
-        print(f'error: {err}', file=sys.stderr)
-        return 2
+    require_file(args.config, 'config')
+    require_file(args.checkpoint, 'checkpoint')
+    prepare_output_path(args.checkpoint, args.out)
+    model = build_compact(args.config, args.checkpoint)
     img_size, size_source = ((args.img_size, '--img-size') if args.img_size else
                              config_input_size(Config.fromfile(args.config))
                              or ((320, 320), 'default, none in the config'))
@@ -106,4 +112,4 @@ def main() -> int:
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    sys.exit(run_tool(main))

@@ -15,8 +15,8 @@ import os.path as osp
 import sys
 
 import expand_mm  # noqa: F401  (registers ExpandNet, the hooks, torch.load fix)
-from expand_mm.checkpoint import (CheckpointError, check_plain_model_checkpoint, read_checkpoint,
-                                  strip_prefix)
+from expand_mm.checkpoint import check_plain_model_checkpoint, read_checkpoint, strip_prefix
+from expand_mm.cli import UsageError, require_file, run_tool
 from expand_mm.datasets_check import check_datasets
 from expand_mm.deploy import refuse_unfinished_planting
 from expand_mm.models import compact_model_cfg
@@ -85,7 +85,7 @@ def enable_visualisation(cfg: Config, show_dir: str) -> None:
     """Ask the stock visualisation hook to draw predictions into ``show_dir``."""
     hook = cfg.default_hooks.get('visualization')
     if hook is None:
-        raise KeyError('--show-dir needs default_hooks.visualization in the config')
+        raise UsageError('--show-dir needs default_hooks.visualization in the config')
     hook['draw'] = True
     if hook['type'] == 'DetVisualizationHook':
         hook['test_out_dir'] = show_dir
@@ -100,12 +100,13 @@ def enable_tta(cfg: Config) -> None:
     that is tested (the compact one for a compact checkpoint).
 
     Raises:
-        KeyError: If the config has no ``tta_model`` or no ``tta_pipeline``.
+        UsageError: If the config has no ``tta_model`` or no ``tta_pipeline``.
     """
     missing = [key for key in ('tta_model', 'tta_pipeline') if key not in cfg]
     if missing:
-        raise KeyError(f'--tta needs {" and ".join(missing)} in the config (mmseg\'s dataset '
-                       "configs define them; for mmdet, see its configs' *_tta.py files)")
+        raise UsageError(f'--tta needs {" and ".join(missing)} in the config (mmseg\'s stock '
+                         'dataset configs define both; for mmdet, see its configs\' *_tta.py '
+                         'files)')
     cfg.model = dict(cfg.tta_model, module=cfg.model)
     dataset = cfg.test_dataloader.dataset
     while 'dataset' in dataset:
@@ -117,20 +118,27 @@ def enable_tta(cfg: Config) -> None:
 
 def dump_predictions(cfg: Config, out: str) -> None:
     """Add the stock prediction dump of the task to the test evaluator (``--out``)."""
+    evaluators = cfg.test_evaluator if isinstance(cfg.test_evaluator, list) \
+        else [cfg.test_evaluator]
     if cfg.get('default_scope') == 'mmdet':
         if not out.endswith(('.pkl', '.pickle')):
-            raise ValueError(f'--out {out!r}: mmdet dumps predictions to a .pkl or .pickle file')
-        evaluators = cfg.test_evaluator if isinstance(cfg.test_evaluator, list) \
-            else [cfg.test_evaluator]
+            raise UsageError(f'--out {out!r}: mmdet dumps predictions to a .pkl or .pickle file')
         cfg.test_evaluator = [*evaluators, dict(type='DumpDetResults', out_file_path=out)]
     else:  # mmseg's IoUMetric writes the predicted label maps into output_dir
-        cfg.test_evaluator['output_dir'] = out
-        cfg.test_evaluator['keep_results'] = True
+        iou_metrics = [e for e in evaluators if str(e.get('type', '')).endswith('IoUMetric')]
+        if not iou_metrics:
+            raise UsageError(f'--out {out!r}: mmseg writes label maps through an IoUMetric in '
+                             'test_evaluator, and this config has none (types: '
+                             f'{[e.get("type") for e in evaluators]})')
+        for metric in iou_metrics:
+            metric['output_dir'] = out
+            metric['keep_results'] = True
 
 
 def main() -> int:
     """Build the runner for the right (compact or expanded) model and test."""
     args = parse_args()
+    require_file(args.config, 'config')
     cfg = Config.fromfile(args.config)
     cfg.launcher = args.launcher
     if args.cfg_options is not None:
@@ -147,27 +155,15 @@ def main() -> int:
     cfg.load_from = args.checkpoint
     if args.show_dir:
         enable_visualisation(cfg, args.show_dir)
-    try:
-        if args.out:
-            dump_predictions(cfg, args.out)
-        if args.tta:
-            enable_tta(cfg)
-    except (KeyError, ValueError) as err:
-        print(f'error: {err.args[0]}', file=sys.stderr)
-        return 2
-    try:
-        check_datasets(cfg, ('test_dataloader',))
-    except FileNotFoundError as err:
-        print(f'error: {err}', file=sys.stderr)
-        return 2
+    if args.out:
+        dump_predictions(cfg, args.out)
+    if args.tta:
+        enable_tta(cfg)
+    check_datasets(cfg, ('test_dataloader',))
     runner = Runner.from_cfg(cfg) if 'runner_type' not in cfg else RUNNERS.build(cfg)
     runner.test()
     return 0
 
 
 if __name__ == '__main__':
-    try:
-        sys.exit(main())
-    except CheckpointError as err:
-        print(f'error: {err}', file=sys.stderr)
-        sys.exit(2)
+    sys.exit(run_tool(main))

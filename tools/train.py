@@ -12,7 +12,9 @@ import sys
 
 import expand_mm  # noqa: F401  (registers ExpandNet, the hooks, torch.load fix)
 from expand_mm.checkpoint import (CheckpointError, check_plain_model_checkpoint,
-                                  expanded_chain_paths, read_checkpoint)
+                                  compare_state_dict, expanded_chain_paths, expanded_key_shapes,
+                                  read_checkpoint, strip_prefix, wrapper_checkpoint_hint)
+from expand_mm.cli import UsageError, require_file, run_tool
 from expand_mm.datasets_check import check_datasets
 from expand_mm.deploy import find_deployable, unwrap_model
 from expand_mm.optim.factor_lr import ADAPTIVE_OPTIMIZERS, type_name
@@ -56,19 +58,19 @@ def build_cfg(args: argparse.Namespace) -> Config:
     if args.amp:
         from mmengine.device import get_device
         if get_device() == 'cpu':  # mmengine refuses only once the model is built
-            raise ValueError('--amp needs a GPU (or an NPU / MLU / MUSA device): mmengine\'s '
+            raise UsageError('--amp needs a GPU (or an NPU / MLU / MUSA device): mmengine\'s '
                              'AmpOptimWrapper does not train on the CPU')
         optim_wrapper = cfg.optim_wrapper.type
         if optim_wrapper == 'AmpOptimWrapper':
             print('AMP training is already enabled in your config.')
         elif optim_wrapper != 'OptimWrapper':
-            raise ValueError(f'--amp needs optim_wrapper.type=OptimWrapper, got {optim_wrapper}')
+            raise UsageError(f'--amp needs optim_wrapper.type=OptimWrapper, got {optim_wrapper}')
         else:
             cfg.optim_wrapper.type = 'AmpOptimWrapper'
             cfg.optim_wrapper.loss_scale = 'dynamic'
     if args.auto_scale_lr:
         if 'auto_scale_lr' not in cfg or 'base_batch_size' not in cfg.auto_scale_lr:
-            raise KeyError('--auto-scale-lr needs auto_scale_lr.base_batch_size in the config')
+            raise UsageError('--auto-scale-lr needs auto_scale_lr.base_batch_size in the config')
         cfg.auto_scale_lr.enable = True
     if args.resume == 'auto':
         cfg.resume = True
@@ -86,7 +88,9 @@ def check_load_from(runner: Runner) -> None:
     and only logs the mismatch. A resume must fit exactly (missing or
     wrong-shaped weights are refused, naming them); ``load_from`` may be partial
     (fine-tuning from a model with another head), but not an ExpandNet
-    training checkpoint of this model, whose expanded layers would stay random.
+    training checkpoint of this model, whose expanded layers would stay random,
+    nor one that gives the model no weight at all (a training-time wrapper's
+    checkpoint, whose keys carry a prefix, or another model's).
     ExpandNet and wrapper configs are checked by ``ExpandCheckpointLoadHook``.
 
     Raises:
@@ -103,6 +107,16 @@ def check_load_from(runner: Runner) -> None:
     if runner._resume:
         check_plain_model_checkpoint(model, state_dict, path)
         return
+    wrapper = wrapper_checkpoint_hint(expanded_key_shapes(model), state_dict)
+    if wrapper:
+        raise CheckpointError(f'load_from={path!r} would load nothing: {wrapper}')
+    fitting = compare_state_dict(model, state_dict)
+    if len(fitting.missing) + len(fitting.wrong_shape) == len(model.state_dict()):
+        raise CheckpointError(
+            f'load_from={path!r} has none of the {len(model.state_dict())} weights of this '
+            f'{type(model).__name__} (with their shapes; it holds e.g. '
+            f'{sorted(strip_prefix(state_dict))[:3]}): it is a checkpoint of another model. '
+            'Use a checkpoint of this config, or of a model sharing its backbone')
     chains = expanded_chain_paths(model, state_dict)
     if chains:
         raise CheckpointError(
@@ -148,18 +162,13 @@ def expandnet_setup_warnings(cfg: Config, runner: Runner) -> list[str]:
 def main() -> int:
     """Build the runner from the config and train."""
     args = parse_args()
-    try:
-        cfg = build_cfg(args)
-        check_datasets(cfg, ('train_dataloader', 'val_dataloader'))
-    except (FileNotFoundError, KeyError, ValueError) as err:  # bad input: one line
-        print(f'error: {err.args[0] if isinstance(err, KeyError) else err}', file=sys.stderr)
-        return 2
+    require_file(args.config, 'config')
+    if args.resume not in (None, 'auto') and '://' not in args.resume:
+        require_file(args.resume, '--resume checkpoint')
+    cfg = build_cfg(args)
+    check_datasets(cfg, ('train_dataloader', 'val_dataloader'))
     runner = Runner.from_cfg(cfg) if 'runner_type' not in cfg else RUNNERS.build(cfg)
-    try:
-        check_load_from(runner)
-    except CheckpointError as err:
-        print(f'error: {err}', file=sys.stderr)
-        return 2
+    check_load_from(runner)
     for warning in expandnet_setup_warnings(cfg, runner):
         runner.logger.warning(warning)
     runner.train()
@@ -167,4 +176,4 @@ def main() -> int:
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    sys.exit(run_tool(main))

@@ -265,8 +265,8 @@ class ContractCheckpointHook(Hook):
                     "BatchNorm's running statistics lag the weights)")
                 continue
             if errors and 'layers_max_rel' in errors:
-                check = (f'the probe output barely depends on the input (untrained batch norm '
-                         f'statistics), so each expanded layer was checked on its own: max '
+                check = (f'the probe output barely depends on the input (e.g. untrained batch '
+                         f'norm statistics), so each expanded layer was checked on its own: max '
                          f'relative error {errors["layers_max_rel"]:.2e}')
             elif errors:
                 check = (f'max abs error {errors["max_abs"]:.2e}, relative '
