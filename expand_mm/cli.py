@@ -1,6 +1,9 @@
 """Shared pieces of the command-line tools."""
 import argparse
+import difflib
+import inspect
 import os
+import re
 import os.path as osp
 import sys
 import traceback
@@ -57,6 +60,34 @@ def is_own_check(err: BaseException) -> bool:
     return ours and (last.line or '').lstrip().startswith('raise ')
 
 
+UNEXPECTED_KEYWORD = re.compile(r"got an unexpected keyword argument '(\w+)'")
+
+
+def unknown_config_key(err: BaseException) -> str | None:
+    """A config key that the class it configures does not take, said with the nearest one.
+
+    MMEngine builds every registered class with ``obj_cls(**cfg)``, so a
+    misspelled key (``custom_hooks.1.ends=2``) surfaces as Python's bare
+    "unexpected keyword argument"; the frame of ``build_from_cfg`` still holds
+    the class, whose signature gives the keys it does take. None for any
+    other error.
+    """
+    match = UNEXPECTED_KEYWORD.search(str(err)) if isinstance(err, TypeError) else None
+    frames = list(traceback.walk_tb(err.__traceback__))
+    if match is None or not frames or frames[-1][0].f_code.co_name != 'build_from_cfg':
+        return None
+    cls = frames[-1][0].f_locals.get('obj_cls')
+    try:
+        options = [name for name, param in inspect.signature(cls).parameters.items()
+                   if param.kind not in (param.VAR_POSITIONAL, param.VAR_KEYWORD)]
+    except (TypeError, ValueError):  # no signature to read: leave the error as it is
+        return None
+    key, name = match.group(1), getattr(cls, '__name__', str(cls))
+    near = difflib.get_close_matches(key, options, n=1)
+    return (f'{name} has no option {key!r}' + (f'; did you mean {near[0]!r}?' if near else '.')
+            + f' {name} takes {", ".join(options)}')
+
+
 def error_message(err: BaseException) -> str:
     """The user-facing text of ``err`` (a ``KeyError``'s own message, not its repr)."""
     if isinstance(err, KeyError) and len(err.args) == 1 and isinstance(err.args[0], str):
@@ -67,8 +98,9 @@ def error_message(err: BaseException) -> str:
 def run_tool(main: Callable[[], int]) -> int:
     """Run a tool's ``main``; a refused input becomes one ``error:`` line and exit code 2.
 
-    What :func:`is_own_check` recognises (and :class:`UsageError`) is printed
-    without a traceback, after whatever the tool logged, so the reason is the
+    What :func:`is_own_check` recognises (and :class:`UsageError`), and a
+    config key the class it configures does not take (:func:`unknown_config_key`),
+    is printed without a traceback, after whatever the tool logged, so the reason is the
     last line a user sees; anything else propagates. With ``EXPAND_MM_TRACEBACK=1``
     nothing is caught.
     """
@@ -77,7 +109,8 @@ def run_tool(main: Callable[[], int]) -> int:
     try:
         return main()
     except Exception as err:  # noqa: BLE001 (re-raised unless it is one of our checks)
-        if not is_own_check(err):
+        message = error_message(err) if is_own_check(err) else unknown_config_key(err)
+        if message is None:
             raise
-        print(f'error: {error_message(err)}', file=sys.stderr)
+        print(f'error: {message}', file=sys.stderr)
         return 2

@@ -375,3 +375,26 @@ def test_missing_digits_data_names_the_command_that_writes_it(tmp_path):
             rf'run `python tools/make_digits_data.py --out {tmp_path}/digits64 --img-size 64 '
             r'--min-scale 16 --max-scale 32 --max-digits 4`')):
         check_datasets(cfg, ('train_dataloader',))
+
+
+def test_a_misspelled_key_of_a_registered_class_is_named_with_the_nearest_option(capsys):
+    """MMEngine builds classes with ``cls(**cfg)``: Python's bare TypeError becomes the
+    class, the key and what it takes; other TypeErrors keep their traceback."""
+    from mmengine.registry import HOOKS
+
+    from expand_mm.cli import run_tool
+
+    def misspelled() -> int:
+        HOOKS.build(dict(type='ContractCheckpointHook', verifyy=True))
+        return 0
+
+    assert run_tool(misspelled) == 2
+    assert capsys.readouterr().err == (
+        "error: ContractCheckpointHook has no option 'verifyy'; did you mean 'verify'? "
+        'ContractCheckpointHook takes suffix, probe_shape, rtol, verify\n')
+
+    def called_wrongly() -> int:
+        return int(sum([1], startt=0))  # a TypeError of code, not of a config
+
+    with pytest.raises(TypeError):
+        run_tool(called_wrongly)
