@@ -88,6 +88,39 @@ def unknown_config_key(err: BaseException) -> str | None:
             + f' {name} takes {", ".join(options)}')
 
 
+#: mmengine's loaders of weights named by a URL or an ``open-mmlab://``-style name.
+_WEIGHT_LOADERS = ('load_from_http', 'load_from_openmmlab', 'load_from_torchvision',
+                   'load_from_mmcls')
+
+
+def failed_weight_download(err: BaseException) -> str | None:
+    """What to do when pretrained weights named in a config cannot be downloaded.
+
+    A config's ``init_cfg=dict(type='Pretrained', checkpoint='open-mmlab://...')``
+    (or ``pretrained=``) is downloaded by mmengine when the model is
+    initialised; without a network that ends in urllib's bare "Name or service
+    not known". The loader frames hold the name, the URL and where torch's hub
+    would have cached the file. None for any other error.
+    """
+    if not isinstance(err, OSError):  # urllib's URLError, socket errors, timeouts
+        return None
+    names = {}
+    for frame, _ in traceback.walk_tb(err.__traceback__):
+        if frame.f_code.co_name in _WEIGHT_LOADERS and 'mmengine' in frame.f_code.co_filename:
+            names.setdefault(frame.f_code.co_name, frame.f_locals.get('filename'))
+    url = names.get('load_from_http')
+    if url is None:
+        return None
+    name = next((names[loader] for loader in _WEIGHT_LOADERS[1:] if loader in names), url)
+    import torch.hub  # only here: the tools import torch anyway, the message does not need it
+    cache = osp.join(torch.hub.get_dir(), 'checkpoints', osp.basename(url.split('?')[0]))
+    origin = f'{name!r} ({url})' if name != url else repr(url)
+    return (f'could not download the pretrained weights {origin}: {err}. Without a network, '
+            f'copy the file to {cache!r} (where torch caches it), or point the config\'s '
+            "init_cfg checkpoint / pretrained that names it to a local file, or set it to None "
+            'to start from random weights')
+
+
 def error_message(err: BaseException) -> str:
     """The user-facing text of ``err`` (a ``KeyError``'s own message, not its repr)."""
     if isinstance(err, KeyError) and len(err.args) == 1 and isinstance(err.args[0], str):
@@ -100,7 +133,8 @@ def run_tool(main: Callable[[], int]) -> int:
 
     What :func:`is_own_check` recognises (and :class:`UsageError`), and a
     config key the class it configures does not take (:func:`unknown_config_key`),
-    is printed without a traceback, after whatever the tool logged, so the reason is the
+    and pretrained weights that cannot be downloaded (:func:`failed_weight_download`)
+    are printed without a traceback, after whatever the tool logged, so the reason is the
     last line a user sees; anything else propagates. With ``EXPAND_MM_TRACEBACK=1``
     nothing is caught.
     """
@@ -109,7 +143,8 @@ def run_tool(main: Callable[[], int]) -> int:
     try:
         return main()
     except Exception as err:  # noqa: BLE001 (re-raised unless it is one of our checks)
-        message = error_message(err) if is_own_check(err) else unknown_config_key(err)
+        message = error_message(err) if is_own_check(err) else (
+            unknown_config_key(err) or failed_weight_download(err))
         if message is None:
             raise
         print(f'error: {message}', file=sys.stderr)

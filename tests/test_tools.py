@@ -398,3 +398,41 @@ def test_a_misspelled_key_of_a_registered_class_is_named_with_the_nearest_option
 
     with pytest.raises(TypeError):
         run_tool(called_wrongly)
+
+
+def test_pretrained_weights_that_cannot_be_downloaded_say_where_the_file_goes(
+        capsys, monkeypatch):
+    """Offline, a config's open-mmlab:// backbone ends in urllib's bare error: it is
+    named with its URL and torch's cache path (the download is simulated to fail)."""
+    import urllib.error
+
+    import mmengine.runner.checkpoint as mm_checkpoint
+    import torch.hub
+
+    from expand_mm.cli import run_tool
+
+    def offline(url, *args, **kwargs):
+        raise urllib.error.URLError('[Errno -2] Name or service not known')
+
+    monkeypatch.setattr(mm_checkpoint, 'load_url', offline)
+    config = ROOT / 'configs/expandnet/expandnet-cl-r4_yolov3-mobilenetv2_8xb24-320-300e_voc0712.py'
+
+    def init() -> int:
+        cfg = Config.fromfile(str(config))
+        with DefaultScope.overwrite_default_scope('mmdet'):
+            MODELS.build(cfg.model).init_weights()
+        return 0
+
+    assert run_tool(init) == 2
+    err = capsys.readouterr().err.splitlines()[-1]
+    cache = os.path.join(torch.hub.get_dir(), 'checkpoints',
+                         'mobilenet_v2_batch256_imagenet-ff34753d.pth')
+    assert err.startswith("error: could not download the pretrained weights "
+                          "'open-mmlab://mmdet/mobilenet_v2' (https://"), err
+    assert f'copy the file to {cache!r}' in err
+
+    def unrelated() -> int:
+        raise OSError('disk full')
+
+    with pytest.raises(OSError, match='disk full'):
+        run_tool(unrelated)
