@@ -8,8 +8,9 @@ MMEngine's own checkpoints on torch >= 2.6.
 """
 from .compat import allow_mmengine_checkpoints, patch_mmdet_ssd_head
 from .layers import ExpandConv2d, ExpandedLayer, ExpandLinear
-from .surgery import (ExpansionReport, check_contraction, contract_model, deferred_factor_grads,
-                      expand_model, expanded_layers, set_expand_mode, verify_contraction)
+from .surgery import (ExpansionReport, check_contraction, check_layer_contractions,
+                      contract_model, deferred_factor_grads, expand_model, expanded_layers,
+                      set_expand_mode, verify_contraction)
 
 allow_mmengine_checkpoints()
 patch_mmdet_ssd_head()
@@ -20,8 +21,8 @@ from . import optim  # noqa: E402  (registers ExpandNetOptimWrapperConstructor)
 from .checkpoint import CheckpointError, match_state_dict, read_checkpoint  # noqa: E402
 from .models import (AuxOverParam, Distiller, FeatureImitationLoss, LogitsKDLoss,  # noqa: E402
                      TrainingWrapper, deployable_model)
-from .optim import (ExpandNetOptimWrapperConstructor, ProductWeightDecay,  # noqa: E402
-                    factor_lr_multipliers)
+from .optim import (ExpandNetOptimWrapperConstructor, PolyLRRatio,  # noqa: E402
+                    ProductWeightDecay, factor_lr_multipliers)
 from .deploy import deployable_state_dict, find_deployable  # noqa: E402
 from .planting import ChannelPlanter, PlantingError  # noqa: E402
 from .hooks import ChannelPlantingHook, NonlinearInitHook  # noqa: E402
@@ -33,7 +34,8 @@ __version__ = '0.1.0'
 
 __all__ = [
     'ExpandConv2d', 'ExpandLinear', 'ExpandedLayer', 'ExpansionReport', 'expand_model',
-    'contract_model', 'check_contraction', 'verify_contraction', 'expanded_layers', 'set_expand_mode',
+    'contract_model', 'check_contraction', 'check_layer_contractions', 'verify_contraction',
+    'expanded_layers', 'set_expand_mode',
     'deferred_factor_grads',
     'deployable_model', 'CheckpointError', 'read_checkpoint', 'match_state_dict',
     'allow_mmengine_checkpoints', 'hooks', 'models', 'optim',
@@ -41,7 +43,7 @@ __all__ = [
     'TrainingWrapper', 'Distiller', 'LogitsKDLoss', 'FeatureImitationLoss', 'AuxOverParam',
     'find_deployable', 'deployable_state_dict',
     'ChannelPlanter', 'ChannelPlantingHook', 'PlantingError', 'NonlinearInitHook',
-    'ProductWeightDecay',
+    'ProductWeightDecay', 'PolyLRRatio',
     'analysis', 'gradient_confusion', 'GradientConfusionResult', 'loss_landscape_1d',
     'loss_landscape_2d', 'LandscapeResult',
 ]
