@@ -797,3 +797,26 @@ def test_deferral_under_non_reentrant_activation_checkpointing():
     ref(x).square().sum().backward()
     for p, q in zip(net.parameters(), ref.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize('strategy', ['cl', 'ck'])
+def test_set_composed_bias_changes_the_bias_only(strategy):
+    """The contracted bias becomes the one given, the contracted kernel stays; a layer
+    without a bias refuses one, naming itself."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 6, 5, padding=2)
+    layer = ExpandConv2d.from_conv(conv, strategy=strategy, ratio=4)
+    for sub in layer.sublayers:  # non-zero inner biases, which the new bias must account for
+        if sub.bias is not None:
+            nn.init.uniform_(sub.bias)
+    before = layer.contract()
+    bias = torch.arange(6.0)
+    layer.set_composed_bias(bias)
+    after = layer.contract()
+    torch.testing.assert_close(after.bias, bias)
+    torch.testing.assert_close(after.weight, before.weight)
+    x = torch.randn(2, 4, 9, 9)
+    torch.testing.assert_close(layer(x), after(x), rtol=1e-4, atol=1e-4)
+    no_bias = ExpandConv2d.from_conv(nn.Conv2d(4, 6, 5, bias=False), strategy=strategy, ratio=4)
+    with pytest.raises(ValueError, match=r'got a bias but the layer has none \(bias=False\)'):
+        no_bias.set_composed_bias(bias)

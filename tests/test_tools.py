@@ -436,3 +436,35 @@ def test_pretrained_weights_that_cannot_be_downloaded_say_where_the_file_goes(
 
     with pytest.raises(OSError, match='disk full'):
         run_tool(unrelated)
+
+
+def test_test_tool_out_and_tta_edit_the_config_as_mmdet_and_mmseg_do():
+    """--out: mmdet's DumpDetResults after the metrics (a .pkl only), mmseg's label maps
+    through every IoUMetric of a list evaluator; --tta: YOLO-style batch shapes off."""
+    from expand_mm.cli import UsageError
+    test = load_tool('test')
+    det = Config(dict(default_scope='mmdet', test_evaluator=dict(type='CocoMetric')))
+    test.dump_predictions(det, 'preds.pkl')
+    assert det.test_evaluator == [dict(type='CocoMetric'),
+                                  dict(type='DumpDetResults', out_file_path='preds.pkl')]
+    with pytest.raises(UsageError, match=r"--out 'preds.json': mmdet dumps predictions to a "
+                                         r'.pkl or .pickle file'):
+        test.dump_predictions(det, 'preds.json')
+    seg = Config(dict(default_scope='mmseg', test_evaluator=[
+        dict(type='IoUMetric', iou_metrics=['mIoU']), dict(type='mmseg.IoUMetric'),
+        dict(type='CityscapesMetric')]))
+    test.dump_predictions(seg, 'maps')
+    assert [e.get('output_dir') for e in seg.test_evaluator] == ['maps', 'maps', None]
+    assert all(e['keep_results'] for e in seg.test_evaluator[:2])
+    with pytest.raises(UsageError, match=r"mmseg writes label maps through an IoUMetric in "
+                                         r"test_evaluator, and this config has none"):
+        test.dump_predictions(Config(dict(test_evaluator=dict(type='CityscapesMetric'))), 'm')
+    yolo = Config(dict(model=dict(type='YOLOV3'), tta_model=dict(type='DetTTAModel'),
+                       tta_pipeline=[dict(type='LoadImageFromFile')],
+                       test_dataloader=dict(dataset=dict(type='RepeatDataset', dataset=dict(
+                           type='YOLOv5CocoDataset', batch_shapes_cfg=dict(size_divisor=32),
+                           pipeline=[])))))
+    test.enable_tta(yolo)
+    dataset = yolo.test_dataloader.dataset.dataset
+    assert dataset.batch_shapes_cfg is None and dataset.pipeline == yolo.tta_pipeline
+    assert yolo.model == dict(type='DetTTAModel', module=dict(type='YOLOV3'))
