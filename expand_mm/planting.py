@@ -29,6 +29,16 @@ At a stage change (:meth:`ChannelPlanter.advance`):
    global-norm gradient clipping ignores them) and are restored after every
    optimizer step (so weight decay or momentum cannot move them).
 
+At every stage, whatever ``freeze``, the entries not planted yet -- the
+unplanted channels' filters, biases and norm parameters, and (given a probe)
+the input columns that read those channels -- are held the same way: they are
+not part of the stage's network (their gradient is zero), but decoupled weight
+decay (AdamW) or SGD's coupled decay would shrink them before they are planted.
+
+Stages are numbered from 1 in messages (:func:`stage_label`, ``stage 2 of 4
+(50% of channels)``) and indexed from 0 in the API and in checkpoints'
+``meta['channel_planting']['stage']``.
+
 Independent of mmdet / mmseg; :class:`~expand_mm.hooks.ChannelPlantingHook`
 drives it from MMEngine's training loop.
 """
@@ -122,6 +132,17 @@ def stage_widths(channels: int, fractions: Sequence[float]) -> list[int]:
     return [max(1, math.ceil(f * channels - 1e-9)) for f in fractions]
 
 
+def stage_label(stage: int, fractions: Sequence[float]) -> str:
+    """How messages name the stage of 0-based index ``stage``.
+
+    E.g. ``'stage 2 of 4 (50% of channels)'`` for index 1 of
+    ``(0.25, 0.5, 0.75, 1.0)``. One numbering for every log line and error:
+    the hook's, the planter's and the checkpoint tools'
+    (:func:`~expand_mm.deploy.planting_stage` numbers from 1 too).
+    """
+    return f'stage {stage + 1} of {len(fractions)} ({float(fractions[stage]):.0%} of channels)'
+
+
 class ChannelPlanter:
     """Masks, grows and freezes the output channels of the selected units of a model.
 
@@ -172,10 +193,11 @@ class ChannelPlanter:
         self.units = self._select_units(model, list(include), list(exclude or []))
         self.stage = -1
         self.new_columns: dict[nn.Conv2d, Tensor] = {}
+        self.unplanted_columns: dict[nn.Conv2d, Tensor] = {}
         self._frozen: dict[nn.Parameter, tuple[Tensor, Tensor]] = {}
         self._handles: list[Any] = []
         self._grad_handles: list[Any] = []
-        self._probe_mode: str | None = None
+        self._nan_channels: str | None = None  # 'new' / 'unplanted' while tracing readers
         self._masks: dict[tuple, Tensor] = {}
 
     # ------------------------------------------------------------------ selection
@@ -224,13 +246,21 @@ class ChannelPlanter:
             mask = self._masks[key] = channel_mask(unit.widths[stage], like)
         return mask
 
+    def _traced_channels(self, unit: PlantedUnit) -> slice:
+        """The output channels of ``unit`` set to NaN while tracing their readers."""
+        if self._nan_channels == 'new':
+            return slice(unit.widths[self.stage - 1] if self.stage > 0 else 0,
+                         unit.widths[self.stage] if self.stage > 0 else 0)
+        return slice(unit.widths[self.stage], unit.conv.out_channels)  # 'unplanted'
+
     def _unit_hook(self, unit: PlantedUnit) -> Callable:
         def hook(module: nn.Module, args: Any, out: Tensor) -> Tensor:
             out = out * self._mask(unit, self.stage, out)
-            if self._probe_mode == 'nan' and self.stage > 0:
-                new = torch.zeros(out.shape[1], dtype=torch.bool, device=out.device)
-                new[unit.widths[self.stage - 1]:unit.widths[self.stage]] = True
-                out = out.masked_fill(new.view(1, -1, *([1] * (out.dim() - 2))), float('nan'))
+            if self._nan_channels is not None:
+                traced = torch.zeros(out.shape[1], dtype=torch.bool, device=out.device)
+                traced[self._traced_channels(unit)] = True
+                out = out.masked_fill(traced.view(1, -1, *([1] * (out.dim() - 2))),
+                                      float('nan'))
             return out
         setattr(hook, MASK_HOOK_MARK, True)  # found again in copies: remove_mask_hooks
         return hook
@@ -249,28 +279,40 @@ class ChannelPlanter:
         """Apply the masks and the frozen set of ``stage`` to the weights as they are.
 
         For the start of training (stage 0) and for resuming at a later stage.
-        From stage 1 on, with ``freeze='all'``, which consumer columns read the
-        stage's new channels is traced with ``probe`` (a callable that runs the
-        model on any batch; weights are not changed).
+        ``probe`` (a callable that runs the model on any batch; weights are not
+        changed) finds which consumer columns read the stage's new channels
+        (needed from stage 1 on with ``freeze='all'``) and which read channels
+        not planted yet (held with the unplanted filters; without a probe only
+        the unplanted filters, biases and norm parameters are held).
+
+        Args:
+            stage: 0-based stage index.
+            probe: Runs the model on a batch; called in eval mode, without
+                gradients.
 
         Raises:
             PlantingError: On an out-of-range stage, or a missing probe.
         """
         if not 0 <= stage < len(self.fractions):
-            raise PlantingError(f'stage {stage} is out of range: there are '
-                                f'{len(self.fractions)} stages {self.fractions}')
+            raise PlantingError(f'stage index {stage} is out of range: there are '
+                                f'{len(self.fractions)} stages {self.fractions} (indices 0 to '
+                                f'{len(self.fractions) - 1})')
         self.stage = stage
         self._install_masks()
-        self.new_columns = {}
-        if stage > 0 and self.freeze != 'none':
-            if probe is None:
-                raise PlantingError(f'resuming at stage {stage} needs a probe batch to find '
-                                    'which convs read the channels planted at that stage')
+        self.new_columns, self.unplanted_columns = {}, {}
+        if stage > 0 and self.freeze != 'none' and probe is None:
+            raise PlantingError(f'resuming at {stage_label(stage, self.fractions)} needs a probe '
+                                'batch to find which convs read the channels planted at that '
+                                'stage')
+        if probe is not None:
             with torch.no_grad():
                 training = self.model.training
                 self.model.eval()
                 try:
-                    self.new_columns = self._trace_new_columns(probe)
+                    if stage > 0 and self.freeze != 'none':
+                        self.new_columns = self._trace_readers(probe, 'new')
+                    if stage < len(self.fractions) - 1:
+                        self.unplanted_columns = self._trace_readers(probe, 'unplanted')
                 finally:
                     self.model.train(training)
         self._refreeze()
@@ -281,7 +323,8 @@ class ChannelPlanter:
 
         Args:
             probe: Runs the model on a fixed batch and returns its outputs;
-                called in eval mode, without gradients, three times.
+                called in eval mode, without gradients, three times (four
+                before the last stage).
 
         Raises:
             PlantingError: At the last stage, or if planting would change the
@@ -289,8 +332,9 @@ class ChannelPlanter:
                 then: the weights and the stage are restored).
         """
         if self.stage + 1 >= len(self.fractions):
-            raise PlantingError(f'already at the last stage ({self.stage}): every channel is '
-                                'planted')
+            raise PlantingError(f'already at the last stage '
+                                f'({stage_label(self.stage, self.fractions)}): every channel '
+                                'is planted')
         training = self.model.training
         self.model.eval()
         saved = {}
@@ -298,12 +342,14 @@ class ChannelPlanter:
             before = [t.clone() for t in _flatten_tensors(probe())]
             self.stage += 1
             self._install_masks()
-            columns = self._trace_new_columns(probe)
+            columns = self._trace_readers(probe, 'new')
             for conv, cols in columns.items():
                 saved[conv] = conv.weight.detach().clone()
                 conv.weight[self._column_index(conv, cols, old_rows_only=True)] = 0
             after = _flatten_tensors(probe())
             self._check_unchanged(before, after)
+            unplanted = (self._trace_readers(probe, 'unplanted')
+                         if self.stage < len(self.fractions) - 1 else {})
         except BaseException:
             for conv, weight in saved.items():
                 conv.weight.copy_(weight)
@@ -312,7 +358,7 @@ class ChannelPlanter:
             raise
         finally:
             self.model.train(training)
-        self.new_columns = columns
+        self.new_columns, self.unplanted_columns = columns, unplanted
         self._refreeze()
 
     def _new_rows(self, conv: nn.Conv2d) -> Tensor:
@@ -344,12 +390,15 @@ class ChannelPlanter:
             index[lo:lo + out_per_group, j % per_group] = rows_ok[lo:lo + out_per_group]
         return index
 
-    def _trace_new_columns(self, probe: Callable[[], Any]) -> dict[nn.Conv2d, Tensor]:
-        """``{conv: boolean mask of its input channels that carry a new channel}``.
+    def _trace_readers(self, probe: Callable[[], Any], channels: str
+                       ) -> dict[nn.Conv2d, Tensor]:
+        """``{conv: boolean mask of its input channels that carry a traced channel}``.
 
-        Runs ``probe`` with this stage's new channels set to NaN; each conv
-        records the NaN columns of its input and clears them, so a conv's own
-        outputs never carry the NaN further (one hop: the direct readers only).
+        Runs ``probe`` with the units' ``channels`` set to NaN: ``'new'``, the
+        ones planted at this stage, or ``'unplanted'``, the ones not planted
+        yet. Each conv records the NaN columns of its input and clears them, so
+        a conv's own outputs never carry the NaN further (one hop: the direct
+        readers only).
         """
         found: dict[nn.Conv2d, Tensor] = {}
 
@@ -364,12 +413,12 @@ class ChannelPlanter:
 
         handles = [m.register_forward_pre_hook(pre_hook) for m in self.model.modules()
                    if isinstance(m, nn.Conv2d)]
-        self._probe_mode = 'nan'
+        self._nan_channels = channels
         self._install_masks(always=True)  # the NaN is set by the unit hooks
         try:
             probe()
         finally:
-            self._probe_mode = None
+            self._nan_channels = None
             self._install_masks()
             for handle in handles:
                 handle.remove()
@@ -378,26 +427,75 @@ class ChannelPlanter:
     def _check_unchanged(self, before: list[Tensor], after: list[Tensor]) -> None:
         scale = max((float(t.abs().max()) for t in before if t.numel()), default=0.0)
         if len(before) != len(after) or any(a.shape != b.shape for a, b in zip(before, after)):
-            raise PlantingError(f'stage {self.stage}: the probe returned other outputs after '
-                                'planting')
+            raise PlantingError(f'planting {stage_label(self.stage, self.fractions)}: the probe '
+                                'returned other outputs after planting')
         worst = max((float((a.double() - b.double()).abs().nan_to_num(float('inf')).max())
                      for a, b in zip(before, after) if a.numel()), default=0.0)
         if not worst <= self.verify_rtol * max(scale, 1e-12):
             raise PlantingError(
-                f'stage {self.stage}: planting would change the network\'s outputs (max abs '
-                f'change {worst:.3g} for outputs up to {scale:.3g}). A planted channel reaches '
+                f'planting {stage_label(self.stage, self.fractions)} would change the '
+                f'network\'s outputs (max abs change {worst:.3g} for outputs up to '
+                f'{scale:.3g}). A planted channel reaches '
                 'an output other than through a conv that reads it directly (a residual add, '
                 'a linear layer, ...): channel planting needs plain conv chains; exclude the '
                 f'units that feed such paths (planted here: {[u.path for u in self.units]})')
 
     # -------------------------------------------------------------------- freezing
+    def _unplanted_entries(self) -> dict[nn.Parameter, Tensor]:
+        """``{parameter: boolean mask}`` of the entries not planted at this stage.
+
+        The unplanted rows of each unit's conv weight and bias and of its norm's
+        parameters (when the norm follows the conv, as in :meth:`masked_entries`),
+        and the columns of the convs that read unplanted channels
+        (``unplanted_columns``, traced with a probe).
+        """
+        held: dict[nn.Parameter, Tensor] = {}
+
+        def hold(param: nn.Parameter, index: Any) -> None:
+            held.setdefault(param, torch.zeros_like(param, dtype=torch.bool))[index] = True
+
+        for unit in self.units:
+            unplanted = slice(unit.widths[self.stage], None)
+            named = [unit.conv]
+            if unit.norm is not None and _norm_follows_conv(unit.module):
+                named.append(unit.norm)
+            for module in named:
+                for name, param in module.named_parameters(recurse=False):
+                    if name in ('weight', 'bias') and param.shape[0] == unit.conv.out_channels:
+                        hold(param, unplanted)
+        for conv, cols in self.unplanted_columns.items():
+            hold(conv.weight, self._column_index(conv, cols, old_rows_only=False))
+        return held
+
     def _refreeze(self) -> None:
         for handle in self._grad_handles:
             handle.remove()
         self._grad_handles = []
         self._frozen = {}
-        if self.freeze == 'none' or self.stage == 0:
-            return
+        # Held at every stage and with any `freeze`: not planted yet, so not trained.
+        held = self._unplanted_entries()
+        trainable: dict[nn.Parameter, Tensor] | None = None
+        if self.freeze == 'all' and self.stage > 0:
+            trainable = self._trainable_entries()
+        for param in self.model.parameters():
+            if not param.requires_grad:
+                continue
+            frozen = torch.zeros_like(param, dtype=torch.bool)
+            if trainable is not None:
+                frozen = ~trainable.get(param, frozen)
+            if param in held:
+                frozen = frozen | held[param]
+            if frozen.any():
+                self._frozen[param] = (frozen, param.detach().clone())
+                self._grad_handles.append(param.register_hook(
+                    lambda grad, frozen=frozen: grad.masked_fill(frozen, 0)))
+
+    def _trainable_entries(self) -> dict[nn.Parameter, Tensor]:
+        """``{parameter: boolean mask}`` of what trains at this stage with ``freeze='all'``.
+
+        The stage's new channels' filters, biases and norm parameters, and the
+        new input columns of their readers; everything else is frozen.
+        """
         trainable: dict[nn.Parameter, Tensor] = {}
 
         def open_(param: nn.Parameter, index: Any) -> None:
@@ -414,17 +512,10 @@ class ChannelPlanter:
                     open_(param, new)
         for conv, cols in self.new_columns.items():
             open_(conv.weight, self._column_index(conv, cols, old_rows_only=False))
-        for param in self.model.parameters():
-            if not param.requires_grad:
-                continue
-            frozen = ~trainable.get(param, torch.zeros_like(param, dtype=torch.bool))
-            if frozen.any():
-                self._frozen[param] = (frozen, param.detach().clone())
-                self._grad_handles.append(param.register_hook(
-                    lambda grad, frozen=frozen: grad.masked_fill(frozen, 0)))
+        return trainable
 
     def restore_frozen(self) -> None:
-        """Put every frozen entry back to its value at the start of the stage.
+        """Put every frozen or unplanted entry back to its value at the start of the stage.
 
         Call after each optimizer step (weight decay and momentum move entries
         whose gradient is zero).
@@ -434,7 +525,7 @@ class ChannelPlanter:
                 param.copy_(torch.where(frozen, value, param))
 
     def num_trainable_entries(self) -> int:
-        """Parameter entries that train at this stage (all of them when nothing is frozen)."""
+        """Parameter entries that train at this stage: neither frozen nor unplanted."""
         total = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         return total - sum(int(f.sum()) for f, _ in self._frozen.values())
 

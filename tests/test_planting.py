@@ -148,6 +148,58 @@ def test_frozen_entries_survive_sgd_with_momentum_and_weight_decay():
     assert trainable == (4 * 3 * 9 + 4 * 2) + (4 * 8 * 9 + 4 * 4 * 9 + 4 * 2) + 4 * 4
 
 
+@pytest.mark.parametrize('freeze', ['all', 'none'])
+def test_unplanted_entries_stay_bit_identical_through_first_stage_adamw_steps(freeze):
+    """AdamW's decoupled weight decay shrinks every entry, gradient or not: the channels not
+    planted yet (filters, norm parameters, the columns that read them) are held from the
+    first stage on, and only the narrow network's entries count as training."""
+    net = trained_chain().train()
+    planter = ChannelPlanter(net, ['c1', 'c2'], (0.5, 1.0), freeze=freeze)
+    planter.start(0, lambda: net(X))
+    old = {k: v.clone() for k, v in net.state_dict().items()}
+    opt = torch.optim.AdamW(net.parameters(), lr=0.01, weight_decay=0.5)
+    opt.register_step_post_hook(lambda *_: planter.restore_frozen())
+    for _ in range(3):
+        opt.zero_grad()
+        net(X).square().mean().backward()
+        opt.step()
+    unplanted = {'c1.conv.weight': net.c1.conv.weight[4:], 'c1.bn.weight': net.c1.bn.weight[4:],
+                 'c1.bn.bias': net.c1.bn.bias[4:], 'c2.conv.weight': net.c2.conv.weight[4:],
+                 'c2.bn.weight': net.c2.bn.weight[4:], 'c2.bn.bias': net.c2.bn.bias[4:]}
+    for key, value in unplanted.items():
+        assert torch.equal(value, old[key][4:]), f'{key}: unplanted rows moved'
+    # The planted rows' columns that read c1's unplanted channels, and the head's.
+    assert torch.equal(net.c2.conv.weight[:4, 4:], old['c2.conv.weight'][:4, 4:])
+    assert torch.equal(net.head.weight[:, 4:], old['head.weight'][:, 4:])
+    # The narrow network trains, all of it.
+    assert not torch.equal(net.c1.conv.weight[:4], old['c1.conv.weight'][:4])
+    assert not torch.equal(net.c2.conv.weight[:4, :4], old['c2.conv.weight'][:4, :4])
+    assert not torch.equal(net.head.weight[:, :4], old['head.weight'][:, :4])
+    narrow = sum(p.numel() for p in narrow_copy(net, 4).parameters())
+    assert planter.num_trainable_entries() == narrow == 288
+    # Planting the last stage opens them, with the values they were initialised with
+    # (old rows' new columns start at zero so the function is kept).
+    planter.advance(lambda: net(X))
+    assert torch.equal(net.c2.conv.weight[4:], old['c2.conv.weight'][4:])
+    assert torch.count_nonzero(net.c2.conv.weight[:4, 4:]) == 0
+    if freeze == 'none':
+        assert planter.num_trainable_entries() == sum(p.numel() for p in net.parameters())
+
+
+def test_messages_number_stages_from_one():
+    from expand_mm.planting import stage_label
+    assert stage_label(1, (0.25, 0.5, 0.75, 1.0)) == 'stage 2 of 4 (50% of channels)'
+    net = trained_chain()
+    planter = ChannelPlanter(net, ['c1', 'c2'], (0.5, 1.0))
+    with pytest.raises(PlantingError, match=r'stage index 2 is out of range.*indices 0 to 1'):
+        planter.start(2)
+    planter.start()
+    planter.advance(lambda: net(X))
+    with pytest.raises(PlantingError,
+                       match=r'already at the last stage \(stage 2 of 2 \(100% of channels\)\)'):
+        planter.advance(lambda: net(X))
+
+
 def test_freeze_none_trains_everything():
     net = trained_chain().train()
     planter = ChannelPlanter(net, ['c1', 'c2'], (0.5, 1.0), freeze='none')
@@ -208,6 +260,19 @@ def test_hook_plants_in_the_real_runner_and_resumes(tmp_path):
     at2 = torch.load(osp.join(work, 'iter_2.pth'))
     at4 = torch.load(osp.join(work, 'iter_4.pth'))
     assert at2['meta']['channel_planting']['stage'] == 1
+    # Stages numbered from 1, as the checkpoint tools name them ("stage 1 of 2").
+    with open(osp.join(runner.log_dir, f'{runner.timestamp}.log')) as f:
+        logged = [line for line in f if 'ChannelPlantingHook: ' in line]
+    assert any('this run starts at stage 1 of 2 (50% of channels)' in line for line in logged)
+    assert any('ChannelPlantingHook: stage 1 of 2 (50% of channels): ' in line
+               for line in logged)
+    assert any('ChannelPlantingHook: planted stage 2 of 2 (100% of channels): ' in line
+               for line in logged)
+    # Only the half-width network trains at first; every entry once all is planted.
+    counts = [int(line.split('planted; ')[1].split(' parameter')[0].replace(',', ''))
+              for line in logged if 'parameter entries train' in line]
+    total = sum(p.numel() for p in runner.model.parameters())
+    assert len(counts) == 2 and counts[0] < total // 2 and counts[1] < total
     assert torch.load(osp.join(work, 'iter_1.pth'))['meta']['channel_planting']['stage'] == 0
     key = 'backbone.stages.3.conv.conv.weight'  # 128 channels: 64 planted at stage 0
     assert torch.equal(at2['state_dict'][key][:64, :32], at4['state_dict'][key][:64, :32])

@@ -7,8 +7,9 @@ from mmengine.hooks import Hook
 from mmengine.model import BaseModel
 from mmengine.registry import HOOKS
 
+from ..compat import plain_builtins
 from ..models.expandnet import deployable_model
-from ..planting import FREEZE_MODES, ChannelPlanter, PlantingError
+from ..planting import FREEZE_MODES, ChannelPlanter, PlantingError, stage_label
 
 
 def model_probe(model: Any, data_batch: Any) -> Callable[[], Any]:
@@ -39,15 +40,18 @@ class ChannelPlantingHook(Hook):
     Acts at:
 
     - ``before_train``: checks the settings against the model and registers an
-      optimizer step post-hook that restores frozen entries after every step
-      (weight decay and momentum would otherwise move them);
+      optimizer step post-hook that restores frozen and not yet planted entries
+      after every step (weight decay and momentum would otherwise move them,
+      from the first stage on);
     - the first ``before_train_iter``: applies the stage of the current
-      iteration / epoch (0 at the start; the right one after a resume, whose
-      readers of the stage's channels are traced on that batch);
+      iteration / epoch (the first at the start; the right one after a
+      resume), tracing on that batch which convs read the stage's new and not
+      yet planted channels;
     - ``after_train_iter`` / ``after_train_epoch``: plants the next stage when
       the next iteration / epoch is a milestone;
     - ``before_save_checkpoint``: records the stage, widths and masked
-      entries in ``meta``.
+      entries in ``meta`` (``stage`` there is the 0-based index; messages
+      number stages from 1: :func:`~expand_mm.planting.stage_label`).
 
     The checkpoint always has the stock architecture and keys. After the last
     milestone every channel is planted and the model is exactly the stock one
@@ -131,7 +135,8 @@ class ChannelPlantingHook(Hook):
         unit = 'epochs' if self.by_epoch else 'iterations'
         runner.logger.info(
             f'ChannelPlantingHook: {len(planter.units)} units, stages {self.stages} starting at '
-            f'{unit} {[0] + self.milestones}; this run starts at stage {self._stage_at(position)}')
+            f'{unit} {[0] + self.milestones}; this run starts at '
+            f'{stage_label(self._stage_at(position), self.stages)}')
 
     def before_train_iter(self, runner, batch_idx: int, data_batch: Any = None) -> None:
         """On the first iteration, apply the stage that the run is at."""
@@ -140,9 +145,9 @@ class ChannelPlantingHook(Hook):
         position = runner.epoch if self.by_epoch else runner.iter
         stage = self._stage_at(position)
         model = deployable_model(runner.model)
-        self.planter.start(stage, model_probe(model, data_batch) if stage else None)
+        self.planter.start(stage, model_probe(model, data_batch))
         self._started = True
-        self._log(runner, f'stage {stage}')
+        self._log(runner, stage_label(stage, self.stages))
 
     def after_train_iter(self, runner, batch_idx: int, data_batch: Any = None,
                          outputs: Any = None) -> None:
@@ -159,7 +164,7 @@ class ChannelPlantingHook(Hook):
     def _advance(self, runner, data_batch: Any) -> None:
         model = deployable_model(runner.model)
         self.planter.advance(model_probe(model, data_batch))
-        self._log(runner, f'planted stage {self.planter.stage}')
+        self._log(runner, f'planted {stage_label(self.planter.stage, self.stages)}')
 
     def _log(self, runner, what: str) -> None:
         planter = self.planter
@@ -174,7 +179,8 @@ class ChannelPlantingHook(Hook):
         """Record the stage and planted widths in the checkpoint's ``meta``."""
         if self.planter is None or self.planter.stage < 0:
             return
-        checkpoint.setdefault('meta', {})['channel_planting'] = dict(
+        # Plain builtins only: torch >= 2.6 reads checkpoints with weights_only=True.
+        checkpoint.setdefault('meta', {})['channel_planting'] = plain_builtins(dict(
             stage=self.planter.stage, stages=self.stages,
             widths={p: a for p, (a, _) in self.planter.active_widths().items()},
-            masked_entries=self.planter.masked_entries())
+            masked_entries=self.planter.masked_entries()))
