@@ -9,9 +9,12 @@
 # iterations 225, 450 and 675 another quarter is planted, without changing
 # what the network computes at that moment, and every weight entry that existed
 # before is frozen -- only the new channels' filters, norms and the new input
-# columns of their readers train, by the labels and by the teacher. The last
-# stage is the full stock model, so iter_900.pth loads strictly into the
-# compact config (the teacher and the adapters are dropped: iter_900_compact.pth).
+# columns of their readers train, by the labels and by the teacher. Channels
+# not planted yet keep their initial values until they are. The last stage is
+# the full stock model: iter_900_compact.pth (the student alone, written beside
+# each checkpoint) loads strictly into the compact config. iter_900.pth itself
+# does not: it is the Distiller's checkpoint (the student's keys under
+# 'student.', plus the teacher and the adapters).
 #
 # Train the teacher first (from the repository root):
 #   python tools/train.py configs/distill/yolo-lite-w2_1xb16-900i_digits-det-64x64.py
