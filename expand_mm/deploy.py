@@ -25,7 +25,7 @@ from torch import nn
 from .checkpoint import (NONLINEAR_INIT_META_KEY, CheckpointError, match_state_dict,
                          prepare_output_path, read_checkpoint, strip_prefix)
 from .models.expandnet import deployable_model, wraps_a_model
-from .planting import PlantingError, bake_masks, masked_units, remove_mask_hooks
+from .planting import PlantingError, bake_masks, masked_units, remove_mask_hooks, stage_label
 from .surgery import check_contraction, contract_model_, expanded_layers, verify_contraction
 
 DEFAULT_PROBE_SHAPE = (1, 3, 128, 128)
@@ -367,8 +367,9 @@ def unfinished_planting(meta: dict) -> dict | None:
 
 
 def planting_stage(planting: dict) -> str:
-    """``'channel-planting stage 2 of 4'`` for a ``meta['channel_planting']`` entry."""
-    return f'channel-planting stage {planting["stage"] + 1} of {len(planting["stages"])}'
+    """``'channel-planting stage 2 of 4 (50% of channels)'`` for a ``meta['channel_planting']``
+    entry, numbered as the hook's log lines (:func:`~expand_mm.planting.stage_label`)."""
+    return f'channel-planting {stage_label(planting["stage"], planting["stages"])}'
 
 
 def refuse_unfinished_planting(meta: dict, source: str, use: str) -> None:

@@ -138,7 +138,7 @@ def stage_label(stage: int, fractions: Sequence[float]) -> str:
     E.g. ``'stage 2 of 4 (50% of channels)'`` for index 1 of
     ``(0.25, 0.5, 0.75, 1.0)``. One numbering for every log line and error:
     the hook's, the planter's and the checkpoint tools'
-    (:func:`~expand_mm.deploy.planting_stage` numbers from 1 too).
+    (:func:`~expand_mm.deploy.planting_stage` uses it).
     """
     return f'stage {stage + 1} of {len(fractions)} ({float(fractions[stage]):.0%} of channels)'
 
