@@ -421,8 +421,8 @@ def test_analysis_refuses_a_checkpoint_saved_mid_way_through_channel_planting(vo
     planted = str(tmp / 'iter_1.pth')
     torch.save(dict(state_dict=compact_model.state_dict(), meta=dict(channel_planting=planting)),
                planted)
-    refusal = (r"iter_1.pth was saved at channel-planting stage 1 of 2: .*Analyse its compact "
-               r"copy \(\*_compact.pth")
+    refusal = (r"iter_1.pth was saved at channel-planting stage 1 of 2 \(50% of channels\): "
+               r".*Analyse its compact copy \(\*_compact.pth")
     for name in ('gradient_confusion', 'loss_landscape'):
         out = tmp / f'{name}_planted'
         with pytest.raises(CheckpointError, match=refusal):
