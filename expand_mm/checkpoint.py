@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import os.path as osp
+import re
 import zipfile
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -58,6 +59,14 @@ def read_checkpoint(path: str, map_location: Any = 'cpu', mmap: bool = False) ->
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as err:  # noqa: BLE001 -- garbage input raises whatever the unpickler hits
+        unsupported = re.search(r'Unsupported global: GLOBAL (\S+)', str(err))
+        if unsupported:  # a readable file, but not only weights and plain values
+            raise CheckpointError(
+                f'cannot read checkpoint {path!r}: it holds a Python object other than tensors '
+                f'and plain values ({unsupported.group(1)}), which checkpoints are not '
+                'unpickled with. Re-save its state_dict (and a meta of plain values) where it '
+                'was made, or use a checkpoint written by the training runner or '
+                'tools/contract.py') from err
         raise CheckpointError(
             f'cannot read checkpoint {path!r} '
             f'({type(err).__name__}: {_load_error_detail(err)}). '

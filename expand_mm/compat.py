@@ -76,8 +76,9 @@ def plain_builtins(value: Any) -> Any:
     hooks mmengine ``ConfigDict`` objects, which are not among the globals
     ``torch.load(weights_only=True)`` (the default from torch 2.6) accepts: one
     of them in ``meta`` makes the whole checkpoint unreadable, for ``--resume``
-    as for every tool. Other leaves (str, int, float, bool, None, tensors) are
-    kept as they are.
+    as for every tool. A class or function (``dict(type=nn.LeakyReLU)`` in a
+    pure-Python config) becomes its ``module.qualname`` string; other leaves
+    (str, int, float, bool, None, tensors) are kept as they are.
     """
     if isinstance(value, Mapping):
         return {key: plain_builtins(item) for key, item in value.items()}
@@ -85,6 +86,9 @@ def plain_builtins(value: Any) -> Any:
         return tuple(plain_builtins(item) for item in value)
     if isinstance(value, list):
         return [plain_builtins(item) for item in value]
+    if isinstance(value, type) or callable(value) and not isinstance(value, torch.Tensor):
+        # A pure-Python config's dict(type=nn.LeakyReLU): its importable name.
+        return f'{getattr(value, "__module__", "?")}.{getattr(value, "__qualname__", value)}'
     return value
 
 

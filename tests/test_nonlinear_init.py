@@ -290,3 +290,17 @@ def test_config_file_checkpoint_of_the_nonlinear_phase_reads_back_and_resumes(tm
     runner, seen = run(cfg)
     assert seen == [True, False] and runner.iter == 3
     assert osp.isfile(osp.join(cfg.work_dir, 'iter_3_compact.pth'))
+
+
+def test_a_class_activation_of_a_python_config_is_written_by_name(tmp_path):
+    """dict(type=nn.LeakyReLU) (pure-Python configs) in the nonlinear-phase meta would make
+    the checkpoint unreadable under weights_only loading: it is written as its name."""
+    from expand_mm.checkpoint import read_checkpoint
+    hook = NonlinearInitHook(act_cfg=dict(type=torch.nn.LeakyReLU, negative_slope=0.1), end=10)
+    hook._modes = {1: 1}
+    checkpoint = {'state_dict': {'w': torch.zeros(1)}}
+    hook.before_save_checkpoint(None, checkpoint)
+    torch.save(checkpoint, tmp_path / 'iter_1.pth')
+    meta = read_checkpoint(str(tmp_path / 'iter_1.pth'))['meta']
+    assert meta['expand_mm_nonlinear_init']['act_cfg'] == {
+        'type': 'torch.nn.modules.activation.LeakyReLU', 'negative_slope': 0.1}

@@ -215,6 +215,13 @@ def test_corrupt_and_missing_checkpoint_files(tmp_path):
         read_checkpoint(str(pickled))
     assert 'WeightsUnpickler error: ' in str(err.value)
     assert 'weights_only' not in str(err.value) and 'corrupt or truncated' in str(err.value)
+    # A sound checkpoint whose meta holds an object: said so, not called corrupt.
+    with_object = tmp_path / 'with_object.pth'
+    torch.save({'state_dict': Tiny().state_dict(), 'meta': {'act': Tiny}}, with_object)
+    with pytest.raises(CheckpointError) as err:
+        read_checkpoint(str(with_object))
+    assert 'holds a Python object other than tensors and plain values' in str(err.value)
+    assert 'weights_only' not in str(err.value) and 'is corrupt' not in str(err.value)
 
 
 def test_float64_recheck_copy_shares_nothing_and_keeps_the_structure():
