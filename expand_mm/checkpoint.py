@@ -226,8 +226,9 @@ def match_state_dict(model: nn.Module, state_dict: Mapping[str, Any],
                      key=lambda t: t[0].count)
     if not strict:
         return kind
-    wrapper = wrapper_checkpoint_hint(
-        {**expanded_key_shapes(model), **compact_key_shapes(model)}, state_dict)
+    # Each form on its own: a wrapper's checkpoint holds one of them, not their union.
+    wrapper = (wrapper_checkpoint_hint(expanded_key_shapes(model), state_dict)
+               or wrapper_checkpoint_hint(compact_key_shapes(model), state_dict))
     if wrapper:
         raise CheckpointError(f'{source} does not fit {type(model).__name__}: {wrapper}.')
     raise CheckpointError(
@@ -283,6 +284,11 @@ def wrapper_checkpoint_hint(model_shapes: Mapping[str, torch.Size],
     prefix = wrapped_model_prefix(model_shapes, state_dict)
     if prefix is None:
         return ''
+    if prefix.startswith('teacher.'):
+        return (f'its entries for this model are under {prefix!r}: they are the teacher of a '
+                'Distiller training checkpoint. To start from them, save them alone without '
+                f'the prefix (state_dict={{k[{len(prefix)}:]: v for k, v in '
+                f'state_dict.items() if k.startswith({prefix!r})}})')
     return (f'its entries for this model are under {prefix!r}: it is a training checkpoint of '
             'a training-time wrapper (Distiller, AuxOverParam) around it. Use its '
             '*_compact.pth (or python tools/contract.py WRAPPER_CONFIG CKPT OUT), or the '

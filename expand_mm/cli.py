@@ -4,6 +4,8 @@ import difflib
 import inspect
 import os
 import re
+import socket
+import urllib.error
 import os.path as osp
 import sys
 import traceback
@@ -46,11 +48,14 @@ def is_own_check(err: BaseException) -> bool:
 
     True for an exception whose innermost frame is a ``raise`` statement in
     this package or in ``tools/``: its message says what is wrong and what
-    would work. An error inside mmengine, torch or a user's config, and a bug
+    would work. Not a ``NotImplementedError`` (an extension point a user's
+    subclass left out), an ``AssertionError`` or an error without a message. An error inside mmengine, torch or a user's config, and a bug
     of ours (an ``AttributeError`` on some line), keep their traceback.
     """
     if isinstance(err, UsageError):
         return True
+    if isinstance(err, (NotImplementedError, AssertionError)) or not str(err).strip():
+        return False  # an unfinished extension point or an invariant: its traceback helps
     frames = traceback.extract_tb(err.__traceback__)
     if not frames:
         return False
@@ -102,8 +107,9 @@ def failed_weight_download(err: BaseException) -> str | None:
     not known". The loader frames hold the name, the URL and where torch's hub
     would have cached the file. None for any other error.
     """
-    if not isinstance(err, OSError):  # urllib's URLError, socket errors, timeouts
-        return None
+    if not isinstance(err, (urllib.error.URLError, socket.gaierror, ConnectionError,
+                            TimeoutError)):
+        return None  # not the network (a full disk, an unwritable cache): said as it is
     names = {}
     for frame, _ in traceback.walk_tb(err.__traceback__):
         if frame.f_code.co_name in _WEIGHT_LOADERS and 'mmengine' in frame.f_code.co_filename:

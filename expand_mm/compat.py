@@ -69,6 +69,12 @@ def allow_mmengine_checkpoints() -> None:
     add_safe_globals(mmengine_checkpoint_globals())
 
 
+def type_name(type_: Any) -> str:
+    """The bare name of a config ``type``: a registry string (``'mmdet.AdamW'``) or a class."""
+    name = type_ if isinstance(type_, str) else getattr(type_, '__name__', '')
+    return name.split('.')[-1]
+
+
 def plain_builtins(value: Any) -> Any:
     """A copy of ``value`` with every mapping a plain ``dict``, every sequence a list / tuple.
 

@@ -24,6 +24,7 @@ from torch import nn
 
 from .checkpoint import (NONLINEAR_INIT_META_KEY, CheckpointError, match_state_dict,
                          prepare_output_path, read_checkpoint, strip_prefix)
+from .compat import type_name
 from .models.expandnet import deployable_model, wraps_a_model
 from .planting import PlantingError, bake_masks, masked_units, remove_mask_hooks, stage_label
 from .surgery import check_contraction, contract_model_, expanded_layers, verify_contraction
@@ -167,7 +168,7 @@ def config_input_size(cfg: Any) -> tuple[tuple[int, int], str] | None:
         dataset = dataset['dataset']
     pipeline = (dataset.get('pipeline') if isinstance(dataset, dict) else None) \
         or cfg.get('test_pipeline') or []
-    types = [str(step.get('type', '')).split('.')[-1] if isinstance(step, dict) else ''
+    types = [type_name(step.get('type', '')) if isinstance(step, dict) else ''
              for step in pipeline]
     for index, step in enumerate(pipeline):
         scale = _size_pair(step.get('scale')) if types[index] == 'Resize' else None

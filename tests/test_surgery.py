@@ -310,3 +310,26 @@ def test_what_a_conv_carries_beyond_its_class_is_kept_or_refused():
     lazy(torch.randn(1, 3, 8, 8))  # a dummy batch materialises it
     expand_model(lazy)
     assert isinstance(lazy[0], expand_mm.ExpandConv2d)
+
+
+def test_a_wrappers_checkpoint_is_named_by_its_prefix_with_the_right_advice():
+    """Student entries under 'student.' (the compact form of an expanded model without
+    norms: far fewer keys than the expanded form) point to *_compact.pth; entries of
+    the same architecture under 'teacher.' are the teacher's, to be saved alone."""
+    from expand_mm.checkpoint import expanded_key_shapes, wrapper_checkpoint_hint
+    torch.manual_seed(0)
+    student = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3))
+    compact_keys = {'student.' + k: v for k, v in student.state_dict().items()}
+    teacher = {'teacher.' + k: torch.zeros(2 * v.shape[0], *v.shape[1:])
+               for k, v in student.state_dict().items()}
+    expand_model(student, strategy='cl', ratio=4)
+    with pytest.raises(CheckpointError, match=r"kd.pth does not fit Sequential: its entries for "
+                                              r"this model are under 'student.': .* Use its "
+                                              r"\*_compact.pth"):
+        match_state_dict(student, {**compact_keys, **teacher}, source='kd.pth')
+    wide = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 8, 3))
+    teacher = {'teacher.' + k: v for k, v in wide.state_dict().items()}
+    hint = wrapper_checkpoint_hint(expanded_key_shapes(wide), {**compact_keys, **teacher})
+    assert hint.startswith("its entries for this model are under 'teacher.': they are the "
+                           'teacher of a Distiller training checkpoint'), hint
+    assert '_compact.pth' not in hint

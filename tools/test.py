@@ -17,6 +17,7 @@ import sys
 import expand_mm  # noqa: F401  (registers ExpandNet, the hooks, torch.load fix)
 from expand_mm.checkpoint import check_plain_model_checkpoint, read_checkpoint, strip_prefix
 from expand_mm.cli import UsageError, require_file, run_tool
+from expand_mm.compat import type_name
 from expand_mm.datasets_check import check_datasets
 from expand_mm.deploy import refuse_unfinished_planting
 from expand_mm.models import compact_model_cfg
@@ -125,7 +126,7 @@ def dump_predictions(cfg: Config, out: str) -> None:
             raise UsageError(f'--out {out!r}: mmdet dumps predictions to a .pkl or .pickle file')
         cfg.test_evaluator = [*evaluators, dict(type='DumpDetResults', out_file_path=out)]
     else:  # mmseg's IoUMetric writes the predicted label maps into output_dir
-        iou_metrics = [e for e in evaluators if str(e.get('type', '')).endswith('IoUMetric')]
+        iou_metrics = [e for e in evaluators if type_name(e.get('type', '')) == 'IoUMetric']
         if not iou_metrics:
             raise UsageError(f'--out {out!r}: mmseg writes label maps through an IoUMetric in '
                              'test_evaluator, and this config has none (types: '

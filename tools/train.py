@@ -15,9 +15,10 @@ from expand_mm.checkpoint import (CheckpointError, check_plain_model_checkpoint,
                                   compare_state_dict, expanded_chain_paths, expanded_key_shapes,
                                   read_checkpoint, strip_prefix, wrapper_checkpoint_hint)
 from expand_mm.cli import UsageError, require_file, run_tool
+from expand_mm.compat import type_name
 from expand_mm.datasets_check import check_datasets
 from expand_mm.deploy import find_deployable, unwrap_model
-from expand_mm.optim.factor_lr import ADAPTIVE_OPTIMIZERS, type_name
+from expand_mm.optim.factor_lr import ADAPTIVE_OPTIMIZERS
 from expand_mm.surgery import expanded_layers
 from mmengine.config import Config, DictAction
 from mmengine.registry import RUNNERS

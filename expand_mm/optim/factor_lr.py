@@ -35,6 +35,7 @@ from mmengine.registry import OPTIM_WRAPPER_CONSTRUCTORS
 from torch import nn
 from torch.optim import Optimizer
 
+from ..compat import type_name
 from ..layers import ExpandedLayer
 from ..surgery import expanded_layers
 from .product_decay import (FACTOR_BASE_LR_KEY, FACTOR_LR_MULT_KEY, PRODUCT_DECAY_KEY,
@@ -61,12 +62,6 @@ DEFAULT_FACTOR_LR_MULT = 0.25
 
 def _is_positive_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
-
-
-def type_name(type_: Any) -> str:
-    """The bare name of a config ``type``: a registry string (``'mmdet.AdamW'``) or a class."""
-    name = type_ if isinstance(type_, str) else getattr(type_, '__name__', '')
-    return name.split('.')[-1]
 
 
 def check_factor_lr(rule: Any, chain: Any, rules: tuple[str, ...] = FACTOR_LR_RULES) -> None:
