@@ -438,3 +438,29 @@ def test_planting_config_writes_a_compact_copy_of_every_stage(tmp_path):
     loaded = runner.model.student.state_dict()
     stage1 = torch.load(work / 'iter_2_compact.pth')['state_dict']
     assert all(torch.equal(loaded[k].cpu(), stage1[k]) for k in stage1)
+
+
+def test_a_plain_segmenter_being_planted_gets_a_compact_copy_of_each_unfinished_stage(
+        tmp_path):
+    """Without a Distiller (a plain mmseg model, SegDataPreprocessor on the probe batch),
+    ContractCheckpointHook writes the stage's narrower network before the last stage and
+    leaves the later checkpoints, stock models already, as they are."""
+    from pathlib import Path
+
+    from wrapper_test_utils import SEG_COMPACT, make_digits, tiny_cfg
+    data = make_digits(Path(tmp_path) / 'data')
+    cfg = tiny_cfg(SEG_COMPACT, data, tmp_path / 'work', 'seg', max_iters=3)
+    cfg.custom_hooks = [dict(type='ContractCheckpointHook'),
+                        dict(type='ChannelPlantingHook', include=['backbone.*'],
+                             stages=(0.5, 1.0), milestones=[2])]
+    cfg.default_hooks.checkpoint = dict(type='CheckpointHook', interval=1, by_epoch=False)
+    Runner.from_cfg(cfg).train()
+    work = tmp_path / 'work'
+    assert (work / 'iter_1_compact.pth').is_file()
+    assert not (work / 'iter_2_compact.pth').exists() and (work / 'iter_3.pth').is_file()
+    compact = expand_mm.read_checkpoint(str(work / 'iter_1_compact.pth'))
+    assert compact['meta']['expand_mm']['channel_planting']['stage'] == 0
+    zero_filters = [k for k, v in compact['state_dict'].items()
+                    if k.startswith('backbone.') and k.endswith('conv.weight')
+                    and v.flatten(1).abs().sum(1).eq(0).any()]
+    assert zero_filters  # the unplanted half of the planted units' filters

@@ -105,23 +105,32 @@ class ContractCheckpointHook(Hook):
         self._warned_remote = False
         self._warned_nonlinear = False
         self._warned_planting = False
+        self._plain_planting = False
+        self._said_last_stage = False
 
     def before_train(self, runner) -> None:
         """Check there is something to write, the schedule and the DDP wrapper; remember
         the resumed checkpoint.
 
         A plain model without expanded layers has no compact form other than
-        its own checkpoint, so the hook refuses it; a training-time wrapper
-        always has one (its deployable part), expanded or not. A stock DDP
+        its own checkpoint, so the hook refuses it, unless a ``ChannelPlantingHook``
+        plants it (checkpoints before the last stage get the stage's narrower
+        network); a training-time wrapper always has one (its deployable part),
+        expanded or not. A stock DDP
         wrapper around an ExpandNet that would defer its factor gradients gets
         a warning naming ``ExpandNetDistributedDataParallel``.
         """
         deployable, prefix = find_deployable(runner.model)
-        if not prefix and not expanded_layers(deployable):
+        # A plain model being planted has a compact form until its last stage: the
+        # narrower network of the stage each checkpoint was saved at.
+        self._plain_planting = not prefix and not expanded_layers(deployable) and any(
+            type(hook).__name__ == 'ChannelPlantingHook' for hook in runner.hooks)
+        if not prefix and not expanded_layers(deployable) and not self._plain_planting:
             raise ValueError(
                 'ContractCheckpointHook: the model has no expanded layer and is not a '
                 "training-time wrapper; use model=dict(type='ExpandNet', model=..., ...) "
-                "(or a wrapper such as type='Distiller' / 'AuxOverParam') in the config")
+                "(or a wrapper such as type='Distiller' / 'AuxOverParam') in the config "
+                '(with a ChannelPlantingHook it writes the compact copies of the stages)')
         if prefix:
             runner.logger.info(
                 f'ContractCheckpointHook: the compact checkpoints hold the {prefix!r} entries '
@@ -236,6 +245,16 @@ class ContractCheckpointHook(Hook):
                     'nonlinearity is removed are contracted as usual')
                 continue
             planting = unfinished_planting(meta)
+            if self._plain_planting and not planting:
+                # The last stage of a plain model is the stock model: the checkpoint
+                # is its own compact form.
+                self._done[path] = None
+                if not self._said_last_stage:
+                    self._said_last_stage = True
+                    runner.logger.info(f'ContractCheckpointHook: {path} was saved at the last '
+                                       'planting stage: it is the stock model as it is (so '
+                                       'are the checkpoints after it)')
+                continue
             try:
                 dst, errors = write_compact_checkpoint(
                     runner.model, path, compact_checkpoint_path(path, self.suffix),
