@@ -53,7 +53,8 @@ def read_checkpoint(path: str, map_location: Any = 'cpu', mmap: bool = False) ->
         CheckpointError: Missing, unreadable, truncated, or not a checkpoint.
     """
     if not os.path.isfile(path):
-        raise CheckpointError(f'checkpoint {path!r} does not exist')
+        kind = 'is a directory' if os.path.isdir(path) else 'does not exist'
+        raise CheckpointError(f'checkpoint {path!r} {kind} (looked at {osp.abspath(path)!r})')
     # torch memory-maps only the zip format; legacy (torch < 1.6) files are read in full.
     mmap = mmap and zipfile.is_zipfile(path)
     try:

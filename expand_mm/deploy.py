@@ -27,7 +27,8 @@ from .checkpoint import (NONLINEAR_INIT_META_KEY, CheckpointError, match_state_d
 from .compat import type_name
 from .models.expandnet import deployable_model, wraps_a_model
 from .planting import PlantingError, bake_masks, masked_units, remove_mask_hooks, stage_label
-from .surgery import check_contraction, contract_model_, expanded_layers, verify_contraction
+from .surgery import (ContractionCheckError, check_contraction, contract_model_, expanded_layers,
+                      verify_contraction)
 
 DEFAULT_PROBE_SHAPE = (1, 3, 128, 128)
 
@@ -318,7 +319,7 @@ def contract_state_dict(model: nn.Module, state_dict: dict, probe_shape=DEFAULT_
     Raises:
         ValueError: If ``model`` is neither expanded nor a wrapper.
         CheckpointError: If the entries do not fit the deployable network.
-        RuntimeError: If the check finds an error above ``rtol`` that is not
+        ContractionCheckError: If the check finds an error above ``rtol`` that is not
             float32 rounding (see :func:`~expand_mm.surgery.check_contraction`).
     """
     deployable, prefix = find_deployable(model)
@@ -339,9 +340,9 @@ def contract_state_dict(model: nn.Module, state_dict: dict, probe_shape=DEFAULT_
         try:
             errors = check_contraction(expanded, compact, make_probe(expanded, probe_shape),
                                        forward_fn=probe_forward, rtol=rtol)
-        except RuntimeError as err:
-            raise RuntimeError(f'{err}; refusing to write a compact model that does not '
-                               'compute what the trained one does') from err
+        except ContractionCheckError as err:  # not a probe that crashed: that keeps its trace
+            raise ContractionCheckError(f'{err}; refusing to write a compact model that does '
+                                        'not compute what the trained one does') from err
     return {k: v.detach().cpu() for k, v in compact.state_dict().items()}, errors
 
 

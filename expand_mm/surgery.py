@@ -31,6 +31,10 @@ STRATEGIES = ('cl', 'ck', 'auto')
 MODES = ('online', 'explicit')
 
 
+class ContractionCheckError(RuntimeError):
+    """The contracted model does not compute what the expanded one does (beyond rounding)."""
+
+
 @dataclass
 class ExpandedLayerRecord:
     """One expanded layer of an :class:`ExpansionReport`.
@@ -592,7 +596,7 @@ def check_contraction(expanded: nn.Module, compact: nn.Module, inputs: Any,
     # The written tensors carry their dtype's rounding whatever rtol says.
     weights_rtol = max(rtol, 8 * _eps_of(compact))
     if not (exact['float64_max_rel'] <= rtol and exact['float64_weights_max_rel'] <= weights_rtol):
-        raise RuntimeError(
+        raise ContractionCheckError(
             f'{failed}; in float64 the expanded model (as trained, and with explicit chains) '
             f'and its contraction differ by '
             f'{exact["float64_max_rel"]:.3g} and the compact tensors differ from that '
@@ -684,9 +688,9 @@ def check_layer_contractions(expanded: nn.Module, compact: nn.Module,
         error = float((y_chain - y_compact).abs().max()
                       / y_chain.abs().max().clamp_min(1e-30))
         if error > rtol:
-            raise RuntimeError(f'contraction check failed at {path}: the contracted layer and '
-                               f'its chain (float64, explicit) differ by {error:.3g} (relative) '
-                               f'> {rtol:g}')
+            raise ContractionCheckError(
+                f'contraction check failed at {path}: the contracted layer and its chain '
+                f'(float64, explicit) differ by {error:.3g} (relative) > {rtol:g}')
         worst = max(worst, error)
     return worst
 

@@ -73,6 +73,8 @@ def test_checkpoint_of_another_model_is_refused(tmp_path):
         runner.load_checkpoint(str(other))
     message = str(err.value)
     assert 'fits neither' in message and 'backbone.conv1.weight' in message
+    assert message.endswith("load it non-strictly: custom_hooks=[dict(type='ExpandCheckpointLoad"
+                            "Hook', strict=False), ...]")  # the fine-tuning way out
 
 
 def test_corrupt_load_from_fails_before_training(tmp_path):

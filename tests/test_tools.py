@@ -1,5 +1,6 @@
 """Command-line tools on wrong input: a checkpoint that does not fit, output = input."""
 import hashlib
+import shutil
 import os
 import importlib.util
 import subprocess
@@ -195,7 +196,8 @@ def test_train_tool_refuses_an_expandnet_checkpoint_for_a_compact_config(expandn
     def runner(load_from, resume=False):
         cfg = Config.fromfile(str(COMPACT))
         shrink_for_test(cfg, str(tmp_path / 'work'), data_root + '/', (96, 96), 1)
-        cfg.load_from, cfg.resume = str(load_from), resume
+        cfg.load_from = None if load_from is None else str(load_from)
+        cfg.resume = resume
         return Runner.from_cfg(cfg)
 
     with pytest.raises(CheckpointError, match=r"load_from='.*iter_1.pth' is an ExpandNet training "
@@ -203,6 +205,12 @@ def test_train_tool_refuses_an_expandnet_checkpoint_for_a_compact_config(expandn
         train.check_load_from(runner(expandnet_checkpoint))
     with pytest.raises(CheckpointError, match=r'iter_1.pth does not fit YOLOV3: missing'):
         train.check_load_from(runner(expandnet_checkpoint, resume=True))
+    # --resume alone: the latest checkpoint of the work dir, found as mmengine finds it.
+    auto = runner(None, resume=True)
+    shutil.copy(expandnet_checkpoint, tmp_path / 'work' / 'iter_1.pth')
+    (tmp_path / 'work' / 'last_checkpoint').write_text(str(tmp_path / 'work' / 'iter_1.pth'))
+    with pytest.raises(CheckpointError, match=r'work/iter_1.pth does not fit YOLOV3: missing'):
+        train.check_load_from(auto)
     # Fine-tuning from a partial checkpoint (backbone only) stays allowed.
     with DefaultScope.overwrite_default_scope('mmdet'):
         state = MODELS.build(Config.fromfile(str(COMPACT)).model).state_dict()
@@ -224,6 +232,16 @@ def test_train_tool_refuses_an_expandnet_checkpoint_for_a_compact_config(expandn
     with pytest.raises(CheckpointError, match=r"other.pth' has none of the \d+ weights of this "
                                               r"YOLOV3 .* it is a checkpoint of another model"):
         train.check_load_from(runner(other))
+
+
+def test_contract_verify_keeps_the_traceback_of_a_probe_that_crashes(expandnet_checkpoint,
+                                                                     tmp_path):
+    """A probe too small for the network fails inside its forward pass: that is not a
+    wrong contraction, and the error propagates as it is (no 'refusing to write')."""
+    with pytest.raises(RuntimeError) as raised:
+        run_contract(expandnet_checkpoint, tmp_path / 'c.pth', '--verify', '--img-size', '1', '1')
+    assert 'refusing to write' not in str(raised.value)
+    assert not (tmp_path / 'c.pth').exists()
 
 
 def test_a_legacy_format_checkpoint_is_read_even_when_memory_mapping_is_asked(tmp_path):

@@ -22,7 +22,7 @@ from expand_mm.optim.factor_lr import ADAPTIVE_OPTIMIZERS
 from expand_mm.surgery import expanded_layers
 from mmengine.config import Config, DictAction
 from mmengine.registry import RUNNERS
-from mmengine.runner import Runner
+from mmengine.runner import Runner, find_latest_checkpoint
 
 
 def parse_args() -> argparse.Namespace:
@@ -86,7 +86,8 @@ def check_load_from(runner: Runner) -> None:
     """Refuse a ``load_from`` / ``--resume`` checkpoint that a plain model would half-load.
 
     For a stock (not ExpandNet, not wrapper) model MMEngine loads non-strictly
-    and only logs the mismatch. A resume must fit exactly (missing or
+    and only logs the mismatch. A resume (``--resume CKPT``, or the latest
+    checkpoint of the work dir for ``--resume`` alone) must fit exactly (missing or
     wrong-shaped weights are refused, naming them); ``load_from`` may be partial
     (fine-tuning from a model with another head), but not an ExpandNet
     training checkpoint of this model, whose expanded layers would stay random,
@@ -98,6 +99,8 @@ def check_load_from(runner: Runner) -> None:
         CheckpointError: Naming the checkpoint, the keys and what to use.
     """
     path = runner._load_from
+    if path is None and runner._resume:  # --resume auto: what mmengine will pick
+        path = find_latest_checkpoint(runner.work_dir)
     if not isinstance(path, str) or '://' in path:
         return
     model = unwrap_model(runner.model)

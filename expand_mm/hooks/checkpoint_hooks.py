@@ -123,8 +123,9 @@ class ContractCheckpointHook(Hook):
         deployable, prefix = find_deployable(runner.model)
         # A plain model being planted has a compact form until its last stage: the
         # narrower network of the stage each checkpoint was saved at.
+        hooks = getattr(runner, 'hooks', ())  # runner-like callers may have none
         self._plain_planting = not prefix and not expanded_layers(deployable) and any(
-            type(hook).__name__ == 'ChannelPlantingHook' for hook in runner.hooks)
+            type(hook).__name__ == 'ChannelPlantingHook' for hook in hooks)
         if not prefix and not expanded_layers(deployable) and not self._plain_planting:
             raise ValueError(
                 'ContractCheckpointHook: the model has no expanded layer and is not a '
@@ -364,14 +365,23 @@ class ExpandCheckpointLoadHook(Hook):
         deployable, prefix = find_deployable(runner.model)
         if not prefix and not expanded_layers(deployable):
             return
+        resumed = runner._load_from or find_latest_checkpoint(runner.work_dir)
         source = (str(runner._load_from or 'the loaded checkpoint') if not runner._resume
-                  else f'resumed checkpoint {runner._load_from!r}' if runner._load_from
+                  else f'resumed checkpoint {resumed!r}' if resumed
                   else 'resumed checkpoint (the latest in the work dir)')
         state_dict = strip_prefix(checkpoint['state_dict'])
         own = bool(prefix) and any(k.startswith(prefix) for k in state_dict)
         part = ({k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
                 if own else state_dict)
-        kind = match_state_dict(deployable, part, strict=self.strict, source=source)
+        try:
+            kind = match_state_dict(deployable, part, strict=self.strict, source=source)
+        except CheckpointError as err:
+            if runner._resume:
+                raise
+            raise CheckpointError(
+                f"{err} To fine-tune from it with another head (or from a partial checkpoint), "
+                "load it non-strictly: custom_hooks=[dict(type='ExpandCheckpointLoadHook', "
+                'strict=False), ...]') from None
         if not expanded_layers(deployable):
             kind = 'compact'
         if prefix and not own:
@@ -397,9 +407,10 @@ class ExpandCheckpointLoadHook(Hook):
             return
         if kind == 'compact' and runner._resume and expanded_layers(deployable):
             raise CheckpointError(
-                f'{source} is a compact checkpoint: it has no factors or optimizer state to '
-                'resume from. Use it with load_from=... to start an ExpandNet from it, or '
-                'resume from the training checkpoint (epoch_N.pth / iter_N.pth)')
+                f'{source} holds the compact model (no expansion factors), whose optimizer '
+                'state, if any, does not fit this ExpandNet: there is nothing to resume. Use '
+                'it with load_from=... to start an ExpandNet from it, or resume from a '
+                'training checkpoint of this config (epoch_N.pth / iter_N.pth)')
         runner.logger.info(f'ExpandCheckpointLoadHook: {source} is {_article(kind)} {kind} '
                            'checkpoint'
                            + (' (factorised exactly into the expanded layers)'
