@@ -227,6 +227,13 @@ def test_train_tool_refuses_an_expandnet_checkpoint_for_a_compact_config(expandn
     with pytest.raises(CheckpointError, match=r"distiller.pth' would load nothing: its entries "
                                               r"for this model are under 'student.'"):
         train.check_load_from(runner(wrapped))
+    stripped = tmp_path / 'imagenet_backbone.pth'  # a backbone file without its prefix
+    torch.save({'state_dict': {k[len('backbone.'):]: v for k, v in state.items()
+                               if k.startswith('backbone.')}}, stripped)
+    with pytest.raises(CheckpointError, match=r"imagenet_backbone.pth' holds the weights of this "
+                                              r"model's 'backbone' without the 'backbone.' prefix"
+                                              r".*init_cfg=dict\(type='Pretrained'"):
+        train.check_load_from(runner(stripped))
     other = tmp_path / 'other.pth'
     torch.save({'state_dict': {'decode_head.conv_seg.weight': torch.zeros(2, 4, 1, 1)}}, other)
     with pytest.raises(CheckpointError, match=r"other.pth' has none of the \d+ weights of this "

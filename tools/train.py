@@ -116,6 +116,15 @@ def check_load_from(runner: Runner) -> None:
         raise CheckpointError(f'load_from={path!r} would load nothing: {wrapper}')
     fitting = compare_state_dict(model, state_dict)
     if len(fitting.missing) + len(fitting.wrong_shape) == len(model.state_dict()):
+        part = submodule_of_checkpoint(model, state_dict)
+        if part:
+            raise CheckpointError(
+                f'load_from={path!r} holds the weights of this model\'s {part!r} without the '
+                f'{part + "."!r} prefix (e.g. {sorted(strip_prefix(state_dict))[0]!r}), so it '
+                f'would load nothing: give it to that part as its init_cfg=dict(type='
+                f"'Pretrained', checkpoint={path!r}) (e.g. --cfg-options model.{part}.init_cfg"
+                f'.type=Pretrained model.{part}.init_cfg.checkpoint={path}), or save it with '
+                'the prefix')
         raise CheckpointError(
             f'load_from={path!r} has none of the {len(model.state_dict())} weights of this '
             f'{type(model).__name__} (with their shapes; it holds e.g. '
@@ -128,6 +137,19 @@ def check_load_from(runner: Runner) -> None:
             f'{len(chains)} layers, e.g. {chains[0]!r}, are expanded chains), which would '
             'leave them at their initialisation: load its *_compact.pth (or python '
             'tools/contract.py EXPANDNET_CONFIG CKPT OUT), or train with the ExpandNet config')
+
+
+def submodule_of_checkpoint(model, state_dict: dict) -> str | None:
+    """The top-level part of ``model`` (``'backbone'``) whose weights ``state_dict`` holds
+    without their prefix (an ImageNet-pretrained backbone file), or None."""
+    keys = {k: v.shape for k, v in model.state_dict().items()}
+    state_dict = strip_prefix(state_dict)
+    for name, _ in model.named_children():
+        found = sum(keys.get(f'{name}.{k}') == getattr(v, 'shape', None)
+                    for k, v in state_dict.items())
+        if found and 2 * found >= len(state_dict):
+            return name
+    return None
 
 
 def expandnet_setup_warnings(cfg: Config, runner: Runner) -> list[str]:
