@@ -437,3 +437,24 @@ def test_analysis_refuses_a_checkpoint_saved_mid_way_through_channel_planting(vo
     torch.save(dict(state_dict=compact_model.state_dict(),
                     meta=dict(channel_planting=dict(planting, stage=1))), finished)
     check_checkpoint_fits(compact_model, finished)
+
+
+@pytest.mark.parametrize('name', ['gradient_confusion', 'loss_landscape'])
+def test_analysis_tools_end_a_refused_input_in_one_error_line(tmp_path, name):
+    """Run as scripts, like train.py and test.py: a refused input is one ``error:`` line
+    (exit code 2), whether it is a corrupt checkpoint or a dataset that is not there."""
+    import subprocess
+    import sys
+    corrupt = tmp_path / 'corrupt.pth'
+    corrupt.write_bytes(b'not a checkpoint')
+    tool = osp.join(ROOT, 'tools', 'analysis', f'{name}.py')
+    cases = [(['--checkpoint', str(corrupt)], 'cannot read checkpoint'),
+             ([], "dataset path 'data/VOCdevkit/' does not exist")]
+    for extra, message in cases:
+        proc = subprocess.run([sys.executable, tool, VOC_EXPANDNET, '--num-batches', '2',
+                               '--out', str(tmp_path / 'out'), *extra],
+                              cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert 'Traceback' not in proc.stderr, proc.stderr[-3000:]
+        last = proc.stderr.strip().splitlines()[-1]
+        assert last.startswith('error: ') and message in last, last

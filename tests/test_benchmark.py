@@ -113,8 +113,24 @@ def test_cli_on_a_detector(tmp_path):
 def test_segmentor_in_process(tmp_path):
     tool = _load_tool()
     out = tmp_path / 'seg.json'
-    assert tool.main([str(SEG_CONFIG), *tiny(1), '--out', str(out)]) == 0
-    check_result(json.loads(out.read_text()))
+    assert tool.main([str(SEG_CONFIG), *tiny(1), '--out', str(out),
+                      '--cfg-options', 'model.ratio=2']) == 0
+    result = json.loads(out.read_text())
+    check_result(result)
+    # --cfg-options reach the model built, and the JSON says what was run.
+    assert result['expansion']['ratio'] == 2
+    assert result['settings']['cfg_options'] == {'model.ratio': 2}
+
+
+def test_a_misspelled_cfg_option_is_one_error_line(tmp_path):
+    proc = subprocess.run([sys.executable, str(TOOL), str(SEG_CONFIG), *tiny(1),
+                           '--out', str(tmp_path / 'x.json'), '--cfg-options', 'model.ratioo=2'],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert 'Traceback' not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith('error: ') and "'ratioo'" in last and "'ratio'" in last, last
+    assert not (tmp_path / 'x.json').exists()
 
 
 def test_defaults_are_the_issue_setting():

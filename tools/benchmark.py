@@ -67,11 +67,11 @@ from torch import nn  # noqa: E402
 from torch.autograd import DeviceType  # noqa: E402
 
 import expand_mm  # noqa: E402
-from expand_mm.cli import DefaultsHelpFormatter  # noqa: E402
+from expand_mm.cli import DefaultsHelpFormatter, run_tool  # noqa: E402
 from expand_mm.deploy import count_macs, probe_forward  # noqa: E402
 from expand_mm.models import compact_model_cfg  # noqa: E402
 from expand_mm.surgery import count_params, expanded_layers, set_expand_mode  # noqa: E402
-from mmengine.config import Config  # noqa: E402
+from mmengine.config import Config, DictAction  # noqa: E402
 from mmengine.logging import MMLogger  # noqa: E402
 from mmengine.registry import MODELS, DefaultScope  # noqa: E402
 
@@ -111,6 +111,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--out', default=None,
                         help='JSON file (default: work_dirs/benchmark/<config stem>.json)')
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction, default=None,
+                        help='override config settings, as in mm tools, e.g. '
+                        '"model.ratio=2" or "model.exclude=[backbone.stage4.*]" (recorded '
+                        'in the JSON)')
     args = parser.parse_args(argv)
     if len(args.img_size) == 1:
         args.img_size = args.img_size * 2
@@ -155,9 +159,15 @@ def disable_pretrained(cfg: Any) -> None:
             disable_pretrained(value)
 
 
-def load_config(path: str) -> Config:
-    """Read an ExpandNet config; raise ``ValueError`` naming the key otherwise."""
+def load_config(path: str, cfg_options: dict | None = None) -> Config:
+    """Read an ExpandNet config, with ``cfg_options`` merged in.
+
+    Raises:
+        ValueError: Naming the key, if the model is not an ExpandNet.
+    """
     cfg = Config.fromfile(path)
+    if cfg_options:
+        cfg.merge_from_dict(cfg_options)
     if compact_model_cfg(cfg.model) is cfg.model:
         raise ValueError(f'{path}: model.type is {cfg.model.get("type")!r}; the benchmark '
                          "needs an ExpandNet config (model.type == 'ExpandNet')")
@@ -526,7 +536,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
               'other processes compete for the CPU; timings will be noisy (--threads 1 '
               'suffers least)')
 
-    cfg = load_config(args.config)
+    cfg = load_config(args.config, args.cfg_options)
     logger = MMLogger.get_current_instance()
     level = logger.level
     # The builder logs the whole per-layer expansion table; one line is enough here.
@@ -619,7 +629,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         settings=dict(batch_size=args.batch_size, img_size=list(img_size), iters=args.iters,
                       explicit_iters=args.explicit_iters,
                       warmup=args.warmup, contract_iters=args.contract_iters,
-                      seed=args.seed),
+                      seed=args.seed, cfg_options=args.cfg_options),
         memory_measure=memory_measure + '; plus persistent state (parameters, buffers, '
         'optimizer state)',
         expansion=dict(num_layers=len(report.layers), ratio=report.ratio,
@@ -664,4 +674,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    sys.exit(run_tool(main))

@@ -55,6 +55,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import expand_mm  # noqa: E402,F401  (registers ExpandNet, YOLOLite, the hooks)
+from expand_mm.cli import run_tool  # noqa: E402
 from expand_mm.deploy import compact_checkpoint_path, count_macs  # noqa: E402
 from expand_mm.models import deployable_model  # noqa: E402
 from expand_mm.surgery import count_params, expanded_layers  # noqa: E402
@@ -1106,4 +1107,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    sys.exit(run_tool(main))

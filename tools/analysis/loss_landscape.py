@@ -42,10 +42,9 @@ import numpy as np  # noqa: E402
 import expand_mm  # noqa: E402,F401  (registers ExpandNet and the hooks)
 from expand_mm.analysis import (loss_landscape_1d, loss_landscape_2d, mm_loss_fn,  # noqa: E402
                                 mm_preprocess)
-from expand_mm.analysis.runs import (RunSettingsError, build_run, check_run_files,  # noqa: E402
+from expand_mm.analysis.runs import (build_run, check_run_files,  # noqa: E402
                                      resolve_runs, safe_name)
-from expand_mm.checkpoint import CheckpointError  # noqa: E402
-from expand_mm.cli import DefaultsHelpFormatter  # noqa: E402
+from expand_mm.cli import DefaultsHelpFormatter, run_tool  # noqa: E402
 from expand_mm.surgery import expanded_layers  # noqa: E402
 from mmengine.config import Config, DictAction  # noqa: E402
 
@@ -236,9 +235,13 @@ def main(argv: Sequence[str] | None = None,
     return entries
 
 
+def cli() -> int:
+    """Command-line entry: run :func:`main`; exit code 0."""
+    main()
+    return 0
+
+
 if __name__ == '__main__':
-    try:
-        main()
-    except (CheckpointError, RunSettingsError) as err:  # bad input: a message, no traceback
-        print(f'error: {err}', file=sys.stderr)
-        sys.exit(2)
+    # A refused input (a mismatched checkpoint, a bad setting, a misspelled config
+    # key) becomes one error line and exit code 2.
+    sys.exit(run_tool(cli))
