@@ -51,10 +51,17 @@ def _load_tool():
     return module
 
 
-def check_result(result: dict) -> None:
-    """Every figure present, finite, with its ratio; contraction exact in size."""
+def check_result(result: dict, explicit_trained: bool = True) -> None:
+    """Every figure present, finite, with its ratio; contraction exact in size.
+
+    Without ``explicit_trained`` (``--explicit-iters 0``) the explicit train
+    step's time and memory are absent, and only they.
+    """
     figures = {(r['name'], r['variant']): r for r in result['figures']}
-    assert set(figures) == EXPECTED_FIGURES
+    expected = EXPECTED_FIGURES if explicit_trained else {
+        (name, variant) for name, variant in EXPECTED_FIGURES
+        if not (name.startswith('train_') and variant == 'explicit')}
+    assert set(figures) == expected
     for key, row in figures.items():
         assert math.isfinite(row['value']) and row['value'] >= 0, key
         if key[0] == 'contract_time':
@@ -113,10 +120,11 @@ def test_cli_on_a_detector(tmp_path):
 def test_segmentor_in_process(tmp_path):
     tool = _load_tool()
     out = tmp_path / 'seg.json'
-    assert tool.main([str(SEG_CONFIG), *tiny(1), '--out', str(out),
+    assert tool.main([str(SEG_CONFIG), *tiny(1), '--out', str(out), '--explicit-iters', '0',
                       '--cfg-options', 'model.ratio=2']) == 0
     result = json.loads(out.read_text())
-    check_result(result)
+    check_result(result, explicit_trained=False)
+    assert set(result['train_memory_mib']) == {'compact', 'online'}
     # --cfg-options reach the model built, and the JSON says what was run.
     assert result['expansion']['ratio'] == 2
     assert result['settings']['cfg_options'] == {'model.ratio': 2}

@@ -2,8 +2,8 @@
 
     python tools/benchmark.py [CONFIG] [--batch-size 8] [--img-size 320 [320]]
                               [--iters 10] [--explicit-iters N] [--warmup 2]
-                              [--device cpu|cuda]
-                              [--threads N] [--out JSON]
+                              [--device cpu|cuda] [--threads N] [--out JSON]
+                              [--cfg-options KEY=VALUE ...]
 
 CONFIG is an ExpandNet config (``model.type == 'ExpandNet'``); its inner
 ``model`` is the compact model. Pretrained-weight loading is switched off (the
@@ -68,7 +68,7 @@ from torch.autograd import DeviceType  # noqa: E402
 
 import expand_mm  # noqa: E402
 from expand_mm.cli import DefaultsHelpFormatter, run_tool  # noqa: E402
-from expand_mm.deploy import count_macs, probe_forward  # noqa: E402
+from expand_mm.deploy import count_macs, count_training_macs, probe_forward  # noqa: E402
 from expand_mm.models import compact_model_cfg  # noqa: E402
 from expand_mm.surgery import count_params, expanded_layers, set_expand_mode  # noqa: E402
 from mmengine.config import Config, DictAction  # noqa: E402
@@ -100,7 +100,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument('--explicit-iters', type=int, default=None,
                         help='rounds that also time the explicit train step (default: '
                         'every round); it costs ~10x a compact step and is reported for '
-                        'comparison, so fewer rounds buy more rounds of the others')
+                        'comparison, so fewer rounds buy more rounds of the others; 0 '
+                        'skips it (time and memory), e.g. at sizes where its ~3x memory '
+                        'does not fit')
     parser.add_argument('--warmup', type=int, default=2, help='untimed rounds first')
     parser.add_argument('--contract-iters', type=int, default=5,
                         help='timed runs of contract_model')
@@ -122,9 +124,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f'--img-size takes S or H W, got {args.img_size}')
     if args.explicit_iters is None:
         args.explicit_iters = args.iters
-    for key in ('batch_size', 'iters', 'explicit_iters'):
+    for key in ('batch_size', 'iters'):
         if getattr(args, key) < 1:
             parser.error(f'--{key.replace("_", "-")} must be >= 1')
+    if args.explicit_iters < 0:
+        parser.error('--explicit-iters must be >= 0 (0: skip the explicit train step)')
     args.explicit_iters = min(args.explicit_iters, args.iters)
     if args.device == 'cuda' and not torch.cuda.is_available():
         parser.error('--device cuda: CUDA is not available here')
@@ -368,7 +372,8 @@ def bench_training(compact: nn.Module, expanded: nn.Module, data: dict, cfg: Con
     Times are ``{'wall': {variant: stats}, 'cpu': {variant: stats}}`` in ms.
 
     Explicit and online share the ExpandNet's parameters and optimizer (they
-    are the same model, trained two ways).
+    are the same model, trained two ways). ``explicit_iters=0`` leaves the
+    explicit variant out of the results.
     """
     wrappers = dict(compact=build_optim_wrapper(compact, cfg))
     wrappers['explicit'] = wrappers['online'] = build_optim_wrapper(expanded, cfg)
@@ -381,14 +386,16 @@ def bench_training(compact: nn.Module, expanded: nn.Module, data: dict, cfg: Con
             set_expand_mode(expanded, name)
         return lambda: models[name].train_step(data, wrappers[name])
 
-    times: dict[str, dict[str, list[float]]] = dict(
-        wall={n: [] for n in TRAIN_VARIANTS}, cpu={n: [] for n in TRAIN_VARIANTS})
     n_explicit = iters if explicit_iters is None else explicit_iters
+    variants = TRAIN_VARIANTS if n_explicit else tuple(
+        v for v in TRAIN_VARIANTS if v != 'explicit')
+    times: dict[str, dict[str, list[float]]] = dict(
+        wall={n: [] for n in variants}, cpu={n: [] for n in variants})
     # The explicit rounds are spread evenly over the timed ones (a drift of
     # the machine's speed hits every variant alike).
     explicit_rounds = {warmup + (k * iters) // n_explicit for k in range(n_explicit)}
     for i in range(warmup + iters):
-        for name in TRAIN_VARIANTS:
+        for name in variants:
             if name == 'explicit' and i >= warmup and i not in explicit_rounds:
                 continue
             wall, cpu, log_vars = timed(step(name), device)
@@ -398,7 +405,7 @@ def bench_training(compact: nn.Module, expanded: nn.Module, data: dict, cfg: Con
                 times['cpu'][name].append(cpu * 1e3)
     # Memory is measured in its own pass: the CPU profiler slows the step down.
     peaks: dict[str, dict] = {}
-    for name in TRAIN_VARIANTS:
+    for name in variants:
         step_bytes = peak_step_bytes(step(name), device)
         state = state_bytes(models[name], wrappers[name])
         peaks[name] = dict(step_peak_mib=step_bytes / MIB, state_mib=state / MIB,
@@ -471,12 +478,13 @@ def build_figures(train: dict, memory: dict, infer: dict, contract: dict,
         rows.append(dict(name=name, variant=variant, value=value, unit=unit,
                          ratio=None if ref is None else _ratio(value, ref)))
 
+    trained = [v for v in TRAIN_VARIANTS if v in memory]  # explicit may be skipped
     for kind, suffix in (('wall', ''), ('cpu', '_cpu'))[:2 if cpu_times else 1]:
-        for v in TRAIN_VARIANTS:
+        for v in trained:
             add(f'train_step{suffix}_time', v, train[kind][v]['median'], 'ms',
                 train[kind]['compact']['median'])
     for key in ('peak_mib', 'step_peak_mib', 'state_mib'):
-        for v in TRAIN_VARIANTS:
+        for v in trained:
             add(f'train_{key.replace("_mib", "")}_memory', v, memory[v][key], 'MiB',
                 memory['compact'][key])
     for kind, suffix in (('wall', ''), ('cpu', '_cpu'))[:2 if cpu_times else 1]:
@@ -575,9 +583,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     infer = bench_inference(dict(compact=compact, online=expanded, contracted=contracted),
                             inputs, device, args.iters, args.warmup)
 
-    set_expand_mode(expanded, 'explicit')
-    explicit_macs = count_macs(expanded, img_size)
-    set_expand_mode(expanded, 'online')
+    # From the chains' shapes on the meta device: equal to tracing the explicit
+    # model, without its memory (what --explicit-iters 0 is for).
+    contracted_macs, explicit_macs = count_training_macs(expanded, contracted, img_size)
     compact_macs = count_macs(compact, img_size)
     composition = composition_macs(expanded)
     batch = args.batch_size
@@ -585,7 +593,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         params=dict(compact=count_params(compact), expanded=count_params(expanded),
                     contracted=count_params(contracted)),
         macs=dict(compact=compact_macs, explicit=explicit_macs,
-                  contracted=count_macs(contracted, img_size)),
+                  contracted=contracted_macs),
         composition_macs=composition,
         macs_per_step=dict(compact=compact_macs * batch, explicit=explicit_macs * batch,
                            online=compact_macs * batch + composition))
