@@ -320,12 +320,20 @@ def test_test_tool_tta_and_out_evaluate_the_compact_twin_as_the_expanded_model(t
     Runner.from_cfg(cfg).train()
     test = load_tool('test')
     predictions = {}
+    painted = tmp_path / 'painted'
     for name in ('iter_1.pth', 'iter_1_compact.pth'):
         out = tmp_path / f'out_{name}'
+        # mmseg paints every `interval`-th image: 1 paints both. The visualizer is a
+        # named singleton: a new name, as a new process would have, takes the new save_dir.
+        show = (['--show-dir', str(painted), '--cfg-options', 'visualizer.name=painter']
+                if name == 'iter_1_compact.pth' else [])
         argv, sys.argv = sys.argv, [
             'test.py', str(config), str(tmp_path / 'work' / name), '--tta', '--out', str(out),
-            '--work-dir', str(tmp_path / f'test_{name}'), '--cfg-options',
-            f'test_dataloader.dataset.data_root={data_root}', 'test_dataloader.batch_size=1']
+            '--work-dir', str(tmp_path / f'test_{name}'), *show, '--cfg-options',
+            f'test_dataloader.dataset.data_root={data_root}', 'test_dataloader.batch_size=1',
+            'default_hooks.visualization.interval=1',
+            # mmseg's hook reads runner.iter, which builds the training loop and its data.
+            f'train_dataloader.dataset.data_root={data_root}']
         try:
             assert test.main() == 0
         finally:
@@ -338,6 +346,50 @@ def test_test_tool_tta_and_out_evaluate_the_compact_twin_as_the_expanded_model(t
         predictions[name] = [np.asarray(Image.open(f)) for f in files]
     for a, b in zip(*predictions.values()):
         assert (a == b).mean() > 0.999
+    # --show-dir: the stock SegVisualizationHook painted each test image there.
+    drawn = sorted(painted.rglob('*.png'))
+    assert len(drawn) == 2 and all('test_' in f.name for f in drawn), drawn
+
+
+def test_test_tool_show_dir_paints_detections_like_mmdet(tmp_path, expandnet_checkpoint):
+    """--show-dir on a detector: DetVisualizationHook writes one painted image per test
+    image under WORK_DIR/TIMESTAMP/SHOW_DIR, as mmdet's test.py does."""
+    from data_factory import make_voc
+    from mm_test_utils import shrink_for_test
+    data_root = str(tmp_path / 'data') + '/'
+    make_voc(data_root, num_images=2, size=96)
+    cfg = Config.fromfile(str(EXPANDNET))
+    shrink_for_test(cfg, str(tmp_path / 'work'), data_root, (96, 96))
+    config = tmp_path / 'expandnet_yolo_lite.py'
+    cfg.dump(str(config))
+    test = load_tool('test')
+    argv, sys.argv = sys.argv, ['test.py', str(config), str(expandnet_checkpoint),
+                                '--show-dir', 'painted']
+    try:
+        assert test.main() == 0
+    finally:
+        sys.argv = argv
+    drawn = sorted((tmp_path / 'work').glob('*/painted/*.jpg'))
+    test_images = (tmp_path / 'data' / 'VOC2007' / 'ImageSets' / 'Main' / 'test.txt')
+    assert len(drawn) == len(test_images.read_text().split()) == 2, drawn
+    assert Image.open(drawn[0]).size == (2 * 96, 96)  # ground truth beside the prediction
+
+
+def test_test_tool_show_and_wait_time_set_the_stock_hook():
+    from expand_mm.cli import UsageError
+    test = load_tool('test')
+    det = Config(dict(default_hooks=dict(visualization=dict(type='DetVisualizationHook'))))
+    test.enable_visualisation(det, None, show=True, wait_time=0.5)
+    assert det.default_hooks.visualization == dict(
+        type='DetVisualizationHook', draw=True, show=True, wait_time=0.5)
+    seg = Config(dict(default_hooks=dict(visualization=dict(type='SegVisualizationHook')),
+                      visualizer=dict(type='SegLocalVisualizer')))
+    test.enable_visualisation(seg, 'out')
+    assert seg.default_hooks.visualization == dict(type='SegVisualizationHook', draw=True)
+    assert seg.visualizer.save_dir == 'out'
+    with pytest.raises(UsageError, match=r'--show / --show-dir need '
+                                         r'default_hooks.visualization'):
+        test.enable_visualisation(Config(dict(default_hooks=dict())), 'out')
 
 
 def test_test_tool_tta_without_tta_settings_is_refused(expandnet_checkpoint, capsys):

@@ -1,7 +1,7 @@
 """Evaluate a checkpoint with the stock MMEngine Runner, metrics and visualiser.
 
-    python tools/test.py CONFIG CKPT [--work-dir DIR] [--out PATH] [--show-dir DIR] [--tta]
-                         [--cfg-options ...]
+    python tools/test.py CONFIG CKPT [--work-dir DIR] [--out PATH] [--show]
+                         [--show-dir DIR] [--wait-time S] [--tta] [--cfg-options ...]
 
 CONFIG may be an ExpandNet config; CKPT may be its training checkpoint (the
 expanded model is evaluated) or a compact checkpoint (``*_compact.pth``, or any
@@ -34,7 +34,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument('--work-dir', help='the directory to save the evaluation metrics')
     parser.add_argument('--out', help='also dump the predictions: a .pkl file for mmdet '
                         '(DumpDetResults), a directory of prediction images for mmseg')
-    parser.add_argument('--show-dir', help='directory where painted images are saved')
+    parser.add_argument('--show', action='store_true',
+                        help='show the painted predictions in a window (needs a display)')
+    parser.add_argument('--show-dir', help='directory where painted images are saved (mmdet: '
+                        'under WORK_DIR/TIMESTAMP/ when relative, as its test.py does)')
+    parser.add_argument('--wait-time', type=float, default=2,
+                        help='seconds each image is shown with --show')
     parser.add_argument('--tta', action='store_true', help="test-time augmentation with the "
                         "config's tta_model and tta_pipeline (of the model tested: the "
                         'compact one for a compact checkpoint)')
@@ -82,16 +87,33 @@ def check_plain_checkpoint(cfg: Config, state_dict: dict, path: str) -> None:
               f'not use, ignored: {", ".join(mismatch.unexpected[:6])}')
 
 
-def enable_visualisation(cfg: Config, show_dir: str) -> None:
-    """Ask the stock visualisation hook to draw predictions into ``show_dir``."""
-    hook = cfg.default_hooks.get('visualization')
+def enable_visualisation(cfg: Config, show_dir: str | None, show: bool = False,
+                         wait_time: float = 2) -> None:
+    """Ask the stock visualisation hook to draw predictions, as mmdet's / mmseg's test.py do.
+
+    Args:
+        cfg: The test config, edited in place.
+        show_dir: Where painted images are written (``None``: not written).
+        show: Also show each one in a window, for ``wait_time`` seconds.
+        wait_time: Seconds per image with ``show``.
+
+    Raises:
+        UsageError: If the config has no ``default_hooks.visualization``.
+    """
+    hook = cfg.get('default_hooks', {}).get('visualization')
     if hook is None:
-        raise UsageError('--show-dir needs default_hooks.visualization in the config')
+        raise UsageError('--show / --show-dir need default_hooks.visualization in the config '
+                         "(mmdet: dict(type='DetVisualizationHook'), mmseg: "
+                         "dict(type='SegVisualizationHook'))")
     hook['draw'] = True
-    if hook['type'] == 'DetVisualizationHook':
-        hook['test_out_dir'] = show_dir
-    else:  # mmseg's SegVisualizationHook draws through the visualizer's save_dir
-        cfg.visualizer['save_dir'] = show_dir
+    if show:
+        hook['show'] = True
+        hook['wait_time'] = wait_time
+    if show_dir:
+        if type_name(hook['type']) == 'DetVisualizationHook':
+            hook['test_out_dir'] = show_dir
+        else:  # mmseg's SegVisualizationHook draws through the visualizer's save_dir
+            cfg.visualizer['save_dir'] = show_dir
 
 
 def enable_tta(cfg: Config) -> None:
@@ -154,8 +176,8 @@ def main() -> int:
         print(f'{args.checkpoint} is a compact checkpoint: evaluating the compact model')
         cfg.model = compact_model_cfg(cfg.model)
     cfg.load_from = args.checkpoint
-    if args.show_dir:
-        enable_visualisation(cfg, args.show_dir)
+    if args.show or args.show_dir:
+        enable_visualisation(cfg, args.show_dir, args.show, args.wait_time)
     if args.out:
         dump_predictions(cfg, args.out)
     if args.tta:
