@@ -360,6 +360,9 @@ def test_test_tool_show_dir_paints_detections_like_mmdet(tmp_path, expandnet_che
     make_voc(data_root, num_images=2, size=96)
     cfg = Config.fromfile(str(EXPANDNET))
     shrink_for_test(cfg, str(tmp_path / 'work'), data_root, (96, 96))
+    # The visualizer is a named singleton: an earlier test's (a segmentor's) would be reused
+    # in this process under the stock name; a new name is what a new process has.
+    cfg.visualizer.name = 'show_dir_detector'
     config = tmp_path / 'expandnet_yolo_lite.py'
     cfg.dump(str(config))
     test = load_tool('test')
