@@ -9,7 +9,7 @@ import urllib.error
 import os.path as osp
 import sys
 import traceback
-from typing import Callable
+from typing import Any, Callable
 
 #: Where expand_mm's own code lives: an error raised there by a ``raise``
 #: statement is one of its checks, with a message written for the user.
@@ -134,8 +134,16 @@ def error_message(err: BaseException) -> str:
     return str(err)
 
 
-def run_tool(main: Callable[[], int]) -> int:
+def _exit_code(status: Any) -> int:
+    """A tool's ``main`` result as an exit code (non-integers are success)."""
+    return status if isinstance(status, int) else 0
+
+
+def run_tool(main: Callable[[], Any]) -> int:
     """Run a tool's ``main``; a refused input becomes one ``error:`` line and exit code 2.
+
+    ``main`` returns the exit code, or anything else (e.g. the analysis tools'
+    results, for callers in Python) for 0.
 
     What :func:`is_own_check` recognises (and :class:`UsageError`), and a
     config key the class it configures does not take (:func:`unknown_config_key`),
@@ -145,9 +153,9 @@ def run_tool(main: Callable[[], int]) -> int:
     nothing is caught.
     """
     if os.environ.get(TRACEBACK_ENV) == '1':
-        return main()
+        return _exit_code(main())
     try:
-        return main()
+        return _exit_code(main())
     except Exception as err:  # noqa: BLE001 (re-raised unless it is one of our checks)
         message = error_message(err) if is_own_check(err) else (
             unknown_config_key(err) or failed_weight_download(err))

@@ -323,10 +323,9 @@ def test_test_tool_tta_and_out_evaluate_the_compact_twin_as_the_expanded_model(t
     painted = tmp_path / 'painted'
     for name in ('iter_1.pth', 'iter_1_compact.pth'):
         out = tmp_path / f'out_{name}'
-        # mmseg paints every `interval`-th image: 1 paints both. The visualizer is a
-        # named singleton: a new name, as a new process would have, takes the new save_dir.
-        show = (['--show-dir', str(painted), '--cfg-options', 'visualizer.name=painter']
-                if name == 'iter_1_compact.pth' else [])
+        # mmseg paints every `interval`-th image: 1 paints both. The first run's visualizer
+        # (the stock name, no save_dir) exists in this process: the second must not reuse it.
+        show = ['--show-dir', str(painted)] if name == 'iter_1_compact.pth' else []
         argv, sys.argv = sys.argv, [
             'test.py', str(config), str(tmp_path / 'work' / name), '--tta', '--out', str(out),
             '--work-dir', str(tmp_path / f'test_{name}'), *show, '--cfg-options',
@@ -360,9 +359,6 @@ def test_test_tool_show_dir_paints_detections_like_mmdet(tmp_path, expandnet_che
     make_voc(data_root, num_images=2, size=96)
     cfg = Config.fromfile(str(EXPANDNET))
     shrink_for_test(cfg, str(tmp_path / 'work'), data_root, (96, 96))
-    # The visualizer is a named singleton: an earlier test's (a segmentor's) would be reused
-    # in this process under the stock name; a new name is what a new process has.
-    cfg.visualizer.name = 'show_dir_detector'
     config = tmp_path / 'expandnet_yolo_lite.py'
     cfg.dump(str(config))
     test = load_tool('test')
@@ -386,10 +382,10 @@ def test_test_tool_show_and_wait_time_set_the_stock_hook():
     assert det.default_hooks.visualization == dict(
         type='DetVisualizationHook', draw=True, show=True, wait_time=0.5)
     seg = Config(dict(default_hooks=dict(visualization=dict(type='SegVisualizationHook')),
-                      visualizer=dict(type='SegLocalVisualizer')))
+                      visualizer=dict(type='SegLocalVisualizer', name='visualizer')))
     test.enable_visualisation(seg, 'out')
     assert seg.default_hooks.visualization == dict(type='SegVisualizationHook', draw=True)
-    assert seg.visualizer.save_dir == 'out'
+    assert seg.visualizer == dict(type='SegLocalVisualizer', save_dir='out')
     with pytest.raises(UsageError, match=r'--show / --show-dir need '
                                          r'default_hooks.visualization'):
         test.enable_visualisation(Config(dict(default_hooks=dict())), 'out')

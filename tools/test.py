@@ -106,6 +106,11 @@ def enable_visualisation(cfg: Config, show_dir: str | None, show: bool = False,
                          "(mmdet: dict(type='DetVisualizationHook'), mmseg: "
                          "dict(type='SegVisualizationHook'))")
     hook['draw'] = True
+    # The stock configs name their visualizer 'visualizer', and a visualizer is a named
+    # singleton: a runner built earlier in this process (main() called again) would lend
+    # its own, with its class and save_dir. Unnamed, the runner names it after its run.
+    if isinstance(cfg.get('visualizer'), dict):
+        cfg.visualizer.pop('name', None)
     if show:
         hook['show'] = True
         hook['wait_time'] = wait_time

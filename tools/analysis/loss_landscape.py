@@ -235,13 +235,7 @@ def main(argv: Sequence[str] | None = None,
     return entries
 
 
-def cli() -> int:
-    """Command-line entry: run :func:`main`; exit code 0."""
-    main()
-    return 0
-
-
 if __name__ == '__main__':
     # A refused input (a mismatched checkpoint, a bad setting, a misspelled config
     # key) becomes one error line and exit code 2.
-    sys.exit(run_tool(cli))
+    sys.exit(run_tool(main))
