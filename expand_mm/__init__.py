@@ -7,6 +7,7 @@ checkpoint. Importing the package registers ``type='ExpandNet'`` in MMEngine's
 MMEngine's own checkpoints on torch >= 2.6.
 """
 from .compat import allow_mmengine_checkpoints, patch_mmdet_ssd_head
+from .errors import ConfigError, ExpandMMError, UsageError
 from .layers import ExpandConv2d, ExpandedLayer, ExpandLinear
 from .surgery import (ExpansionReport, check_contraction, check_layer_contractions,
                       contract_model, deferred_factor_grads, expand_model, expanded_layers,
@@ -33,6 +34,7 @@ from .analysis import (GradientConfusionResult, LandscapeResult, gradient_confus
 __version__ = '0.1.0'
 
 __all__ = [
+    'ExpandMMError', 'ConfigError', 'UsageError',
     'ExpandConv2d', 'ExpandLinear', 'ExpandedLayer', 'ExpansionReport', 'expand_model',
     'contract_model', 'check_contraction', 'check_layer_contractions', 'verify_contraction',
     'expanded_layers', 'set_expand_mode',

@@ -25,6 +25,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from .errors import ExpandMMError
 from .surgery import expanded_layers
 
 
@@ -33,7 +34,7 @@ from .surgery import expanded_layers
 NONLINEAR_INIT_META_KEY = 'expand_mm_nonlinear_init'
 
 
-class CheckpointError(ValueError):
+class CheckpointError(ExpandMMError, ValueError):
     """A checkpoint that cannot be read or does not fit the model."""
 
 

@@ -11,6 +11,8 @@ import sys
 import traceback
 from typing import Any, Callable
 
+from .errors import ExpandMMError, UsageError  # noqa: F401  (UsageError re-exported)
+
 #: Where expand_mm's own code lives: an error raised there by a ``raise``
 #: statement is one of its checks, with a message written for the user.
 PACKAGE_DIR = osp.dirname(osp.abspath(__file__))
@@ -26,10 +28,6 @@ class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         if action.default is None:
             return action.help or ''
         return super()._get_help_string(action)
-
-
-class UsageError(ValueError):
-    """A wrong command-line input (a missing file, an option that does not apply)."""
 
 
 def require_file(path: str, what: str) -> None:

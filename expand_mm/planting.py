@@ -53,6 +53,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from .errors import ExpandMMError
 from .layers import ExpandedLayer
 from .surgery import _flatten_tensors, path_matches
 
@@ -60,7 +61,7 @@ FREEZE_MODES = ('all', 'none')
 MASK_HOOK_MARK = '_expand_mm_planting_mask'
 
 
-class PlantingError(ValueError):
+class PlantingError(ExpandMMError, ValueError):
     """A planting setting or model that channel planting cannot handle."""
 
 

@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import torch
 from torch import nn
 
+from .errors import ExpandMMError
 from .layers import ExpandConv2d, ExpandedLayer, ExpandLinear
 from .layers.base import deferral_unsupported_reason, discard_deferred_factor_grads
 
@@ -31,7 +32,7 @@ STRATEGIES = ('cl', 'ck', 'auto')
 MODES = ('online', 'explicit')
 
 
-class ContractionCheckError(RuntimeError):
+class ContractionCheckError(ExpandMMError, RuntimeError):
     """The contracted model does not compute what the expanded one does (beyond rounding)."""
 
 

@@ -16,12 +16,13 @@ from mmengine.config import Config
 from torch import nn
 
 from ..datasets_check import check_datasets
+from ..errors import ExpandMMError
 from .gradient_confusion import build_mm_model_and_loader
 
 NO_CHECKPOINT = ('none', '-')
 
 
-class RunSettingsError(ValueError):
+class RunSettingsError(ExpandMMError, ValueError):
     """Configs, checkpoints, labels or the output path that do not go together."""
 
 

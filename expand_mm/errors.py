@@ -1,0 +1,22 @@
+"""The package's own refusals: one base class the tools turn into one ``error:`` line.
+
+Every check of expand_mm that refuses an input raises a subclass of
+:class:`ExpandMMError`; its message says what is wrong and what would work.
+Each subclass also derives from the builtin a caller would expect
+(``ValueError`` for a bad value, ``RuntimeError`` for a failed check), so
+``except ValueError`` keeps working. Anything else (a bug, an error inside
+mmengine or torch, a mistake in a config file's own Python) keeps its
+traceback under :func:`expand_mm.cli.run_tool`.
+"""
+
+
+class ExpandMMError(Exception):
+    """Base of every refusal raised on purpose by expand_mm (see the module docstring)."""
+
+
+class ConfigError(ExpandMMError, ValueError):
+    """A config value or option that expand_mm cannot use (names the key and what works)."""
+
+
+class UsageError(ConfigError):
+    """A wrong command-line input (a missing file, an option that does not apply)."""
