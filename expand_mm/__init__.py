@@ -21,12 +21,12 @@ from . import hooks  # noqa: E402  (registers the checkpoint hooks)
 from . import optim  # noqa: E402  (registers ExpandNetOptimWrapperConstructor)
 from .checkpoint import CheckpointError, match_state_dict, read_checkpoint  # noqa: E402
 from .models import (AuxOverParam, Distiller, FeatureImitationLoss, LogitsKDLoss,  # noqa: E402
-                     TrainingWrapper, deployable_model)
+                     TrainingWrapper, deployable_model, find_deployable)
 from .optim import (ExpandNetOptimWrapperConstructor, PolyLRRatio,  # noqa: E402
                     ProductWeightDecay, factor_lr_multipliers)
-from .deploy import deployable_state_dict, find_deployable  # noqa: E402
+from .deploy import deployable_state_dict  # noqa: E402
 from .planting import ChannelPlanter, PlantingError  # noqa: E402
-from .hooks import ChannelPlantingHook, NonlinearInitHook  # noqa: E402
+from .hooks import ChannelPlantingHook, ExpandNetCheckHook, NonlinearInitHook  # noqa: E402
 from . import analysis  # noqa: E402
 from .analysis import (GradientConfusionResult, LandscapeResult, gradient_confusion,  # noqa: E402
                        loss_landscape_1d, loss_landscape_2d)
@@ -45,6 +45,7 @@ __all__ = [
     'TrainingWrapper', 'Distiller', 'LogitsKDLoss', 'FeatureImitationLoss', 'AuxOverParam',
     'find_deployable', 'deployable_state_dict',
     'ChannelPlanter', 'ChannelPlantingHook', 'PlantingError', 'NonlinearInitHook',
+    'ExpandNetCheckHook',
     'ProductWeightDecay', 'PolyLRRatio',
     'analysis', 'gradient_confusion', 'GradientConfusionResult', 'loss_landscape_1d',
     'loss_landscape_2d', 'LandscapeResult',

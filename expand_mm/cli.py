@@ -13,10 +13,6 @@ from typing import Any, Callable
 
 from .errors import ExpandMMError, UsageError  # noqa: F401  (UsageError re-exported)
 
-#: Where expand_mm's own code lives: an error raised there by a ``raise``
-#: statement is one of its checks, with a message written for the user.
-PACKAGE_DIR = osp.dirname(osp.abspath(__file__))
-TOOLS_DIR = osp.join(osp.dirname(PACKAGE_DIR), 'tools')
 #: Set to 1 to see the traceback of a refused input (for bug reports).
 TRACEBACK_ENV = 'EXPAND_MM_TRACEBACK'
 
@@ -42,25 +38,13 @@ def require_file(path: str, what: str) -> None:
 
 
 def is_own_check(err: BaseException) -> bool:
-    """Whether ``err`` was raised on purpose by a check of expand_mm or of its tools.
+    """Whether ``err`` is one of expand_mm's refusals (:class:`~expand_mm.errors.ExpandMMError`).
 
-    True for an exception whose innermost frame is a ``raise`` statement in
-    this package or in ``tools/``: its message says what is wrong and what
-    would work. Not a ``NotImplementedError`` (an extension point a user's
-    subclass left out), an ``AssertionError`` or an error without a message. An error inside mmengine, torch or a user's config, and a bug
-    of ours (an ``AttributeError`` on some line), keep their traceback.
+    Its message says what is wrong and what would work. Anything else -- an
+    error inside mmengine, torch or a user's config, a bug of ours -- keeps
+    its traceback.
     """
-    if isinstance(err, UsageError):
-        return True
-    if isinstance(err, (NotImplementedError, AssertionError)) or not str(err).strip():
-        return False  # an unfinished extension point or an invariant: its traceback helps
-    frames = traceback.extract_tb(err.__traceback__)
-    if not frames:
-        return False
-    last = frames[-1]
-    filename = osp.abspath(last.filename)
-    ours = filename.startswith((PACKAGE_DIR + os.sep, TOOLS_DIR + os.sep))
-    return ours and (last.line or '').lstrip().startswith('raise ')
+    return isinstance(err, ExpandMMError)
 
 
 UNEXPECTED_KEYWORD = re.compile(r"got an unexpected keyword argument '(\w+)'")

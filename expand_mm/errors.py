@@ -20,3 +20,16 @@ class ConfigError(ExpandMMError, ValueError):
 
 class UsageError(ConfigError):
     """A wrong command-line input (a missing file, an option that does not apply)."""
+
+
+class ConfigTypeError(ExpandMMError, TypeError):
+    """A config value of the wrong kind (a module where a loss was expected, ...)."""
+
+
+class SetupError(ExpandMMError, RuntimeError):
+    """A model or hook that cannot run as configured, found once it runs (a recorded
+    module that never ran, a teacher without weights)."""
+
+
+class MissingFileError(ExpandMMError, FileNotFoundError):
+    """A file a config or command names that does not exist."""

@@ -142,3 +142,70 @@ def test_a_checkpoint_moved_by_hand_keeps_its_compact_twin(tmp_path):
 def test_contract_hook_arguments_are_checked_when_built(kwargs, message):
     with pytest.raises(ValueError, match=message):
         expand_mm.hooks.ContractCheckpointHook(**kwargs)
+
+
+class MemoryBackend:
+    """A non-local MMEngine file backend (``memtest://``) holding files in a dict."""
+
+    files: dict = {}
+
+    def __init__(self, **kwargs):
+        pass
+
+    def get(self, filepath):
+        return self.files[str(filepath)]
+
+    def get_text(self, filepath, encoding='utf-8'):
+        return self.get(filepath).decode(encoding)
+
+    def put(self, obj, filepath):
+        self.files[str(filepath)] = bytes(obj)
+
+    def put_text(self, obj, filepath, encoding='utf-8'):
+        self.put(obj.encode(encoding), filepath)
+
+    def exists(self, filepath):
+        return self.isfile(filepath) or self.isdir(filepath)
+
+    def isfile(self, filepath):
+        return str(filepath) in self.files
+
+    def isdir(self, filepath):
+        return any(k.startswith(str(filepath).rstrip('/') + '/') for k in self.files)
+
+    def remove(self, filepath):
+        del self.files[str(filepath)]
+
+    def join_path(self, filepath, *filepaths):
+        return '/'.join([str(filepath).rstrip('/'), *filepaths])
+
+
+def test_compact_checkpoint_goes_through_a_remote_file_backend_without_reading_back(
+        tmp_path, monkeypatch):
+    """CheckpointHook writes to a non-local backend: the compact twin goes there too, made
+    from the model in memory (nothing is read back: torch.load fails during training), and
+    max_keep_ckpts retires the twins there as well."""
+    import io
+
+    from mmengine.fileio import register_backend
+    register_backend('memtest', MemoryBackend, force=True, prefixes='memtest')
+    MemoryBackend.files.clear()
+    cfg = tiny_cfg(tmp_path, max_iters=3)
+    cfg.default_hooks.checkpoint = dict(type='CheckpointHook', interval=1, by_epoch=False,
+                                        max_keep_ckpts=2, out_dir='memtest://bucket')
+
+    def no_read_back(*args, **kwargs):
+        raise AssertionError('a checkpoint was read back during training')
+
+    runner = Runner.from_cfg(cfg)
+    with monkeypatch.context() as patch:
+        patch.setattr(torch, 'load', no_read_back)
+        runner.train()
+    names = sorted(k.rsplit('/', 1)[-1] for k in MemoryBackend.files)
+    assert names == ['iter_2.pth', 'iter_2_compact.pth', 'iter_3.pth', 'iter_3_compact.pth']
+    assert not any(f.endswith('.pth') for f in os.listdir(cfg.work_dir))
+    key = next(k for k in MemoryBackend.files if k.endswith('iter_3_compact.pth'))
+    compact = torch.load(io.BytesIO(MemoryBackend.files[key]))
+    assert compact['meta']['expand_mm']['source'] == key.replace('_compact', '')
+    assert_state_dicts_close(compact['state_dict'],
+                             expand_mm.contract_model(runner.model).state_dict())

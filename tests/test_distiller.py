@@ -20,7 +20,8 @@ from mmengine.runner import Runner
 from torch import nn
 
 import expand_mm
-from expand_mm.deploy import contract_state_dict, deployable_state_dict, find_deployable
+from expand_mm.deploy import contract_state_dict, deployable_state_dict
+from expand_mm.models import find_deployable
 from expand_mm.hooks import ContractCheckpointHook, ExpandCheckpointLoadHook
 from expand_mm.models import FeatureImitationLoss, LogitsKDLoss
 from wrapper_test_utils import (DET_COMPACT, ROOT, SEG_COMPACT, assert_outputs_close,
@@ -357,7 +358,7 @@ def test_wrapper_protocol_for_checkpoints():
     def fake_runner(model):
         return SimpleNamespace(model=model, logger=MMLogger.get_current_instance(),
                                optim_wrapper=None, param_schedulers=None,
-                               message_hub=SimpleNamespace(get_info=lambda key: None))
+                               message_hub=SimpleNamespace(runtime_info={}))
     ContractCheckpointHook().before_train(fake_runner(wrapper))
     with pytest.raises(ValueError, match='no expanded layer'):
         ContractCheckpointHook().before_train(fake_runner(compact))

@@ -145,21 +145,23 @@ def test_contract_hook_skips_marked_checkpoints_once_and_forgets_removed_ones(tm
     hook = ContractCheckpointHook()
     logger = RecordingLogger()
     info = {}
-    runner = SimpleNamespace(message_hub=SimpleNamespace(runtime_info=info), logger=logger)
+    runner = SimpleNamespace(message_hub=SimpleNamespace(runtime_info=info), logger=logger,
+                             hooks=[])
+    marked = {'state_dict': {'w': torch.zeros(1)},
+              'meta': {NONLINEAR_INIT_META_KEY: dict(end=3)}}
     paths = [str(tmp_path / f'iter_{i}.pth') for i in (1, 2)]
     for path in paths:
-        torch.save({'state_dict': {'w': torch.zeros(1)},
-                    'meta': {NONLINEAR_INIT_META_KEY: dict(end=3)}}, path)
-    for path in paths:
-        info['last_ckpt'] = path
-        hook._contract_new(runner)
-        hook._contract_new(runner)  # looked at once
+        info['last_ckpt'] = path  # CheckpointHook names the file, then saves it
+        hook.before_save_checkpoint(runner, marked)
+        hook.before_save_checkpoint(runner, marked)  # same name again: a re-save, not new
+        torch.save(marked, path)
     assert [level for level, _ in logger.records] == ['warning', 'info']
     assert all('nonlinear phase' in msg for _, msg in logger.records)
     assert not any(f.endswith('_compact.pth') for f in os.listdir(tmp_path))
     os.remove(paths[0])  # CheckpointHook's max_keep_ckpts: the skipped entry goes too
-    hook._contract_new(runner)
-    assert paths[0] not in hook._done and hook._done[paths[1]] is None
+    info['last_ckpt'] = str(tmp_path / 'iter_3.pth')
+    hook.before_save_checkpoint(runner, marked)
+    assert paths[0] not in hook._twins and hook._twins[paths[1]] is None
 
 
 # ------------------------------------------------------------ real Runner runs

@@ -181,7 +181,7 @@ def test_bad_settings_name_the_key():
         build_optim_wrapper(net, dict(constructor='ExpandNetOptimWrapperConstructor',
                                       optimizer=dict(type='AdamW', lr=0.01),
                                       paramwise_cfg=dict(factor_lr_mul=0.5)))
-    from expand_mm.hooks.checkpoint_hooks import check_constructor_for_paramwise_keys
+    from expand_mm.checks import check_constructor_for_paramwise_keys
     with pytest.raises(ValueError, match=r"sets \['factor_lr_mult'\], which only constructor="
                                          r"'ExpandNetOptimWrapperConstructor' reads"):
         check_constructor_for_paramwise_keys(dict(optimizer=dict(type='AdamW', lr=0.01),

@@ -286,7 +286,8 @@ def test_hook_plants_in_the_real_runner_and_resumes(tmp_path):
     compact.load_state_dict(at4['state_dict'], strict=True)
     # Before the last stage the masks are hooks: the compact copy zeroes the unplanted
     # channels, so the stock network of it computes what the masked one did.
-    from expand_mm.deploy import unfinished_planting, write_compact_checkpoint
+    from expand_mm.deploy import write_compact_checkpoint
+    from expand_mm.planting import unfinished_planting
     assert unfinished_planting(at2['meta']) is None and unfinished_planting({}) is None
     at1 = torch.load(osp.join(work, 'iter_1.pth'))
     assert at1['meta']['channel_planting']['masked_entries'][key] == 64
@@ -345,7 +346,7 @@ def test_hook_plants_in_the_real_runner_and_resumes(tmp_path):
 
 
 def test_baking_refuses_a_unit_whose_activation_is_not_zero_at_zero(tmp_path):
-    from expand_mm.deploy import PlantingBakeError, bake_planting_masks
+    from expand_mm.planting import PlantingBakeError, bake_planting_masks
     net = trained_chain()
     planter = ChannelPlanter(net, ['c1', 'c2'], (0.5, 1.0))
     planter.start()
@@ -369,7 +370,7 @@ def test_baking_refuses_a_unit_whose_activation_is_not_zero_at_zero(tmp_path):
 
 def test_a_norm_before_the_conv_is_not_baked():
     """order=('norm', 'conv', 'act'): the norm's rows are input channels, not planted ones."""
-    from expand_mm.deploy import bake_planting_masks
+    from expand_mm.planting import bake_planting_masks
     torch.manual_seed(0)
     net = nn.Sequential(ConvModule(3, 8, 3, padding=1, norm_cfg=dict(type='BN')),
                         ConvModule(8, 8, 3, padding=1, norm_cfg=dict(type='BN'),

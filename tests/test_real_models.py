@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import expand_mm
-from expand_mm.deploy import probe_forward
+from expand_mm.probe import probe_forward
 from stock_models import STOCK_CONFIGS, build_stock_model
 
 

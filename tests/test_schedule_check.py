@@ -4,7 +4,7 @@ import torch
 from mmengine.optim import build_optim_wrapper
 from mmengine.registry import PARAM_SCHEDULERS
 
-from expand_mm.hooks import ContractCheckpointHook
+from expand_mm.hooks import ExpandNetCheckHook
 from expand_mm.optim.product_decay import FACTOR_BASE_LR_KEY
 from expand_mm.optim.schedule_check import absolute_floor_problems
 from test_product_decay import TinyNet, expanded_net, toy_runner
@@ -88,7 +88,7 @@ def test_schedules_that_keep_the_factor_rates_pass(case):
     assert absolute_floor_problems(net, wrapper, [scheduler(wrapper, **cfg)]) == []
 
 
-def test_contract_checkpoint_hook_warns_at_the_start_of_training(tmp_path):
+def test_check_hook_warns_at_the_start_of_training(tmp_path):
     runner = toy_runner(tmp_path, 'factors', param_scheduler=[
         dict(type='LinearLR', start_factor=0.1, by_epoch=False, begin=0, end=1),
         dict(type='CosineAnnealingLR', T_max=1, eta_min=1e-6, by_epoch=False, begin=1,
@@ -97,9 +97,9 @@ def test_contract_checkpoint_hook_warns_at_the_start_of_training(tmp_path):
     runner.param_schedulers = runner.build_param_scheduler(runner.param_schedulers)
     warnings = []
     runner.logger.warning = warnings.append
-    ContractCheckpointHook().before_train(runner)
-    (warning,) = warnings
-    assert warning.startswith('ContractCheckpointHook: param_scheduler[1] (CosineAnnealingLR')
+    ExpandNetCheckHook().before_train(runner)
+    (warning,) = [w for w in warnings if 'param_scheduler' in w]
+    assert warning.startswith('ExpandNetCheckHook: param_scheduler[1] (CosineAnnealingLR')
     assert 'eta_min_ratio=0.0001' in warning
 
 

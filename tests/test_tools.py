@@ -143,7 +143,7 @@ def test_contract_creates_the_output_folder(expandnet_checkpoint, tmp_path, caps
      (64, 96)),
 ])
 def test_training_macs_from_shapes_equal_the_explicit_trace(config, size):
-    from expand_mm.deploy import count_macs, count_training_macs
+    from expand_mm.cost import count_macs, count_training_macs
     from expand_mm.surgery import contract_model, set_expand_mode
     cfg = Config.fromfile(str(ROOT / config))
     with DefaultScope.overwrite_default_scope(cfg.default_scope):
@@ -157,7 +157,7 @@ def test_training_macs_from_shapes_equal_the_explicit_trace(config, size):
 
 
 def test_input_size_comes_from_the_test_settings():
-    from expand_mm.deploy import config_input_size
+    from expand_mm.cost import config_input_size
     digits = Config.fromfile(str(ROOT / 'configs/digits/yolo-lite_1xb16-900i_digits-det-64x64.py'))
     assert config_input_size(digits) == (
         (64, 64), 'test-pipeline Resize scale (keep_ratio: images are fitted into this box)')
@@ -182,14 +182,14 @@ def test_input_size_comes_from_the_test_settings():
         is None
 
 
-def test_train_tool_refuses_an_expandnet_checkpoint_for_a_compact_config(expandnet_checkpoint,
-                                                                        tmp_path):
+def test_check_hook_refuses_an_expandnet_checkpoint_for_a_compact_config(expandnet_checkpoint,
+                                                                         tmp_path):
     from mmengine.runner import Runner
 
     from data_factory import make_voc
     from expand_mm.checkpoint import CheckpointError
+    from expand_mm.hooks.setup_checks import check_load_from
     from mm_test_utils import shrink_for_test
-    train = load_tool('train')
     data_root = str(tmp_path / 'data')
     make_voc(data_root, num_images=3, size=96)
 
@@ -202,22 +202,22 @@ def test_train_tool_refuses_an_expandnet_checkpoint_for_a_compact_config(expandn
 
     with pytest.raises(CheckpointError, match=r"load_from='.*iter_1.pth' is an ExpandNet training "
                                               r"checkpoint of this model \(15 layers"):
-        train.check_load_from(runner(expandnet_checkpoint))
+        check_load_from(runner(expandnet_checkpoint))
     with pytest.raises(CheckpointError, match=r'iter_1.pth does not fit YOLOV3: missing'):
-        train.check_load_from(runner(expandnet_checkpoint, resume=True))
+        check_load_from(runner(expandnet_checkpoint, resume=True))
     # --resume alone: the latest checkpoint of the work dir, found as mmengine finds it.
     auto = runner(None, resume=True)
     shutil.copy(expandnet_checkpoint, tmp_path / 'work' / 'iter_1.pth')
     (tmp_path / 'work' / 'last_checkpoint').write_text(str(tmp_path / 'work' / 'iter_1.pth'))
     with pytest.raises(CheckpointError, match=r'work/iter_1.pth does not fit YOLOV3: missing'):
-        train.check_load_from(auto)
+        check_load_from(auto)
     # Fine-tuning from a partial checkpoint (backbone only) stays allowed.
     with DefaultScope.overwrite_default_scope('mmdet'):
         state = MODELS.build(Config.fromfile(str(COMPACT)).model).state_dict()
     partial = tmp_path / 'backbone.pth'
     torch.save({'state_dict': {k: v for k, v in state.items() if k.startswith('backbone.')},
                 'meta': {}}, partial)
-    train.check_load_from(runner(partial))
+    check_load_from(runner(partial))
     # A wrapper's training checkpoint holds the model under a prefix (next to a teacher
     # with the same key names but other shapes); another model's gives it no weight.
     wrapped = tmp_path / 'distiller.pth'
@@ -226,19 +226,19 @@ def test_train_tool_refuses_an_expandnet_checkpoint_for_a_compact_config(expandn
                                   for k, v in state.items() if v.dim() > 1}}}, wrapped)
     with pytest.raises(CheckpointError, match=r"distiller.pth' would load nothing: its entries "
                                               r"for this model are under 'student.'"):
-        train.check_load_from(runner(wrapped))
+        check_load_from(runner(wrapped))
     stripped = tmp_path / 'imagenet_backbone.pth'  # a backbone file without its prefix
     torch.save({'state_dict': {k[len('backbone.'):]: v for k, v in state.items()
                                if k.startswith('backbone.')}}, stripped)
     with pytest.raises(CheckpointError, match=r"imagenet_backbone.pth' holds the weights of this "
                                               r"model's 'backbone' without the 'backbone.' prefix"
                                               r".*init_cfg=dict\(type='Pretrained'"):
-        train.check_load_from(runner(stripped))
+        check_load_from(runner(stripped))
     other = tmp_path / 'other.pth'
     torch.save({'state_dict': {'decode_head.conv_seg.weight': torch.zeros(2, 4, 1, 1)}}, other)
     with pytest.raises(CheckpointError, match=r"other.pth' has none of the \d+ weights of this "
                                               r"YOLOV3 .* it is a checkpoint of another model"):
-        train.check_load_from(runner(other))
+        check_load_from(runner(other))
 
 
 def test_contract_verify_keeps_the_traceback_of_a_probe_that_crashes(expandnet_checkpoint,
@@ -259,15 +259,16 @@ def test_a_legacy_format_checkpoint_is_read_even_when_memory_mapping_is_asked(tm
     assert torch.equal(read_checkpoint(str(path), mmap=True)['state_dict']['w'], torch.ones(2))
 
 
-def test_train_tool_warns_about_what_an_expandnet_config_leaves_out(tmp_path):
+def test_check_hook_warns_about_what_an_expandnet_config_leaves_out(tmp_path):
     """AdamW without the per-factor rates, and no ContractCheckpointHook: both said; the
     project's configs (SGD with the constructor, and AdamW with it) say nothing."""
     from mmengine.runner import Runner
-    train = load_tool('train')
+    from expand_mm.checks import missing_setup_warnings
 
-    def warnings_of(cfg):
+    def warnings_of(cfg, runner=None):
         cfg.work_dir = str(tmp_path / 'work')
-        return train.expandnet_setup_warnings(cfg, Runner.from_cfg(cfg))
+        runner = runner or Runner.from_cfg(cfg)
+        return missing_setup_warnings(cfg, runner.model, [type(h).__name__ for h in runner.hooks])
 
     assert warnings_of(Config.fromfile(str(EXPANDNET))) == []
     assert warnings_of(Config.fromfile(str(COMPACT))) == []
@@ -282,7 +283,7 @@ def test_train_tool_warns_about_what_an_expandnet_config_leaves_out(tmp_path):
     assert hooks.startswith('no ContractCheckpointHook in custom_hooks')
     runner = Runner.from_cfg(bare)
     bare.optim_wrapper.optimizer.type = torch.optim.AdamW  # pure-Python config style
-    assert train.expandnet_setup_warnings(bare, runner)[0] == optimizer
+    assert warnings_of(bare, runner)[0] == optimizer
 
 
 def test_train_and_test_tools_refuse_amp_on_cpu_and_missing_data_in_one_line(

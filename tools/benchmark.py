@@ -68,12 +68,14 @@ from torch.autograd import DeviceType  # noqa: E402
 
 import expand_mm  # noqa: E402
 from expand_mm.cli import DefaultsHelpFormatter, run_tool  # noqa: E402
-from expand_mm.deploy import count_macs, count_training_macs, probe_forward  # noqa: E402
-from expand_mm.models import compact_model_cfg  # noqa: E402
+from expand_mm.cost import count_macs, count_training_macs  # noqa: E402
+from expand_mm.models import deployable_model_cfg  # noqa: E402
+from expand_mm.probe import probe_forward  # noqa: E402
 from expand_mm.surgery import count_params, expanded_layers, set_expand_mode  # noqa: E402
 from mmengine.config import Config, DictAction  # noqa: E402
 from mmengine.logging import MMLogger  # noqa: E402
 from mmengine.registry import MODELS, DefaultScope  # noqa: E402
+from expand_mm.errors import ConfigError
 
 REPO_ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 DEFAULT_CONFIG = osp.relpath(osp.join(
@@ -172,9 +174,9 @@ def load_config(path: str, cfg_options: dict | None = None) -> Config:
     cfg = Config.fromfile(path)
     if cfg_options:
         cfg.merge_from_dict(cfg_options)
-    if compact_model_cfg(cfg.model) is cfg.model:
-        raise ValueError(f'{path}: model.type is {cfg.model.get("type")!r}; the benchmark '
-                         "needs an ExpandNet config (model.type == 'ExpandNet')")
+    if deployable_model_cfg(cfg.model) is cfg.model:
+        raise ConfigError(f'{path}: model.type is {cfg.model.get("type")!r}; the benchmark '
+                          "needs an ExpandNet config (model.type == 'ExpandNet')")
     return cfg
 
 
@@ -202,7 +204,7 @@ def build_models(cfg: Config, img_size: tuple[int, int], device: torch.device,
     """
     from mmengine.model import revert_sync_batchnorm
 
-    inner = copy.deepcopy(compact_model_cfg(cfg.model))
+    inner = copy.deepcopy(deployable_model_cfg(cfg.model))
     disable_pretrained(inner)
     _fit_preprocessor(inner, img_size)
     expand_cfg = copy.deepcopy(cfg.model)
@@ -214,7 +216,7 @@ def build_models(cfg: Config, img_size: tuple[int, int], device: torch.device,
         torch.manual_seed(seed)
         expanded = MODELS.build(expand_cfg)
     if not expanded_layers(expanded):
-        raise ValueError('the ExpandNet config expanded no layer')
+        raise ConfigError('the ExpandNet config expanded no layer')
     compact = revert_sync_batchnorm(compact).to(device).train()
     expanded = revert_sync_batchnorm(expanded).to(device).train()
     return compact, expanded
@@ -225,8 +227,8 @@ def num_classes(model: nn.Module) -> int:
     for head in ('bbox_head', 'decode_head'):
         if hasattr(model, head):
             return int(getattr(model, head).num_classes)
-    raise ValueError(f'{type(model).__name__} has neither bbox_head nor decode_head: '
-                     'only mmdet detectors and mmseg segmentors are supported')
+    raise ConfigError(f'{type(model).__name__} has neither bbox_head nor decode_head: '
+                      'only mmdet detectors and mmseg segmentors are supported')
 
 
 def make_batch(model: nn.Module, batch_size: int, img_size: tuple[int, int],

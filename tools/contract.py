@@ -17,8 +17,10 @@ import sys
 import expand_mm  # noqa: F401
 from expand_mm.checkpoint import prepare_output_path, read_checkpoint, strip_prefix
 from expand_mm.cli import UsageError, require_file, run_tool
-from expand_mm.deploy import (config_input_size, count_macs, count_training_macs,
-                              find_deployable, unfinished_planting, write_compact_checkpoint)
+from expand_mm.cost import config_input_size, count_macs, count_training_macs
+from expand_mm.deploy import write_compact_checkpoint
+from expand_mm.models import find_deployable
+from expand_mm.planting import unfinished_planting
 from expand_mm.surgery import contract_model, count_params, expanded_layers
 from mmengine.config import Config, DictAction
 from mmengine.registry import MODELS, DefaultScope

@@ -22,8 +22,10 @@ import expand_mm  # noqa: F401  (registers ExpandNet and the wrappers)
 from expand_mm.checkpoint import (CheckpointError, check_plain_model_checkpoint,
                                   prepare_output_path, read_checkpoint, strip_prefix)
 from expand_mm.cli import require_file, run_tool
-from expand_mm.deploy import config_input_size, contract_state_dict, refuse_unfinished_planting
-from expand_mm.models import compact_model_cfg
+from expand_mm.cost import config_input_size
+from expand_mm.deploy import contract_state_dict
+from expand_mm.models import deployable_model_cfg
+from expand_mm.planting import refuse_unfinished_planting
 from expand_mm.surgery import _flatten_tensors
 
 
@@ -54,7 +56,7 @@ def build_compact(config: str, checkpoint: str) -> torch.nn.Module:
     saved = read_checkpoint(checkpoint)
     refuse_unfinished_planting(saved.get('meta') or {}, checkpoint, 'Export')
     state_dict = strip_prefix(saved['state_dict'])
-    compact_cfg = compact_model_cfg(cfg.model)
+    compact_cfg = deployable_model_cfg(cfg.model)
     with DefaultScope.overwrite_default_scope(cfg.get('default_scope')):
         compact = MODELS.build(compact_cfg)
         try:

@@ -19,8 +19,8 @@ from expand_mm.checkpoint import check_plain_model_checkpoint, read_checkpoint, 
 from expand_mm.cli import UsageError, require_file, run_tool
 from expand_mm.compat import type_name
 from expand_mm.datasets_check import check_datasets
-from expand_mm.deploy import refuse_unfinished_planting
-from expand_mm.models import compact_model_cfg
+from expand_mm.models import deployable_model_cfg
+from expand_mm.planting import refuse_unfinished_planting
 from mmengine.config import Config, DictAction
 from mmengine.registry import MODELS, RUNNERS, DefaultScope
 from mmengine.runner import Runner
@@ -56,7 +56,7 @@ def parse_args() -> argparse.Namespace:
 
 def is_compact_checkpoint(cfg: Config, state_dict: dict) -> bool:
     """Whether ``state_dict`` matches the compact model of ``cfg`` key for key."""
-    compact_cfg = compact_model_cfg(cfg.model)
+    compact_cfg = deployable_model_cfg(cfg.model)
     if compact_cfg is cfg.model:
         return False
     with DefaultScope.overwrite_default_scope(cfg.get('default_scope')):
@@ -175,11 +175,11 @@ def main() -> int:
         './work_dirs', osp.splitext(osp.basename(args.config))[0])
     checkpoint = read_checkpoint(args.checkpoint)
     refuse_unfinished_planting(checkpoint.get('meta') or {}, args.checkpoint, 'Test')
-    if compact_model_cfg(cfg.model) is cfg.model:
+    if deployable_model_cfg(cfg.model) is cfg.model:
         check_plain_checkpoint(cfg, checkpoint['state_dict'], args.checkpoint)
     elif is_compact_checkpoint(cfg, checkpoint['state_dict']):
         print(f'{args.checkpoint} is a compact checkpoint: evaluating the compact model')
-        cfg.model = compact_model_cfg(cfg.model)
+        cfg.model = deployable_model_cfg(cfg.model)
     cfg.load_from = args.checkpoint
     if args.show or args.show_dir:
         enable_visualisation(cfg, args.show_dir, args.show, args.wait_time)

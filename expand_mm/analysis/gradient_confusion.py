@@ -42,6 +42,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from ..errors import ConfigError, ConfigTypeError, SetupError
 from ..surgery import deferred_factor_grads, expanded_layers, replace_submodule
 
 LossFn = Callable[[nn.Module, Any], Tensor]
@@ -128,16 +129,16 @@ def _take(batches: Iterable[Any], num_batches: int | None, what: str) -> Iterato
     if num_batches is None:
         return iter(batches)
     if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1:
-        raise ValueError(f'{what}: num_batches={num_batches!r} must be a positive int '
-                         '(or None for every batch of a finite iterable)')
+        raise ConfigError(f'{what}: num_batches={num_batches!r} must be a positive int '
+                          '(or None for every batch of a finite iterable)')
     return itertools.islice(batches, num_batches)
 
 
 def _check_loss(loss: Any, what: str) -> Tensor:
     if not isinstance(loss, Tensor) or loss.numel() != 1:
-        raise TypeError(f'{what}: loss_fn returned {type(loss).__name__} '
-                        f'{tuple(getattr(loss, "shape", ()))}; it must return a scalar '
-                        'tensor (for an mm model: the loss_fn of mm_loss_fn())')
+        raise ConfigTypeError(f'{what}: loss_fn returned {type(loss).__name__} '
+                              f'{tuple(getattr(loss, "shape", ()))}; it must return a scalar '
+                              'tensor (for an mm model: the loss_fn of mm_loss_fn())')
     return loss.reshape(())
 
 
@@ -218,8 +219,8 @@ def flat_gradient(model: nn.Module, batch: Any, loss_fn: LossFn,
     """
     loss = _check_loss(loss_fn(model, batch), 'gradient')
     if not loss.requires_grad:
-        raise RuntimeError('flat_gradient: the loss does not depend on any of the given '
-                           'parameters (is autograd disabled, or every parameter frozen?)')
+        raise SetupError('flat_gradient: the loss does not depend on any of the given '
+                         'parameters (is autograd disabled, or every parameter frozen?)')
     grads = torch.autograd.grad(loss, list(params), allow_unused=True)
     # Concatenated where the gradients are, then one copy to the CPU (not one
     # device-to-host transfer per parameter).
@@ -406,9 +407,9 @@ def gradient_confusion(model: nn.Module,
             contract, or the loss reaches no parameter.
     """
     if space not in SPACES:
-        raise ValueError(f'gradient_confusion: space={space!r} must be one of {SPACES}')
+        raise ConfigError(f'gradient_confusion: space={space!r} must be one of {SPACES}')
     if bn not in BN_MODES:
-        raise ValueError(f'gradient_confusion: bn={bn!r} must be one of {BN_MODES}')
+        raise ConfigError(f'gradient_confusion: bn={bn!r} must be one of {BN_MODES}')
     store = _VectorStore(store_dir)
     losses: list[float] = []
     swap = compact_form(model) if space == 'compact' else contextlib.nullcontext()
@@ -419,7 +420,7 @@ def gradient_confusion(model: nn.Module,
                 deferred_factor_grads(model, enabled=False):
             named = gradient_parameters(model)
             if not named:
-                raise RuntimeError('gradient_confusion: the model has no trainable parameter')
+                raise SetupError('gradient_confusion: the model has no trainable parameter')
             params = [p for _, p in named]
             num_params = sum(p.numel() for p in params)
             for index, batch in enumerate(_take(batches, num_batches, 'gradient_confusion')):
@@ -429,8 +430,8 @@ def gradient_confusion(model: nn.Module,
                 if progress is not None:
                     progress(index, loss)
         if len(store) < 2:
-            raise ValueError(f'gradient_confusion: got {len(store)} batch(es); pairs need '
-                             'at least 2 (raise num_batches or give more data)')
+            raise ConfigError(f'gradient_confusion: got {len(store)} batch(es); pairs need '
+                              'at least 2 (raise num_batches or give more data)')
         gram = store.gram()
     finally:
         store.clear()

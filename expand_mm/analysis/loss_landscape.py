@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..errors import ConfigError
 from ..surgery import contract_model, expanded_layers
 from .gradient_confusion import LossFn, _check_loss, _finite_or_none, _take, analysis_mode
 
@@ -135,10 +136,10 @@ def mean_loss(model: nn.Module, batches: Sequence[Any], loss_fn: LossFn) -> floa
 
 def _coordinates(steps: int, span: float | tuple[float, float], what: str) -> list[float]:
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 2:
-        raise ValueError(f'{what}: steps={steps!r} must be an int >= 2')
+        raise ConfigError(f'{what}: steps={steps!r} must be an int >= 2')
     low, high = (-span, span) if isinstance(span, (int, float)) else span
     if not low < high:
-        raise ValueError(f'{what}: span={span!r} must be a positive number or (low, high)')
+        raise ConfigError(f'{what}: span={span!r} must be a positive number or (low, high)')
     coords = np.linspace(float(low), float(high), steps)
     # Exactly 0 where the grid passes through it, so the centre is the
     # unperturbed model bit for bit.
@@ -151,18 +152,18 @@ def _landscape(model: nn.Module, batches: Iterable[Any], loss_fn: LossFn, *,
                seed: int, form: str, num_batches: int | None,
                progress: Callable[[int, int], None] | None, what: str) -> LandscapeResult:
     if form not in FORMS:
-        raise ValueError(f'{what}: form={form!r} must be one of {FORMS}')
+        raise ConfigError(f'{what}: form={form!r} must be one of {FORMS}')
     coords = _coordinates(steps, span, what)
     batches = list(_take(batches, num_batches, what))
     if not batches:
-        raise ValueError(f'{what}: no batch to evaluate the loss on')
+        raise ConfigError(f'{what}: no batch to evaluate the loss on')
     if form == 'compact' and expanded_layers(model):
         # A deep copy: the caller's model keeps its factors.
         model = contract_model(model)
     named = landscape_parameters(model)
     if not named:
-        raise ValueError(f'{what}: {type(model).__name__} has no trainable floating-point '
-                         'parameter to perturb')
+        raise ConfigError(f'{what}: {type(model).__name__} has no trainable floating-point '
+                          'parameter to perturb')
     params = [p for _, p in named]
     generator = torch.Generator().manual_seed(seed)
     directions = [filter_normalized_direction(params, generator) for _ in range(num_dirs)]

@@ -1,7 +1,9 @@
 """MMEngine hooks of expand_mm (registered in the root ``HOOKS`` registry)."""
 from .channel_planting import ChannelPlantingHook
-from .checkpoint_hooks import ContractCheckpointHook, ExpandCheckpointLoadHook
+from .contract_checkpoint import ContractCheckpointHook
+from .load_checkpoint import ExpandCheckpointLoadHook
 from .nonlinear_init import NONLINEAR_INIT_META_KEY, NonlinearInitHook
+from .setup_checks import ExpandNetCheckHook
 
 __all__ = ['ChannelPlantingHook', 'ContractCheckpointHook', 'ExpandCheckpointLoadHook',
-           'NonlinearInitHook', 'NONLINEAR_INIT_META_KEY']
+           'ExpandNetCheckHook', 'NonlinearInitHook', 'NONLINEAR_INIT_META_KEY']

@@ -8,7 +8,7 @@ from mmengine.model import BaseModel
 from mmengine.registry import HOOKS
 
 from ..compat import plain_builtins
-from ..models.expandnet import deployable_model
+from ..models.deployable import deployable_model
 from ..planting import FREEZE_MODES, ChannelPlanter, PlantingError, stage_label
 
 

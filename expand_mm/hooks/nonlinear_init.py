@@ -10,8 +10,9 @@ from torch import nn
 
 from ..checkpoint import NONLINEAR_INIT_META_KEY
 from ..compat import plain_builtins
+from ..errors import ConfigError
 from ..layers import ExpandedLayer
-from ..models.expandnet import deployable_model
+from ..models.deployable import deployable_model
 from ..surgery import expanded_layers
 
 
@@ -19,22 +20,22 @@ def _build_activation(act_cfg: dict) -> nn.Module:
     """A fresh activation module from ``act_cfg``; raises naming the hook's key."""
     from mmcv.cnn import build_activation_layer
     if not isinstance(act_cfg, dict) or 'type' not in act_cfg:
-        raise ValueError(f'NonlinearInitHook: act_cfg={act_cfg!r} must be a dict with a '
-                         "'type', e.g. dict(type='ReLU')")
+        raise ConfigError(f'NonlinearInitHook: act_cfg={act_cfg!r} must be a dict with a '
+                          "'type', e.g. dict(type='ReLU')")
     try:
         act = build_activation_layer(copy.deepcopy(act_cfg))
     except KeyError as err:
-        raise ValueError(f'NonlinearInitHook: act_cfg type {act_cfg["type"]!r} is not a '
-                         "registered activation (mmcv's MODELS): use e.g. 'ReLU', "
-                         f"'LeakyReLU', 'GELU', 'SiLU', 'ELU': {err}") from err
+        raise ConfigError(f'NonlinearInitHook: act_cfg type {act_cfg["type"]!r} is not a '
+                          "registered activation (mmcv's MODELS): use e.g. 'ReLU', "
+                          f"'LeakyReLU', 'GELU', 'SiLU', 'ELU': {err}") from err
     if not isinstance(act, nn.Module):
-        raise ValueError(f'NonlinearInitHook: act_cfg={act_cfg!r} built a '
-                         f'{type(act).__name__}, not an nn.Module')
+        raise ConfigError(f'NonlinearInitHook: act_cfg={act_cfg!r} built a '
+                          f'{type(act).__name__}, not an nn.Module')
     if any(True for _ in act.parameters()):
         # The optimizer exists before the hook acts, so such parameters would
         # never train, and they would add keys to the training checkpoints.
-        raise ValueError(f'NonlinearInitHook: act_cfg={act_cfg!r} has parameters; use a '
-                         "parameter-free activation such as 'ReLU' or 'LeakyReLU'")
+        raise ConfigError(f'NonlinearInitHook: act_cfg={act_cfg!r} has parameters; use a '
+                          "parameter-free activation such as 'ReLU' or 'LeakyReLU'")
     return act
 
 
@@ -92,9 +93,9 @@ class NonlinearInitHook(Hook):
     def __init__(self, act_cfg: dict | None = None, end: int | None = None,
                  by_epoch: bool = False) -> None:
         if isinstance(end, bool) or not isinstance(end, int) or end <= 0:
-            raise ValueError(f'NonlinearInitHook: end={end!r} must be a positive int (the '
-                             f'{"epoch" if by_epoch else "iteration"} after which the '
-                             'expanded layers become linear)')
+            raise ConfigError(f'NonlinearInitHook: end={end!r} must be a positive int (the '
+                              f'{"epoch" if by_epoch else "iteration"} after which the '
+                              'expanded layers become linear)')
         # Plain builtins: act_cfg goes into the checkpoints' meta (see plain_builtins).
         self.act_cfg = dict(type='ReLU') if act_cfg is None else plain_builtins(act_cfg)
         _build_activation(self.act_cfg)  # fail at build time, not at before_train
@@ -110,8 +111,8 @@ class NonlinearInitHook(Hook):
     def _layers(self, runner) -> list[tuple[str, ExpandedLayer]]:
         layers = expanded_layers(deployable_model(runner.model))
         if not layers:
-            raise ValueError('NonlinearInitHook: the model has no expanded layer; use '
-                             "model=dict(type='ExpandNet', model=..., ...) in the config")
+            raise ConfigError('NonlinearInitHook: the model has no expanded layer; use '
+                              "model=dict(type='ExpandNet', model=..., ...) in the config")
         return layers
 
     def _progress(self, runner) -> int:
@@ -128,7 +129,7 @@ class NonlinearInitHook(Hook):
             return
         if self.by_epoch and isinstance(getattr(runner, 'train_loop', None), IterBasedTrainLoop):
             # after_train_epoch never runs in an iteration-based loop.
-            raise ValueError(
+            raise ConfigError(
                 'NonlinearInitHook: by_epoch=True, but the training loop counts iterations '
                 '(IterBasedTrainLoop): the nonlinearity would never be '
                 'removed. Give `end` in iterations with by_epoch=False')
@@ -138,7 +139,7 @@ class NonlinearInitHook(Hook):
                     f'{unit}, with no linear training left' if self.end == total else
                     'the model would stay nonlinear to the end, and no checkpoint of it '
                     'would have a compact form')
-            raise ValueError(
+            raise ConfigError(
                 f'NonlinearInitHook: end={self.end} >= the {total} {unit}s of training: '
                 f'{what}. Use an end below {total} (the paper removes the nonlinearity '
                 'part-way through training)')

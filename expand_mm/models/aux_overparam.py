@@ -22,10 +22,11 @@ from mmengine.logging import MMLogger
 from mmengine.registry import MODELS
 from torch import Tensor, nn
 
+from ..errors import ConfigError, SetupError
 from ..surgery import contract_model, count_params, expanded_layers
-from .expandnet import check_model_overrides
-from .wrappers import (TrainingWrapper, add_loss_prefix, build_inner_model, deployable_model_cfg,
-                       record_forward)
+from .model_cfg import check_model_overrides
+from .deployable import deployable_model_cfg
+from .wrappers import TrainingWrapper, add_loss_prefix, build_inner_model, record_forward
 
 # Head config keys that hold hidden widths (scaled); input and class counts are not.
 DEFAULT_WIDTH_KEYS = ('channels', 'out_channels', 'feat_channels')
@@ -47,7 +48,7 @@ def widen_head_cfg(head_cfg: dict, width_mult: float,
     cfg = copy.deepcopy(dict(head_cfg))
     found = [k for k in width_keys if k in cfg]
     if not found:
-        raise ValueError(
+        raise ConfigError(
             f'AuxOverParam: the head config (type {cfg.get("type")!r}) has none of the width '
             f'keys {list(width_keys)}; set width_keys to its hidden-width keys or give '
             'aux_head=dict(...) explicitly')
@@ -94,12 +95,12 @@ class AuxOverParam(TrainingWrapper):
         super().__init__(init_cfg=init_cfg)
         if isinstance(width_mult, bool) or not isinstance(width_mult, (int, float)) \
                 or not width_mult > 0:
-            raise ValueError(f'AuxOverParam: width_mult={width_mult!r} must be a number > 0 '
-                             '(the auxiliary head is that many times wider, e.g. 2.0)')
+            raise ConfigError(f'AuxOverParam: width_mult={width_mult!r} must be a number > 0 '
+                              '(the auxiliary head is that many times wider, e.g. 2.0)')
         if isinstance(aux_weight, bool) or not isinstance(aux_weight, (int, float)) \
                 or not aux_weight >= 0:
-            raise ValueError(f'AuxOverParam: aux_weight={aux_weight!r} must be a number >= 0 '
-                             "(the weight of the auxiliary head's loss, e.g. 1.0)")
+            raise ConfigError(f'AuxOverParam: aux_weight={aux_weight!r} must be a number >= 0 '
+                              "(the weight of the auxiliary head's loss, e.g. 1.0)")
         check_model_overrides(model_overrides, 'AuxOverParam', AUX_OVERPARAM_KEYS, model,
                               'model')
         self.model = build_inner_model(model, 'model.model', 'AuxOverParam',
@@ -109,18 +110,18 @@ class AuxOverParam(TrainingWrapper):
         if head is None:
             head = next((h for h in HEAD_NAMES if compact_cfg.get(h)), None)
             if head is None:
-                raise ValueError(f'AuxOverParam: model.model (type {compact_cfg.get("type")!r}) '
-                                 f'has none of {HEAD_NAMES}; set head= to the attribute of '
-                                 'the head to widen')
+                raise ConfigError(f'AuxOverParam: model.model (type {compact_cfg.get("type")!r}) '
+                                  f'has none of {HEAD_NAMES}; set head= to the attribute of '
+                                  'the head to widen')
         if not isinstance(getattr(self.model, head, None), nn.Module):
-            raise ValueError(f'AuxOverParam: head={head!r} is not a module of the '
-                             f'{type(self.model).__name__}; use one of '
-                             f'{[n for n, _ in self.model.named_children()]}')
+            raise ConfigError(f'AuxOverParam: head={head!r} is not a module of the '
+                              f'{type(self.model).__name__}; use one of '
+                              f'{[n for n, _ in self.model.named_children()]}')
         self.head = head
         if aux_head is None:
             if not isinstance(compact_cfg.get(head), dict):
-                raise ValueError(f'AuxOverParam: the model config has no {head!r} dict to '
-                                 'widen; give aux_head=dict(...)')
+                raise ConfigError(f'AuxOverParam: the model config has no {head!r} dict to '
+                                  'widen; give aux_head=dict(...)')
             aux_head = widen_head_cfg(compact_cfg[head], width_mult, width_keys)
         else:
             aux_head = copy.deepcopy(dict(aux_head))
@@ -158,8 +159,8 @@ class AuxOverParam(TrainingWrapper):
         with record_forward({self.head: head}, inputs=True) as seen:
             losses = self.model.loss(inputs, data_samples)
         if self.head not in seen:
-            raise RuntimeError(f'AuxOverParam: {self.head} did not run in the model\'s loss(); '
-                               'set head= to the head its loss() calls')
+            raise SetupError(f'AuxOverParam: {self.head} did not run in the model\'s loss(); '
+                             'set head= to the head its loss() calls')
         feats = seen[self.head]
         kwargs = {}
         if 'train_cfg' in inspect.signature(self.aux_head.loss).parameters:
@@ -168,7 +169,7 @@ class AuxOverParam(TrainingWrapper):
         aux = add_loss_prefix(aux, self.loss_prefix, self.aux_weight)
         clash = set(aux) & set(losses)
         if clash:
-            raise ValueError(f'AuxOverParam: loss_prefix={self.loss_prefix!r} gives keys the '
-                             f'model logs itself ({sorted(clash)}); choose another prefix')
+            raise ConfigError(f'AuxOverParam: loss_prefix={self.loss_prefix!r} gives keys the '
+                              f'model logs itself ({sorted(clash)}); choose another prefix')
         losses.update(aux)
         return losses

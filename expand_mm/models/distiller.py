@@ -33,7 +33,8 @@ from torch import Tensor, nn
 
 from ..checkpoint import (CheckpointError, compare_state_dict, match_state_dict, read_checkpoint,
                           strip_prefix)
-from .expandnet import check_model_overrides
+from ..errors import ConfigError, ConfigTypeError, MissingFileError, SetupError
+from .model_cfg import check_model_overrides
 from .wrappers import TrainingWrapper, build_inner_model, get_submodule, record_forward
 
 DISTILLER_KEYS = ('student', 'teacher', 'teacher_ckpt', 'distill_losses', 'data_preprocessor',
@@ -46,8 +47,8 @@ def _flatten(out: Any, key: str) -> list[Tensor]:
         return [out]
     if isinstance(out, (list, tuple)):
         return [t for o in out for t in _flatten(o, key)]
-    raise TypeError(f'{key}: the recorded output is a {type(out).__name__}, not tensors; '
-                    'record a module that returns a tensor or a tuple / list of tensors')
+    raise ConfigTypeError(f'{key}: the recorded output is a {type(out).__name__}, not tensors; '
+                          'record a module that returns a tensor or a tuple / list of tensors')
 
 
 class DistillLoss(nn.Module):
@@ -74,23 +75,23 @@ class DistillLoss(nn.Module):
         self.index = index
         if isinstance(loss_weight, bool) or not isinstance(loss_weight, (int, float)) \
                 or not loss_weight >= 0:
-            raise ValueError(f'{type(self).__name__}: loss_weight={loss_weight!r} must be a '
-                             'number >= 0, e.g. 1.0')
+            raise ConfigError(f'{type(self).__name__}: loss_weight={loss_weight!r} must be a '
+                              'number >= 0, e.g. 1.0')
         self.loss_weight = float(loss_weight)
         self.loss_name = loss_name or self.default_name
         if 'loss' not in self.loss_name:
-            raise ValueError(f'{type(self).__name__}: loss_name={self.loss_name!r} must '
-                             "contain 'loss' (MMEngine only sums keys containing it), e.g. "
-                             "'loss_kd'")
+            raise ConfigError(f'{type(self).__name__}: loss_name={self.loss_name!r} must '
+                              "contain 'loss' (MMEngine only sums keys containing it), e.g. "
+                              "'loss_kd'")
 
     def select(self, out: Any, key: str) -> list[Tensor]:
         """The tensors this loss compares, from a recorded module output."""
         if self.index is not None:
             if not isinstance(out, (list, tuple)) or not -len(out) <= self.index < len(out):
-                raise ValueError(f'{key}: index={self.index} does not select from the '
-                                 f'recorded output ({type(out).__name__}'
-                                 + (f' of {len(out)}' if isinstance(out, (list, tuple)) else '')
-                                 + ')')
+                raise ConfigError(f'{key}: index={self.index} does not select from the '
+                                  f'recorded output ({type(out).__name__}'
+                                  + (f' of {len(out)}' if isinstance(out, (list, tuple)) else '')
+                                  + ')')
             out = out[self.index]
         return _flatten(out, key)
 
@@ -102,7 +103,7 @@ class DistillLoss(nn.Module):
         same = len(s_shapes) == len(t_shapes) and all(
             (a == b) if spatial else (a[:2] == b[:2]) for a, b in zip(s_shapes, t_shapes))
         if not same:
-            raise ValueError(
+            raise ConfigError(
                 f'{type(self).__name__} ({self.loss_name}): student {self.student!r} outputs '
                 f'{s_shapes} but teacher {self.teacher!r} outputs {t_shapes}; '
                 + ('they must be equal' if spatial else 'their batch and channel sizes must be '
@@ -159,20 +160,20 @@ class LogitsKDLoss(DistillLoss):
                  loss_name: str | None = None) -> None:
         super().__init__(student, teacher, index, loss_weight, loss_name)
         if activation not in ('softmax', 'sigmoid'):
-            raise ValueError(f"LogitsKDLoss: activation={activation!r} must be 'softmax' or "
-                             "'sigmoid'")
+            raise ConfigError(f"LogitsKDLoss: activation={activation!r} must be 'softmax' or "
+                              "'sigmoid'")
         if not temperature > 0:
-            raise ValueError(f'LogitsKDLoss: temperature={temperature!r} must be > 0')
+            raise ConfigError(f'LogitsKDLoss: temperature={temperature!r} must be > 0')
         if reduction not in ('mean', 'batchmean', 'sum'):
-            raise ValueError(f"LogitsKDLoss: reduction={reduction!r} must be 'mean', "
-                             "'batchmean' or 'sum'")
+            raise ConfigError(f"LogitsKDLoss: reduction={reduction!r} must be 'mean', "
+                              "'batchmean' or 'sum'")
         if group_size is not None and (isinstance(group_size, bool)
                                        or not isinstance(group_size, int) or group_size < 1):
-            raise ValueError(f'LogitsKDLoss: group_size={group_size!r} must be a positive int '
-                             '(channels per anchor), or None for one group of all channels')
+            raise ConfigError(f'LogitsKDLoss: group_size={group_size!r} must be a positive int '
+                              '(channels per anchor), or None for one group of all channels')
         if channels is not None and (len(channels) != 2 or channels[0] >= channels[1]):
-            raise ValueError(f'LogitsKDLoss: channels={channels!r} must be (start, stop) '
-                             'with start < stop')
+            raise ConfigError(f'LogitsKDLoss: channels={channels!r} must be (start, stop) '
+                              'with start < stop')
         self.activation = activation
         self.temperature = float(temperature)
         self.group_size = group_size
@@ -185,13 +186,13 @@ class LogitsKDLoss(DistillLoss):
         n, c = logits.shape[:2]
         size = self.group_size or c
         if c % size:
-            raise ValueError(f'LogitsKDLoss ({self.loss_name}): {c} channels are not a '
-                             f'multiple of group_size={size}')
+            raise ConfigError(f'LogitsKDLoss ({self.loss_name}): {c} channels are not a '
+                              f'multiple of group_size={size}')
         grouped = logits.reshape(n, c // size, size, *logits.shape[2:])
         if self.channels is not None:
             if self.channels[1] > size:
-                raise ValueError(f'LogitsKDLoss ({self.loss_name}): channels={self.channels} '
-                                 f'exceeds the group of {size} channels')
+                raise ConfigError(f'LogitsKDLoss ({self.loss_name}): channels={self.channels} '
+                                  f'exceeds the group of {size} channels')
             grouped = grouped[:, :, self.channels[0]:self.channels[1]]
         return grouped
 
@@ -254,9 +255,9 @@ class FeatureImitationLoss(DistillLoss):
         s_ch = [student_channels] if isinstance(student_channels, int) else list(student_channels)
         t_ch = [teacher_channels] if isinstance(teacher_channels, int) else list(teacher_channels)
         if len(s_ch) != len(t_ch) or not s_ch:
-            raise ValueError(f'FeatureImitationLoss: student_channels={student_channels!r} and '
-                             f'teacher_channels={teacher_channels!r} must list one channel '
-                             'count per feature map, as many for both')
+            raise ConfigError(f'FeatureImitationLoss: student_channels={student_channels!r} and '
+                              f'teacher_channels={teacher_channels!r} must list one channel '
+                              'count per feature map, as many for both')
         self.adapters = nn.ModuleList(nn.Conv2d(s, t, 1) for s, t in zip(s_ch, t_ch))
 
     def forward(self, student: Any, teacher: Any) -> Tensor:
@@ -265,13 +266,13 @@ class FeatureImitationLoss(DistillLoss):
         t_maps = self.select(teacher, f'teacher {self.teacher!r}')
         expected = [a.in_channels for a in self.adapters]
         if [m.shape[1] if m.dim() == 4 else None for m in s_maps] != expected:
-            raise ValueError(
+            raise ConfigError(
                 f'FeatureImitationLoss ({self.loss_name}): student {self.student!r} outputs '
                 f'{[tuple(m.shape) for m in s_maps]} but student_channels={expected}')
         adapted = [adapter(m) for adapter, m in zip(self.adapters, s_maps)]
         t_channels = [a.out_channels for a in self.adapters]
         if [m.shape[1] if m.dim() == 4 else None for m in t_maps] != t_channels:
-            raise ValueError(
+            raise ConfigError(
                 f'FeatureImitationLoss ({self.loss_name}): teacher {self.teacher!r} outputs '
                 f'{[tuple(m.shape) for m in t_maps]} but teacher_channels={t_channels}')
         self.check_shapes(adapted, t_maps)
@@ -291,12 +292,12 @@ def _build_teacher(teacher: dict | str, data_preprocessor: dict | None) -> nn.Mo
     elif osp.isfile(teacher):
         cfg = Config.fromfile(teacher)
     else:
-        raise FileNotFoundError(f'Distiller: model.teacher={teacher!r} is neither a model config '
-                                'dict nor an existing config file (relative paths are from '
-                                "the working directory; '{{fileDirname}}/...' makes them "
-                                "relative to the distillation config)")
+        raise MissingFileError(f'Distiller: model.teacher={teacher!r} is neither a model config '
+                               'dict nor an existing config file (relative paths are from '
+                               "the working directory; '{{fileDirname}}/...' makes them "
+                               "relative to the distillation config)")
     if not isinstance(cfg.get('model'), dict):
-        raise ValueError(f'Distiller: the teacher config {teacher!r} has no `model` dict')
+        raise ConfigError(f'Distiller: the teacher config {teacher!r} has no `model` dict')
     with DefaultScope.overwrite_default_scope(cfg.get('default_scope')):
         return build_inner_model(cfg.model, f'model in {teacher}', 'Distiller',
                                  cfg.get('data_preprocessor') or data_preprocessor)
@@ -341,8 +342,8 @@ class Distiller(TrainingWrapper):
                  init_cfg: dict | None = None, **model_overrides: Any) -> None:
         super().__init__(init_cfg=init_cfg)
         if not isinstance(teacher_ckpt, str) or not teacher_ckpt:
-            raise ValueError(f'Distiller: model.teacher_ckpt={teacher_ckpt!r} must be the path '
-                             "of the teacher's checkpoint (train the teacher config first)")
+            raise ConfigError(f'Distiller: model.teacher_ckpt={teacher_ckpt!r} must be the path '
+                              "of the teacher's checkpoint (train the teacher config first)")
         check_model_overrides(model_overrides, 'Distiller', DISTILLER_KEYS, student, 'student')
         self.student = build_inner_model(student, 'model.student', 'Distiller',
                                          data_preprocessor, model_overrides)
@@ -358,23 +359,23 @@ class Distiller(TrainingWrapper):
         self.teacher.eval()
 
         if not distill_losses:
-            raise ValueError('Distiller: model.distill_losses is empty; give at least one, '
-                             "e.g. [dict(type='LogitsKDLoss', student='decode_head')]")
+            raise ConfigError('Distiller: model.distill_losses is empty; give at least one, '
+                              "e.g. [dict(type='LogitsKDLoss', student='decode_head')]")
         self.distill_losses = nn.ModuleList()
         names = set()
         for i, cfg in enumerate(distill_losses):
             loss = MODELS.build(cfg)
             if not isinstance(loss, DistillLoss):
-                raise TypeError(f'Distiller: model.distill_losses[{i}] built a '
-                                f'{type(loss).__name__}, not a distillation loss '
-                                '(LogitsKDLoss, FeatureImitationLoss)')
+                raise ConfigTypeError(f'Distiller: model.distill_losses[{i}] built a '
+                                      f'{type(loss).__name__}, not a distillation loss '
+                                      '(LogitsKDLoss, FeatureImitationLoss)')
             get_submodule(self.student, loss.student, f'model.distill_losses[{i}].student',
                           'Distiller')
             get_submodule(self.teacher, loss.teacher, f'model.distill_losses[{i}].teacher',
                           'Distiller')
             if loss.loss_name in names:
-                raise ValueError(f'Distiller: model.distill_losses[{i}].loss_name='
-                                 f'{loss.loss_name!r} is used twice; give each loss its own')
+                raise ConfigError(f'Distiller: model.distill_losses[{i}].loss_name='
+                                  f'{loss.loss_name!r} is used twice; give each loss its own')
             names.add(loss.loss_name)
             self.distill_losses.append(loss)
 
@@ -383,7 +384,7 @@ class Distiller(TrainingWrapper):
         s_swap = getattr(self.student.data_preprocessor, '_channel_conversion', None)
         t_swap = getattr(self.teacher.data_preprocessor, '_channel_conversion', None)
         if s_swap is not None and t_swap is not None and s_swap != t_swap:
-            raise ValueError(
+            raise ConfigError(
                 'Distiller: the teacher is run on the student\'s preprocessed batch but its '
                 f'data_preprocessor {"swaps" if t_swap else "keeps"} the channel order '
                 f'(bgr_to_rgb / rgb_to_bgr) and the student\'s {"does" if s_swap else "does not"}'
@@ -393,7 +394,7 @@ class Distiller(TrainingWrapper):
             t = getattr(self.teacher.data_preprocessor, attr, None)
             if isinstance(s, Tensor) and isinstance(t, Tensor) and (
                     s.shape != t.shape or not torch.allclose(s, t)):
-                raise ValueError(
+                raise ConfigError(
                     f'Distiller: the teacher is run on the student\'s preprocessed batch but '
                     f'its data_preprocessor.{attr} is {t.flatten().tolist()}, the student\'s '
                     f'{s.flatten().tolist()}; give model.teacher the same data_preprocessor')
@@ -499,7 +500,7 @@ class Distiller(TrainingWrapper):
             raise CheckpointError(self._teacher_missing + ' (the resumed checkpoint had no '
                                   'teacher either)')
         if not self._teacher_loaded:
-            raise RuntimeError(
+            raise SetupError(
                 'Distiller: the teacher has no weights yet; call init_weights() (the Runner '
                 'does at the start of training) to load model.teacher_ckpt, or load a '
                 'Distiller checkpoint')
@@ -515,12 +516,12 @@ class Distiller(TrainingWrapper):
             for side, path, out in (('student', loss.student, s_out),
                                     ('teacher', loss.teacher, t_out)):
                 if path not in out:
-                    raise RuntimeError(
+                    raise SetupError(
                         f'Distiller: {side} module {path!r} ({loss.loss_name}) did not run '
                         f'in the {side}\'s forward; record a module the forward calls (e.g. '
                         "'neck', 'bbox_head', 'decode_head')")
             if loss.loss_name in losses:
-                raise ValueError(f'Distiller: loss_name={loss.loss_name!r} is also a loss of '
-                                 'the student; give the distillation loss another name')
+                raise ConfigError(f'Distiller: loss_name={loss.loss_name!r} is also a loss of '
+                                  'the student; give the distillation loss another name')
             losses[loss.loss_name] = loss(s_out[loss.student], t_out[loss.teacher])
         return losses

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from ..layers.base import flush_deferred_factor_grads_first
 from ..surgery import deferred_factor_grads
-from .expandnet import deferring_expandnet
+from .deployable import deferring_expandnet
 
 
 @MODEL_WRAPPERS.register_module()

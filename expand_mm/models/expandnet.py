@@ -18,21 +18,21 @@ from __future__ import annotations
 import copy
 import difflib
 import functools
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 from mmengine.logging import MMLogger
-from mmengine.model import BaseModule, BaseTTAModel, is_model_wrapper
+from mmengine.model import BaseModule
 from mmengine.registry import MODELS
 from torch import nn
 
+from ..errors import ConfigError
 from ..layers import ExpandConv2d
 from ..layers.base import deferral_unsupported_reason
 from ..surgery import (ExpansionReport, deferred_factor_grads, expand_model, expanded_layers,
                        path_matches, replace_submodule)
-
-# Top-level model keys that mm's own APIs set on whatever model config they get
-# (mmseg's init_model: pretrained, train_cfg); they go to the compact model.
-API_MODEL_KEYS = ('pretrained', 'train_cfg', 'test_cfg', 'init_cfg')
+from .deployable import (compact_model_cfg, declares_deployable_cfg,  # noqa: F401
+                         deferring_expandnet, deployable_model, wraps_a_model)
+from .model_cfg import API_MODEL_KEYS, apply_data_preprocessor, check_model_overrides
 
 EXPANDNET_KEYS = ('strategy', 'ratio', 'mode', 'include', 'exclude', 'expand_1x1',
                   'expand_linear', 'keep_weights', 'init', 'defer_factor_grads')
@@ -49,78 +49,7 @@ def _pretrained_paths(model: nn.Module) -> list[str]:
     return paths
 
 
-def apply_data_preprocessor(inner_cfg: dict, given: Any, owner: str,
-                            announce: bool = True) -> None:
-    """Give a wrapper's ``data_preprocessor`` to the model config it wraps (in place).
-
-    A full config (with a ``type``: MMEngine's Runner passes the config's
-    top-level one) is the inner model's only when it has none, as for any
-    model. One without a ``type`` can only be a change of some of its keys
-    (``--cfg-options model.data_preprocessor.size=...``): those keys are set
-    on the inner model's preprocessor, where the same option on the compact
-    config would have set them, instead of being dropped.
-    """
-    if given is None:
-        return
-    current = inner_cfg.get('data_preprocessor')
-    if current is None:
-        inner_cfg['data_preprocessor'] = copy.deepcopy(given)
-    elif isinstance(given, Mapping) and 'type' not in given:
-        if not isinstance(current, Mapping):
-            raise ValueError(f'{owner}: data_preprocessor={dict(given)} changes keys of the '
-                             f"inner model's data_preprocessor, which is {current!r}")
-        merged = copy.deepcopy(dict(current))
-        merged.update(copy.deepcopy(dict(given)))
-        inner_cfg['data_preprocessor'] = merged
-        if announce:
-            MMLogger.get_current_instance().info(
-                f"{owner}: data_preprocessor keys {sorted(given)} set on the wrapped model's "
-                'data_preprocessor')
-
-
-def check_model_overrides(overrides: Mapping[str, Any], owner: str, options: Sequence[str],
-                          inner: Any, inner_key: str) -> None:
-    """Refuse top-level model keys that are neither options nor ``API_MODEL_KEYS``.
-
-    A wrapper passes those keys on to the model it builds, so a misspelled
-    option would otherwise fail deep in that model's ``__init__`` (or not at
-    all), blaming the wrong class.
-
-    Args:
-        overrides: The top-level keys the wrapper did not take as options.
-        owner: The wrapper's type name, for the message.
-        options: The wrapper's own option names (suggested for typos).
-        inner: The inner model's config dict (its keys are pointed to).
-        inner_key: Where that dict sits under ``model`` (e.g. ``'student'``).
-
-    Raises:
-        ValueError: Naming every unknown key and the option it resembles.
-    """
-    unknown = sorted(set(overrides) - set(API_MODEL_KEYS))
-    if not unknown:
-        return
-    hints = []
-    for key in unknown:
-        near = difflib.get_close_matches(key, options, n=1)
-        if near:
-            hints.append(f'{key!r}: did you mean {near[0]!r}?')
-        elif isinstance(inner, Mapping) and key in inner:
-            hints.append(f'{key!r} is a key of the inner model: set it inside `{inner_key}` '
-                         f'(--cfg-options model.{inner_key}.{key}...)')
-    inner_keys = [k for k in unknown if isinstance(inner, Mapping) and k in inner]
-    if len(inner_keys) > 1:
-        # Typically `model = dict(type='ExpandNet', model=...)` without `_delete_=True`,
-        # which merges the inherited compact model's keys into the wrapper's dict.
-        hints = [f'{inner_keys} are keys of the inner model: if the config inherits the '
-                 f"compact model, start the dict with `_delete_=True` (model = dict("
-                 f"_delete_=True, type='{owner}', ...)) so they are not merged into it"]
-    raise ValueError(f'{owner}: unknown option(s) {unknown}. '
-                     + (' '.join(h if h.endswith(('?', '.')) else h + '.' for h in hints)
-                        + ' ' if hints else '')
-                     + f'{owner} takes {", ".join(options)}; the inner model\'s own settings '
-                     f'go inside `{inner_key}`')
-
-
+@declares_deployable_cfg(lambda cfg: cfg['model'])
 def build_expandnet(model: dict | None = None,
                     strategy: str = 'cl',
                     ratio: int = 4,
@@ -184,25 +113,25 @@ def build_expandnet(model: dict | None = None,
     if model is None:  # e.g. misspelled: `modle={{_base_.model}}` lands in model_overrides
         typo = difflib.get_close_matches('model', [k for k in model_overrides
                                                    if k not in API_MODEL_KEYS], n=1)
-        raise ValueError(
+        raise ConfigError(
             "ExpandNet: `model`, the compact model's config, is missing"
             + (f' ({typo[0]!r}: did you mean \'model\'?)' if typo else '')
             + ": model=dict(_delete_=True, type='ExpandNet', model={{_base_.model}}, ...)")
     if init not in ('fresh', 'compact'):
-        raise ValueError(f"ExpandNet: init={init!r} must be 'fresh' or 'compact'")
+        raise ConfigError(f"ExpandNet: init={init!r} must be 'fresh' or 'compact'")
     if not isinstance(defer_factor_grads, bool):
-        raise ValueError(f'ExpandNet: defer_factor_grads={defer_factor_grads!r} must be '
-                         'True or False')
+        raise ConfigError(f'ExpandNet: defer_factor_grads={defer_factor_grads!r} must be '
+                          'True or False')
     if not isinstance(model, dict) or 'type' not in model:
-        raise ValueError('ExpandNet: `model` must be the config dict of the compact model '
-                         "(e.g. model=dict(type='ExpandNet', model={{_base_.model}}, ...))")
+        raise ConfigError('ExpandNet: `model` must be the config dict of the compact model '
+                          "(e.g. model=dict(type='ExpandNet', model={{_base_.model}}, ...))")
     if isinstance(keep_weights, str):  # one pattern, as --cfg-options passes it
         keep_weights = [keep_weights]
     if not isinstance(keep_weights, bool) and (
             not isinstance(keep_weights, (list, tuple))
             or not all(isinstance(p, str) for p in keep_weights)):
-        raise ValueError(f'ExpandNet: keep_weights={keep_weights!r} must be True/False or a '
-                         "list of module-path glob patterns such as ['backbone.*']")
+        raise ConfigError(f'ExpandNet: keep_weights={keep_weights!r} must be True/False or a '
+                          "list of module-path glob patterns such as ['backbone.*']")
     check_model_overrides(model_overrides, 'ExpandNet',
                           EXPANDNET_KEYS + ('data_preprocessor',), model, 'model')
     if defer_factor_grads:
@@ -254,7 +183,7 @@ def _check_keep_patterns_match(model: nn.Module, keep_weights: bool | list[str])
             continue
         near = difflib.get_close_matches(pattern.replace('*', ''), paths, n=5, cutoff=0.5) \
             or sorted({path.split('.')[0] + '.*' for path in paths})[:5]
-        raise ValueError(
+        raise ConfigError(
             f'ExpandNet: keep_weights pattern {pattern!r} matches no expanded layer (it '
             'selects expanded layers to factorise from their compact initialisation; a '
             f"layer left compact keeps its weights anyway). Nearest: {', '.join(near)}")
@@ -280,7 +209,7 @@ def _check_kept_layers_factorise_exactly(model: nn.Module, keep: bool | list[str
     need = max(layer.exact_min_ratio() for _, layer in short)
     listed = ', '.join(f'{path} ({layer.kernel_size[0]}x{layer.kernel_size[1]}, needs ratio >= '
                        f'{layer.exact_min_ratio()})' for path, layer in short[:6])
-    raise ValueError(
+    raise ConfigError(
         f'ExpandNet: {why} asks for an exact CK factorisation of {len(short)} layer(s) at '
         f"ratio={ratio}, too small for: {listed}{' ...' if len(short) > 6 else ''}. Use "
         f"strategy='cl' (exact for any ratio), ratio >= {need}, or leave these layers out "
@@ -338,54 +267,6 @@ def train_step_deferring_factor_grads(model: nn.Module, data: Any, optim_wrapper
         return type(model).train_step(model, data, optim_wrapper)
 
 
-def wraps_a_model(model: nn.Module) -> bool:
-    """Whether ``model`` only wraps ``model.module``: a DDP-style wrapper, or a
-    test-time-augmentation model (MMEngine's checkpoint loading unwraps both)."""
-    return is_model_wrapper(model) or isinstance(model, BaseTTAModel)
-
-
-def deployable_model(model: nn.Module) -> nn.Module:
-    """The module whose contraction is the deployed model.
-
-    Unwraps DDP-style model wrappers and test-time-augmentation models; a
-    training-time wrapper (a distiller, an auxiliary-branch model) that holds
-    the deployable network elsewhere implements
-    ``deployable_model() -> nn.Module`` and is unwrapped through it.
-    """
-    while True:
-        if wraps_a_model(model):
-            model = model.module
-        elif callable(getattr(model, 'deployable_model', None)):
-            inner = model.deployable_model()
-            if inner is model:
-                return model
-            model = inner
-        else:
-            return model
-
-
-def deferring_expandnet(model: nn.Module) -> nn.Module | None:
-    """The ExpandNet inside ``model`` whose training defers factor gradients, if any.
-
-    ``model`` may be an ExpandNet, a training-time wrapper around one or a DDP
-    wrapper; the answer is the deployable network when it was built with
-    ``defer_factor_grads=True``, else ``None``.
-    """
-    inner = deployable_model(model)
-    cfg = getattr(inner, 'expandnet_cfg', None) or {}
-    return inner if cfg.get('defer_factor_grads') else None
-
-
 def expansion_report(model: nn.Module) -> ExpansionReport | None:
     """The :class:`ExpansionReport` attached to an ExpandNet, if any."""
     return getattr(deployable_model(model), 'expansion_report', None)
-
-
-def compact_model_cfg(cfg: Any) -> Any:
-    """The stock compact model config inside an ExpandNet or training-wrapper config.
-
-    ``cfg`` itself when it is neither; see
-    :func:`expand_mm.models.wrappers.deployable_model_cfg`.
-    """
-    from .wrappers import deployable_model_cfg  # wrappers build on this module
-    return deployable_model_cfg(cfg)

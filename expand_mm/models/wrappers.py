@@ -4,8 +4,8 @@ A training-time wrapper (:class:`~expand_mm.models.Distiller`,
 :class:`~expand_mm.models.AuxOverParam`) is an MMEngine ``BaseModel`` that
 holds the network to deploy -- a stock compact model or an ExpandNet of one --
 as a submodule and adds what only training needs (a teacher, adapters, a wider
-auxiliary branch). It implements the ``deployable_model() -> nn.Module``
-protocol of :func:`~expand_mm.models.deployable_model`, through which
+auxiliary branch). It joins the protocol of :mod:`expand_mm.models.deployable`
+(``deployable_model()``, and ``deployable_cfg()`` for its config), through which
 :class:`~expand_mm.hooks.ContractCheckpointHook`, ``tools/contract.py`` and
 :class:`~expand_mm.hooks.ExpandCheckpointLoadHook` find the deployable entries
 of its checkpoints.
@@ -19,15 +19,16 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import inspect
 from typing import Any, Iterator, Mapping, Sequence
 
 from mmengine.model import BaseModel
 from mmengine.registry import MODELS
 from torch import nn
 
+from ..errors import ConfigError
 from ..surgery import deferred_factor_grads
-from .expandnet import API_MODEL_KEYS, apply_data_preprocessor, deferring_expandnet
+from .deployable import deferring_expandnet, deployable_model_cfg  # noqa: F401  (public here too)
+from .model_cfg import apply_data_preprocessor
 
 
 def build_inner_model(cfg: Mapping, key: str, owner: str,
@@ -46,16 +47,16 @@ def build_inner_model(cfg: Mapping, key: str, owner: str,
             ``init_model`` sets ``pretrained`` and ``train_cfg``).
     """
     if not isinstance(cfg, Mapping) or 'type' not in cfg:
-        raise ValueError(f'{owner}: `{key}` must be a model config dict with a `type` (e.g. '
-                         f'{{{{_base_.model}}}} or dict(type=\'ExpandNet\', model=...)), got '
-                         f'{type(cfg).__name__}')
+        raise ConfigError(f'{owner}: `{key}` must be a model config dict with a `type` (e.g. '
+                          f'{{{{_base_.model}}}} or dict(type=\'ExpandNet\', model=...)), got '
+                          f'{type(cfg).__name__}')
     cfg = copy.deepcopy(dict(cfg))
     apply_data_preprocessor(cfg, data_preprocessor, owner)
     cfg.update(overrides or {})
     model = MODELS.build(cfg)
     if not isinstance(model, BaseModel):
-        raise TypeError(f'{owner}: `{key}` built a {type(model).__name__}, not an MMEngine '
-                        'BaseModel (a detector / segmentor config was expected)')
+        raise ConfigError(f'{owner}: `{key}` built a {type(model).__name__}, not an MMEngine '
+                          'BaseModel (a detector / segmentor config was expected)')
     return model
 
 
@@ -65,9 +66,9 @@ def get_submodule(model: nn.Module, path: str, key: str, owner: str) -> nn.Modul
         return model.get_submodule(path) if path else model
     except AttributeError:
         children = [name for name, _ in model.named_children()]
-        raise ValueError(f'{owner}: `{key}`={path!r} is not a module path of the '
-                         f'{type(model).__name__} (its top-level modules: {children}); '
-                         "use a path such as 'neck', 'bbox_head' or 'decode_head'") from None
+        raise ConfigError(f'{owner}: `{key}`={path!r} is not a module path of the '
+                          f'{type(model).__name__} (its top-level modules: {children}); '
+                          "use a path such as 'neck', 'bbox_head' or 'decode_head'") from None
 
 
 @contextlib.contextmanager
@@ -112,46 +113,6 @@ def record_forward(modules: Mapping[str, nn.Module], inputs: bool = False
                 del module.forward
             else:
                 module.forward = original
-
-
-def deployable_model_cfg(cfg: Any) -> Any:
-    """The stock compact model config inside ExpandNet / training-wrapper configs.
-
-    Follows each wrapper's :meth:`TrainingWrapper.deployable_cfg` (the config
-    counterpart of ``deployable_model()``) and ``type='ExpandNet'``'s
-    ``model``; any other config is returned as it is (the same object). As the
-    builders do, the keys mm APIs set on a wrapper (``test_cfg``, ``train_cfg``,
-    ``init_cfg``, ``pretrained``, unless the wrapper takes them itself) override
-    the inner config's, and a wrapper's ``data_preprocessor`` is the inner
-    model's when the inner config has none: a ``test_cfg`` set on an ExpandNet
-    config (sliding-window testing) holds for its compact model too.
-
-    Args:
-        cfg: A model config (e.g. ``cfg.model``).
-    """
-    while isinstance(cfg, Mapping):
-        if cfg.get('type') == 'ExpandNet':
-            from .expandnet import build_expandnet
-            inner, own = cfg['model'], _named_parameters(build_expandnet)
-        else:
-            cls = MODELS.get(cfg.get('type')) if isinstance(cfg.get('type'), str) else None
-            if not (isinstance(cls, type) and issubclass(cls, TrainingWrapper)):
-                break
-            inner, own = cls.deployable_cfg(cfg), _named_parameters(cls.__init__)
-        passed = {key: copy.deepcopy(cfg[key]) for key in API_MODEL_KEYS
-                  if key in cfg and key not in own}
-        preprocessor = cfg.get('data_preprocessor')
-        if isinstance(inner, Mapping) and (passed or preprocessor is not None):
-            inner = copy.deepcopy(inner)
-            apply_data_preprocessor(inner, preprocessor, str(cfg.get('type')), announce=False)
-            inner.update(passed)
-        cfg = inner
-    return cfg
-
-
-def _named_parameters(function: Any) -> set[str]:
-    """Names of ``function``'s parameters (the options a wrapper takes itself)."""
-    return set(inspect.signature(function).parameters) - {'self'}
 
 
 class TrainingWrapper(BaseModel):

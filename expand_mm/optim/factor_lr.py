@@ -36,6 +36,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from ..compat import type_name
+from ..errors import ConfigError, SetupError
 from ..layers import ExpandedLayer
 from ..surgery import expanded_layers
 from .product_decay import (FACTOR_BASE_LR_KEY, FACTOR_LR_MULT_KEY, PRODUCT_DECAY_KEY,
@@ -73,11 +74,11 @@ def check_factor_lr(rule: Any, chain: Any, rules: tuple[str, ...] = FACTOR_LR_RU
         rules: The accepted rule names.
     """
     if not (_is_positive_number(rule) or (isinstance(rule, str) and rule in rules)):
-        raise ValueError(f'paramwise_cfg.factor_lr={rule!r} must be one of {rules} or a '
-                         'positive number')
+        raise ConfigError(f'paramwise_cfg.factor_lr={rule!r} must be one of {rules} or a '
+                          'positive number')
     if chain not in CHAIN_RULES:
-        raise ValueError(f'paramwise_cfg.factor_lr_chain={chain!r} must be one of '
-                         f'{CHAIN_RULES}')
+        raise ConfigError(f'paramwise_cfg.factor_lr_chain={chain!r} must be one of '
+                          f'{CHAIN_RULES}')
 
 
 def factor_lr_multipliers(layer: ExpandedLayer, rule: str | float = 'fan_in',
@@ -125,9 +126,9 @@ def check_paramwise_keys(paramwise_cfg: dict) -> None:
     for key in paramwise_cfg:
         if key not in known:
             near = difflib.get_close_matches(key, known, n=1)
-            raise ValueError(f'paramwise_cfg.{key} is not an option'
-                             + (f'; did you mean {near[0]!r}?' if near else '')
-                             + f' ExpandNetOptimWrapperConstructor reads {", ".join(known)}')
+            raise ConfigError(f'paramwise_cfg.{key} is not an option'
+                              + (f'; did you mean {near[0]!r}?' if near else '')
+                              + f' ExpandNetOptimWrapperConstructor reads {", ".join(known)}')
 
 
 class FactorRateCheck:
@@ -232,8 +233,8 @@ class ExpandNetOptimWrapperConstructor(DefaultOptimWrapperConstructor):
         # Fail at build time, naming the key, not at the first expanded layer.
         check_factor_lr(factor_lr, self.factor_lr_chain, FACTOR_LR_RULES + ('auto',))
         if factor_lr_mult is not None and not _is_positive_number(factor_lr_mult):
-            raise ValueError(f'paramwise_cfg.factor_lr_mult={factor_lr_mult!r} must be a '
-                             'positive number')
+            raise ConfigError(f'paramwise_cfg.factor_lr_mult={factor_lr_mult!r} must be a '
+                              'positive number')
         self._factor_lr_given = factor_lr
         self._optimizer_name = type_name(
             optim_wrapper_cfg.get('optimizer', {}).get('type', '')) or '?'
@@ -246,8 +247,8 @@ class ExpandNetOptimWrapperConstructor(DefaultOptimWrapperConstructor):
             DEFAULT_FACTOR_LR_MULT if factor_lr == 'fan_in' else 1.0)
         super().__init__(optim_wrapper_cfg, paramwise_cfg)
         if self.base_lr is None and self.factor_lr != 'none':
-            raise ValueError('ExpandNetOptimWrapperConstructor: optimizer.lr is not set, so '
-                             "there is no base rate to scale; set it or use factor_lr='none'")
+            raise ConfigError('ExpandNetOptimWrapperConstructor: optimizer.lr is not set, so '
+                              "there is no base rate to scale; set it or use factor_lr='none'")
         self._factor_multipliers: dict[int, float] = {}
         self._all_factor_multipliers: dict[int, float] = {}
 
@@ -270,9 +271,9 @@ class ExpandNetOptimWrapperConstructor(DefaultOptimWrapperConstructor):
         self._factor_multipliers = {k: v for k, v in multipliers.items() if v != 1.0}
         product = self.weight_decay_on == 'product'
         if product and not layers:
-            raise ValueError("paramwise_cfg.weight_decay_on='product': the model has no "
-                             "expanded layer; use model=dict(type='ExpandNet', ...) or "
-                             "weight_decay_on='factors'")
+            raise ConfigError("paramwise_cfg.weight_decay_on='product': the model has no "
+                              "expanded layer; use model=dict(type='ExpandNet', ...) or "
+                              "weight_decay_on='factors'")
         if (self._factor_multipliers or product) and not self.paramwise_cfg:
             # The rates (and the product decay's keys) go into the per-parameter
             # groups that add_params builds, which the default constructor does
@@ -320,7 +321,7 @@ class ExpandNetOptimWrapperConstructor(DefaultOptimWrapperConstructor):
                 if group is None:  # frozen or left out of the optimizer
                     continue
                 if len(group['params']) != 1:
-                    raise RuntimeError(
+                    raise SetupError(
                         f"paramwise_cfg.weight_decay_on='product': factor "
                         f'{path}.{names[id(param)]} shares a param group with '
                         f'{len(group["params"]) - 1} other parameters; it needs a group of '
@@ -421,7 +422,7 @@ def _refuse_custom_keys_of_compact_parameters(paramwise_cfg: dict | None, model:
             compact_names = (f'{path}.weight', f'{path}.bias')
             if any(key in name for name in compact_names):
                 factor_example = f'{path}.{_sublayer_path(layer, 0)}.weight'
-                raise ValueError(
+                raise ConfigError(
                     f'paramwise_cfg.custom_keys: {key!r} names a parameter of {path!r}, an '
                     f'expanded layer whose parameters are now its factors\' '
                     f'({factor_example}, ...), so it would match nothing; use the module '

@@ -81,6 +81,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from ..errors import ConfigError
 from ..layers import ExpandedLayer
 
 WEIGHT_DECAY_ON = ('factors', 'product')
@@ -108,8 +109,8 @@ def check_weight_decay_on(value: Any) -> None:
         value: ``paramwise_cfg.weight_decay_on``.
     """
     if not (isinstance(value, str) and value in WEIGHT_DECAY_ON):
-        raise ValueError(f'paramwise_cfg.weight_decay_on={value!r} must be one of '
-                         f'{WEIGHT_DECAY_ON}')
+        raise ConfigError(f'paramwise_cfg.weight_decay_on={value!r} must be one of '
+                          f'{WEIGHT_DECAY_ON}')
 
 
 def decay_style(optimizer: Optimizer) -> str:
@@ -133,7 +134,7 @@ def decay_style(optimizer: Optimizer) -> str:
         return 'decoupled'
     if name in COUPLED_DECAY_OPTIMIZERS:
         return 'coupled'
-    raise ValueError(
+    raise ConfigError(
         f"paramwise_cfg.weight_decay_on='product' does not know how {name} applies weight "
         f'decay; it works with the coupled (L2) decay of {COUPLED_DECAY_OPTIMIZERS} and the '
         f'decoupled decay of {DECOUPLED_DECAY_OPTIMIZERS}. Use one of them, set the factor '
@@ -231,7 +232,7 @@ class ProductWeightDecay:
                 lr = group['lr'] / group.get(FACTOR_LR_MULT_KEY, 1.0)
                 shrink = 1.0 - float(lr) * group[PRODUCT_DECAY_KEY]
                 if not shrink > 0:
-                    raise ValueError(
+                    raise ConfigError(
                         f'{layer._describe()}: decoupled product weight decay '
                         f'lr * weight_decay = {1.0 - shrink:.4g} >= 1 would flip the sign '
                         'of the composed kernel; lower optimizer.lr or weight_decay')
@@ -296,7 +297,7 @@ class WeightDecayOnCheck:
                   'the product decay would find nothing to apply' if saved == 'factors' else
                   'its factor weight groups would come back with weight_decay=0 and no '
                   'product decay hook, so the factor weights would not decay at all')
-        raise ValueError(
+        raise ConfigError(
             f'paramwise_cfg.weight_decay_on: the optimizer state being loaded was trained '
             f'with weight_decay_on={saved!r}, but the current config sets '
             f'weight_decay_on={self.weight_decay_on!r}; loading it would silently change the '

@@ -36,11 +36,12 @@ class PolyLRRatio(PolyLR):
 
     def __init__(self, optimizer: Any, eta_min_ratio: float | None = None, **kwargs: Any):
         if eta_min_ratio is not None:
+from ..errors import ConfigError
             if not isinstance(eta_min_ratio, (int, float)) or not 0 <= eta_min_ratio < 1:
-                raise ValueError(f'PolyLRRatio: eta_min_ratio={eta_min_ratio!r} must be a '
-                                 'number in [0, 1)')
+                raise ConfigError(f'PolyLRRatio: eta_min_ratio={eta_min_ratio!r} must be a '
+                                  'number in [0, 1)')
             if kwargs.get('eta_min'):
-                raise ValueError('PolyLRRatio: give eta_min_ratio or eta_min, not both')
+                raise ConfigError('PolyLRRatio: give eta_min_ratio or eta_min, not both')
         self.eta_min_ratio = eta_min_ratio
         super().__init__(optimizer, **kwargs)
 

@@ -10,6 +10,7 @@ from mmengine.registry import MODELS
 from torch import nn
 
 
+from ...errors import ConfigError
 @MODELS.register_module()
 class YOLOLite(BaseModule):
     """YOLO-LITE-style backbone: a plain stack of conv-BN-LeakyReLU layers.
@@ -71,22 +72,22 @@ class YOLOLite(BaseModule):
         super().__init__(init_cfg=init_cfg)
         widths = tuple(widths)
         if not widths or not all(isinstance(w, int) and w > 0 for w in widths):
-            raise ValueError(f'YOLOLite: widths={widths!r} must be a non-empty sequence '
-                             'of positive ints, e.g. (16, 32, 64, 128, 128, 256)')
+            raise ConfigError(f'YOLOLite: widths={widths!r} must be a non-empty sequence '
+                              'of positive ints, e.g. (16, 32, 64, 128, 128, 256)')
         kernel_sizes = ((kernel_size,) * len(widths) if isinstance(kernel_size, int)
                         else tuple(kernel_size))
         if len(kernel_sizes) != len(widths):
-            raise ValueError(f'YOLOLite: kernel_size={kernel_size!r} has {len(kernel_sizes)} '
-                             f'entries but widths has {len(widths)}; give one int or one '
-                             'odd kernel size per stage')
+            raise ConfigError(f'YOLOLite: kernel_size={kernel_size!r} has {len(kernel_sizes)} '
+                              f'entries but widths has {len(widths)}; give one int or one '
+                              'odd kernel size per stage')
         if not all(isinstance(k, int) and k > 0 and k % 2 == 1 for k in kernel_sizes):
-            raise ValueError(f'YOLOLite: kernel_size={kernel_size!r} must be odd positive '
-                             'ints (1, 3, 5, ...) so that padding k // 2 keeps the size')
+            raise ConfigError(f'YOLOLite: kernel_size={kernel_size!r} must be odd positive '
+                              'ints (1, 3, 5, ...) so that padding k // 2 keeps the size')
         out_indices = tuple(out_indices)
         if (not out_indices or list(out_indices) != sorted(set(out_indices))
                 or not all(0 <= i < len(widths) for i in out_indices)):
-            raise ValueError(f'YOLOLite: out_indices={out_indices!r} must be increasing '
-                             f'stage indices in [0, {len(widths) - 1}]')
+            raise ConfigError(f'YOLOLite: out_indices={out_indices!r} must be increasing '
+                              f'stage indices in [0, {len(widths) - 1}]')
 
         self.in_channels = in_channels
         self.widths = widths

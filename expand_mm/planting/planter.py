@@ -53,9 +53,9 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from .errors import ExpandMMError
-from .layers import ExpandedLayer
-from .surgery import _flatten_tensors, path_matches
+from ..errors import ExpandMMError
+from ..layers import ExpandedLayer
+from ..surgery import _flatten_tensors, path_matches
 
 FREEZE_MODES = ('all', 'none')
 MASK_HOOK_MARK = '_expand_mm_planting_mask'
@@ -139,7 +139,7 @@ def stage_label(stage: int, fractions: Sequence[float]) -> str:
     E.g. ``'stage 2 of 4 (50% of channels)'`` for index 1 of
     ``(0.25, 0.5, 0.75, 1.0)``. One numbering for every log line and error:
     the hook's, the planter's and the checkpoint tools'
-    (:func:`~expand_mm.deploy.planting_stage` uses it).
+    (:func:`~expand_mm.planting.planting_stage` uses it).
     """
     return f'stage {stage + 1} of {len(fractions)} ({float(fractions[stage]):.0%} of channels)'
 
@@ -539,7 +539,7 @@ class ChannelPlanter:
         network compute what the masked one does, provided the unit's
         activation maps 0 to 0 (ReLU, LeakyReLU, SiLU, ...) -- this is how a
         checkpoint saved before the last stage gets its compact form
-        (:func:`bake_masks`; checked by :func:`~expand_mm.deploy.bake_planting_masks`).
+        (:func:`bake_masks`; checked by :func:`~expand_mm.planting.bake_planting_masks`).
         Empty at the last stage.
         """
         entries: dict[str, int] = {}

@@ -1,0 +1,188 @@
+"""Every start-of-training check of expand_mm, as small functions of what the Runner built.
+
+:class:`~expand_mm.hooks.ExpandNetCheckHook` runs them from the config, so
+they fire the same under mmdet's / mmseg's ``tools/train.py``, a user's own
+``Runner.from_cfg`` and this repository's ``tools/train.py``. A check that
+finds a mistake which would waste or spoil the run raises an
+:class:`~expand_mm.errors.ExpandMMError`; one that finds a setting a user may
+have meant returns a warning to log.
+"""
+from __future__ import annotations
+
+from typing import Any, Iterable, Mapping
+
+from mmengine.registry import OPTIM_WRAPPER_CONSTRUCTORS
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from .checkpoint import (CheckpointError, check_plain_model_checkpoint, compare_state_dict,
+                         expanded_chain_paths, expanded_key_shapes, read_checkpoint,
+                         strip_prefix, wrapper_checkpoint_hint)
+from .compat import type_name
+from .errors import ConfigError
+from .models.deployable import deferring_expandnet, find_deployable
+from .models.distributed import ExpandNetDistributedDataParallel
+from .optim.factor_lr import (ADAPTIVE_OPTIMIZERS, EXPANDNET_PARAMWISE_KEYS,
+                              ExpandNetOptimWrapperConstructor)
+from .optim.schedule_check import absolute_floor_problems
+from .surgery import expanded_layers
+
+
+def check_constructor_for_paramwise_keys(optim_wrapper_cfg: Any) -> None:
+    """Refuse ExpandNet ``paramwise_cfg`` keys given to a constructor that ignores them.
+
+    MMEngine's default constructor drops unknown ``paramwise_cfg`` keys, so
+    ``factor_lr_mult`` or ``weight_decay_on`` without
+    ``constructor='ExpandNetOptimWrapperConstructor'`` would silently train
+    with the defaults.
+
+    Raises:
+        ConfigError: Naming the keys and the constructor to set.
+    """
+    if not isinstance(optim_wrapper_cfg, Mapping):
+        return
+    used = [k for k in (optim_wrapper_cfg.get('paramwise_cfg') or {})
+            if k in EXPANDNET_PARAMWISE_KEYS]
+    constructor = optim_wrapper_cfg.get('constructor')
+    cls = (constructor if isinstance(constructor, type) else
+           OPTIM_WRAPPER_CONSTRUCTORS.get(constructor) if isinstance(constructor, str) else None)
+    ours = isinstance(cls, type) and issubclass(cls, ExpandNetOptimWrapperConstructor)
+    if used and not ours:
+        raise ConfigError(f'optim_wrapper.paramwise_cfg sets {used}, which only '
+                          "constructor='ExpandNetOptimWrapperConstructor' reads, but the "
+                          f'constructor is {constructor or "the default"!r}: add '
+                          "optim_wrapper=dict(constructor='ExpandNetOptimWrapperConstructor')")
+
+
+def ddp_wrapper_warning(model: nn.Module) -> str | None:
+    """A warning when a stock DDP wrapper would keep an ExpandNet from deferring its
+    factor gradients (it runs its own train step), else None."""
+    if (not isinstance(model, DistributedDataParallel)
+            or isinstance(model, ExpandNetDistributedDataParallel)
+            or deferring_expandnet(model) is None):
+        return None
+    suggestion = ("dict(type='ExpandNetDistributedDataParallel', static_graph=True) "
+                  '(in place of find_unused_parameters=True; torch DDP refuses it with '
+                  'gradient accumulation)'
+                  if model.find_unused_parameters else
+                  "dict(type='ExpandNetDistributedDataParallel')")
+    return (f'{type(model).__name__} runs its own train step, so the ExpandNet trains with '
+            'plain autograd (same gradients, higher peak memory); set '
+            f'model_wrapper_cfg={suggestion} to defer the factor gradients as on one device')
+
+
+def missing_setup_warnings(cfg: Mapping, model: nn.Module, hook_names: Iterable[str]
+                           ) -> list[str]:
+    """What an ExpandNet config leaves out that its training would want.
+
+    An adaptive optimizer (Adam, AdamW, ...) without
+    ``ExpandNetOptimWrapperConstructor`` trains the factors at the base rate,
+    which moves the composed kernels far more than the compact ones move;
+    without ``ContractCheckpointHook`` no compact checkpoint is written.
+
+    Args:
+        cfg: The config (its ``optim_wrapper`` is read).
+        model: The model being trained (wrappers and DDP included).
+        hook_names: Class names of the runner's hooks.
+    """
+    deployable, _ = find_deployable(model)
+    trained = [path for path, layer in expanded_layers(deployable)
+               if any(p.requires_grad for p in layer.parameters())]
+    if not trained:
+        return []
+    warnings = []
+    optim_cfg = cfg.get('optim_wrapper') or {}
+    optimizer = type_name((optim_cfg.get('optimizer') or {}).get('type', ''))
+    constructor = type_name(optim_cfg.get('constructor', ''))
+    if optimizer in ADAPTIVE_OPTIMIZERS and constructor != 'ExpandNetOptimWrapperConstructor':
+        warnings.append(
+            f"{len(trained)} expanded layer{'s' * (len(trained) != 1)} train"
+            f"{'s' * (len(trained) == 1)} with {optimizer} at the base rate: set "
+            "optim_wrapper.constructor='ExpandNetOptimWrapperConstructor' (per-factor rates; "
+            'without them the expanded layers move far faster than compact ones, see '
+            'docs/user_guide.md)')
+    if 'ContractCheckpointHook' not in set(hook_names):
+        warnings.append(
+            "no ContractCheckpointHook in custom_hooks: checkpoints are written in the "
+            "training form only (add dict(type='ContractCheckpointHook') for a stock "
+            "*_compact.pth beside each, or run tools/contract.py later)")
+    return warnings
+
+
+def schedule_warnings(model: nn.Module, optim_wrapper: Any, param_schedulers: Any) -> list[str]:
+    """Schedulers whose absolute floor would undo the per-factor learning rates
+    (:func:`~expand_mm.optim.schedule_check.absolute_floor_problems`)."""
+    return list(absolute_floor_problems(model, optim_wrapper, param_schedulers))
+
+
+def submodule_of_checkpoint(model: nn.Module, state_dict: Mapping) -> str | None:
+    """The top-level part of ``model`` (``'backbone'``) whose weights ``state_dict`` holds
+    without their prefix (an ImageNet-pretrained backbone file), or None."""
+    keys = {k: v.shape for k, v in model.state_dict().items()}
+    state_dict = strip_prefix(state_dict)
+    for name, _ in model.named_children():
+        found = sum(keys.get(f'{name}.{k}') == getattr(v, 'shape', None)
+                    for k, v in state_dict.items())
+        if found and 2 * found >= len(state_dict):
+            return name
+    return None
+
+
+def check_plain_load_from(model: nn.Module, path: str, resume: bool) -> None:
+    """Refuse a ``load_from`` / resumed checkpoint that a plain model would half-load.
+
+    For a stock (not ExpandNet, not wrapper) model MMEngine loads non-strictly
+    and only logs the mismatch. A resume must fit exactly (missing or
+    wrong-shaped weights are refused, naming them); ``load_from`` may be
+    partial (fine-tuning from a model with another head), but not an ExpandNet
+    training checkpoint of this model, whose expanded layers would stay
+    random, nor one that gives the model no weight at all (a training-time
+    wrapper's checkpoint, whose keys carry a prefix, or another model's).
+    ExpandNet and wrapper models are checked by ``ExpandCheckpointLoadHook``.
+
+    Args:
+        model: The unwrapped model being trained.
+        path: The checkpoint file.
+        resume: Whether the run resumes from it.
+
+    Raises:
+        CheckpointError: Naming the checkpoint, the keys and what to use.
+    """
+    deployable, prefix = find_deployable(model)
+    if prefix or expanded_layers(deployable):
+        return
+    state_dict = read_checkpoint(path, mmap=True)['state_dict']
+    if resume:
+        check_plain_model_checkpoint(model, state_dict, path)
+        return
+    wrapper = wrapper_checkpoint_hint(expanded_key_shapes(model), state_dict)
+    if wrapper:
+        raise CheckpointError(f'load_from={path!r} would load nothing: {wrapper}')
+    fitting = compare_state_dict(model, state_dict)
+    if len(fitting.missing) + len(fitting.wrong_shape) == len(model.state_dict()):
+        _refuse_foreign_checkpoint(model, state_dict, path)
+    chains = expanded_chain_paths(model, state_dict)
+    if chains:
+        raise CheckpointError(
+            f'load_from={path!r} is an ExpandNet training checkpoint of this model ('
+            f'{len(chains)} layers, e.g. {chains[0]!r}, are expanded chains), which would '
+            'leave them at their initialisation: load its *_compact.pth (or python '
+            'tools/contract.py EXPANDNET_CONFIG CKPT OUT), or train with the ExpandNet config')
+
+
+def _refuse_foreign_checkpoint(model: nn.Module, state_dict: Mapping, path: str) -> None:
+    """Refuse a ``load_from`` that holds none of ``model``'s weights, saying what it holds."""
+    part = submodule_of_checkpoint(model, state_dict)
+    if part:
+        raise CheckpointError(
+            f'load_from={path!r} holds the weights of this model\'s {part!r} without the '
+            f'{part + "."!r} prefix (e.g. {sorted(strip_prefix(state_dict))[0]!r}), so it '
+            f'would load nothing: give it to that part as its init_cfg=dict(type='
+            f"'Pretrained', checkpoint={path!r}) (e.g. --cfg-options model.{part}.init_cfg"
+            f'.type=Pretrained model.{part}.init_cfg.checkpoint={path}), or save it with '
+            'the prefix')
+    raise CheckpointError(
+        f'load_from={path!r} has none of the {len(model.state_dict())} weights of this '
+        f'{type(model).__name__} (with their shapes; it holds e.g. '
+        f'{sorted(strip_prefix(state_dict))[:3]}): it is a checkpoint of another model. '
+        'Use a checkpoint of this config, or of a model sharing its backbone')

@@ -1,0 +1,122 @@
+"""``ExpandCheckpointLoadHook``: load compact checkpoints into an ExpandNet, refuse misfits."""
+from __future__ import annotations
+
+from mmengine.hooks import Hook
+from mmengine.registry import HOOKS
+from mmengine.runner import find_latest_checkpoint
+
+from ..checkpoint import CheckpointError, match_state_dict, strip_prefix
+from ..models.deployable import find_deployable, unwrap_model
+from ..surgery import expanded_layers
+
+
+def _article(word: str) -> str:
+    return 'an' if word[:1] in 'aeiou' else 'a'
+
+
+@HOOKS.register_module()
+class ExpandCheckpointLoadHook(Hook):
+    """Let an ExpandNet load compact checkpoints and refuse ones that do not fit.
+
+    Acts in ``after_load_checkpoint`` -- after the runner has read a
+    ``load_from`` / ``resume`` file and before it copies the weights into the
+    model -- with priority ``VERY_HIGH`` so it runs before ``EMAHook`` copies the
+    weights into its averaged model. A compact checkpoint (stock keys, e.g. a
+    pretrained compact model or a ``*_compact.pth``) is converted to exact
+    factors (by the expanded layers as they load it) so the ExpandNet computes
+    what it did; an expanded training checkpoint loads as is; anything else
+    raises, naming the keys that do not fit, before anything is loaded.
+
+    A training-time wrapper (``deployable_model()`` protocol) accepts its own
+    training checkpoints and checkpoints of its deployable network alone
+    (e.g. a compact model to start a distilled student from), which load into
+    the deployable part; resuming from the latter is refused.
+
+    Args:
+        strict: If False, accept partial checkpoints (e.g. fine-tuning a model
+            with another head): what fits is converted, the rest is left to the
+            runner's missing-key warnings.
+    """
+
+    priority = 'VERY_HIGH'
+
+    def __init__(self, strict: bool = True) -> None:
+        self.strict = strict
+
+    def before_run(self, runner) -> None:
+        """Let a distiller whose run resumes take its teacher from the resumed checkpoint.
+
+        A resumed distiller checkpoint holds the teacher, so its own
+        ``teacher_ckpt`` file need not exist any more
+        (``Distiller.expect_teacher_from_resume``); only when there is
+        something to resume (auto-resume may find nothing).
+        """
+        if runner._resume and (runner._load_from or find_latest_checkpoint(runner.work_dir)):
+            expect = getattr(unwrap_model(runner.model), 'expect_teacher_from_resume', None)
+            if callable(expect):
+                expect()
+
+    def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
+        """Convert or check ``checkpoint['state_dict']`` in place.
+
+        With a training-time wrapper, a checkpoint with the wrapper's keys (its
+        own training checkpoint) has its deployable part checked; a checkpoint
+        of the deployable network alone (a compact or ``*_compact.pth``
+        checkpoint, or an ExpandNet's) is re-keyed under the deployable
+        network's prefix and completed with the wrapper's current other entries
+        (teacher, adapters, auxiliary branch), so ``load_from=`` starts the
+        deployable part from it and leaves the rest as initialised.
+        """
+        deployable, prefix = find_deployable(runner.model)
+        if not prefix and not expanded_layers(deployable):
+            return
+        resumed = runner._load_from or find_latest_checkpoint(runner.work_dir)
+        source = (str(runner._load_from or 'the loaded checkpoint') if not runner._resume
+                  else f'resumed checkpoint {resumed!r}' if resumed
+                  else 'resumed checkpoint (the latest in the work dir)')
+        state_dict = strip_prefix(checkpoint['state_dict'])
+        own = bool(prefix) and any(k.startswith(prefix) for k in state_dict)
+        part = ({k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+                if own else state_dict)
+        try:
+            kind = match_state_dict(deployable, part, strict=self.strict, source=source)
+        except CheckpointError as err:
+            if runner._resume:
+                raise
+            raise CheckpointError(
+                f"{err} To fine-tune from it with another head (or from a partial checkpoint), "
+                "load it non-strictly: custom_hooks=[dict(type='ExpandCheckpointLoadHook', "
+                'strict=False), ...]') from None
+        if not expanded_layers(deployable):
+            kind = 'compact'
+        if prefix and not own:
+            if runner._resume:
+                raise CheckpointError(
+                    f'{source} holds only the deployable network ({type(deployable).__name__}'
+                    f'), not the {type(unwrap_model(runner.model)).__name__} that is trained: '
+                    'there is nothing to resume. Use it with load_from=... (resume=False) '
+                    'to start the deployable part from it, or resume from the training '
+                    'checkpoint (iter_N.pth / epoch_N.pth)')
+            # The wrapper's other entries keep their current (initialised) values, so
+            # the load stays strict and only the deployable part changes.
+            wrapper_state = unwrap_model(runner.model).state_dict()
+            checkpoint['state_dict'] = {
+                **{k: v for k, v in wrapper_state.items() if not k.startswith(prefix)},
+                **{prefix + k: v for k, v in part.items()}}
+            runner.logger.info(
+                f'ExpandCheckpointLoadHook: {source} is {_article(kind)} {kind} checkpoint of '
+                f'the deployable network: loaded under {prefix!r}; the other entries of '
+                f'{type(unwrap_model(runner.model)).__name__} keep their initialised values'
+                + (' (factorised exactly into the expanded layers)' if kind == 'compact'
+                   and expanded_layers(deployable) else ''))
+            return
+        if kind == 'compact' and runner._resume and expanded_layers(deployable):
+            raise CheckpointError(
+                f'{source} holds the compact model (no expansion factors), whose optimizer '
+                'state, if any, does not fit this ExpandNet: there is nothing to resume. Use '
+                'it with load_from=... to start an ExpandNet from it, or resume from a '
+                'training checkpoint of this config (epoch_N.pth / iter_N.pth)')
+        runner.logger.info(f'ExpandCheckpointLoadHook: {source} is {_article(kind)} {kind} '
+                           'checkpoint'
+                           + (' (factorised exactly into the expanded layers)'
+                              if kind == 'compact' and expanded_layers(deployable) else ''))
