@@ -8,12 +8,12 @@
 # concat conv) holds most of the expansion: 9.7M -> 136.8M parameters in all.
 # Add exclude=['decode_head.*'] to the model below to expand only the
 # backbone and the auxiliary head.
+#
+# ExpandNet options, hooks and per-factor learning rates: docs/user_guide.md
 _base_ = '../mobilenet_v2/mobilenet-v2-d8_fcn_4xb2-80k_cityscapes-512x1024.py'
 
 custom_imports = dict(imports=['expand_mm'], allow_failed_imports=False)
 
-# The compact model of the base, built and then expanded in place: its k x k
-# convs (k > 1) become linear chains that contract back into it exactly.
 model = dict(
     _delete_=True,
     type='ExpandNet',
@@ -22,16 +22,12 @@ model = dict(
     ratio=4,
     mode='online')
 
-# Per-factor learning rates (ExpandNetOptimWrapperConstructor): for adaptive
-# optimizers (Adam, AdamW, ...) each factor's rate is scaled so that the
-# composed kernel moves like the compact one; SGD is left as it is ('auto').
 optim_wrapper = dict(constructor='ExpandNetOptimWrapperConstructor')
 
-# Load compact checkpoints (e.g. load_from=a compact model) into the factors;
-# write a stock compact checkpoint (*_compact.pth) beside every saved one.
-custom_hooks = [dict(type='ExpandCheckpointLoadHook'), dict(type='ContractCheckpointHook')]
+custom_hooks = [
+    dict(type='ExpandCheckpointLoadHook'),
+    dict(type='ContractCheckpointHook'),
+    dict(type='ExpandNetCheckHook'),
+]
 
-# Multi-GPU (DDP) training: MMEngine runs the wrapper's train step, not the
-# model's; this wrapper keeps the ExpandNet's deferred factor gradients there
-# (same gradients, lower peak memory). Ignored on one device.
 model_wrapper_cfg = dict(type='ExpandNetDistributedDataParallel')

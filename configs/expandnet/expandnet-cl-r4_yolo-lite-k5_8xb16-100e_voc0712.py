@@ -3,12 +3,12 @@
 # The CL counterpart of expandnet-ck-r4_yolo-lite-k5_8xb16-100e_voc0712.py on
 # the same compact model: every k x k conv (5x5 in the backbone, 3x3 in the
 # neck and head) becomes 1x1 -> k x k -> 1x1 with 4x the channels inside.
+#
+# ExpandNet options, hooks and per-factor learning rates: docs/user_guide.md
 _base_ = '../yolo_lite/yolo-lite-k5_8xb16-100e_voc0712.py'
 
 custom_imports = dict(imports=['expand_mm'], allow_failed_imports=False)
 
-# The compact model of the base, built and then expanded in place: its k x k
-# convs (k > 1) become linear chains that contract back into it exactly.
 model = dict(
     _delete_=True,
     type='ExpandNet',
@@ -17,16 +17,12 @@ model = dict(
     ratio=4,
     mode='online')
 
-# Per-factor learning rates (ExpandNetOptimWrapperConstructor): for adaptive
-# optimizers (Adam, AdamW, ...) each factor's rate is scaled so that the
-# composed kernel moves like the compact one; SGD is left as it is ('auto').
 optim_wrapper = dict(constructor='ExpandNetOptimWrapperConstructor')
 
-# Load compact checkpoints (e.g. load_from=a compact model) into the factors;
-# write a stock compact checkpoint (*_compact.pth) beside every saved one.
-custom_hooks = [dict(type='ExpandCheckpointLoadHook'), dict(type='ContractCheckpointHook')]
+custom_hooks = [
+    dict(type='ExpandCheckpointLoadHook'),
+    dict(type='ContractCheckpointHook'),
+    dict(type='ExpandNetCheckHook'),
+]
 
-# Multi-GPU (DDP) training: MMEngine runs the wrapper's train step, not the
-# model's; this wrapper keeps the ExpandNet's deferred factor gradients there
-# (same gradients, lower peak memory). Ignored on one device.
 model_wrapper_cfg = dict(type='ExpandNetDistributedDataParallel')

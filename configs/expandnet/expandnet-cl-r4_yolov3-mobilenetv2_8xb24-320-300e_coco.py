@@ -4,12 +4,12 @@
 # as 1x1 -> 3x3 -> 1x1 chains with 4x the channels inside, composed into one
 # kernel per forward (online mode). The ImageNet-pretrained backbone keeps its
 # weights exactly (factorised); the rest is initialised fresh.
+#
+# ExpandNet options, hooks and per-factor learning rates: docs/user_guide.md
 _base_ = '../yolov3/yolov3_mobilenetv2_8xb24-320-300e_coco.py'
 
 custom_imports = dict(imports=['expand_mm'], allow_failed_imports=False)
 
-# The compact model of the base, built and then expanded in place: its k x k
-# convs (k > 1) become linear chains that contract back into it exactly.
 model = dict(
     _delete_=True,
     type='ExpandNet',
@@ -18,20 +18,15 @@ model = dict(
     ratio=4,
     mode='online')
 
-# Per-factor learning rates (ExpandNetOptimWrapperConstructor): for adaptive
-# optimizers (Adam, AdamW, ...) each factor's rate is scaled so that the
-# composed kernel moves like the compact one; SGD is left as it is ('auto').
 optim_wrapper = dict(constructor='ExpandNetOptimWrapperConstructor')
 
-# Load compact checkpoints (e.g. load_from=a compact model) into the factors;
-# write a stock compact checkpoint (*_compact.pth) beside every saved one.
-custom_hooks = [dict(type='ExpandCheckpointLoadHook'), dict(type='ContractCheckpointHook')]
+custom_hooks = [
+    dict(type='ExpandCheckpointLoadHook'),
+    dict(type='ContractCheckpointHook'),
+    dict(type='ExpandNetCheckHook'),
+]
 
-# Multi-GPU (DDP) training: this wrapper keeps the ExpandNet's deferred factor
-# gradients in the wrapper's train step (same gradients, lower peak memory).
-# Some parameters get no gradient (the backbone's last 1x1
-# conv runs but feeds no output); static_graph=True
-# tells DDP so (find_unused_parameters=True cannot see the factors behind a
-# deferred composition). Not with gradient accumulation: torch's DDP refuses
-# no_sync() in the first step of a static graph. Ignored on one device.
+# static_graph=True: some parameters get no gradient (the backbone's last 1x1 conv
+# runs but feeds no output). Not with gradient accumulation: torch's DDP refuses
+# no_sync() in the first step of a static graph.
 model_wrapper_cfg = dict(type='ExpandNetDistributedDataParallel', static_graph=True)

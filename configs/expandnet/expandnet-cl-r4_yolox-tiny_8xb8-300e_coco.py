@@ -7,13 +7,13 @@
 # prior biases). Everything else of the stock recipe is inherited: Mosaic (tiny
 # has no MixUp), the mode switch of the last 15 epochs, SGD with Nesterov
 # momentum and no decay on norms / biases, and the EMA of the weights (the
-# compact twin of a checkpoint is contracted from the EMA weights saved in it).
+# compact twin of a checkpoint is contracted from the EMA weights).
+#
+# ExpandNet options, hooks and per-factor learning rates: docs/user_guide.md
 _base_ = '../yolox/yolox_tiny_8xb8-300e_coco.py'
 
 custom_imports = dict(imports=['expand_mm'], allow_failed_imports=False)
 
-# The compact model of the base, built and then expanded in place: its k x k
-# convs (k > 1) become linear chains that contract back into it exactly.
 model = dict(
     _delete_=True,
     type='ExpandNet',
@@ -22,14 +22,11 @@ model = dict(
     ratio=4,
     mode='online')
 
-# Per-factor learning rates (ExpandNetOptimWrapperConstructor): SGD is left as
-# it is ('auto'); the stock paramwise_cfg (norm_decay_mult=0, bias_decay_mult=0)
-# is inherited and applies to the factors of the layers it named.
+# SGD: the factors keep the base rate; the stock paramwise_cfg (norm_decay_mult=0,
+# bias_decay_mult=0) is inherited and applies to the factors of the layers it names.
 optim_wrapper = dict(constructor='ExpandNetOptimWrapperConstructor')
 
-# The stock hooks (mode switch, norm sync, EMA), then: load compact checkpoints
-# (e.g. load_from=a compact model) into the factors; write a stock compact
-# checkpoint (*_compact.pth) beside every saved one.
+# The stock hooks (mode switch, norm sync, EMA) first, then expand_mm's.
 custom_hooks = [
     dict(type='YOLOXModeSwitchHook', num_last_epochs=15, priority=48),
     dict(type='SyncNormHook', priority=48),
@@ -37,9 +34,8 @@ custom_hooks = [
          update_buffers=True, priority=49),
     dict(type='ExpandCheckpointLoadHook'),
     dict(type='ContractCheckpointHook'),
+    dict(type='ExpandNetCheckHook'),
 ]
 
-# Multi-GPU (DDP) training: this wrapper keeps the ExpandNet's deferred factor
-# gradients in the wrapper's train step (same gradients, lower peak memory).
 # Every parameter gets a gradient in each step, so no static_graph is needed.
 model_wrapper_cfg = dict(type='ExpandNetDistributedDataParallel')
