@@ -252,11 +252,12 @@ def test_expandnet_config_matches_its_compact_counterpart(path: Path):
     assert optim_wrapper.pop('constructor') == 'ExpandNetOptimWrapperConstructor'
     assert optim_wrapper == compact_cfg.optim_wrapper.to_dict()
     hooks = [h.type for h in cfg.custom_hooks]
-    assert hooks[-2:] == ['ExpandCheckpointLoadHook', 'ContractCheckpointHook']
+    assert hooks[-3:] == ['ExpandCheckpointLoadHook', 'ContractCheckpointHook',
+                          'ExpandNetCheckHook']
     # the base's hooks are kept (their `_scope_` is the config's default scope)
     def unscoped(hooks):
         return [{k: v for k, v in h.items() if k != '_scope_'} for h in hooks]
-    assert unscoped(cfg.custom_hooks[:-2]) == unscoped(compact_cfg.get('custom_hooks', []))
+    assert unscoped(cfg.custom_hooks[:-3]) == unscoped(compact_cfg.get('custom_hooks', []))
 
     b, c = built(path), built(compact_path)
     layers = expand_mm.expanded_layers(b.model)
