@@ -75,7 +75,7 @@ from expand_mm.surgery import count_params, expanded_layers, set_expand_mode  # 
 from mmengine.config import Config, DictAction  # noqa: E402
 from mmengine.logging import MMLogger  # noqa: E402
 from mmengine.registry import MODELS, DefaultScope  # noqa: E402
-from expand_mm.errors import ConfigError
+from expand_mm.errors import ConfigError  # noqa: E402
 
 REPO_ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 DEFAULT_CONFIG = osp.relpath(osp.join(

@@ -12,6 +12,8 @@ from typing import Any
 from mmengine.optim.scheduler import PolyLR
 from mmengine.registry import PARAM_SCHEDULERS
 
+from ..errors import ConfigError
+
 
 @PARAM_SCHEDULERS.register_module()
 class PolyLRRatio(PolyLR):
@@ -36,7 +38,6 @@ class PolyLRRatio(PolyLR):
 
     def __init__(self, optimizer: Any, eta_min_ratio: float | None = None, **kwargs: Any):
         if eta_min_ratio is not None:
-from ..errors import ConfigError
             if not isinstance(eta_min_ratio, (int, float)) or not 0 <= eta_min_ratio < 1:
                 raise ConfigError(f'PolyLRRatio: eta_min_ratio={eta_min_ratio!r} must be a '
                                   'number in [0, 1)')
