@@ -5,6 +5,7 @@ import os.path as osp
 import pytest
 import torch
 from mmengine.config import Config
+from mmengine.fileio.backends import BaseStorageBackend
 from mmengine.runner import Runner
 
 import expand_mm
@@ -144,7 +145,7 @@ def test_contract_hook_arguments_are_checked_when_built(kwargs, message):
         expand_mm.hooks.ContractCheckpointHook(**kwargs)
 
 
-class MemoryBackend:
+class MemoryBackend(BaseStorageBackend):
     """A non-local MMEngine file backend (``memtest://``) holding files in a dict."""
 
     files: dict = {}
@@ -187,8 +188,10 @@ def test_compact_checkpoint_goes_through_a_remote_file_backend_without_reading_b
     max_keep_ckpts retires the twins there as well."""
     import io
 
-    from mmengine.fileio import register_backend
+    from mmengine.fileio import FileClient, register_backend
     register_backend('memtest', MemoryBackend, force=True, prefixes='memtest')
+    # CheckpointHook also asks the deprecated FileClient for the prefix.
+    FileClient.register_backend('memtest', MemoryBackend, force=True, prefixes='memtest')
     MemoryBackend.files.clear()
     cfg = tiny_cfg(tmp_path, max_iters=3)
     cfg.default_hooks.checkpoint = dict(type='CheckpointHook', interval=1, by_epoch=False,
