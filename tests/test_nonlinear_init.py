@@ -153,8 +153,8 @@ def test_contract_hook_skips_marked_checkpoints_once_and_forgets_removed_ones(tm
     for path in paths:
         info['last_ckpt'] = path  # CheckpointHook names the file, then saves it
         hook.before_save_checkpoint(runner, marked)
-        hook.before_save_checkpoint(runner, marked)  # same name again: a re-save, not new
         torch.save(marked, path)
+        hook.before_save_checkpoint(runner, marked)  # same name again: a re-save, not new
     assert [level for level, _ in logger.records] == ['warning', 'info']
     assert all('nonlinear phase' in msg for _, msg in logger.records)
     assert not any(f.endswith('_compact.pth') for f in os.listdir(tmp_path))
