@@ -20,6 +20,7 @@ from .checkpoint import (CheckpointError, check_plain_model_checkpoint, compare_
                          strip_prefix, wrapper_checkpoint_hint)
 from .compat import type_name
 from .errors import ConfigError
+from .hooks.contract_checkpoint import ContractCheckpointHook
 from .models.deployable import deferring_expandnet, find_deployable
 from .models.distributed import ExpandNetDistributedDataParallel
 from .optim.factor_lr import (ADAPTIVE_OPTIMIZERS, EXPANDNET_PARAMWISE_KEYS,
@@ -71,8 +72,7 @@ def ddp_wrapper_warning(model: nn.Module) -> str | None:
             f'model_wrapper_cfg={suggestion} to defer the factor gradients as on one device')
 
 
-def missing_setup_warnings(cfg: Mapping, model: nn.Module, hook_names: Iterable[str]
-                           ) -> list[str]:
+def missing_setup_warnings(cfg: Mapping, model: nn.Module, hooks: Iterable[Any]) -> list[str]:
     """What an ExpandNet config leaves out that its training would want.
 
     An adaptive optimizer (Adam, AdamW, ...) without
@@ -83,7 +83,7 @@ def missing_setup_warnings(cfg: Mapping, model: nn.Module, hook_names: Iterable[
     Args:
         cfg: The config (its ``optim_wrapper`` is read).
         model: The model being trained (wrappers and DDP included).
-        hook_names: Class names of the runner's hooks.
+        hooks: The runner's hooks.
     """
     deployable, _ = find_deployable(model)
     trained = [path for path, layer in expanded_layers(deployable)
@@ -101,7 +101,7 @@ def missing_setup_warnings(cfg: Mapping, model: nn.Module, hook_names: Iterable[
             "optim_wrapper.constructor='ExpandNetOptimWrapperConstructor' (per-factor rates; "
             'without them the expanded layers move far faster than compact ones, see '
             'docs/user_guide.md)')
-    if 'ContractCheckpointHook' not in set(hook_names):
+    if not any(isinstance(hook, ContractCheckpointHook) for hook in hooks):
         warnings.append(
             "no ContractCheckpointHook in custom_hooks: checkpoints are written in the "
             "training form only (add dict(type='ContractCheckpointHook') for a stock "

@@ -268,7 +268,7 @@ def test_check_hook_warns_about_what_an_expandnet_config_leaves_out(tmp_path):
     def warnings_of(cfg, runner=None):
         cfg.work_dir = str(tmp_path / 'work')
         runner = runner or Runner.from_cfg(cfg)
-        return missing_setup_warnings(cfg, runner.model, [type(h).__name__ for h in runner.hooks])
+        return missing_setup_warnings(cfg, runner.model, runner.hooks)
 
     assert warnings_of(Config.fromfile(str(EXPANDNET))) == []
     assert warnings_of(Config.fromfile(str(COMPACT))) == []

@@ -65,8 +65,7 @@ class ExpandNetCheckHook(Hook):
 
     def before_train(self, runner) -> None:
         """Log what the setup leaves out or undoes."""
-        warnings = missing_setup_warnings(runner.cfg, runner.model,
-                                          [type(hook).__name__ for hook in runner.hooks])
+        warnings = missing_setup_warnings(runner.cfg, runner.model, runner.hooks)
         warnings += schedule_warnings(unwrap_model(runner.model), runner.optim_wrapper,
                                       runner.param_schedulers)
         ddp = ddp_wrapper_warning(runner.model)
