@@ -317,7 +317,8 @@ def write_compact_checkpoint(model: nn.Module, src: str, dst: str | None = None,
         deployable network had nothing to contract.
     """
     dst = prepare_output_path(src, dst or compact_checkpoint_path(src))
-    checkpoint = read_checkpoint(src)
+    # Memory-mapped: the optimizer state and whatever else is not contracted is never read.
+    checkpoint = read_checkpoint(src, mmap=True)
     compact, errors = compact_checkpoint(model, checkpoint.get('meta') or {}, src,
                                          checkpoint['state_dict'], probe_shape, rtol, verify)
     save_checkpoint_file(compact, dst)
