@@ -4,8 +4,8 @@
 # fed by the same neck features; its losses (logged as aux_op.loss_*) reach
 # the shared backbone and neck. Prediction, validation and the compact
 # checkpoint use the compact detector only:
-#   python tools/train.py configs/aux/aux-w2_expandnet-cl-r4_yolo-lite_1xb16-900i_digits-det-64x64.py
-#   python tools/test.py configs/digits/yolo-lite_1xb16-900i_digits-det-64x64.py \
+#   python tools/train.py projects/digits/configs/aux/aux-w2_expandnet-cl-r4_yolo-lite_1xb16-900i_digits-det-64x64.py
+#   python tools/test.py projects/digits/configs/digits/yolo-lite_1xb16-900i_digits-det-64x64.py \
 #       work_dirs/aux-w2_expandnet-cl-r4_yolo-lite_1xb16-900i_digits-det-64x64/iter_900_compact.pth
 _base_ = '../digits/expandnet-cl-r4_yolo-lite_1xb16-900i_digits-det-64x64.py'
 

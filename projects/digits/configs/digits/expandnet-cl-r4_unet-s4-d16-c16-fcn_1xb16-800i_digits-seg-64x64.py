@@ -7,8 +7,12 @@
 # U-Net of the base config, trained on the same data with the same schedule.
 _base_ = './unet-s4-d16-c16_fcn_1xb16-800i_digits-seg-64x64.py'
 
-custom_imports = dict(imports=['expand_mm'], allow_failed_imports=False)
+# projects.digits.data_hint (imported from the repository root) makes a missing
+# data_root come with the command that writes the data.
+custom_imports = dict(imports=['expand_mm', 'projects.digits.data_hint'],
+                      allow_failed_imports=False)
 
+# ExpandNet options, hooks and per-factor learning rates: docs/user_guide.md
 model = dict(
     _delete_=True,
     type='ExpandNet',
@@ -16,27 +20,14 @@ model = dict(
     strategy='cl',
     ratio=4,
     mode='online')
-
-# Per-factor learning rates (ExpandNetOptimWrapperConstructor): for adaptive
-# optimizers (Adam, AdamW, ...) each factor's rate is scaled so that the
-# composed kernel moves like the compact one; SGD is left as it is ('auto').
 # This schedule's AdamW rate (0.016) is 4x the detector's, and the expanded
 # U-Net needs the factor rates lower than the default extra factor 0.25
 # gives: seed 0, 800 iterations, mIoU 21.3 (0.5), 33.4 (0.25), 52.5 (0.1)
-# against 44.3 for the compact U-Net (README, "The demo").
+# against 44.3 for the compact U-Net (projects/digits/README.md, "Calibration").
 optim_wrapper = dict(
     constructor='ExpandNetOptimWrapperConstructor',
     paramwise_cfg=dict(factor_lr_mult=0.1))
-
-# Write a stock compact checkpoint (*_compact.pth) beside every saved one;
-# let load_from= take compact checkpoints.
 custom_hooks = [dict(type='ExpandCheckpointLoadHook'), dict(type='ContractCheckpointHook')]
-
-# Multi-GPU (DDP) training: this wrapper keeps the ExpandNet's deferred factor
-# gradients in the wrapper's train step (same gradients, lower peak memory).
-# Some parameters get no gradient (the full-resolution
-# decoder stage feeds no head); static_graph=True
-# tells DDP so (find_unused_parameters=True cannot see the factors behind a
-# deferred composition). Not with gradient accumulation: torch's DDP refuses
-# no_sync() in the first step of a static graph. Ignored on one device.
+# The full-resolution decoder stage feeds no head, so some parameters get no
+# gradient: static_graph=True (not with gradient accumulation).
 model_wrapper_cfg = dict(type='ExpandNetDistributedDataParallel', static_graph=True)

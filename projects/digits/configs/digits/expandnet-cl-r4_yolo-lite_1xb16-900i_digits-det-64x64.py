@@ -7,6 +7,7 @@
 # with the same schedule.
 _base_ = './yolo-lite_1xb16-900i_digits-det-64x64.py'
 
+# ExpandNet options, hooks and per-factor learning rates: docs/user_guide.md
 model = dict(
     _delete_=True,
     type='ExpandNet',
@@ -14,17 +15,6 @@ model = dict(
     strategy='cl',
     ratio=4,
     mode='online')
-
-# Per-factor learning rates (ExpandNetOptimWrapperConstructor): for adaptive
-# optimizers (Adam, AdamW, ...) each factor's rate is scaled so that the
-# composed kernel moves like the compact one; SGD is left as it is ('auto').
 optim_wrapper = dict(constructor='ExpandNetOptimWrapperConstructor')
-
-# Write a stock compact checkpoint (*_compact.pth) beside every saved one;
-# let load_from= take compact checkpoints.
 custom_hooks = [dict(type='ExpandCheckpointLoadHook'), dict(type='ContractCheckpointHook')]
-
-# Multi-GPU (DDP) training: MMEngine runs the wrapper's train step, not the
-# model's; this wrapper keeps the ExpandNet's deferred factor gradients there
-# (same gradients, lower peak memory). Ignored on one device.
 model_wrapper_cfg = dict(type='ExpandNetDistributedDataParallel')

@@ -1,10 +1,10 @@
 # Compact U-Net (16 base channels, 4 stages, stride-2 stem) + FCN head on the
 # 64x64 digits segmentation set.
 #
-# The model of ../unet/unet-s5-d16-c16_fcn_4xb4-160k_cityscapes-512x1024.py
+# The model of configs/unet/unet-s5-d16-c16_fcn_4xb4-160k_cityscapes-512x1024.py
 # (mmseg's UNet + FCN head, 16 instead of 64 base channels), resized to train
-# in a few CPU minutes (tools/demo.py; the calibration runs are in its
-# README section):
+# in a few CPU minutes (projects/digits/tools/demo.py; the calibration runs
+# are in projects/digits/README.md, "Calibration"):
 # - 64x64 canvases with 16-32 px digits;
 # - 4 stages, the first conv with stride 2 (mmseg's `strides` option): the
 #   encoder runs at 1/2 .. 1/16 of the input, as the stock 5-stage U-Net's
@@ -25,9 +25,9 @@ _base_ = [
     'mmseg::_base_/default_runtime.py',
 ]
 
-# Written by: python tools/make_digits_data.py --out data/digits64 --img-size 64
+# Written by: python projects/digits/tools/make_digits_data.py --out data/digits64 --img-size 64
 #             --min-scale 16 --max-scale 32 --max-digits 4
-# (tools/demo.py generates it when missing).
+# (projects/digits/tools/demo.py generates it when missing).
 data_root = 'data/digits64/digits_seg/'
 crop_size = (64, 64)
 
@@ -58,8 +58,8 @@ model = dict(
     # skip connection) separated strokes from background within 300
     # iterations but stayed at "stroke of an unknown digit" (mIoU 8-12) for
     # 1,000-1,200 iterations at AdamW lr 0.002-0.008; on the 1/4 stage the
-    # same model and schedule reached mIoU 49.6 (calibration record:
-    # README, "The demo").
+    # same model and schedule reached mIoU 49.6 (projects/digits/README.md,
+    # "Calibration").
     decode_head=dict(
         in_channels=2 * base_channels,
         in_index=2,

@@ -1,28 +1,32 @@
 # Compact YOLO-LITE-style detector on the 64x64 digits detection set.
 #
-# The model of ../yolo_lite/yolo-lite_8xb16-100e_voc0712.py -- the YOLOLite
+# The model of configs/yolo_lite/yolo-lite_8xb16-100e_voc0712.py -- the YOLOLite
 # backbone (six conv-BN-LeakyReLU layers, 2x2 max-pools in between) under
 # mmdet's thin three-scale YOLOv3 neck and head -- written out here because
 # that config also carries VOC data and a schedule, which MMEngine cannot merge
 # with the digits data base (a key may come from one base only).
 #
-# Sized to train in a few CPU minutes (tools/demo.py; calibration in its
-# report): 64x64 canvases with 16-32 px digits (the data base's 128x128
-# canvases with 16-48 px digits, resized to 64x64, learnt far slower: mAP 13
-# after 1,500 iterations), the two deepest widths halved (16-32-64-64-128-128
-# instead of 16-32-64-128-128-256: the kernel composition that an online
-# ExpandNet pays per step grows with the cube of the width), 10 classes,
-# anchors clustered on the digit boxes, and a short AdamW schedule.
+# Sized to train in a few CPU minutes (projects/digits/tools/demo.py;
+# calibration in projects/digits/README.md): 64x64 canvases with 16-32 px
+# digits (the data base's 128x128 canvases with 16-48 px digits, resized to
+# 64x64, learnt far slower: mAP 13 after 1,500 iterations), the two deepest
+# widths halved (16-32-64-64-128-128 instead of 16-32-64-128-128-256: the
+# kernel composition that an online ExpandNet pays per step grows with the
+# cube of the width), 10 classes, anchors clustered on the digit boxes, and a
+# short AdamW schedule.
 _base_ = [
     '../_base_/datasets/digits_det.py',
     'mmdet::_base_/default_runtime.py',
 ]
 
-custom_imports = dict(imports=['expand_mm'], allow_failed_imports=False)
+# projects.digits.data_hint (imported from the repository root) makes a missing
+# data_root come with the command that writes the data.
+custom_imports = dict(imports=['expand_mm', 'projects.digits.data_hint'],
+                      allow_failed_imports=False)
 
-# Written by: python tools/make_digits_data.py --out data/digits64 --img-size 64
+# Written by: python projects/digits/tools/make_digits_data.py --out data/digits64 --img-size 64
 #             --min-scale 16 --max-scale 32 --max-digits 4
-# (tools/demo.py generates it when missing).
+# (projects/digits/tools/demo.py generates it when missing).
 data_root = 'data/digits64/digits_det/'
 img_scale = (64, 64)
 

@@ -4,14 +4,17 @@
 # (same teacher, same loss, same schedule).
 #
 # Train the teacher first (from the repository root):
-#   python tools/train.py configs/distill/unet-s4-d16-c32_fcn_1xb16-800i_digits-seg-64x64.py
+#   python tools/train.py projects/digits/configs/distill/unet-s4-d16-c32_fcn_1xb16-800i_digits-seg-64x64.py
 # then:
-#   python tools/train.py configs/distill/kd-unet-c32_unet-s4-d16-c16-fcn_1xb16-800i_digits-seg-64x64.py
+#   python tools/train.py projects/digits/configs/distill/kd-unet-c32_unet-s4-d16-c16-fcn_1xb16-800i_digits-seg-64x64.py
 # iter_800_compact.pth (the student alone) loads strictly into
 # ../digits/unet-s4-d16-c16_fcn_1xb16-800i_digits-seg-64x64.py.
 _base_ = '../digits/unet-s4-d16-c16_fcn_1xb16-800i_digits-seg-64x64.py'
 
-custom_imports = dict(imports=['expand_mm'], allow_failed_imports=False)  # Distiller
+# projects.digits.data_hint (imported from the repository root) makes a missing
+# data_root come with the command that writes the data.
+custom_imports = dict(imports=['expand_mm', 'projects.digits.data_hint'],
+                      allow_failed_imports=False)
 
 model = dict(
     _delete_=True,

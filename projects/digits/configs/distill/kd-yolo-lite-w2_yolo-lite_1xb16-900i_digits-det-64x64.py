@@ -5,9 +5,9 @@
 # ../planting/plant-4s_kd-yolo-lite-w2_yolo-lite_1xb16-900i_digits-det-64x64.py.
 #
 # Train the teacher first (from the repository root):
-#   python tools/train.py configs/distill/yolo-lite-w2_1xb16-900i_digits-det-64x64.py
+#   python tools/train.py projects/digits/configs/distill/yolo-lite-w2_1xb16-900i_digits-det-64x64.py
 # then:
-#   python tools/train.py configs/distill/kd-yolo-lite-w2_yolo-lite_1xb16-900i_digits-det-64x64.py
+#   python tools/train.py projects/digits/configs/distill/kd-yolo-lite-w2_yolo-lite_1xb16-900i_digits-det-64x64.py
 # iter_900_compact.pth (the student alone) loads strictly into
 # ../digits/yolo-lite_1xb16-900i_digits-det-64x64.py.
 _base_ = '../digits/yolo-lite_1xb16-900i_digits-det-64x64.py'

@@ -5,7 +5,7 @@
 # head outputs have the student's shapes (logits KD) and its neck outputs
 # differ only in channels (feature imitation through 1x1 adapters). Train it
 # first, from the repository root:
-#   python tools/train.py configs/distill/yolo-lite-w2_1xb16-900i_digits-det-64x64.py
+#   python tools/train.py projects/digits/configs/distill/yolo-lite-w2_1xb16-900i_digits-det-64x64.py
 # which writes work_dirs/yolo-lite-w2_1xb16-900i_digits-det-64x64/iter_900.pth,
 # the teacher_ckpt of ./kd-yolo-lite-w2_expandnet-cl-r4_yolo-lite_1xb16-900i_digits-det-64x64.py.
 _base_ = '../digits/yolo-lite_1xb16-900i_digits-det-64x64.py'

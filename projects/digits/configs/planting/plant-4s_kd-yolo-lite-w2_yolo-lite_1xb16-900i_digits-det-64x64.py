@@ -17,10 +17,10 @@
 # 'student.', plus the teacher and the adapters).
 #
 # Train the teacher first (from the repository root):
-#   python tools/train.py configs/distill/yolo-lite-w2_1xb16-900i_digits-det-64x64.py
+#   python tools/train.py projects/digits/configs/distill/yolo-lite-w2_1xb16-900i_digits-det-64x64.py
 # then:
-#   python tools/train.py configs/planting/plant-4s_kd-yolo-lite-w2_yolo-lite_1xb16-900i_digits-det-64x64.py
-#   python tools/test.py configs/digits/yolo-lite_1xb16-900i_digits-det-64x64.py \
+#   python tools/train.py projects/digits/configs/planting/plant-4s_kd-yolo-lite-w2_yolo-lite_1xb16-900i_digits-det-64x64.py
+#   python tools/test.py projects/digits/configs/digits/yolo-lite_1xb16-900i_digits-det-64x64.py \
 #       work_dirs/plant-4s_kd-yolo-lite-w2_yolo-lite_1xb16-900i_digits-det-64x64/iter_900_compact.pth
 _base_ = '../distill/kd-yolo-lite-w2_yolo-lite_1xb16-900i_digits-det-64x64.py'
 

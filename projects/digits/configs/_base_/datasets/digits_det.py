@@ -1,13 +1,16 @@
 # Digit detection dataset: sklearn's 8x8 handwritten digits composited onto
 # 128x128 canvases, COCO format. Generate it first with
-#   python tools/make_digits_data.py --task det
+#   python projects/digits/tools/make_digits_data.py --task det
 # Category ids in the json are 1..10 named '0'..'9'; CocoDataset maps them to
 # labels 0..9 by name through `metainfo['classes']`.
+# Names the command that writes the data when data_root is missing (the
+# project is imported from the repository root).
+custom_imports = dict(imports=['projects.digits.data_hint'], allow_failed_imports=False)
 dataset_type = 'CocoDataset'
 data_root = 'data/digits_det/'
 backend_args = None
 
-# Must match `--img-size` of tools/make_digits_data.py; at the default the
+# Must match `--img-size` of projects/digits/tools/make_digits_data.py; at the default the
 # Resize is a no-op that only pins the input size.
 img_scale = (128, 128)
 

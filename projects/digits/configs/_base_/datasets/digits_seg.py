@@ -1,11 +1,14 @@
 # Digit segmentation dataset: sklearn's 8x8 handwritten digits composited onto
 # 128x128 canvases, mmseg folder format. Generate it first with
-#   python tools/make_digits_data.py --task seg
+#   python projects/digits/tools/make_digits_data.py --task seg
 # Label maps: 0 background, digit + 1 on strokes, 255 on the thin blended
 # edge band around each stroke (ignored by mmseg's losses and IoUMetric).
+# Names the command that writes the data when data_root is missing (the
+# project is imported from the repository root).
+custom_imports = dict(imports=['projects.digits.data_hint'], allow_failed_imports=False)
 dataset_type = 'BaseSegDataset'
 data_root = 'data/digits_seg/'
-# Canvas size; must match `--img-size` of tools/make_digits_data.py.
+# Canvas size; must match `--img-size` of projects/digits/tools/make_digits_data.py.
 crop_size = (128, 128)
 
 metainfo = dict(
