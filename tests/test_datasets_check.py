@@ -1,4 +1,4 @@
-"""The missing-data check: how to get mmdet's / mmseg's datasets, and hints that projects register."""
+"""The missing-data check: how to get mmdet's / mmseg's datasets, and the hints of projects."""
 from __future__ import annotations
 
 import pytest

@@ -61,4 +61,5 @@ def ensure_data(data_root: str, tasks: Sequence[str], quick: bool,
             generated = True
         roots[task] = root
     return dict(out=out, roots=roots, settings=settings, up_to_date=not generated,
-                seconds=time.perf_counter() - start, command=digits_data.data_command(out, settings))
+                seconds=time.perf_counter() - start,
+                command=digits_data.data_command(out, settings))

@@ -1,4 +1,4 @@
-"""The machine the demo runs on: how many tasks train at once, with how many threads, and what to report."""
+"""The machine: how many tasks train at once, with how many threads, and what the report says."""
 from __future__ import annotations
 
 import os

@@ -1,4 +1,4 @@
-"""What the digits sets are: their classes, their format constants and the settings that make them."""
+"""What the digits sets are: their classes, format constants and the settings that make them."""
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -1,4 +1,4 @@
-"""What both dataset writers share: where files go, when a set is up to date, rendering in parallel."""
+"""What both dataset writers share: where files go, when a set is up to date, parallel rendering."""
 from __future__ import annotations
 
 import functools
