@@ -12,7 +12,7 @@ test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 demo: install
-	$(PY) tools/demo.py $(DEMO_ARGS)
+	$(PY) projects/digits/tools/demo.py $(DEMO_ARGS)
 
 bench: install
 	$(PY) tools/benchmark.py $(BENCH_ARGS)

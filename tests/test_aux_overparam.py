@@ -18,7 +18,8 @@ from expand_mm.models import widen_head_cfg
 from wrapper_test_utils import (DET_COMPACT, ROOT, SEG_COMPACT, assert_same_raw_outputs,
                                 compact_checkpoint, load_stock, logged, make_digits, tiny_cfg)
 
-AUX_DET = ROOT / 'configs/aux/aux-w2_expandnet-cl-r4_yolo-lite_1xb16-900i_digits-det-64x64.py'
+AUX_DET = ROOT / ('projects/digits/configs/aux/'
+                  'aux-w2_expandnet-cl-r4_yolo-lite_1xb16-900i_digits-det-64x64.py')
 
 
 @pytest.fixture(scope='module')
@@ -106,8 +107,8 @@ def test_config_names_the_deployable_compact_model():
     compact = Config.fromfile(str(DET_COMPACT))
     assert cfg.model.type == 'AuxOverParam'
     assert expand_mm.models.deployable_model_cfg(cfg.model) == compact.model
-    kd = Config.fromfile(str(ROOT / 'configs/distill/kd-yolo-lite-w2_expandnet-cl-r4_yolo-lite_'
-                             '1xb16-900i_digits-det-64x64.py'))
+    kd = Config.fromfile(str(ROOT / 'projects/digits/configs/distill/kd-yolo-lite-w2_expandnet-'
+                             'cl-r4_yolo-lite_1xb16-900i_digits-det-64x64.py'))
     assert expand_mm.models.deployable_model_cfg(kd.model) == compact.model
     nested = dict(type='Distiller', student=dict(cfg.model), teacher={}, teacher_ckpt='x')
     assert expand_mm.models.deployable_model_cfg(nested) == compact.model

@@ -1,6 +1,7 @@
 """Every user config under ``configs/`` parses, builds on CPU and runs.
 
-For each config (``configs/_base_`` and the digits configs excluded) the model
+For each config (``_base_`` files excluded; the digits project's configs under
+``projects/digits/configs`` have tests of their own) the model
 is built once as MMEngine's Runner builds it (the top-level
 ``data_preprocessor`` added to the model dict), with pretrained-weight loading
 switched off (nothing can be downloaded here), in the config's default scope,
@@ -29,7 +30,9 @@ from torch import nn
 import expand_mm
 from expand_mm.models.backbones import YOLOLite
 
-CONFIG_ROOT = Path(__file__).resolve().parents[1] / 'configs'
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CONFIG_ROOT = REPO_ROOT / 'configs'
+DIGITS_CONFIG_ROOT = REPO_ROOT / 'projects/digits/configs'
 INPUT_SIZE = 64
 EXPANDNET_NAME = re.compile(r'^expandnet-(?P<strategy>c[lk])-r(?P<ratio>\d+)_'
                             r'(?P<model>[^_]+)_(?P<schedule>[^_]+)_(?P<dataset>[^_]+)$')
@@ -42,10 +45,7 @@ SEG_OUTPUT_STRIDE = {'UNet': 1, 'MobileNetV2': 8}
 def _user_configs() -> list[Path]:
     paths = []
     for path in sorted(CONFIG_ROOT.rglob('*.py')):
-        parts = path.relative_to(CONFIG_ROOT).parts
-        # Digits-data and training-wrapper configs have tests of their own
-        # (test_demo, test_distiller, test_aux_overparam, test_planting).
-        if '_base_' in parts or parts[0] in ('digits', 'distill', 'aux', 'planting'):
+        if '_base_' in path.relative_to(CONFIG_ROOT).parts:
             continue
         paths.append(path)
     return paths
@@ -57,7 +57,8 @@ COMPACT_CONFIGS = [p for p in CONFIGS if p not in EXPANDNET_CONFIGS]
 
 
 def _id(path: Path) -> str:
-    return str(path.relative_to(CONFIG_ROOT))
+    root = DIGITS_CONFIG_ROOT if path.is_relative_to(DIGITS_CONFIG_ROOT) else CONFIG_ROOT
+    return str(path.relative_to(root))
 
 
 def disable_pretrained(cfg: Any) -> None:
@@ -330,7 +331,8 @@ def _training_sample(b: Built) -> tuple:
 # Configs that train without a teacher: the ExpandNet configs, and the digits
 # ExpandNet and auxiliary-head configs that set the DDP wrapper too.
 TEACHERLESS_TRAINING_CONFIGS = EXPANDNET_CONFIGS + sorted(
-    (CONFIG_ROOT / 'digits').glob('expandnet-*.py')) + sorted((CONFIG_ROOT / 'aux').glob('*.py'))
+    (DIGITS_CONFIG_ROOT / 'digits').glob('expandnet-*.py')) + sorted(
+    (DIGITS_CONFIG_ROOT / 'aux').glob('*.py'))
 
 
 @pytest.mark.parametrize('path', TEACHERLESS_TRAINING_CONFIGS, ids=_id)

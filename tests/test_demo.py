@@ -1,4 +1,4 @@
-"""End-to-end test of ``tools/demo.py --quick``: train, contract, evaluate, report.
+"""End-to-end test of ``projects/digits/tools/demo.py --quick``: train, contract, evaluate, report.
 
 One run of the real demo (both tasks, tiny data, a few iterations) in a
 subprocess -- the demo builds several MMEngine runners and both the mmdet and
@@ -18,18 +18,19 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+DEMO_TOOL = 'projects/digits/tools/demo.py'
 TASKS = ('det', 'seg')
 VARIANTS = ('compact', 'expandnet')
 
 
 @pytest.fixture(scope='module')
 def demo(tmp_path_factory) -> Path:
-    """Runs ``tools/demo.py --quick`` once; returns its work dir."""
+    """Runs ``projects/digits/tools/demo.py --quick`` once; returns its work dir."""
     tmp = tmp_path_factory.mktemp('demo')
     work_dir = tmp / 'work'
     env = dict(os.environ, PYTHONWARNINGS='ignore')
     proc = subprocess.run(
-        [sys.executable, str(ROOT / 'tools' / 'demo.py'), '--quick', '--work-dir',
+        [sys.executable, str(ROOT / DEMO_TOOL), '--quick', '--work-dir',
          str(work_dir), '--data-root', str(tmp / 'data'), '--seed', '1'],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, (proc.stdout[-4000:] + '\n' + proc.stderr[-8000:])
@@ -91,29 +92,27 @@ def test_summary_printed(demo: Path):
     assert tail.count('ExpandNet-CL r=4') >= 2 and tail.count('compact') >= 2
 
 
-def _demo_module(monkeypatch):
-    import importlib.util
-    spec = importlib.util.spec_from_file_location('demo_tool', ROOT / 'tools' / 'demo.py')
-    module = importlib.util.module_from_spec(spec)
-    # Its dataclasses resolve their module by name while the file runs.
-    monkeypatch.setitem(sys.modules, 'demo_tool', module)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_jobs_side_by_side_on_cpu_one_after_the_other_on_cuda(monkeypatch):
     """--jobs auto: two processes on a multi-core CPU machine, one on CUDA or one core."""
-    demo_tool = _demo_module(monkeypatch)
-    monkeypatch.setattr(demo_tool.torch.cuda, 'is_available', lambda: False)
-    monkeypatch.setattr(demo_tool, 'usable_cpus', lambda: 2)
-    assert demo_tool.resolve_jobs('auto', 2) == 2
-    assert demo_tool.resolve_jobs('auto', 1) == 1
-    monkeypatch.setattr(demo_tool, 'usable_cpus', lambda: 1)
-    assert demo_tool.resolve_jobs('auto', 2) == 1
-    monkeypatch.setattr(demo_tool, 'usable_cpus', lambda: 8)
-    monkeypatch.setattr(demo_tool.torch.cuda, 'is_available', lambda: True)
-    assert demo_tool.resolve_jobs('auto', 2) == 1
-    assert demo_tool.resolve_jobs('1', 2) == 1
-    assert demo_tool.resolve_jobs('5', 2) == 2
+    from projects.digits.demo import machine
+    monkeypatch.setattr(machine.torch.cuda, 'is_available', lambda: False)
+    monkeypatch.setattr(machine, 'usable_cpus', lambda: 2)
+    assert machine.resolve_jobs('auto', 2) == 2
+    assert machine.resolve_jobs('auto', 1) == 1
+    monkeypatch.setattr(machine, 'usable_cpus', lambda: 1)
+    assert machine.resolve_jobs('auto', 2) == 1
+    monkeypatch.setattr(machine, 'usable_cpus', lambda: 8)
+    monkeypatch.setattr(machine.torch.cuda, 'is_available', lambda: True)
+    assert machine.resolve_jobs('auto', 2) == 1
+    assert machine.resolve_jobs('1', 2) == 1
+    assert machine.resolve_jobs('5', 2) == 2
     with pytest.raises(SystemExit, match="--jobs must be 'auto' or a positive integer"):
-        demo_tool.resolve_jobs('two', 2)
+        machine.resolve_jobs('two', 2)
+
+
+def test_the_old_demo_path_says_where_the_demo_moved_and_runs_it():
+    proc = subprocess.run([sys.executable, str(ROOT / 'tools' / 'demo.py'), '--help'],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.splitlines()[0] == f'tools/demo.py is deprecated: run {DEMO_TOOL}'
+    assert '--quick' in proc.stdout and '--data-root' in proc.stdout

@@ -1,36 +1,26 @@
-"""Tests of tools/make_digits_data.py and the digits dataset configs."""
+"""Tests of the digits data generator (projects/digits/digits_data) and its dataset configs."""
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
+import os
+import re
+import shlex
+import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from projects.digits import digits_data as mdd
+
 ROOT = Path(__file__).resolve().parents[1]
-DET_CONFIG = ROOT / 'configs/_base_/datasets/digits_det.py'
-SEG_CONFIG = ROOT / 'configs/_base_/datasets/digits_seg.py'
+DET_CONFIG = ROOT / 'projects/digits/configs/_base_/datasets/digits_det.py'
+SEG_CONFIG = ROOT / 'projects/digits/configs/_base_/datasets/digits_seg.py'
 
-
-def _load_tool():
-    # tools/ is not a package; registering the module lets dataclasses and
-    # the worker pool resolve it by name.
-    name = 'make_digits_data'
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(
-        name, ROOT / 'tools' / 'make_digits_data.py')
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-mdd = _load_tool()
 SMALL = mdd.GenSettings(num_train=20, num_val=10, img_size=128, seed=3)
 SPLITS = {'train': SMALL.num_train, 'val': SMALL.num_val}
 
@@ -283,6 +273,53 @@ def test_cli(tmp_path, capsys):
     assert mdd.main(args) == 0
     assert 'up to date, skipped' in capsys.readouterr().out
     assert mdd.main(['--out', str(tmp_path), '--img-size', '32']) == 2
+
+
+@pytest.mark.parametrize('tool', ['projects/digits/tools/make_digits_data.py',
+                                  'tools/make_digits_data.py'])
+def test_tool_finds_its_package_and_the_old_path_forwards_to_it(tool, tmp_path):
+    """Run from another directory without PYTHONPATH: the tool puts the repository root on
+    sys.path itself; the old path says where the tool moved (one stderr line) and runs it."""
+    env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / tool), '--out', str(tmp_path), '--task', 'det',
+         '--num-train', '2', '--num-val', '1', '--img-size', '64', '--max-scale', '32',
+         '--workers', '1'],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert '[det] generated' in proc.stdout
+    assert len(list((tmp_path / 'digits_det/train').glob('*.png'))) == 2
+    moved = 'tools/make_digits_data.py is deprecated: run projects/digits/tools/make_digits_data.py'
+    assert (moved in proc.stderr) == tool.startswith('tools/')
+
+
+@pytest.mark.parametrize('settings', [mdd.DIGITS64, mdd.GenSettings(),
+                                      mdd.GenSettings(num_train=24, num_val=8, min_digits=2,
+                                                      seed=5)])
+def test_data_command_writes_the_settings_it_was_made_from(settings):
+    command = mdd.data_command('data/some dir', settings).split(' ', 2)
+    assert command[:2] == ['python', mdd.TOOL]
+    args = mdd.parse_args(shlex.split(command[2]))
+    assert args.out == 'data/some dir'
+    assert mdd.GenSettings(**{k: getattr(args, k) for k in asdict(settings)}) == settings
+
+
+def test_a_missing_digits_set_is_named_with_the_command_that_writes_it(tmp_path):
+    """The dataset base configs import projects.digits.data_hint (custom_imports), which
+    registers the digits hint with expand_mm's missing-data check."""
+    from mmengine import Config
+
+    from expand_mm.datasets_check import DatasetNotFoundError, check_datasets
+    from expand_mm.errors import ExpandMMError
+    cfg = Config.fromfile(str(SEG_CONFIG))
+    cfg.train_dataloader.dataset.data_root = f'{tmp_path}/digits_seg/'
+    command = mdd.data_command(str(tmp_path), mdd.GenSettings())
+    with pytest.raises(DatasetNotFoundError, match=re.escape(f'run `{command}`')) as err:
+        check_datasets(cfg, ('train_dataloader',))
+    assert isinstance(err.value, ExpandMMError) and isinstance(err.value, FileNotFoundError)
+    cfg.train_dataloader.dataset.data_root = f'{tmp_path}/VOCdevkit/'
+    with pytest.raises(DatasetNotFoundError, match='Pascal VOC 2007'):
+        check_datasets(cfg, ('train_dataloader',))
 
 
 # ----------------------------------------------------------------------------

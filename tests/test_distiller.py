@@ -1,6 +1,6 @@
 """Knowledge distillation (``type='Distiller'``) and the wrapper protocol of the checkpoints.
 
-Real Runner runs of the configs in ``configs/distill`` on tiny generated
+Real Runner runs of the configs in ``projects/digits/configs/distill`` on tiny generated
 digits data: the KD losses are logged and non-zero, the teacher stays frozen,
 and the compact checkpoint holds only the (contracted) student, loads strictly
 into the stock compact config and computes what the student computes.
@@ -29,7 +29,7 @@ from wrapper_test_utils import (DET_COMPACT, ROOT, SEG_COMPACT, assert_outputs_c
                                 load_stock, load_tool, logged, make_digits, save_state,
                                 tiny_cfg)
 
-DISTILL = ROOT / 'configs/distill'
+DISTILL = ROOT / 'projects/digits/configs/distill'
 KD_DET = DISTILL / 'kd-yolo-lite-w2_expandnet-cl-r4_yolo-lite_1xb16-900i_digits-det-64x64.py'
 KD_SEG = DISTILL / ('kd-unet-c32_expandnet-cl-r4_unet-s4-d16-c16-fcn_1xb16-800i_'
                     'digits-seg-64x64.py')

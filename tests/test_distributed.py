@@ -33,10 +33,11 @@ OURS = 'ExpandNetDistributedDataParallel'
 STOCK = 'StockDDPOnCPU'
 # name: (config, task, iterations, accumulative_counts, our wrapper, the stock one)
 CASES = {
-    'det': (ROOT / 'configs/digits/expandnet-cl-r4_yolo-lite_1xb16-900i_digits-det-64x64.py',
+    'det': (ROOT / 'projects/digits/configs/digits/expandnet-cl-r4_yolo-lite_1xb16-900i_digits-'
+                   'det-64x64.py',
             'det', 3, 2, dict(type=OURS), dict(type=STOCK)),
-    'seg': (ROOT / 'configs/digits/expandnet-cl-r4_unet-s4-d16-c16-fcn_1xb16-800i_digits-seg-'
-                   '64x64.py',
+    'seg': (ROOT / 'projects/digits/configs/digits/expandnet-cl-r4_unet-s4-d16-c16-fcn_1xb16-'
+                   '800i_digits-seg-64x64.py',
             'seg', 2, 1, dict(type=OURS, static_graph=True),
             dict(type=STOCK, find_unused_parameters=True)),
 }

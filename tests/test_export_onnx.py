@@ -51,7 +51,8 @@ def test_export_takes_a_training_wrappers_checkpoint_and_names_it_with_the_compa
     prefix its network sits under and what to use."""
     import expand_mm
     from wrapper_test_utils import DET_COMPACT, ROOT as REPO, build_model, save_state
-    aux = REPO / 'configs/aux/aux-w2_expandnet-cl-r4_yolo-lite_1xb16-900i_digits-det-64x64.py'
+    aux = REPO / ('projects/digits/configs/aux/'
+                  'aux-w2_expandnet-cl-r4_yolo-lite_1xb16-900i_digits-det-64x64.py')
     torch.manual_seed(0)
     model = build_model(aux)
     ckpt = save_state(model, tmp_path / 'iter_1.pth')

@@ -139,7 +139,8 @@ def test_contract_creates_the_output_folder(expandnet_checkpoint, tmp_path, caps
     # CK chains of 3x3 convs, strided
     ('configs/expandnet/expandnet-ck-r4_yolo-lite-k5_8xb16-100e_voc0712.py', (96, 128)),
     # a decoder stage whose output the trace finds dead counts nothing
-    ('configs/digits/expandnet-cl-r4_unet-s4-d16-c16-fcn_1xb16-800i_digits-seg-64x64.py',
+    ('projects/digits/configs/digits/'
+     'expandnet-cl-r4_unet-s4-d16-c16-fcn_1xb16-800i_digits-seg-64x64.py',
      (64, 96)),
 ])
 def test_training_macs_from_shapes_equal_the_explicit_trace(config, size):
@@ -158,7 +159,8 @@ def test_training_macs_from_shapes_equal_the_explicit_trace(config, size):
 
 def test_input_size_comes_from_the_test_settings():
     from expand_mm.cost import config_input_size
-    digits = Config.fromfile(str(ROOT / 'configs/digits/yolo-lite_1xb16-900i_digits-det-64x64.py'))
+    digits = Config.fromfile(str(ROOT / 'projects/digits/configs/digits/'
+                                 'yolo-lite_1xb16-900i_digits-det-64x64.py'))
     assert config_input_size(digits) == (
         (64, 64), 'test-pipeline Resize scale (keep_ratio: images are fitted into this box)')
     yolox = Config.fromfile(str(ROOT / 'configs/yolox/yolox_tiny_8xb8-300e_coco.py'))
@@ -272,7 +274,8 @@ def test_check_hook_warns_about_what_an_expandnet_config_leaves_out(tmp_path):
 
     assert warnings_of(Config.fromfile(str(EXPANDNET))) == []
     assert warnings_of(Config.fromfile(str(COMPACT))) == []
-    digits = ROOT / 'configs/digits/expandnet-cl-r4_yolo-lite_1xb16-900i_digits-det-64x64.py'
+    digits = ROOT / ('projects/digits/configs/digits/'
+                     'expandnet-cl-r4_yolo-lite_1xb16-900i_digits-det-64x64.py')
     assert warnings_of(Config.fromfile(str(digits))) == []
     bare = Config.fromfile(str(digits))
     bare.optim_wrapper.pop('constructor')
@@ -452,11 +455,12 @@ def test_tools_print_their_own_checks_in_one_line_and_keep_other_tracebacks(caps
 def test_missing_digits_data_names_the_command_that_writes_it(tmp_path):
     """The 64x64 configs read data/digits64: the hint gives the options that write it."""
     from expand_mm.datasets_check import check_datasets
-    cfg = Config.fromfile(str(ROOT / 'configs/distill/yolo-lite-w2_1xb16-900i_digits-det-64x64.py'))
+    cfg = Config.fromfile(str(ROOT / 'projects/digits/configs/distill/'
+                              'yolo-lite-w2_1xb16-900i_digits-det-64x64.py'))
     cfg.train_dataloader.dataset.data_root = f'{tmp_path}/digits64/digits_det/'
     with pytest.raises(FileNotFoundError, match=(
-            rf'run `python tools/make_digits_data.py --out {tmp_path}/digits64 --img-size 64 '
-            r'--min-scale 16 --max-scale 32 --max-digits 4`')):
+            rf'run `python projects/digits/tools/make_digits_data.py --out {tmp_path}/digits64 '
+            r'--img-size 64 --min-scale 16 --max-scale 32 --max-digits 4`')):
         check_datasets(cfg, ('train_dataloader',))
 
 

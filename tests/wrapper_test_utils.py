@@ -13,8 +13,9 @@ from mmengine.registry import MODELS, DefaultScope
 from mm_test_utils import shrink_for_test
 
 ROOT = Path(__file__).resolve().parents[1]
-DET_COMPACT = ROOT / 'configs/digits/yolo-lite_1xb16-900i_digits-det-64x64.py'
-SEG_COMPACT = ROOT / 'configs/digits/unet-s4-d16-c16_fcn_1xb16-800i_digits-seg-64x64.py'
+DET_COMPACT = ROOT / 'projects/digits/configs/digits/yolo-lite_1xb16-900i_digits-det-64x64.py'
+SEG_COMPACT = ROOT / ('projects/digits/configs/digits/'
+                      'unet-s4-d16-c16_fcn_1xb16-800i_digits-seg-64x64.py')
 SIZE = (64, 64)
 
 
@@ -31,7 +32,7 @@ def load_tool(name: str):
 
 def make_digits(root: Path) -> Path:
     """Both digits datasets, tiny (4 train / 2 val 64x64 canvases), under ``root``."""
-    mdd = load_tool('make_digits_data')
+    from projects.digits import digits_data as mdd
     settings = mdd.GenSettings(num_train=4, num_val=2, img_size=64, min_digits=1,
                                max_digits=2, min_scale=16, max_scale=32, seed=0)
     mdd.generate(root, 'both', settings, workers=1)
