@@ -20,4 +20,5 @@ custom_hooks = [
     dict(type='ExpandCheckpointLoadHook'),
     dict(type='NonlinearInitHook', act_cfg=dict(type='ReLU'), end=nonlinear_iters),
     dict(type='ContractCheckpointHook'),
+    dict(type='ExpandNetCheckHook'),
 ]

@@ -27,7 +27,8 @@ model = dict(
 optim_wrapper = dict(
     constructor='ExpandNetOptimWrapperConstructor',
     paramwise_cfg=dict(factor_lr_mult=0.1))
-custom_hooks = [dict(type='ExpandCheckpointLoadHook'), dict(type='ContractCheckpointHook')]
+custom_hooks = [dict(type='ExpandCheckpointLoadHook'), dict(type='ContractCheckpointHook'),
+                dict(type='ExpandNetCheckHook')]
 # The full-resolution decoder stage feeds no head, so some parameters get no
 # gradient: static_graph=True (not with gradient accumulation).
 model_wrapper_cfg = dict(type='ExpandNetDistributedDataParallel', static_graph=True)

@@ -16,5 +16,6 @@ model = dict(
     ratio=4,
     mode='online')
 optim_wrapper = dict(constructor='ExpandNetOptimWrapperConstructor')
-custom_hooks = [dict(type='ExpandCheckpointLoadHook'), dict(type='ContractCheckpointHook')]
+custom_hooks = [dict(type='ExpandCheckpointLoadHook'), dict(type='ContractCheckpointHook'),
+                dict(type='ExpandNetCheckHook')]
 model_wrapper_cfg = dict(type='ExpandNetDistributedDataParallel')

@@ -37,4 +37,5 @@ model = dict(
 
 # Write iter_N_compact.pth beside every checkpoint: the student alone (the
 # teacher is training-only); let load_from= take a stock compact checkpoint.
-custom_hooks = [dict(type='ExpandCheckpointLoadHook'), dict(type='ContractCheckpointHook')]
+custom_hooks = [dict(type='ExpandCheckpointLoadHook'), dict(type='ContractCheckpointHook'),
+                dict(type='ExpandNetCheckHook')]

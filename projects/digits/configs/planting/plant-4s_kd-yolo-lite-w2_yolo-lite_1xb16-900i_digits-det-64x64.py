@@ -38,4 +38,5 @@ custom_hooks = [
         stages=(0.25, 0.5, 0.75, 1.0),
         milestones=[stage_iters, 2 * stage_iters, 3 * stage_iters],
         freeze='all'),
+    dict(type='ExpandNetCheckHook'),
 ]
