@@ -73,9 +73,11 @@ def _named_tensors(out: Any, name: str = 'output') -> list[tuple[str, Tensor]]:
     if isinstance(out, Tensor):
         return [(name, out)]
     if isinstance(out, dict):
-        return [item for key in sorted(out) for item in _named_tensors(out[key], f'{name}[{key!r}]')]
+        return [item for key in sorted(out)
+                for item in _named_tensors(out[key], f'{name}[{key!r}]')]
     if isinstance(out, (list, tuple)):
-        return [item for i, value in enumerate(out) for item in _named_tensors(value, f'{name}[{i}]')]
+        return [item for i, value in enumerate(out)
+                for item in _named_tensors(value, f'{name}[{i}]')]
     if hasattr(out, 'to_dict'):  # mmengine data elements
         return _named_tensors(out.to_dict(), name)
     return []
