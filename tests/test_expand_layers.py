@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from expand_mm.errors import ConfigError
 from expand_mm.layers import ExpandConv2d, ExpandedLayer, ExpandLinear
 from expand_mm.ops import ck_exact_min_ratio, ck_kernel_sizes
 
@@ -344,19 +345,22 @@ def test_ck_on_a_small_or_even_kernel_raises_naming_the_layer(kernel):
 
 
 def test_bad_arguments_raise():
-    with pytest.raises(ValueError, match='strategy'):
+    with pytest.raises(ConfigError, match='strategy'):
         ExpandConv2d(2, 2, 3, strategy='xx')
-    with pytest.raises(ValueError, match='ratio'):
+    with pytest.raises(ConfigError, match='ratio'):
         ExpandConv2d(2, 2, 3, ratio=0)
-    with pytest.raises(ValueError, match='groups'):
+    with pytest.raises(ConfigError, match=r"ExpandLinear 'head.fc': ratio=True must be an "
+                                          r'integer >= 1'):
+        ExpandLinear(2, 2, ratio=True, name='head.fc')
+    with pytest.raises(ConfigError, match='groups'):
         ExpandConv2d(3, 2, 3, groups=2)
-    with pytest.raises(ValueError, match='mode'):
+    with pytest.raises(ConfigError, match='mode'):
         ExpandConv2d(2, 2, 3).set_mode('fast')
     with pytest.raises(TypeError):
         ExpandConv2d.from_conv(nn.Linear(2, 2))
-    with pytest.raises(ValueError, match='shape'):
+    with pytest.raises(ConfigError, match='shape'):
         ExpandConv2d(2, 2, 3).set_compact(torch.randn(2, 2, 5, 5))
-    with pytest.raises(ValueError, match='bias'):
+    with pytest.raises(ConfigError, match='bias'):
         ExpandConv2d(2, 2, 3, bias=False).set_compact(torch.randn(2, 2, 3, 3),
                                                         torch.randn(2))
 
@@ -620,7 +624,7 @@ def _assert_close_at_scale(actual, expected, name=''):
 
 
 def _factor_grads(net, defer, x, passes=1):
-    from expand_mm.surgery import deferred_factor_grads
+    from expand_mm.layers import deferred_factor_grads
     net = copy.deepcopy(net)
     with deferred_factor_grads(net, defer):
         for _ in range(passes):
@@ -650,7 +654,7 @@ def test_deferred_factor_grads_equal_plain_autograd():
 def test_deferred_factor_grads_wait_for_the_end_of_backward(monkeypatch):
     """The factors get no gradient while earlier activations still wait for theirs."""
     torch.manual_seed(0)
-    from expand_mm.surgery import deferred_factor_grads
+    from expand_mm.layers import deferred_factor_grads
     for defer in (False, True):
         net, x = _TwoLayerNet(), torch.randn(2, 4, 10, 10)
         seen = {}
@@ -670,7 +674,7 @@ def test_deferred_factor_grads_wait_for_the_end_of_backward(monkeypatch):
 
 def test_deferred_mode_survives_a_retained_graph_and_is_off_by_default():
     torch.manual_seed(0)
-    from expand_mm.surgery import deferred_factor_grads
+    from expand_mm.layers import deferred_factor_grads
     net, x = _TwoLayerNet(), torch.randn(2, 4, 10, 10)
     assert not net.conv1.defer_factor_grads
     plain, _ = _factor_grads(net, False, x, passes=2)
@@ -689,14 +693,14 @@ def test_deferred_mode_survives_a_retained_graph_and_is_off_by_default():
 def test_a_torch_without_the_deferral_hooks_falls_back_to_plain_autograd(monkeypatch):
     """Deferral rests on torch._C._current_graph_task_id (private API): where it is
     missing the block warns, naming it, and the layers train with plain autograd."""
-    import expand_mm.layers.base as base
-    from expand_mm.surgery import deferred_factor_grads
+    import expand_mm.layers.deferred_grads as deferred_grads
+    from expand_mm.layers import deferred_factor_grads
     torch.manual_seed(0)
     net, x = _TwoLayerNet(), torch.randn(2, 4, 10, 10)
     plain, _ = _factor_grads(net, False, x)
-    assert base.deferral_unsupported_reason() is None  # this torch has both
+    assert deferred_grads.deferral_unsupported_reason() is None  # this torch has both
     monkeypatch.delattr(torch._C, '_current_graph_task_id')
-    assert '_current_graph_task_id' in base.deferral_unsupported_reason()
+    assert '_current_graph_task_id' in deferred_grads.deferral_unsupported_reason()
     with pytest.warns(RuntimeWarning, match='_current_graph_task_id.*plain autograd'):
         with deferred_factor_grads(net) as switched:
             assert switched == 2 and not net.conv1.defer_factor_grads
@@ -705,13 +709,29 @@ def test_a_torch_without_the_deferral_hooks_falls_back_to_plain_autograd(monkeyp
         assert torch.equal(p.grad, plain[name]), name
 
 
+def test_the_deferral_engine_stays_importable_from_the_layer_base_and_surgery():
+    """Modules and users import these names from expand_mm.layers.base and
+    expand_mm.surgery; they are the engine's own objects."""
+    import expand_mm.layers.base as base
+    import expand_mm.layers.deferred_grads as deferred_grads
+    import expand_mm.surgery as surgery
+    for name in ('deferral_unsupported_reason', 'discard_deferred_factor_grads',
+                 'flush_deferred_factor_grads_first', '_DEFERRED_GRADS'):
+        assert getattr(base, name) is getattr(deferred_grads, name), name
+    for name in ('deferred_factor_grads', 'deferral_unsupported_reason',
+                 'discard_deferred_factor_grads'):
+        assert getattr(surgery, name) is getattr(deferred_grads, name), name
+    with pytest.raises(AttributeError, match='no_such_name'):
+        base.no_such_name
+
+
 def test_a_failed_backward_does_not_stop_later_deferred_factor_grads():
     """A backward pass that raises half-way (a hook, an out-of-memory error the
     caller survives) leaves its compositions unflushed; the next passes must
     still flush theirs, and leaving the block drops the stale ones."""
     torch.manual_seed(0)
-    from expand_mm.layers.base import _DEFERRED_GRADS
-    from expand_mm.surgery import deferred_factor_grads
+    from expand_mm.layers.deferred_grads import _DEFERRED_GRADS
+    from expand_mm.layers import deferred_factor_grads
     net, x = _TwoLayerNet(), torch.randn(2, 4, 10, 10)
     plain, _ = _factor_grads(net, False, x)
 
@@ -785,7 +805,8 @@ def test_deferral_under_non_reentrant_activation_checkpointing():
     """The recomputation finds the composed leaves cached: it must save what the first
     forward saved (torch checks the counts), and the gradients stay plain autograd's."""
     import torch.utils.checkpoint as checkpoint
-    from expand_mm.surgery import deferred_factor_grads, expand_model
+    from expand_mm.layers import deferred_factor_grads
+    from expand_mm.surgery import expand_model
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(),
                         nn.Conv2d(4, 4, 3, padding=1, groups=2))

@@ -1,4 +1,5 @@
 """Model surgery and checkpoint forms on small plain and mmcv models."""
+import dataclasses
 import pickle
 
 import pytest
@@ -9,6 +10,8 @@ from torch import nn
 import expand_mm
 from expand_mm import CheckpointError, contract_model, expand_model, match_state_dict
 from expand_mm.checkpoint import read_checkpoint
+from expand_mm.errors import ConfigError
+from expand_mm.surgery import ExpansionSettings
 
 
 class Tiny(nn.Module):
@@ -79,9 +82,32 @@ def test_contract_is_a_copy_with_stock_keys_and_same_function():
     (dict(strategy='ck'), "strategy='ck' needs odd kernels >= 5, but these selected layers"),
 ])
 def test_bad_settings_name_the_culprit(kwargs, message):
-    with pytest.raises(ValueError, match=None) as err:
+    with pytest.raises(ConfigError, match=None) as err:
         expand_model(Tiny(), **kwargs)
     assert message in str(err.value)
+
+
+def test_expansion_settings_are_checked_once_and_carry_every_option():
+    settings = ExpansionSettings(strategy='auto', ratio=2, include='backbone.*',
+                                 exclude=['backbone.1*'])
+    assert settings.include == ('backbone.*',) and settings.exclude == ('backbone.1*',)
+    assert settings.ratio_for('backbone.0.conv') == 2
+    assert settings.selects('backbone.0.conv') and not settings.selects('backbone.1.conv')
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settings.ratio = 3
+    by_keywords = expand_model(Tiny(), strategy='auto', ratio=2, include='backbone.*',
+                               exclude=['backbone.1*'])
+    by_settings = expand_model(Tiny(), settings=settings)
+    assert by_settings.to_dict() == by_keywords.to_dict()
+    assert [r.path for r in by_settings.layers] == ['backbone.0.conv', 'backbone.3']
+    assert by_settings.settings is settings
+    assert (by_settings.ratio, by_settings.mode) == (2, 'online')
+    with pytest.raises(ConfigError, match='not both'):
+        expand_model(Tiny(), ratio=3, settings=settings)
+    with pytest.raises(ConfigError, match=r'ratio=0 must be an integer >= 1'):
+        ExpansionSettings(ratio=0)
+    with pytest.raises(ConfigError, match=r"include=\(3,\) must be glob patterns"):
+        ExpansionSettings(include=[3])
 
 
 def test_unmatched_pattern_suggests_nearest_paths():
@@ -95,63 +121,6 @@ def test_a_pattern_that_names_an_unexpandable_module_says_so():
         expand_model(Tiny(), include=['backbone.0.bn'])
     assert ("matches modules that are not expandable: backbone.0.bn (BatchNorm2d). "
             "Expandable are plain nn.Conv2d") in str(err.value)
-
-
-def _amplifying_net_and_input():
-    """An expanded conv whose outputs sit 1e4 times above what eval-mode BN
-    leaves of them: float32 rounding of the kernel comes out ~1e3 times larger
-    (relative), as early in training when BN's running statistics lag the weights."""
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(4, 8, 3), nn.BatchNorm2d(8))
-    expand_model(net, ratio=4)
-    x = 100 + 0.01 * torch.randn(1, 4, 8, 8)
-    with torch.no_grad():
-        net[1].running_mean.copy_(net[0](x).mean((0, 2, 3)))
-        net[1].running_var.fill_(1e-4)
-    return net.eval(), x
-
-
-def test_check_contraction_tells_float32_rounding_from_a_wrong_contraction():
-    net, x = _amplifying_net_and_input()
-    compact = contract_model(net)
-    rounding = expand_mm.check_contraction(net, compact, x, rtol=1e-4)
-    assert rounding['max_rel'] > 1e-4  # the float32 check alone would refuse it
-    assert rounding['float64_max_rel'] < 1e-10
-    assert rounding['float64_weights_max_rel'] < 1e-6
-    # contract_model's own check agrees (it raised before the float64 re-check)
-    contract_model(net, verify_inputs=x)
-    with torch.no_grad():
-        compact[0].weight[0, 0, 0, 0] += 1e-3 * float(compact[0].weight.abs().max())
-    with pytest.raises(RuntimeError, match=r"compact tensors differ from that contraction by "
-                                           r"up to 0\.001.*\(0\.weight\)"):
-        expand_mm.check_contraction(net, compact, x, rtol=1e-4)
-    # A wrong online forward (what was trained) or a wrong contract() is not rounding,
-    # even where the float32 error alone cannot tell.
-    from expand_mm.layers import ExpandConv2d
-    for method in ('composed', 'contract'):
-        original = getattr(ExpandConv2d, method)
-        if method == 'composed':
-            def broken(self, original=original):
-                weight, bias = original(self)
-                return weight * 1.01, bias
-        else:
-            def broken(self, original=original):
-                conv = original(self)
-                with torch.no_grad():
-                    conv.weight.mul_(1.01)
-                return conv
-        with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(ExpandConv2d, method, broken)
-            net.eval()
-            with pytest.raises(RuntimeError, match=r'in float64 the expanded model \(as trained, '
-                                                   r'and with explicit chains\) and its '
-                                                   r'contraction differ by (0\.[1-9]|[1-9])'):
-                expand_mm.check_contraction(net, contract_model(net), x, rtol=1e-4)
-    # on a well-conditioned net the float32 check decides alone
-    tiny = Tiny()
-    expand_model(tiny, ratio=2)
-    errors = expand_mm.check_contraction(tiny, contract_model(tiny), torch.randn(2, 3, 16, 16))
-    assert errors['max_rel'] < 1e-5 and 'float64_max_rel' not in errors
 
 
 def test_unsupported_conv_subclass_is_left_compact_with_a_reason():
@@ -222,25 +191,6 @@ def test_corrupt_and_missing_checkpoint_files(tmp_path):
         read_checkpoint(str(with_object))
     assert 'holds a Python object other than tensors and plain values' in str(err.value)
     assert 'weights_only' not in str(err.value) and 'is corrupt' not in str(err.value)
-
-
-def test_float64_recheck_copy_shares_nothing_and_keeps_the_structure():
-    from expand_mm.surgery import _cpu_float64_copy
-    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Conv2d(8, 4, 1))
-    expand_mm.expand_model(net, strategy='cl', ratio=2, include=['0', '2'], expand_1x1=True)
-    net[1].weight.requires_grad_(False)
-    copy64 = _cpu_float64_copy(net)
-    originals = dict(net.state_dict(keep_vars=True))
-    for key, value in copy64.state_dict(keep_vars=True).items():
-        original = originals[key]
-        assert value.dtype == (torch.float64 if original.is_floating_point() else original.dtype)
-        assert value.data_ptr() != original.data_ptr(), key
-        assert torch.equal(value, original.to(value.dtype))
-    assert isinstance(copy64[1].weight, nn.Parameter) and not copy64[1].weight.requires_grad
-    copy64[1].num_batches_tracked += 1
-    assert int(net[1].num_batches_tracked) == 0
-    x = torch.randn(2, 3, 8, 8)
-    torch.testing.assert_close(copy64.eval()(x.double()).float(), net.eval()(x))
 
 
 def test_pattern_messages_suggest_expandable_layers_and_name_cancelling_patterns():

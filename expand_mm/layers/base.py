@@ -1,154 +1,50 @@
-"""Common base of expanded layers: modes, nonlinearity slot, composed-weight cache,
-deferred factor gradients."""
+"""Common base of expanded layers: modes, nonlinearity slot, composed-weight cache.
+
+The deferred factor gradients that the layers can train with live in
+:mod:`expand_mm.layers.deferred_grads`; the layers only hand it their leaves.
+"""
 
 from __future__ import annotations
 
 import math
-import threading
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from ..errors import ConfigError
+from .deferred_grads import defer_leaf_gradient
+
 MODES = ('online', 'explicit')
 
+# Names of the deferred-gradient engine, importable from here as well.
+_DEFERRED_GRADS_NAMES = ('_DEFERRED_GRADS', '_DeferredFactorGrads', 'deferral_unsupported_reason',
+                         'discard_deferred_factor_grads', 'flush_deferred_factor_grads_first')
 
-class _DeferredFactorGrads:
-    """Back-propagates composed weights into their factors once a backward pass ends.
 
-    In deferred online mode a layer runs its conv on a detached copy (a leaf)
-    of the composed weight. The main backward pass then only produces the
-    compact-sized gradient of that leaf; when the leaf's gradient is
-    accumulated, the leaf and the composed weight it stands for are queued
-    here, and a callback queued on the autograd engine runs the composition's
-    backward for every queued weight at the end of the pass. The factor
-    gradients -- several times the compact parameters -- are thus allocated
-    after the activations of the pass are freed instead of on top of them. For
-    a layer used once per pass they are bit for bit the ones plain autograd
-    gives (the same operations); for a layer used several times, the compact
-    gradients are summed before the composition's backward instead of after
-    (equal up to rounding). The callback is the autograd engine's
-    ``queue_callback``, which ``DistributedDataParallel`` uses the same way.
+def __getattr__(name: str) -> Any:
+    if name in _DEFERRED_GRADS_NAMES:
+        from . import deferred_grads
+        return getattr(deferred_grads, name)
+    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
+
+
+def check_ratio(ratio: Any, who: str) -> int:
+    """The expansion ratio ``ratio`` if it is an integer >= 1.
+
+    Args:
+        ratio: The value to check.
+        who: What the ratio was given to, for the message (e.g. ``'expand_model'``).
+
+    Returns:
+        ``ratio``.
+
+    Raises:
+        ConfigError: If ``ratio`` is not an ``int`` (``bool`` excluded) >= 1.
     """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        # (graph task, layer, composed weight, its leaf), and the graph tasks
-        # that have a flush queued. Keyed by task so that a backward pass that
-        # failed half-way (an exception in a hook, an out-of-memory error that
-        # the caller survives) cannot keep later passes from queueing theirs.
-        self._pending: list[tuple[int, ExpandedLayer, Tensor, Tensor]] = []
-        self._queued: set[int] = set()
-
-    def leaf_ready(self, layer: 'ExpandedLayer', composed: Tensor, leaf: Tensor) -> None:
-        """Queue ``composed`` for ``leaf.grad``, and the flush of this backward pass."""
-        task = _current_backward_pass()
-        with self._lock:
-            self._pending.append((task, layer, composed, leaf))
-        self.queue_flush()
-
-    def queue_flush(self) -> None:
-        """Queue the flush of the current backward pass, once per pass.
-
-        Called inside a backward pass (post-accumulate hooks only fire there,
-        where the engine takes callbacks). Callbacks run in the order they are
-        queued: calling this at the start of a pass puts the flush before the
-        callbacks that others queue later in the pass (DDP's static-graph
-        reduction, see ``ExpandNetDistributedDataParallel``).
-        """
-        task = _current_backward_pass()
-        with self._lock:
-            if task in self._queued:
-                return
-            self._queued.add(task)
-        torch.autograd.Variable._execution_engine.queue_callback(lambda: self.flush(task))
-
-    def flush(self, task: int) -> None:
-        """Run the queued compositions' backward of backward pass ``task``."""
-        with self._lock:
-            self._queued.discard(task)
-            pending = [entry for entry in self._pending if entry[0] == task]
-            self._pending = [entry for entry in self._pending if entry[0] != task]
-        outputs, grads = [], []
-        for _, layer, composed, leaf in pending:
-            grads.append(leaf.grad)
-            leaf.grad = None
-            outputs.append(composed)
-            if layer._deferred is not None and any(t is leaf for t in layer._deferred[1]):
-                # The next forward composes anew: these factors get their update now.
-                layer._deferred = None
-        if outputs:
-            # retain_graph: a main graph kept for a second backward reaches
-            # these compositions again; their graphs go with the leaves.
-            torch.autograd.backward(outputs, grads, retain_graph=True)
-
-    def discard(self, layers: Iterable['ExpandedLayer']) -> int:
-        """Drop what failed backward passes left queued for ``layers``; returns how many.
-
-        Meant for the end of a training step, when no backward pass of these
-        layers can be running: entries left then belong to a pass that raised,
-        whose gradients a caller that goes on will zero anyway. They hold the
-        composed weights' graphs, so they are freed here.
-        """
-        layers = {id(layer) for layer in layers}
-        with self._lock:
-            kept = [entry for entry in self._pending if id(entry[1]) not in layers]
-            dropped = [entry for entry in self._pending if id(entry[1]) in layers]
-            self._pending = kept
-            live = {entry[0] for entry in kept}
-            self._queued &= live
-        for _, layer, _, leaf in dropped:
-            # The layer's cache holds the same leaf (and its graph).
-            if layer._deferred is not None and any(t is leaf for t in layer._deferred[1]):
-                layer._deferred = None
-        return len(dropped)
-
-
-def _current_backward_pass() -> int:
-    """Id of the autograd graph task (backward pass) running in this thread."""
-    return torch._C._current_graph_task_id()
-
-
-def deferral_unsupported_reason() -> str | None:
-    """Why this torch build cannot defer factor gradients, or ``None`` when it can.
-
-    Deferral keys its queue on ``torch._C._current_graph_task_id`` (private, in
-    torch since 2.1) and hooks leaves with ``register_post_accumulate_grad_hook``
-    (public since 2.1); a torch that lacks either trains with plain autograd.
-    """
-    missing = []
-    if not callable(getattr(torch._C, '_current_graph_task_id', None)):
-        missing.append('torch._C._current_graph_task_id')
-    if not callable(getattr(torch.Tensor, 'register_post_accumulate_grad_hook', None)):
-        missing.append('torch.Tensor.register_post_accumulate_grad_hook')
-    if not missing:
-        return None
-    return f'torch {torch.__version__} lacks {" and ".join(missing)}'
-
-
-_DEFERRED_GRADS = _DeferredFactorGrads()
-
-
-def discard_deferred_factor_grads(layers: Iterable['ExpandedLayer']) -> int:
-    """Drop deferred factor gradients of ``layers`` that no backward pass will flush.
-
-    What a backward pass that raised left queued (see
-    :meth:`_DeferredFactorGrads.discard`); returns how many compositions.
-    """
-    return _DEFERRED_GRADS.discard(layers)
-
-
-def flush_deferred_factor_grads_first(loss: Tensor) -> None:
-    """In ``loss``'s backward pass, flush the deferred factor gradients before later callbacks.
-
-    Queues the flush when the pass starts (a pre-hook on ``loss.grad_fn``)
-    instead of when the first deferred weight gets its gradient, so it runs
-    before any callback that something reached later in the pass queues --
-    ``DistributedDataParallel`` with ``static_graph=True`` queues the reduction
-    of every gradient from its output node and must see the factors' ones.
-    """
-    if loss.grad_fn is not None:
-        loss.grad_fn.register_prehook(lambda grad_outputs: _DEFERRED_GRADS.queue_flush())
+    if isinstance(ratio, bool) or not isinstance(ratio, int) or ratio < 1:
+        raise ConfigError(f'{who}: ratio={ratio!r} must be an integer >= 1 (the paper uses 4)')
+    return ratio
 
 
 class ExpandedLayer(nn.Module):
@@ -170,12 +66,12 @@ class ExpandedLayer(nn.Module):
     it. Nothing is cached while autograd could need the graph.
 
     Deferred factor gradients (:attr:`defer_factor_grads`, switched on by
-    :func:`expand_mm.surgery.deferred_factor_grads` around an MMEngine
-    ``train_step``): in training mode the layer composes its weight once per
+    :func:`expand_mm.layers.deferred_grads.deferred_factor_grads` around an
+    MMEngine ``train_step``): in training mode the layer composes its weight once per
     parameter version (a module called several times in one step composes
     once), runs on a detached leaf copy of it, and the factors receive their
     gradients at the end of the backward pass, after the activations are freed
-    (see :class:`_DeferredFactorGrads`). Same gradients, lower peak memory.
+    (see :mod:`expand_mm.layers.deferred_grads`). Same gradients, lower peak memory.
     ``loss.backward()`` fills the factors' ``.grad`` as usual;
     ``torch.autograd.grad(loss, factors)`` does not see the factors, which is
     why the switch is off by default.
@@ -193,11 +89,10 @@ class ExpandedLayer(nn.Module):
 
     def __init__(self, *, ratio: int, mode: str = 'online', name: str | None = None):
         super().__init__()
-        if isinstance(ratio, bool) or not isinstance(ratio, int) or ratio < 1:
-            raise ValueError(f'{type(self).__name__} {name!r}: ratio must be an int '
-                             f'>= 1, got {ratio!r}')
-        self.ratio = ratio
         self.name = name
+        # The layers are public constructors: expand_model's settings check the
+        # ratio once, but a layer built directly must refuse a bad one too.
+        self.ratio = check_ratio(ratio, self._describe())
         self.nonlinearity: nn.Module | None = None
         self._cache: tuple[Any, tuple[Tensor, Tensor | None]] | None = None
         self.defer_factor_grads = False
@@ -232,8 +127,8 @@ class ExpandedLayer(nn.Module):
         inside, the chain's bias is its last layer's.
         """
         if not self._has_bias():
-            raise ValueError(f'{self._describe()}: got a bias but the layer has none '
-                             '(bias=False)')
+            raise ConfigError(f'{self._describe()}: got a bias but the layer has none '
+                              '(bias=False)')
         with torch.no_grad():
             for sub in self.sublayers[:-1]:
                 if sub.bias is not None:
@@ -259,8 +154,8 @@ class ExpandedLayer(nn.Module):
     def set_mode(self, mode: str) -> 'ExpandedLayer':
         """Switch between ``'online'`` and ``'explicit'``; returns ``self``."""
         if mode not in MODES:
-            raise ValueError(f'{self._describe()}: mode must be one of {MODES}, '
-                             f'got {mode!r}')
+            raise ConfigError(f'{self._describe()}: mode must be one of {MODES}, '
+                              f'got {mode!r}')
         if mode == 'online':
             self._check_linear('online mode')
         self._mode = mode
@@ -354,12 +249,19 @@ class ExpandedLayer(nn.Module):
                 leaves.append(composed)
                 continue
             leaf = composed.detach().requires_grad_()
-            # The hook holds the composed tensor, so its graph lives as long
-            # as the leaf: until the main graph and this cache drop it.
-            leaf.register_post_accumulate_grad_hook(
-                lambda t, composed=composed: _DEFERRED_GRADS.leaf_ready(self, composed, t))
+            defer_leaf_gradient(self, composed, leaf)
             leaves.append(leaf)
         return leaves[0], leaves[1]
+
+    def release_deferred_leaf(self, leaf: Tensor) -> None:
+        """Forget the cached deferred composition if it holds ``leaf``.
+
+        Called by :mod:`~expand_mm.layers.deferred_grads` once ``leaf``'s
+        gradient has reached the factors (or was dropped): the next forward
+        composes anew from the updated factors.
+        """
+        if self._deferred is not None and any(t is leaf for t in self._deferred[1]):
+            self._deferred = None
 
     @property
     def weight(self) -> Tensor:

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..errors import ConfigError
 from ..ops import (ck_channels, ck_depth, ck_exact_min_ratio, ck_kernel_sizes, cl_channels,
                    cl_kernel_sizes, compose_conv_chain, factorize_ck, factorize_cl,
                    padding_amounts, propagate_conv_bias, to_pair)
@@ -60,8 +61,9 @@ class ExpandConv2d(ExpandedLayer):
         dtype: Dtype of the sub-convs.
 
     Raises:
-        ValueError: On channels not divisible by ``groups``, an unknown padding
-            or padding mode, or CK on an even or smaller-than-5 kernel.
+        ConfigError: On a bad ratio or mode, channels not divisible by ``groups``,
+            an unknown padding or padding mode, or CK on an even or smaller-than-5
+            kernel.
     """
 
     transposed = False
@@ -86,14 +88,14 @@ class ExpandConv2d(ExpandedLayer):
         super().__init__(ratio=ratio, mode=mode, name=name)
         who = self._describe()
         if strategy not in STRATEGIES:
-            raise ValueError(f'{who}: strategy must be one of {STRATEGIES}, '
-                             f'got {strategy!r}')
+            raise ConfigError(f'{who}: strategy must be one of {STRATEGIES}, '
+                              f'got {strategy!r}')
         if groups < 1 or in_channels % groups or out_channels % groups:
-            raise ValueError(f'{who}: in_channels={in_channels} and out_channels='
-                             f'{out_channels} must be divisible by groups={groups}')
+            raise ConfigError(f'{who}: in_channels={in_channels} and out_channels='
+                              f'{out_channels} must be divisible by groups={groups}')
         if padding_mode not in PADDING_MODES:
-            raise ValueError(f'{who}: padding_mode must be one of {PADDING_MODES}, '
-                             f'got {padding_mode!r}')
+            raise ConfigError(f'{who}: padding_mode must be one of {PADDING_MODES}, '
+                              f'got {padding_mode!r}')
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.kernel_size = to_pair(kernel_size, 'kernel_size')
@@ -102,10 +104,10 @@ class ExpandConv2d(ExpandedLayer):
         self.output_padding = (0, 0)
         if isinstance(padding, str):
             if padding not in ('same', 'valid'):
-                raise ValueError(f"{who}: padding must be 'same', 'valid', an int or "
-                                 f'a pair, got {padding!r}')
+                raise ConfigError(f"{who}: padding must be 'same', 'valid', an int or "
+                                  f'a pair, got {padding!r}')
             if padding == 'same' and self.stride != (1, 1):
-                raise ValueError(f"{who}: padding='same' needs stride 1 (as nn.Conv2d)")
+                raise ConfigError(f"{who}: padding='same' needs stride 1 (as nn.Conv2d)")
             self.padding: tuple[int, int] | str = padding
         else:
             self.padding = to_pair(padding, 'padding')
@@ -123,7 +125,7 @@ class ExpandConv2d(ExpandedLayer):
             try:
                 depth = ck_depth(self.kernel_size)
             except ValueError as err:
-                raise ValueError(
+                raise ConfigError(
                     f"{who}: strategy='ck' cannot expand kernel_size={self.kernel_size}: "
                     f'{err}. A 3x3 has no CK expansion; use strategy=\'cl\', which '
                     f'works for every kernel size') from err
@@ -257,15 +259,15 @@ class ExpandConv2d(ExpandedLayer):
             generator: Optional RNG for the orthonormal CL factors.
 
         Raises:
-            ValueError: On a shape mismatch, a bias for a bias-free layer, or a
+            ConfigError: On a shape mismatch, a bias for a bias-free layer, or a
                 CK ratio too small for the exact construction.
         """
         who = self._describe()
         if tuple(weight.shape) != self.compact_weight_shape():
-            raise ValueError(f'{who}: compact weight must have shape '
-                             f'{self.compact_weight_shape()}, got {tuple(weight.shape)}')
+            raise ConfigError(f'{who}: compact weight must have shape '
+                              f'{self.compact_weight_shape()}, got {tuple(weight.shape)}')
         if bias is not None and not self._has_bias():
-            raise ValueError(f'{who}: got a bias but the layer has none (bias=False)')
+            raise ConfigError(f'{who}: got a bias but the layer has none (bias=False)')
         ref = self.convs[0].weight
         if self.strategy == 'cl':
             kernels = list(factorize_cl(weight.to(ref.dtype), self.groups, self.ratio,
@@ -275,7 +277,7 @@ class ExpandConv2d(ExpandedLayer):
             channels = [self.in_channels] + [c.out_channels for c in self.convs]
             need = self.exact_min_ratio()
             if self.ratio < need:
-                raise ValueError(
+                raise ConfigError(
                     f"{who}: keep_weights with strategy='ck' on a "
                     f'{self.kernel_size[0]}x{self.kernel_size[1]} kernel needs '
                     f'ratio >= {need} for an exact factorisation, got ratio='

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..errors import ConfigError
 from ..ops import compose_linear_chain, factorize_linear, propagate_linear_bias
 from .base import ExpandedLayer
 
@@ -28,6 +29,9 @@ class ExpandLinear(ExpandedLayer):
         name: Module path, used in error messages.
         device: Device of the sub-layers.
         dtype: Dtype of the sub-layers.
+
+    Raises:
+        ConfigError: On a bad ratio or mode.
     """
 
     strategy = 'fc'
@@ -127,13 +131,16 @@ class ExpandLinear(ExpandedLayer):
             weight: ``(n, m)``.
             bias: ``(n,)`` or ``None``.
             generator: Optional RNG for the orthonormal factors.
+
+        Raises:
+            ConfigError: On a shape mismatch or a bias for a bias-free layer.
         """
         who = self._describe()
         if tuple(weight.shape) != self.compact_weight_shape():
-            raise ValueError(f'{who}: compact weight must have shape '
-                             f'{self.compact_weight_shape()}, got {tuple(weight.shape)}')
+            raise ConfigError(f'{who}: compact weight must have shape '
+                              f'{self.compact_weight_shape()}, got {tuple(weight.shape)}')
         if bias is not None and not self._has_bias():
-            raise ValueError(f'{who}: got a bias but the layer has none (bias=False)')
+            raise ConfigError(f'{who}: got a bias but the layer has none (bias=False)')
         factors = factorize_linear(weight.to(self.linears[0].weight.dtype), self.ratio,
                                    generator=generator)
         with torch.no_grad():
