@@ -8,10 +8,11 @@ MMEngine's own checkpoints on torch >= 2.6.
 """
 from .compat import allow_mmengine_checkpoints, patch_mmdet_ssd_head
 from .errors import ConfigError, ExpandMMError, UsageError
-from .layers import ExpandConv2d, ExpandedLayer, ExpandLinear
-from .surgery import (ExpansionReport, check_contraction, check_layer_contractions,
-                      contract_model, deferred_factor_grads, expand_model, expanded_layers,
-                      set_expand_mode, verify_contraction)
+from .layers import ExpandConv2d, ExpandedLayer, ExpandLinear, deferred_factor_grads
+from .surgery import (ExpansionReport, ExpansionSettings, contract_model, expand_model,
+                      expanded_layers, set_expand_mode)
+from .verification import (ContractionCheckError, check_contraction, check_layer_contractions,
+                           contraction_errors, non_finite_tensors, verify_contraction)
 
 allow_mmengine_checkpoints()
 patch_mmdet_ssd_head()
@@ -35,7 +36,8 @@ __version__ = '0.1.0'
 
 __all__ = [
     'ExpandMMError', 'ConfigError', 'UsageError',
-    'ExpandConv2d', 'ExpandLinear', 'ExpandedLayer', 'ExpansionReport', 'expand_model',
+    'ExpandConv2d', 'ExpandLinear', 'ExpandedLayer', 'ExpansionReport', 'ExpansionSettings',
+    'expand_model', 'ContractionCheckError', 'contraction_errors', 'non_finite_tensors',
     'contract_model', 'check_contraction', 'check_layer_contractions', 'verify_contraction',
     'expanded_layers', 'set_expand_mode',
     'deferred_factor_grads',

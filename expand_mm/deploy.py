@@ -28,12 +28,11 @@ from torch import nn
 from .checkpoint import (NONLINEAR_INIT_META_KEY, CheckpointError, match_state_dict,
                          prepare_output_path, read_checkpoint, strip_prefix)
 from .errors import ConfigError
-from .layers import ExpandedLayer
 from .models.deployable import find_deployable, unwrap_model
 from .planting import bake_planting_masks, unfinished_planting
 from .probe import DEFAULT_PROBE_SHAPE, make_probe, probe_forward
-from .surgery import (ContractionCheckError, check_contraction, expanded_layers,
-                      replace_submodule)
+from .contraction import compact_copy, expanded_layers
+from .verification import ContractionCheckError, check_contraction
 
 #: The source checkpoint's meta entries a compact checkpoint keeps.
 KEPT_META_KEYS = ('epoch', 'iter', 'dataset_meta', 'mmengine_version', 'experiment_name', 'seed')
@@ -73,30 +72,6 @@ def deployable_state_dict(model: nn.Module, state_dict: dict,
             f'keeps its deployable network (keys start with e.g. {sorted(state_dict)[:3]}). '
             'Use a training checkpoint (iter_N.pth / epoch_N.pth) of this config')
     return selected
-
-
-def compact_copy(network: nn.Module) -> nn.Module:
-    """A deep copy of ``network`` with every expanded layer replaced by its contraction.
-
-    The expanded layers are swapped for their contractions while the copy is
-    made and put back (the same objects) afterwards, so the copy costs the
-    compact network's memory, not the expanded one's, and ``network`` (which
-    may be training, inside DDP or on a GPU) is left as it was. A layer
-    shared by several paths stays shared in the copy.
-    """
-    paths = [(path, layer) for path, layer in network.named_modules(remove_duplicate=False)
-             if isinstance(layer, ExpandedLayer)]
-    contracted: dict[int, nn.Module] = {}
-    for _, layer in paths:
-        if id(layer) not in contracted:
-            contracted[id(layer)] = layer.contract()
-    try:
-        for path, layer in paths:
-            replace_submodule(network, path, contracted[id(layer)])
-        return copy.deepcopy(network)
-    finally:
-        for path, layer in paths:
-            replace_submodule(network, path, layer)
 
 
 def _cpu_state_dict(module: nn.Module) -> dict:

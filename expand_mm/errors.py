@@ -33,3 +33,7 @@ class SetupError(ExpandMMError, RuntimeError):
 
 class MissingFileError(ExpandMMError, FileNotFoundError):
     """A file a config or command names that does not exist."""
+
+
+class VerificationUnavailableError(ExpandMMError, RuntimeError):
+    """A contraction check that could not decide (its float64 re-check could not run)."""

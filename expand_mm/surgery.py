@@ -19,7 +19,6 @@ importable from here.
 from __future__ import annotations
 
 import collections
-import copy
 import difflib
 import fnmatch
 from dataclasses import dataclass, field
@@ -30,23 +29,22 @@ from torch import nn
 from .errors import ConfigError
 from .layers import MODES, ExpandConv2d, ExpandedLayer, ExpandLinear
 from .layers.base import check_ratio
-from .layers.deferred_grads import deferred_factor_grads  # noqa: F401  (importable from here)
+from .layers.deferral import deferred_factor_grads  # noqa: F401  (importable from here)
+from .contraction import (compact_copy, contract_model_, expanded_layers,  # noqa: F401
+                          replace_submodule)
+from .verification import (WEAK_PROBE_SENSITIVITY, ContractionCheckError,  # noqa: F401
+                           _cpu_float64_copy, _flatten_tensors, check_contraction,
+                           check_layer_contractions, verify_contraction)
 
 STRATEGIES = ('cl', 'ck', 'auto')
 
-# Names that moved to expand_mm.verification, importable from here as well
-# (resolved on first use: verification imports this module).
-_VERIFICATION_NAMES = ('ContractionCheckError', 'check_contraction', 'check_layer_contractions',
-                       'verify_contraction', 'WEAK_PROBE_SENSITIVITY', '_flatten_tensors',
-                       '_cpu_float64_copy')
 # Names of the deferred-gradient engine, importable from here as well.
 _DEFERRED_GRADS_NAMES = ('deferral_unsupported_reason', 'discard_deferred_factor_grads')
 
 
 def __getattr__(name: str) -> Any:
-    if name in _VERIFICATION_NAMES:
-        from . import verification
-        return getattr(verification, name)
+    """Deprecated aliases: the deferred-gradient engine's helpers (import them from
+    :mod:`expand_mm.layers.deferred_grads`)."""
     if name in _DEFERRED_GRADS_NAMES:
         from .layers import deferred_grads
         return getattr(deferred_grads, name)
@@ -335,13 +333,6 @@ def _conv_strategy(conv: nn.Conv2d, strategy: str) -> str | None:
     return 'ck' if ck_possible else 'cl'
 
 
-def replace_submodule(root: nn.Module, path: str, new: nn.Module) -> None:
-    """Put ``new`` at module path ``path`` of ``root`` (e.g. ``'backbone.conv1.conv'``)."""
-    parent_path, _, name = path.rpartition('.')
-    parent = root.get_submodule(parent_path) if parent_path else root
-    setattr(parent, name, new)
-
-
 def _unmatched_pattern_error(kind: str, pattern: str, modules: dict[str, str],
                              skipped: dict[str, str]) -> ConfigError:
     paths = list(modules)
@@ -619,11 +610,6 @@ def expand_model(model: nn.Module,
     return report
 
 
-def expanded_layers(model: nn.Module) -> list[tuple[str, ExpandedLayer]]:
-    """``(path, layer)`` for every expanded layer in ``model``."""
-    return [(p, m) for p, m in model.named_modules() if isinstance(m, ExpandedLayer)]
-
-
 def set_expand_mode(model: nn.Module, mode: str) -> int:
     """Switch every expanded layer of ``model`` to ``mode``.
 
@@ -643,21 +629,6 @@ def set_expand_mode(model: nn.Module, mode: str) -> int:
     for _, layer in layers:
         layer.set_mode(mode)
     return len(layers)
-
-
-def contract_model_(model: nn.Module) -> nn.Module:
-    """Contract every expanded layer of ``model`` in place and return it.
-
-    Prefer :func:`contract_model`, which leaves its input untouched; this form
-    exists for callers that already own a copy (e.g. a checkpoint writer).
-    """
-    compact: dict[int, nn.Module] = {}  # a layer shared by several paths stays shared
-    for path, layer in list(model.named_modules(remove_duplicate=False)):
-        if isinstance(layer, ExpandedLayer):
-            if id(layer) not in compact:
-                compact[id(layer)] = layer.contract()
-            replace_submodule(model, path, compact[id(layer)])
-    return model
 
 
 def contract_model(model: nn.Module,
@@ -684,8 +655,7 @@ def contract_model(model: nn.Module,
         ContractionCheckError: If the self-check finds a mismatch above ``rtol``
             or a NaN / Inf (see :func:`~expand_mm.verification.check_contraction`).
     """
-    compact = contract_model_(copy.deepcopy(model))
+    compact = compact_copy(model)
     if verify_inputs is not None:
-        from .verification import check_contraction  # verification imports this module
         check_contraction(model, compact, verify_inputs, forward_fn, rtol)
     return compact

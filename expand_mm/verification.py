@@ -25,9 +25,9 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 from torch import Tensor, nn
 
-from .errors import ConfigError, ExpandMMError
+from .errors import ConfigError, ExpandMMError, VerificationUnavailableError
 from .layers import ExpandConv2d
-from .surgery import contract_model, expanded_layers
+from .contraction import compact_copy, expanded_layers
 
 ForwardFn = Callable[[nn.Module, Any], Any]
 
@@ -270,10 +270,10 @@ def _recheck_in_float64(expanded: nn.Module, compact: nn.Module, inputs: Any,
     try:
         exact = _verify_in_float64(expanded, compact, inputs, forward_fn)
     except (RuntimeError, TypeError, NotImplementedError) as err:
-        raise RuntimeError(f'{failed}, and the float64 re-check that tells float32 rounding '
-                           f'from a wrong contraction could not run ({type(err).__name__}: '
-                           f'{err}); the compact model may not compute what the expanded '
-                           'one does') from err
+        raise VerificationUnavailableError(
+            f'{failed}, and the float64 re-check that tells float32 rounding from a wrong '
+            f'contraction could not run ({type(err).__name__}: {err}); the compact model may '
+            'not compute what the expanded one does') from err
     # The written tensors carry their dtype's rounding whatever rtol says.
     weights_rtol = max(rtol, 8 * _eps_of(compact))
     if not (exact['float64_max_rel'] <= rtol and exact['float64_weights_max_rel'] <= weights_rtol):
@@ -386,7 +386,7 @@ def _verify_in_float64(expanded: nn.Module, compact: nn.Module, inputs: Any,
     accelerator memory.
     """
     expanded64 = _cpu_float64_copy(expanded)
-    compact64 = contract_model(expanded64)
+    compact64 = compact_copy(expanded64)
     inputs64 = _map_tensors(inputs, _cpu_float64)
     as_trained = contraction_errors(expanded64, compact64, inputs64, forward_fn)
     for _, layer in expanded_layers(expanded64):

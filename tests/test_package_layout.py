@@ -1,7 +1,8 @@
 """The package's shape: no import cycle between its modules.
 
 Imports inside a module's ``__getattr__`` (PEP 562 deprecated aliases, resolved on
-first use) do not count; every other import does, also one inside a function.
+first use) and under ``if TYPE_CHECKING:`` (annotations only) do not count; every
+other import does, also one inside a function.
 """
 import ast
 from pathlib import Path
@@ -15,10 +16,11 @@ def _module_name(path: Path) -> str:
 
 
 def _imports(tree: ast.Module) -> list[ast.ImportFrom | ast.Import]:
-    """Every import of ``tree`` outside ``def __getattr__`` bodies."""
+    """Every import of ``tree`` outside ``def __getattr__`` and ``if TYPE_CHECKING:``."""
     found, skip = [], set()
     for node in ast.walk(tree):
-        if isinstance(node, ast.FunctionDef) and node.name == '__getattr__':
+        if (isinstance(node, ast.FunctionDef) and node.name == '__getattr__') or (
+                isinstance(node, ast.If) and getattr(node.test, 'id', None) == 'TYPE_CHECKING'):
             skip.update(id(n) for n in ast.walk(node))
     for node in ast.walk(tree):
         if isinstance(node, (ast.Import, ast.ImportFrom)) and id(node) not in skip:

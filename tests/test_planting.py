@@ -310,7 +310,7 @@ def test_hook_plants_in_the_real_runner_and_resumes(tmp_path):
         unmasked.load_state_dict(at1['state_dict'], strict=True)
         raw = unmasked(x, mode='tensor')
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    from expand_mm.surgery import _flatten_tensors
+    from expand_mm.verification import _flatten_tensors
     assert any((w - r).abs().max() > 1e-3
                for w, r in zip(_flatten_tensors(want), _flatten_tensors(raw))), \
         'the unplanted channels matter: the raw weights alone compute something else'

@@ -99,7 +99,7 @@ def test_a_weak_probe_falls_back_to_checking_each_layer():
     """Untrained YOLOX (initial batch norm statistics): its outputs are the heads' prior
     biases whatever the input, so a corrupted kernel passes the whole-model probe; each
     layer is then checked on its own, and the corruption is named."""
-    from expand_mm.surgery import check_contraction
+    from expand_mm.verification import check_contraction
     torch.manual_seed(0)
     model = build_stock_model('yolox_tiny').eval()
     expand_mm.expand_model(model, strategy='cl', ratio=2)

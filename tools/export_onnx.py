@@ -26,7 +26,7 @@ from expand_mm.cost import config_input_size
 from expand_mm.deploy import contract_state_dict
 from expand_mm.models import deployable_model_cfg
 from expand_mm.planting import refuse_unfinished_planting
-from expand_mm.surgery import _flatten_tensors
+from expand_mm.verification import _flatten_tensors
 
 
 class RawOutputs(torch.nn.Module):

@@ -43,7 +43,8 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..errors import ConfigError, ConfigTypeError, SetupError
-from ..surgery import deferred_factor_grads, expanded_layers, replace_submodule
+from ..layers import deferred_factor_grads
+from ..surgery import expanded_layers, replace_submodule
 
 LossFn = Callable[[nn.Module, Any], Tensor]
 """``loss_fn(model, batch) -> scalar tensor``: the training loss of one batch."""

@@ -66,7 +66,7 @@ class ExpandedLayer(nn.Module):
     it. Nothing is cached while autograd could need the graph.
 
     Deferred factor gradients (:attr:`defer_factor_grads`, switched on by
-    :func:`expand_mm.layers.deferred_grads.deferred_factor_grads` around an
+    :func:`expand_mm.layers.deferral.deferred_factor_grads` around an
     MMEngine ``train_step``): in training mode the layer composes its weight once per
     parameter version (a module called several times in one step composes
     once), runs on a detached leaf copy of it, and the factors receive their

@@ -5,21 +5,19 @@ leaf) of its composed weight. The main backward pass then only produces the
 compact-sized gradient of that leaf; the composition's backward into the
 factors -- several times the compact parameters -- runs at the end of the
 pass, after the activations are freed. This module is that machinery: the
-queue the leaves report to (:class:`_DeferredFactorGrads`), the switch around a
-training step (:func:`deferred_factor_grads`) and the helpers that DDP and a
-failed backward pass need. :class:`~expand_mm.layers.ExpandedLayer` only
+queue the leaves report to (:class:`_DeferredFactorGrads`) and the helpers that
+DDP and a failed backward pass need; the switch around a training step is
+:func:`~expand_mm.layers.deferral.deferred_factor_grads`. :class:`~expand_mm.layers.ExpandedLayer` only
 reports its leaves here.
 """
 
 from __future__ import annotations
 
-import contextlib
 import threading
-import warnings
-from typing import TYPE_CHECKING, Iterable, Iterator
+from typing import TYPE_CHECKING, Iterable
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 if TYPE_CHECKING:
     from .base import ExpandedLayer
@@ -177,51 +175,3 @@ def flush_deferred_factor_grads_first(loss: Tensor) -> None:
     """
     if loss.grad_fn is not None:
         loss.grad_fn.register_prehook(lambda grad_outputs: _DEFERRED_GRADS.queue_flush())
-
-
-@contextlib.contextmanager
-def deferred_factor_grads(model: nn.Module, enabled: bool = True) -> Iterator[int]:
-    """Within the block, the online expanded layers of ``model`` defer their factor gradients.
-
-    Each online layer composes its weight once per step and its factors get their
-    gradients at the end of the backward pass, once the activations are freed:
-    the same gradients as plain autograd at a lower peak memory (see
-    :class:`~expand_mm.layers.ExpandedLayer`). Meant for a block that ends in
-    ``loss.backward()`` (an MMEngine ``train_step``); ``torch.autograd.grad``
-    on the factors needs the plain mode. The layers' own settings come back on
-    exit, and what a backward pass that raised inside the block left queued is
-    dropped.
-
-    On a torch build without the autograd hooks deferral needs (see
-    :func:`deferral_unsupported_reason`) the block warns once and leaves the
-    layers on plain autograd: the same gradients at the higher peak memory.
-
-    Args:
-        model: Any module; its expanded layers are switched.
-        enabled: Defer (``True``) or keep plain autograd (``False``) inside the block.
-
-    Yields:
-        The number of expanded layers switched.
-    """
-    # Imported here: the layer base class imports this module to report its leaves.
-    from .base import ExpandedLayer
-    layers = [module for module in model.modules() if isinstance(module, ExpandedLayer)]
-    if enabled and layers:
-        reason = deferral_unsupported_reason()
-        if reason is not None:
-            warnings.warn(f'deferred factor gradients are off: {reason}; the expanded '
-                          f'layers train with plain autograd (same gradients, higher '
-                          f'peak memory). Set defer_factor_grads=False in the ExpandNet '
-                          f'model config to silence this.', RuntimeWarning, stacklevel=3)
-            enabled = False
-    settings = [layer.defer_factor_grads for layer in layers]
-    for layer in layers:
-        layer.defer_factor_grads = enabled
-    try:
-        yield len(layers)
-    finally:
-        for layer, value in zip(layers, settings):
-            layer.defer_factor_grads = value
-        # A backward pass that raised inside the block left its compositions
-        # queued; nothing will flush them.
-        discard_deferred_factor_grads(layers)

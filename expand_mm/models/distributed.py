@@ -35,8 +35,7 @@ from mmengine.model import MMDistributedDataParallel
 from mmengine.registry import MODEL_WRAPPERS
 from torch import Tensor, nn
 
-from ..layers.base import flush_deferred_factor_grads_first
-from ..surgery import deferred_factor_grads
+from ..layers import deferred_factor_grads, flush_deferred_factor_grads_first
 from .deployable import deferring_expandnet
 
 

@@ -27,8 +27,8 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..layers import ExpandConv2d
-from ..layers.base import deferral_unsupported_reason
-from ..surgery import (ExpansionReport, deferred_factor_grads, expand_model, expanded_layers,
+from ..layers import deferral_unsupported_reason, deferred_factor_grads
+from ..surgery import (ExpansionReport, expand_model, expanded_layers,
                        path_matches, replace_submodule)
 from .deployable import (compact_model_cfg, declares_deployable_cfg,  # noqa: F401
                          deferring_expandnet, deployable_model, wraps_a_model)

@@ -26,7 +26,7 @@ from mmengine.registry import MODELS
 from torch import nn
 
 from ..errors import ConfigError
-from ..surgery import deferred_factor_grads
+from ..layers import deferred_factor_grads
 from .deployable import deferring_expandnet, deployable_model_cfg  # noqa: F401  (public here too)
 from .model_cfg import apply_data_preprocessor
 

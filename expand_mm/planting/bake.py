@@ -16,7 +16,7 @@ from torch import nn
 from ..checkpoint import CheckpointError
 from ..models.deployable import find_deployable
 from ..probe import DEFAULT_PROBE_SHAPE, make_probe, probe_forward
-from ..surgery import verify_contraction
+from ..verification import contraction_errors
 from .planter import PlantingError, bake_masks, masked_units, remove_mask_hooks, stage_label
 
 
@@ -122,7 +122,7 @@ def bake_planting_masks(model: nn.Module, state_dict: dict, planting: dict,
             for path in widths]
         try:
             with torch.no_grad(), masked_units(masked, widths):
-                errors = verify_contraction(masked, plain, make_probe(plain, probe_shape),
+                errors = contraction_errors(masked, plain, make_probe(plain, probe_shape),
                                             forward_fn=probe_forward)
         finally:
             for handle in handles:

@@ -55,7 +55,8 @@ from torch import Tensor, nn
 
 from ..errors import ExpandMMError
 from ..layers import ExpandedLayer
-from ..surgery import _flatten_tensors, path_matches
+from ..surgery import path_matches
+from ..verification import _flatten_tensors
 
 FREEZE_MODES = ('all', 'none')
 MASK_HOOK_MARK = '_expand_mm_planting_mask'
