@@ -51,10 +51,10 @@ ADAPTIVE_OPTIMIZERS = ('Adam', 'AdamW', 'Adamax', 'NAdam', 'RAdam', 'Adagrad', '
                        'RMSprop', 'Lion', 'Adafactor')
 CHAIN_RULES = ('sum', 'rss')
 # Extra factor on the 'fan_in' rule (see the module docstring for the
-# measurement). On the digits demo's schedules (README, calibration runs) it
-# took the ExpandNet detector (AdamW lr 0.004) from mAP 22.1 (factor 1, the
-# earlier absolute-eta_min schedule) to 31.8 (eta_min_ratio; compact 30.2 in
-# the demo, 29.1 via tools/train.py); 0.1 gave 26.8. It calibrates one
+# measurement). On the digits demo's schedules (calibration record in
+# projects/digits/README.md) it took the ExpandNet detector (AdamW lr 0.004)
+# from mAP 22.1 (factor 1, with an absolute-eta_min schedule) to 31.8
+# (eta_min_ratio; compact 30.2 in the demo, 29.1 via tools/train.py); 0.1 gave 26.8. It calibrates one
 # step; over a schedule at a 4x higher rate (the U-Net's AdamW 0.016) the best
 # factor was lower: mIoU 21.3 / 33.4 / 52.5 / 52.9 at 0.5 / 0.25 / 0.1 / 0.05
 # against 44.3 compact, so that config sets factor_lr_mult=0.1 (seed 0 each).
