@@ -88,7 +88,7 @@ MIB = 1024 ** 2
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Command-line arguments; the defaults are the issue's default setting."""
+    """Command-line arguments; the defaults are the cost targets' setting (batch 8, 320x320)."""
     parser = argparse.ArgumentParser(
         description=__doc__.split('\n\n')[0],
         formatter_class=DefaultsHelpFormatter)
