@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from .errors import ExpandMMError
-from .surgery import expanded_layers
+from .contraction import expanded_layer_paths
 
 
 # ``meta`` key of checkpoints saved while NonlinearInitHook had a nonlinearity
@@ -173,8 +173,9 @@ def expanded_key_shapes(model: nn.Module) -> dict[str, torch.Size]:
 
 
 def compact_key_shapes(model: nn.Module) -> dict[str, torch.Size]:
-    """Keys and shapes the contracted ``model`` would have (without copying it)."""
-    layers = expanded_layers(model)
+    """Keys and shapes the contracted ``model`` would have (without copying it); a layer
+    shared by several paths (RTMDet's head) has its keys under each of them."""
+    layers = expanded_layer_paths(model)
     prefixes = tuple(p + '.' for p, _ in layers)
     shapes = {k: v.shape for k, v in model.state_dict().items() if not k.startswith(prefixes)}
     for path, layer in layers:

@@ -18,6 +18,13 @@ def expanded_layers(model: nn.Module) -> list[tuple[str, ExpandedLayer]]:
     return [(p, m) for p, m in model.named_modules() if isinstance(m, ExpandedLayer)]
 
 
+def expanded_layer_paths(model: nn.Module) -> list[tuple[str, ExpandedLayer]]:
+    """``(path, layer)`` for every path to an expanded layer, a shared layer once per path
+    (as ``model.state_dict()`` lists it)."""
+    return [(p, m) for p, m in model.named_modules(remove_duplicate=False)
+            if isinstance(m, ExpandedLayer)]
+
+
 def replace_submodule(root: nn.Module, path: str, new: nn.Module) -> None:
     """Put ``new`` at module path ``path`` of ``root`` (e.g. ``'backbone.conv1.conv'``)."""
     parent_path, _, name = path.rpartition('.')
