@@ -713,14 +713,15 @@ def test_the_deferral_engine_stays_importable_from_the_layer_base_and_surgery():
     """Modules and users import these names from expand_mm.layers.base and
     expand_mm.surgery; they are the engine's own objects."""
     import expand_mm.layers.base as base
+    import expand_mm.layers.deferral as deferral
     import expand_mm.layers.deferred_grads as deferred_grads
     import expand_mm.surgery as surgery
     for name in ('deferral_unsupported_reason', 'discard_deferred_factor_grads',
                  'flush_deferred_factor_grads_first', '_DEFERRED_GRADS'):
         assert getattr(base, name) is getattr(deferred_grads, name), name
-    for name in ('deferred_factor_grads', 'deferral_unsupported_reason',
-                 'discard_deferred_factor_grads'):
+    for name in ('deferral_unsupported_reason', 'discard_deferred_factor_grads'):
         assert getattr(surgery, name) is getattr(deferred_grads, name), name
+    assert surgery.deferred_factor_grads is deferral.deferred_factor_grads
     with pytest.raises(AttributeError, match='no_such_name'):
         base.no_such_name
 
