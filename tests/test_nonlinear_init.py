@@ -246,7 +246,7 @@ def test_contraction_refuses_a_nonlinear_phase_checkpoint(tmp_path):
     assert osp.isfile(dst) and errors['max_rel'] < 1e-5
 
 
-NLINIT_DIGITS = osp.join(ROOT, 'configs', 'digits',
+NLINIT_DIGITS = osp.join(ROOT, 'projects', 'digits', 'configs', 'digits',
                          'expandnet-cl-r4-nlinit_yolo-lite_1xb16-900i_digits-det-64x64.py')
 
 

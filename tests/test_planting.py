@@ -405,7 +405,7 @@ def test_planting_config_writes_a_compact_copy_of_every_stage(tmp_path):
     from wrapper_test_utils import DET_COMPACT, load_stock, make_digits, tiny_cfg
     data = make_digits(tmp_path / 'digits')
     work = tmp_path / 'work'
-    cfg = tiny_cfg(osp.join(ROOT, 'configs', 'planting',
+    cfg = tiny_cfg(osp.join(ROOT, 'projects', 'digits', 'configs', 'planting',
                             'plant-4s_kd-yolo-lite-w2_yolo-lite_1xb16-900i_digits-det-64x64.py'),
                    data, work, 'det', max_iters=5)
     cfg.model.teacher_ckpt = teacher_checkpoint(TEACHER_DET, tmp_path / 'teacher.pth')
