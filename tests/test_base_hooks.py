@@ -55,6 +55,11 @@ def test_yolox_expandnet_runs_every_stock_hook_and_expand_mms(tmp_path):
     # last: the runner trained below must be the current one of mmengine's message hub)
     user = tmp_path / 'expandnet_yolox.py'
     user.write_text(re.sub(r"_base_ = '[^']*'", f'_base_ = {str(YOLOX)!r}', recipe('README.md')))
+    guide = tmp_path / 'expandnet_yolox_guide.py'
+    guide.write_text(re.sub(r"_base_ = '[^']*'", f'_base_ = {str(YOLOX)!r}',
+                            recipe('docs/user_guide.md')))
+    for key in ('default_hooks', 'custom_hooks'):  # the user guide's recipe: the same hooks
+        assert Config.fromfile(str(guide)).get(key) == Config.fromfile(str(user)).get(key)
     runners = {'README recipe': yolox_runner(user, tmp_path)}
     runners['shipped'] = yolox_runner(YOLOX_EXPANDNET, tmp_path)
     for name, runner in runners.items():
@@ -116,3 +121,17 @@ def test_the_check_hook_warns_when_a_config_drops_its_bases_hooks(tmp_path):
                f'do not run: custom_hooks in {child} replaces')
     assert warning in logs['child']
     assert "the base config's custom hooks" not in logs['with_ema']
+
+
+def test_options_of_expand_mms_hooks_are_set_by_key(tmp_path):
+    """--cfg-options default_hooks.expand_contract.verify=False reaches the registered hook
+    (merged into its dict: its type and other options stay)."""
+    from test_checkpoint_hooks import tiny_cfg
+    cfg = tiny_cfg(tmp_path)
+    cfg.merge_from_dict({'default_hooks.expand_contract.verify': False,
+                         'default_hooks.expand_load.strict': False})
+    runner = Runner.from_cfg(cfg)
+    contract = next(h for h in runner.hooks if isinstance(h, ContractCheckpointHook))
+    load = next(h for h in runner.hooks if isinstance(h, ExpandCheckpointLoadHook))
+    assert (contract.verify, contract.suffix, load.strict) == (False, '_compact', False)
+    assert sum(isinstance(h, ExpandNetCheckHook) for h in runner.hooks) == 1
