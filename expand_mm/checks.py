@@ -9,8 +9,10 @@ have meant returns a warning to log.
 """
 from __future__ import annotations
 
+import os.path as osp
 from typing import Any, Iterable, Mapping
 
+from mmengine.config import Config
 from mmengine.registry import OPTIM_WRAPPER_CONSTRUCTORS
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -103,10 +105,64 @@ def missing_setup_warnings(cfg: Mapping, model: nn.Module, hooks: Iterable[Any])
             'docs/user_guide.md)')
     if not any(isinstance(hook, ContractCheckpointHook) for hook in hooks):
         warnings.append(
-            "no ContractCheckpointHook in custom_hooks: checkpoints are written in the "
-            "training form only (add dict(type='ContractCheckpointHook') for a stock "
-            "*_compact.pth beside each, or run tools/contract.py later)")
+            "no ContractCheckpointHook among the hooks: checkpoints are written in the "
+            "training form only (add default_hooks=dict(expand_contract=dict(type="
+            "'ContractCheckpointHook')) for a stock *_compact.pth beside each, or run "
+            "tools/contract.py later)")
     return warnings
+
+
+def _base_custom_hook_types(filename: str) -> dict[str, list[str]]:
+    """The ``custom_hooks`` types of each direct ``_base_`` of the config file ``filename``.
+
+    Read as MMEngine reads them (its parser of the ``_base_`` line and its
+    resolution of relative and ``package::`` paths); each base is loaded whole,
+    so what it inherits counts. A config without ``_base_`` (a dumped one, or
+    the ``read_base()`` style) gives nothing.
+    """
+    found = {}
+    # Config's own helpers: the same files the config was built from.
+    for base in Config._get_base_files(filename):
+        path, _ = Config._get_cfg_path(base, filename)
+        hooks = Config.fromfile(path).get('custom_hooks') or []
+        found[base] = [type_name(hook.get('type', '')) for hook in hooks
+                       if isinstance(hook, Mapping)]
+    return found
+
+
+def dropped_base_hooks_warning(cfg: Any, hooks: Iterable[Any]) -> str | None:
+    """A warning when hooks of the config's ``_base_`` ``custom_hooks`` are not registered.
+
+    MMEngine merges dicts but replaces lists: ``custom_hooks = [...]`` in a
+    config drops its base's custom hooks (RTMDet's ``EMAHook`` and
+    ``PipelineSwitchHook``, YOLOX's mode switch, norm sync and EMA), which
+    changes the recipe and, without EMA, the weights deployed. expand_mm's
+    hooks belong in ``default_hooks`` keys, which merge with the base's.
+
+    Args:
+        cfg: The runner's config; only a config read from a ``.py`` file that
+            still exists is checked (its ``filename``).
+        hooks: The runner's hooks.
+
+    Returns:
+        The warning, or None when every base hook type is registered (or the
+        config has no file to read its bases from).
+    """
+    filename = getattr(cfg, 'filename', None)
+    if not filename or not filename.endswith('.py') or not osp.isfile(filename):
+        return None
+    registered = {cls.__name__ for hook in hooks for cls in type(hook).__mro__}
+    dropped = {base: [name for name in names if name not in registered]
+               for base, names in _base_custom_hook_types(filename).items()}
+    dropped = {base: names for base, names in dropped.items() if names}
+    if not dropped:
+        return None
+    listed = '; '.join(f"{', '.join(names)} of {base}" for base, names in dropped.items())
+    return (f'the base config\'s custom hooks {listed} do not run: custom_hooks in '
+            f'{filename} replaces the base\'s list (mmengine merges dicts, not lists). Put '
+            "expand_mm's hooks under keys of default_hooks (default_hooks=dict(expand_load="
+            "dict(type='ExpandCheckpointLoadHook'), ...), docs/user_guide.md) and list in "
+            'custom_hooks only what the config adds, or list the base\'s hooks again')
 
 
 def schedule_warnings(model: nn.Module, optim_wrapper: Any, param_schedulers: Any) -> list[str]:

@@ -37,7 +37,7 @@ def assert_state_dicts_close(a, b, rtol=1e-5):
 
 def test_compact_checkpoint_is_the_contracted_ema_model(tmp_path):
     cfg = tiny_cfg(tmp_path)
-    cfg.custom_hooks = list(cfg.custom_hooks) + [dict(type='EMAHook', momentum=0.5)]
+    cfg.custom_hooks = [*cfg.get('custom_hooks', []), dict(type='EMAHook', momentum=0.5)]
     runner = Runner.from_cfg(cfg)
     runner.train()
     ema_hook = next(h for h in runner.hooks if type(h).__name__ == 'EMAHook')

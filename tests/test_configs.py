@@ -40,6 +40,10 @@ EXPANDNET_NAME = re.compile(r'^expandnet-(?P<strategy>c[lk])-r(?P<ratio>\d+)_'
 NUM_CLASSES = {'coco': 80, 'voc0712': 20, 'cityscapes-512x1024': 19}
 # Output stride of the decode head's logits for each segmentation backbone.
 SEG_OUTPUT_STRIDE = {'UNet': 1, 'MobileNetV2': 8}
+# expand_mm's hooks in every ExpandNet / training-wrapper config: default_hooks key -> type.
+EXPAND_MM_HOOKS = {'expand_load': 'ExpandCheckpointLoadHook',
+                   'expand_contract': 'ContractCheckpointHook',
+                   'expand_check': 'ExpandNetCheckHook'}
 
 
 def _user_configs() -> list[Path]:
@@ -252,13 +256,12 @@ def test_expandnet_config_matches_its_compact_counterpart(path: Path):
     optim_wrapper = cfg.optim_wrapper.to_dict()
     assert optim_wrapper.pop('constructor') == 'ExpandNetOptimWrapperConstructor'
     assert optim_wrapper == compact_cfg.optim_wrapper.to_dict()
-    hooks = [h.type for h in cfg.custom_hooks]
-    assert hooks[-3:] == ['ExpandCheckpointLoadHook', 'ContractCheckpointHook',
-                          'ExpandNetCheckHook']
-    # the base's hooks are kept (their `_scope_` is the config's default scope)
-    def unscoped(hooks):
-        return [{k: v for k, v in h.items() if k != '_scope_'} for h in hooks]
-    assert unscoped(cfg.custom_hooks[:-3]) == unscoped(compact_cfg.get('custom_hooks', []))
+    # expand_mm's hooks under keys of their own; the base's hooks, default and custom, as
+    # they are
+    assert {key: cfg.default_hooks[key].type for key in EXPAND_MM_HOOKS} == EXPAND_MM_HOOKS
+    assert {key: hook for key, hook in cfg.default_hooks.items()
+            if key not in EXPAND_MM_HOOKS} == compact_cfg.default_hooks
+    assert cfg.get('custom_hooks') == compact_cfg.get('custom_hooks')
 
     b, c = built(path), built(compact_path)
     layers = expand_mm.expanded_layers(b.model)
@@ -277,6 +280,26 @@ def test_expandnet_config_matches_its_compact_counterpart(path: Path):
         ck = [r.path for r in report.layers if r.strategy == 'ck']
         assert ck and all(p.startswith('backbone.') for p in ck)
     assert [t.shape for t in b.tensors] == [t.shape for t in c.tensors]
+
+
+DIGITS_CONFIGS = [p for p in sorted(DIGITS_CONFIG_ROOT.rglob('*.py')) if '_base_' not in p.parts]
+
+
+@pytest.mark.parametrize('path', CONFIGS + DIGITS_CONFIGS, ids=_id)
+def test_expand_mm_hooks_sit_in_default_hooks_and_the_bases_hooks_stay(path: Path):
+    """default_hooks merges into the base's dict where custom_hooks would replace its list:
+    an ExpandNet or training-wrapper config has expand_mm's hooks each under its key, a
+    compact config has none, and every custom hook of a config's _base_ is still there."""
+    from expand_mm.checks import _base_custom_hook_types
+    cfg = load(path)
+    ours = {key: cfg.default_hooks[key].type for key in EXPAND_MM_HOOKS
+            if key in cfg.get('default_hooks', {})}
+    trains_expanded = expand_mm.models.compact_model_cfg(cfg.model) is not cfg.model
+    assert ours == (EXPAND_MM_HOOKS if trains_expanded else {})
+    custom = [hook.type for hook in cfg.get('custom_hooks', [])]
+    assert not set(custom) & set(EXPAND_MM_HOOKS.values())
+    for base, names in _base_custom_hook_types(str(path)).items():
+        assert set(names) <= set(custom), f'{base}: {names} dropped'
 
 
 @pytest.mark.parametrize('path', [p for p in EXPANDNET_CONFIGS if 'yolo-lite' in p.stem],

@@ -182,7 +182,7 @@ def tiny_cfg(tmp_path, max_iters, end):
     cfg = Config.fromfile(CONFIG)
     shrink_for_test(cfg, str(tmp_path / 'work'), data_root + '/', (96, 96), max_iters)
     cfg.default_hooks.checkpoint.interval = 1
-    cfg.custom_hooks = list(cfg.custom_hooks) + [dict(type='NonlinearInitHook', end=end)]
+    cfg.custom_hooks = [*cfg.get('custom_hooks', []), dict(type='NonlinearInitHook', end=end)]
     return cfg
 
 

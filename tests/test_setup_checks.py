@@ -39,9 +39,9 @@ def test_a_refusal_is_the_same_under_runner_from_cfg_and_tools_train(tmp_path):
 def test_a_warning_is_the_same_under_runner_from_cfg_and_tools_train(tmp_path):
     cfg = tiny_cfg(tmp_path, max_iters=1)
     cfg.optim_wrapper = dict(type='OptimWrapper', optimizer=dict(type='AdamW', lr=1e-3))
-    cfg.custom_hooks = [dict(type='ExpandNetCheckHook')]
+    cfg.default_hooks.pop('expand_contract')
     expected = ['ExpandNetCheckHook: 15 expanded layers train with AdamW at the base rate',
-                'ExpandNetCheckHook: no ContractCheckpointHook in custom_hooks']
+                'ExpandNetCheckHook: no ContractCheckpointHook among the hooks']
     runner = Runner.from_cfg(cfg)
     runner.train()
     log = open(osp.join(runner.log_dir, f'{runner.timestamp}.log')).read()
@@ -58,7 +58,8 @@ def test_train_tool_adds_the_check_hook_to_a_config_without_it(tmp_path):
     import torch
     cfg = tiny_cfg(tmp_path)
     cfg.model = cfg.model.model  # the compact model of the ExpandNet config
-    cfg.custom_hooks = []
+    for key in ('expand_load', 'expand_contract', 'expand_check'):
+        cfg.default_hooks.pop(key)
     cfg.optim_wrapper.pop('constructor')
     other = tmp_path / 'other.pth'
     torch.save({'state_dict': {'decode_head.conv_seg.weight': torch.zeros(2, 4, 1, 1)}}, other)

@@ -47,6 +47,12 @@ def test_test_tool_refuses_a_training_checkpoint_with_the_compact_config(expandn
             'are expanded chains): use its *_compact.pth (or python tools/contract.py') \
         in result.stderr
     assert 'Traceback' not in result.stderr
+    onnx = subprocess.run([sys.executable, str(ROOT / 'tools' / 'export_onnx.py'), str(COMPACT),
+                           str(expandnet_checkpoint), str(expandnet_checkpoint) + '.onnx'],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert onnx.returncode == 2 and 'Traceback' not in onnx.stderr, onnx.stderr[-2000:]
+    assert 'It is an ExpandNet training checkpoint' in onnx.stderr
+    assert 'use its *_compact.pth' in onnx.stderr
 
 
 def test_test_tool_takes_a_checkpoint_with_extra_entries_and_says_so(tmp_path, capsys):
@@ -133,6 +139,59 @@ def test_contract_creates_the_output_folder(expandnet_checkpoint, tmp_path, caps
     cfg = Config.fromfile(str(COMPACT))
     with DefaultScope.overwrite_default_scope('mmdet'):
         MODELS.build(cfg.model).load_state_dict(torch.load(out)['state_dict'], strict=True)
+
+
+def test_contract_writes_the_compact_config_that_the_stock_api_runs(expandnet_checkpoint,
+                                                                     tmp_path, capsys):
+    """OUT.py beside OUT.pth: the stock model config (ExpandNet unwrapped, expand_mm's
+    hooks dropped), so mmdet's init_detector needs nothing else."""
+    from mmdet.apis import init_detector
+    out = tmp_path / 'deploy' / 'yolo-lite_compact.pth'
+    assert run_contract(expandnet_checkpoint, out, '--img-size', '64', '64') == 0
+    config = tmp_path / 'deploy' / 'yolo-lite_compact.py'
+    assert f'wrote {config}' in capsys.readouterr().out
+    written = Config.fromfile(str(config))
+    assert written.model.to_dict() == Config.fromfile(str(COMPACT)).model.to_dict()
+    assert not {'expand_load', 'expand_contract', 'expand_check'} & set(written.default_hooks)
+    deployed = init_detector(str(config), str(out), device='cpu')
+    assert type(deployed).__name__ == 'YOLOV3' and not expand_mm.expanded_layers(deployed)
+    with DefaultScope.overwrite_default_scope('mmdet'):
+        trained = MODELS.build(Config.fromfile(str(EXPANDNET)).model).eval()
+    trained.load_state_dict(torch.load(expandnet_checkpoint)['state_dict'])
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        for a, b in zip(deployed(x, mode='tensor')[0], trained(x, mode='tensor')[0]):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * float(b.abs().max()))
+    # The config goes where the checkpoint's name says, never over the checkpoint or the
+    # input config.
+    assert run_contract(expandnet_checkpoint, tmp_path / 'x.py') == 2
+    assert "ends in .py, where the compact config is written" in capsys.readouterr().err
+    copy = tmp_path / 'expandnet.py'
+    shutil.copy(EXPANDNET, copy)
+    from expand_mm.cli import run_tool
+    contract = load_tool('contract')
+    argv, sys.argv = sys.argv, ['contract.py', str(copy), str(expandnet_checkpoint),
+                                str(tmp_path / 'expandnet.pth')]
+    try:
+        assert run_tool(contract.main) == 2
+    finally:
+        sys.argv = argv
+    assert 'the input config' in capsys.readouterr().err
+    assert copy.read_text() == EXPANDNET.read_text()
+
+
+def test_train_tool_finds_and_adds_the_check_hook_in_default_hooks():
+    train = load_tool('train')
+    cfg = Config.fromfile(str(EXPANDNET))  # carries it as default_hooks.expand_check
+    before = cfg.to_dict()
+    train.add_check_hook(cfg)
+    assert cfg.to_dict() == before
+    compact = Config.fromfile(str(COMPACT))
+    train.add_check_hook(compact)
+    assert compact.default_hooks.expand_check == dict(type='ExpandNetCheckHook')
+    assert 'custom_hooks' not in compact
+    stock = Config.fromfile(str(COMPACT)).default_hooks
+    assert {k: v for k, v in compact.default_hooks.items() if k != 'expand_check'} == stock
 
 
 @pytest.mark.parametrize('config,size', [
@@ -279,11 +338,11 @@ def test_check_hook_warns_about_what_an_expandnet_config_leaves_out(tmp_path):
     assert warnings_of(Config.fromfile(str(digits))) == []
     bare = Config.fromfile(str(digits))
     bare.optim_wrapper.pop('constructor')
-    bare.custom_hooks = []
+    bare.default_hooks.pop('expand_contract')
     optimizer, hooks = warnings_of(bare)
     assert optimizer.startswith('15 expanded layers train with AdamW at the base rate: set '
                                 "optim_wrapper.constructor='ExpandNetOptimWrapperConstructor'")
-    assert hooks.startswith('no ContractCheckpointHook in custom_hooks')
+    assert hooks.startswith('no ContractCheckpointHook among the hooks')
     runner = Runner.from_cfg(bare)
     bare.optim_wrapper.optimizer.type = torch.optim.AdamW  # pure-Python config style
     assert warnings_of(bare, runner)[0] == optimizer

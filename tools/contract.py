@@ -10,11 +10,17 @@ only its deployable network's entries are kept (contracted if it is an
 ExpandNet, as they are otherwise); the teacher, adapters or auxiliary branch
 are counted but not written. A checkpoint saved before the last stage of
 channel planting becomes the network of its stage (unplanted channels zeroed).
+
+Beside ``OUT`` it writes ``OUT`` with the extension ``.py``: the config of
+the compact model (:func:`expand_mm.apis.compact_config`), so
+``init_detector('OUT.py', 'OUT.pth')`` / mmseg's ``init_model`` run it.
 """
 import argparse
+import os.path as osp
 import sys
 
 import expand_mm  # noqa: F401
+from expand_mm.apis import build_training_model, compact_config
 from expand_mm.checkpoint import prepare_output_path, read_checkpoint, strip_prefix
 from expand_mm.cli import UsageError, require_file, run_tool
 from expand_mm.cost import config_input_size, count_macs, count_training_macs
@@ -23,7 +29,6 @@ from expand_mm.models import find_deployable
 from expand_mm.planting import unfinished_planting
 from expand_mm.surgery import contract_model, count_params, expanded_layers
 from mmengine.config import Config, DictAction
-from mmengine.registry import MODELS, DefaultScope
 
 
 def parse_args() -> argparse.Namespace:
@@ -32,7 +37,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument('config', help='the ExpandNet (or Distiller / AuxOverParam) config the '
                         'checkpoint was trained with')
     parser.add_argument('checkpoint', help='training checkpoint (epoch_N.pth / iter_N.pth)')
-    parser.add_argument('out', help='where to write the compact checkpoint')
+    parser.add_argument('out', help='where to write the compact checkpoint (its config is '
+                        'written beside it, with the extension .py)')
     parser.add_argument('--verify', action='store_true',
                         help='check the contraction on a probe input (refuses to write on a '
                         'mismatch)')
@@ -44,6 +50,22 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
+def compact_config_path(out: str, config: str) -> str:
+    """Where the compact config goes: ``OUT`` with the extension ``.py``.
+
+    Raises:
+        UsageError: If that path is ``OUT`` itself or the input config.
+    """
+    path = osp.splitext(out)[0] + '.py'
+    if osp.realpath(path) == osp.realpath(out):
+        raise UsageError(f'the output {out!r} ends in .py, where the compact config is '
+                         f'written: give the checkpoint path, e.g. {path[:-3] + ".pth"!r}')
+    if osp.exists(path) and osp.samefile(path, config):
+        raise UsageError(f'the compact config would be written to {path!r}, the input config: '
+                         'give an output path elsewhere (the config goes beside it, as .py)')
+    return path
+
+
 def main() -> int:
     """Contract, verify, report."""
     args = parse_args()
@@ -51,18 +73,15 @@ def main() -> int:
     require_file(args.config, 'config')
     require_file(args.checkpoint, 'checkpoint')
     prepare_output_path(args.checkpoint, args.out)
+    config_out = compact_config_path(args.out, args.config)
     cfg = Config.fromfile(args.config)
     if args.cfg_options:
         cfg.merge_from_dict(args.cfg_options)
-    model_cfg = cfg.model.copy()
-    if cfg.get('data_preprocessor') is not None:  # as the Runner builds the model
-        model_cfg.setdefault('data_preprocessor', cfg.data_preprocessor)
     size_source = '--img-size'
     if args.img_size is None:
         args.img_size, size_source = (config_input_size(cfg)
                                       or ((320, 320), 'default, none in the config'))
-    with DefaultScope.overwrite_default_scope(cfg.get('default_scope')):
-        model = MODELS.build(model_cfg).eval()
+    model = build_training_model(cfg).eval()
     deployable, prefix = find_deployable(model)
     # Memory-mapped: only the meta and the keys are read here.
     header = read_checkpoint(args.checkpoint, mmap=True)
@@ -114,7 +133,10 @@ def main() -> int:
                   f'{errors["input_sensitivity"]:.1e}; e.g. untrained batch norm statistics), so '
                   f'each expanded layer was also checked on its own: max relative error '
                   f'{errors["layers_max_rel"]:.3e}')
+    compact_config(cfg).dump(config_out)
     print(f'wrote {out}')
+    print(f'wrote {config_out} (its config: init_detector / init_model({config_out!r}, '
+          f'{out!r}))')
     return 0
 
 

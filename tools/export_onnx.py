@@ -19,11 +19,10 @@ from mmengine.config import Config
 from mmengine.registry import MODELS, DefaultScope
 
 import expand_mm  # noqa: F401  (registers ExpandNet and the wrappers)
-from expand_mm.checkpoint import (CheckpointError, check_plain_model_checkpoint,
-                                  prepare_output_path, read_checkpoint, strip_prefix)
+from expand_mm.apis import compact_checkpoint_of
+from expand_mm.checkpoint import prepare_output_path, read_checkpoint, strip_prefix
 from expand_mm.cli import require_file, run_tool
 from expand_mm.cost import config_input_size
-from expand_mm.deploy import contract_state_dict
 from expand_mm.models import deployable_model_cfg
 from expand_mm.planting import refuse_unfinished_planting
 from expand_mm.verification import _flatten_tensors
@@ -50,27 +49,17 @@ def build_compact(config: str, checkpoint: str) -> torch.nn.Module:
     network is taken (and contracted, if it is an ExpandNet).
 
     Raises:
-        CheckpointError: If the checkpoint is unreadable or fits neither form.
+        CheckpointError: If the checkpoint is unreadable or fits neither form
+            (a training checkpoint given with the compact config is named as
+            such, with its ``*_compact.pth`` to use).
     """
     cfg = Config.fromfile(config)
-    saved = read_checkpoint(checkpoint)
-    refuse_unfinished_planting(saved.get('meta') or {}, checkpoint, 'Export')
-    state_dict = strip_prefix(saved['state_dict'])
-    compact_cfg = deployable_model_cfg(cfg.model)
+    refuse_unfinished_planting(read_checkpoint(checkpoint, mmap=True).get('meta') or {},
+                               checkpoint, 'Export')
+    compact_ckpt, _ = compact_checkpoint_of(cfg, checkpoint)
     with DefaultScope.overwrite_default_scope(cfg.get('default_scope')):
-        compact = MODELS.build(compact_cfg)
-        try:
-            check_plain_model_checkpoint(compact, state_dict, checkpoint)
-        except CheckpointError:
-            if compact_cfg is cfg.model:
-                raise
-            # A training checkpoint of this config: its deployable network, contracted.
-            model_cfg = cfg.model.copy()
-            if cfg.get('data_preprocessor') is not None:  # as the Runner builds the model
-                model_cfg.setdefault('data_preprocessor', cfg.data_preprocessor)
-            state_dict, _ = contract_state_dict(MODELS.build(model_cfg), state_dict,
-                                                verify=False)
-    compact.load_state_dict(state_dict, strict=False)
+        compact = MODELS.build(deployable_model_cfg(cfg.model))
+    compact.load_state_dict(strip_prefix(compact_ckpt['state_dict']), strict=False)
     return compact.eval()
 
 

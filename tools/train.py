@@ -82,14 +82,22 @@ def build_cfg(args: argparse.Namespace) -> Config:
 def add_check_hook(cfg: Config) -> None:
     """Give the config ``ExpandNetCheckHook`` when it does not carry one.
 
-    ExpandNet configs carry the hook, so its checks fire under mmdet's and
-    mmseg's own ``tools/train.py`` too; here every config gets them (a stock
-    compact config's ``load_from`` is checked as well).
+    ExpandNet configs carry the hook (``default_hooks.expand_check``), so its
+    checks fire under mmdet's and mmseg's own ``tools/train.py`` too; here
+    every config gets them (a stock compact config's ``load_from`` is checked
+    as well). It is looked for in ``default_hooks`` and ``custom_hooks`` and
+    added to ``default_hooks``, whose dict the Runner merges with its own
+    defaults.
     """
-    hooks = list(cfg.get('custom_hooks') or [])
-    if not any(type_name(hook.get('type', '')) == 'ExpandNetCheckHook' for hook in hooks
-               if isinstance(hook, dict)):
-        cfg.custom_hooks = hooks + [dict(type='ExpandNetCheckHook')]
+    default_hooks = cfg.get('default_hooks') or {}
+    hooks = [*default_hooks.values(), *(cfg.get('custom_hooks') or [])]
+    if any(isinstance(hook, dict) and type_name(hook.get('type', '')) == 'ExpandNetCheckHook'
+           for hook in hooks):
+        return
+    if default_hooks.get('expand_check') is None:
+        cfg.default_hooks = {**default_hooks, 'expand_check': dict(type='ExpandNetCheckHook')}
+    else:  # the key holds another hook: keep it
+        cfg.custom_hooks = [*(cfg.get('custom_hooks') or []), dict(type='ExpandNetCheckHook')]
 
 
 def main() -> int:

@@ -19,13 +19,11 @@ model = dict(
 
 optim_wrapper = dict(constructor='ExpandNetOptimWrapperConstructor')
 
-# The base's hooks first, then expand_mm's.
-custom_hooks = [
-    dict(type='NumClassCheckHook'),
-    dict(type='CheckInvalidLossHook', interval=50, priority='VERY_LOW'),
-    dict(type='ExpandCheckpointLoadHook'),
-    dict(type='ContractCheckpointHook'),
-    dict(type='ExpandNetCheckHook'),
-]
+# expand_mm's hooks under default_hooks keys of their own: that dict merges into the
+# base's, so the base's hooks (custom_hooks included) all stay.
+default_hooks = dict(
+    expand_load=dict(type='ExpandCheckpointLoadHook'),
+    expand_contract=dict(type='ContractCheckpointHook'),
+    expand_check=dict(type='ExpandNetCheckHook'))
 
 model_wrapper_cfg = dict(type='ExpandNetDistributedDataParallel')

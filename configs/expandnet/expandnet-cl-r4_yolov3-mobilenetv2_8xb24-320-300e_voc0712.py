@@ -20,11 +20,12 @@ model = dict(
 
 optim_wrapper = dict(constructor='ExpandNetOptimWrapperConstructor')
 
-custom_hooks = [
-    dict(type='ExpandCheckpointLoadHook'),
-    dict(type='ContractCheckpointHook'),
-    dict(type='ExpandNetCheckHook'),
-]
+# expand_mm's hooks under default_hooks keys of their own: that dict merges into the
+# base's, so the base's hooks (custom_hooks included) all stay.
+default_hooks = dict(
+    expand_load=dict(type='ExpandCheckpointLoadHook'),
+    expand_contract=dict(type='ContractCheckpointHook'),
+    expand_check=dict(type='ExpandNetCheckHook'))
 
 # static_graph=True: some parameters get no gradient (the backbone's last 1x1 conv
 # runs but feeds no output). Not with gradient accumulation: torch's DDP refuses

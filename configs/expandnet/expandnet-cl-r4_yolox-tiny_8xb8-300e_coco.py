@@ -26,16 +26,12 @@ model = dict(
 # bias_decay_mult=0) is inherited and applies to the factors of the layers it names.
 optim_wrapper = dict(constructor='ExpandNetOptimWrapperConstructor')
 
-# The stock hooks (mode switch, norm sync, EMA) first, then expand_mm's.
-custom_hooks = [
-    dict(type='YOLOXModeSwitchHook', num_last_epochs=15, priority=48),
-    dict(type='SyncNormHook', priority=48),
-    dict(type='EMAHook', ema_type='ExpMomentumEMA', momentum=0.0001,
-         update_buffers=True, priority=49),
-    dict(type='ExpandCheckpointLoadHook'),
-    dict(type='ContractCheckpointHook'),
-    dict(type='ExpandNetCheckHook'),
-]
+# expand_mm's hooks under default_hooks keys of their own: that dict merges into the
+# base's, so the base's hooks (custom_hooks included) all stay.
+default_hooks = dict(
+    expand_load=dict(type='ExpandCheckpointLoadHook'),
+    expand_contract=dict(type='ContractCheckpointHook'),
+    expand_check=dict(type='ExpandNetCheckHook'))
 
 # Every parameter gets a gradient in each step, so no static_graph is needed.
 model_wrapper_cfg = dict(type='ExpandNetDistributedDataParallel')

@@ -7,8 +7,10 @@ from mmengine.runner import BaseLoop, find_latest_checkpoint
 
 from ..checkpoint import read_checkpoint
 from ..checks import (check_constructor_for_paramwise_keys, check_plain_load_from,
-                      ddp_wrapper_warning, missing_setup_warnings, schedule_warnings)
-from ..models.deployable import unwrap_model
+                      ddp_wrapper_warning, dropped_base_hooks_warning, missing_setup_warnings,
+                      schedule_warnings)
+from ..surgery import expanded_layers
+from ..models.deployable import find_deployable, unwrap_model
 
 
 def _is_training(runner) -> bool:
@@ -34,10 +36,11 @@ def check_load_from(runner) -> None:
 class ExpandNetCheckHook(Hook):
     """Run expand_mm's start-of-training checks (:mod:`expand_mm.checks`) from the config.
 
-    A config carries it (``custom_hooks = [..., dict(type='ExpandNetCheckHook')]``),
-    so the checks fire whatever starts the run: mmdet's or mmseg's
-    ``tools/train.py``, ``Runner.from_cfg(cfg).train()``, or this repository's
-    ``tools/train.py`` (which adds the hook to configs that lack it).
+    A config carries it (``default_hooks = dict(...,
+    expand_check=dict(type='ExpandNetCheckHook'))``), so the checks fire
+    whatever starts the run: mmdet's or mmseg's ``tools/train.py``,
+    ``Runner.from_cfg(cfg).train()``, or this repository's ``tools/train.py``
+    (which adds the hook to configs that lack it).
 
     - ``before_run`` (priority ``VERY_HIGH``: before any hook builds on the
       model, and before the runner loads a checkpoint): a missing or corrupt
@@ -45,7 +48,9 @@ class ExpandNetCheckHook(Hook):
       model would half-load is refused, and ``paramwise_cfg`` keys given to a
       constructor that ignores them.
     - ``before_train``: warnings for what the config leaves out (the per-factor
-      constructor under an adaptive optimizer, ``ContractCheckpointHook``), for
+      constructor under an adaptive optimizer, ``ContractCheckpointHook``, and,
+      for an ExpandNet or training-time wrapper, custom hooks of its
+      ``_base_`` config that its own ``custom_hooks`` list replaced), for
       schedulers whose absolute floor undoes the per-factor rates, and for a
       stock DDP wrapper that keeps an ExpandNet from deferring its factor
       gradients.
@@ -70,5 +75,9 @@ class ExpandNetCheckHook(Hook):
                                       runner.param_schedulers)
         ddp = ddp_wrapper_warning(runner.model)
         warnings += [ddp] if ddp else []
+        deployable, prefix = find_deployable(runner.model)
+        if prefix or expanded_layers(deployable):
+            dropped = dropped_base_hooks_warning(runner.cfg, runner.hooks)
+            warnings += [dropped] if dropped else []
         for warning in warnings:
             runner.logger.warning(f'ExpandNetCheckHook: {warning}')

@@ -88,7 +88,7 @@ def train_run(cfg: Config, logger: MMLogger) -> dict[str, Any]:
         if not osp.isfile(result['compact_checkpoint']):
             raise DemoError(
                 f'ContractCheckpointHook wrote no {result["compact_checkpoint"]}; is it in '
-                'custom_hooks of the ExpandNet config?')
+                'default_hooks of the ExpandNet config?')
     times = [r['time'] for r in result['scalars'] if 'time' in r]
     # The first window holds the start-up (first batches, allocator warm-up).
     steady = times[1:] or times

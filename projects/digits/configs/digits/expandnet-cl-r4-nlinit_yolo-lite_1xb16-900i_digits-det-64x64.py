@@ -16,9 +16,7 @@ _base_ = './expandnet-cl-r4_yolo-lite_1xb16-900i_digits-det-64x64.py'
 
 nonlinear_iters = 300  # = max_iters // 3
 
+# The base's default_hooks (expand_mm's checkpoint and check hooks) are inherited.
 custom_hooks = [
-    dict(type='ExpandCheckpointLoadHook'),
     dict(type='NonlinearInitHook', act_cfg=dict(type='ReLU'), end=nonlinear_iters),
-    dict(type='ContractCheckpointHook'),
-    dict(type='ExpandNetCheckHook'),
 ]

@@ -27,8 +27,10 @@ model = dict(
 optim_wrapper = dict(
     constructor='ExpandNetOptimWrapperConstructor',
     paramwise_cfg=dict(factor_lr_mult=0.1))
-custom_hooks = [dict(type='ExpandCheckpointLoadHook'), dict(type='ContractCheckpointHook'),
-                dict(type='ExpandNetCheckHook')]
+default_hooks = dict(
+    expand_load=dict(type='ExpandCheckpointLoadHook'),
+    expand_contract=dict(type='ContractCheckpointHook'),
+    expand_check=dict(type='ExpandNetCheckHook'))
 # The full-resolution decoder stage feeds no head, so some parameters get no
 # gradient: static_graph=True (not with gradient accumulation).
 model_wrapper_cfg = dict(type='ExpandNetDistributedDataParallel', static_graph=True)

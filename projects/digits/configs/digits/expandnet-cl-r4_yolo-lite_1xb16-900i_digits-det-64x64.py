@@ -16,6 +16,8 @@ model = dict(
     ratio=4,
     mode='online')
 optim_wrapper = dict(constructor='ExpandNetOptimWrapperConstructor')
-custom_hooks = [dict(type='ExpandCheckpointLoadHook'), dict(type='ContractCheckpointHook'),
-                dict(type='ExpandNetCheckHook')]
+default_hooks = dict(
+    expand_load=dict(type='ExpandCheckpointLoadHook'),
+    expand_contract=dict(type='ContractCheckpointHook'),
+    expand_check=dict(type='ExpandNetCheckHook'))
 model_wrapper_cfg = dict(type='ExpandNetDistributedDataParallel')

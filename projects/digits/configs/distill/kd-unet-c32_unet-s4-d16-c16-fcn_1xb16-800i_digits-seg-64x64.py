@@ -37,5 +37,7 @@ model = dict(
 
 # Write iter_N_compact.pth beside every checkpoint: the student alone (the
 # teacher is training-only); let load_from= take a stock compact checkpoint.
-custom_hooks = [dict(type='ExpandCheckpointLoadHook'), dict(type='ContractCheckpointHook'),
-                dict(type='ExpandNetCheckHook')]
+default_hooks = dict(
+    expand_load=dict(type='ExpandCheckpointLoadHook'),
+    expand_contract=dict(type='ContractCheckpointHook'),
+    expand_check=dict(type='ExpandNetCheckHook'))

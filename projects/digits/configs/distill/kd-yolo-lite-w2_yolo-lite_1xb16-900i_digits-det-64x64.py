@@ -46,5 +46,7 @@ model = dict(
 # teacher and the feature adapters are training-only). ExpandCheckpointLoadHook
 # lets load_from= a stock compact checkpoint start the student (its keys are put
 # under 'student.'); without it nothing of such a checkpoint would load.
-custom_hooks = [dict(type='ExpandCheckpointLoadHook'), dict(type='ContractCheckpointHook'),
-                dict(type='ExpandNetCheckHook')]
+default_hooks = dict(
+    expand_load=dict(type='ExpandCheckpointLoadHook'),
+    expand_contract=dict(type='ContractCheckpointHook'),
+    expand_check=dict(type='ExpandNetCheckHook'))

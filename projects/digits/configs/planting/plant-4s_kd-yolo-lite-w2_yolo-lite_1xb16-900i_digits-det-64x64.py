@@ -26,17 +26,15 @@ _base_ = '../distill/kd-yolo-lite-w2_yolo-lite_1xb16-900i_digits-det-64x64.py'
 
 stage_iters = 225  # 900 iterations, four stages of the base's schedule (warm-up + cosine)
 
+# The base's default_hooks are inherited: load_from= a student (compact) checkpoint
+# loads strictly into the student (expand_load), and iter_N_compact.pth is the student
+# alone (expand_contract; teacher and adapters dropped), before the last stage the
+# narrower network of the stage (unplanted channels zeroed).
 custom_hooks = [
-    # load_from= a student (compact) checkpoint loads strictly into the student.
-    dict(type='ExpandCheckpointLoadHook'),
-    # Writes iter_N_compact.pth: the student alone (teacher and adapters dropped); before
-    # the last stage, the narrower network of the stage (unplanted channels zeroed).
-    dict(type='ContractCheckpointHook'),
     dict(
         type='ChannelPlantingHook',
         include=['backbone.*', 'neck.*'],
         stages=(0.25, 0.5, 0.75, 1.0),
         milestones=[stage_iters, 2 * stage_iters, 3 * stage_iters],
         freeze='all'),
-    dict(type='ExpandNetCheckHook'),
 ]
