@@ -29,6 +29,7 @@ from .deploy import deployable_state_dict  # noqa: E402
 from .planting import ChannelPlanter, PlantingError  # noqa: E402
 from .hooks import ChannelPlantingHook, ExpandNetCheckHook, NonlinearInitHook  # noqa: E402
 from . import analysis  # noqa: E402
+from .apis import init_compact_model  # noqa: E402
 from .analysis import (GradientConfusionResult, LandscapeResult, gradient_confusion,  # noqa: E402
                        loss_landscape_1d, loss_landscape_2d)
 
@@ -49,6 +50,7 @@ __all__ = [
     'ChannelPlanter', 'ChannelPlantingHook', 'PlantingError', 'NonlinearInitHook',
     'ExpandNetCheckHook',
     'ProductWeightDecay', 'PolyLRRatio',
+    'init_compact_model',
     'analysis', 'gradient_confusion', 'GradientConfusionResult', 'loss_landscape_1d',
     'loss_landscape_2d', 'LandscapeResult',
 ]
