@@ -6,7 +6,9 @@ import torch
 
 import expand_mm
 from expand_mm.probe import probe_forward
-from stock_models import STOCK_CONFIGS, build_stock_model
+from stock_models import STOCK_CONFIGS
+
+pytestmark = pytest.mark.slow
 
 
 def has_large_kernels(model) -> bool:
@@ -43,9 +45,8 @@ def float32_rounding_error(model, x) -> float:
 
 @pytest.mark.parametrize('strategy', ['cl', 'auto'])
 @pytest.mark.parametrize('name', sorted(STOCK_CONFIGS))
-def test_expand_contract_stock_model(name, strategy):
-    torch.manual_seed(0)
-    model = build_stock_model(name).eval()
+def test_expand_contract_stock_model(name, strategy, stock_model):
+    model = stock_model(name).eval()
     if strategy == 'auto' and not has_large_kernels(model):
         pytest.skip(f'{name} has no kernel >= 5: CK does not apply, auto == cl')
     stock_keys = {k: v.shape for k, v in model.state_dict().items()}
@@ -80,9 +81,8 @@ def test_expand_contract_stock_model(name, strategy):
 
 
 @pytest.mark.parametrize('name', sorted(STOCK_CONFIGS))
-def test_keep_weights_preserves_stock_model(name):
-    torch.manual_seed(0)
-    model = build_stock_model(name).eval()
+def test_keep_weights_preserves_stock_model(name, stock_model):
+    model = stock_model(name).eval()
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         before = probe_forward(model, x)
@@ -95,13 +95,12 @@ def test_keep_weights_preserves_stock_model(name):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4 * float(a.abs().max()))
 
 
-def test_a_weak_probe_falls_back_to_checking_each_layer():
+def test_a_weak_probe_falls_back_to_checking_each_layer(stock_model):
     """Untrained YOLOX (initial batch norm statistics): its outputs are the heads' prior
     biases whatever the input, so a corrupted kernel passes the whole-model probe; each
     layer is then checked on its own, and the corruption is named."""
     from expand_mm.surgery import check_contraction
-    torch.manual_seed(0)
-    model = build_stock_model('yolox_tiny').eval()
+    model = stock_model('yolox_tiny').eval()
     expand_mm.expand_model(model, strategy='cl', ratio=2)
     compact = expand_mm.contract_model(model)
     x = torch.randn(1, 3, 64, 64)
