@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from mmengine.config import Config
 from mmengine.runner import Runner
 
 import expand_mm
 from expand_mm.models import widen_head_cfg
-from mm_test_utils import load_config
 from wrapper_test_utils import (DET_COMPACT, ROOT, SEG_COMPACT, assert_same_raw_outputs,
                                 compact_checkpoint, load_stock, logged, tiny_cfg)
 
@@ -99,11 +99,11 @@ def test_widen_head_cfg():
 
 
 def test_config_names_the_deployable_compact_model():
-    cfg = load_config(str(AUX_DET))
-    compact = load_config(str(DET_COMPACT))
+    cfg = Config.fromfile(str(AUX_DET))
+    compact = Config.fromfile(str(DET_COMPACT))
     assert cfg.model.type == 'AuxOverParam'
     assert expand_mm.models.deployable_model_cfg(cfg.model) == compact.model
-    kd = load_config(str(ROOT / 'configs/distill/kd-yolo-lite-w2_expandnet-cl-r4_yolo-lite_'
+    kd = Config.fromfile(str(ROOT / 'configs/distill/kd-yolo-lite-w2_expandnet-cl-r4_yolo-lite_'
                              '1xb16-900i_digits-det-64x64.py'))
     assert expand_mm.models.deployable_model_cfg(kd.model) == compact.model
     nested = dict(type='Distiller', student=dict(cfg.model), teacher={}, teacher_ckpt='x')
