@@ -25,10 +25,11 @@ def format_each_config_text_once():
     """Formats each config text with yapf once per session.
 
     ``Config.pretty_text`` runs yapf on the whole config (about a second), and a
-    Runner asks for it three times when it starts: the logged config, the
-    dumped file and the visualizer's copy. yapf's output depends on the text and
-    the style alone, so the same text is formatted once and every caller still
-    gets exactly what yapf returns.
+    Runner asks for it again and again: the logged config, the dumped file and
+    the visualizer's copy when it is built, then the run's metainfo and every
+    checkpoint's meta. yapf's output depends on the text and the style alone,
+    so the same text is formatted once and every caller still gets exactly
+    what yapf returns.
     """
     import mmengine.config.config as mm_config
     format_code = mm_config.FormatCode
