@@ -179,8 +179,8 @@ def test_the_config_set_is_complete():
     assert set(COMPACT_CONFIGS) <= bases, set(COMPACT_CONFIGS) - bases
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize('path', CONFIGS, ids=_id)
+@pytest.mark.slow
 def test_config_builds_and_runs(path: Path):
     b = built(path)
     cfg = b.cfg
@@ -224,8 +224,8 @@ def test_config_builds_and_runs(path: Path):
 
 # --------------------------------------------------------- ExpandNet configs
 
-@pytest.mark.slow
 @pytest.mark.parametrize('path', EXPANDNET_CONFIGS, ids=_id)
+@pytest.mark.slow
 def test_expandnet_config_matches_its_compact_counterpart(path: Path):
     compact_path = _compact_path(path)
     assert compact_path.is_file(), f'{path.name}: compact counterpart {compact_path} missing'
@@ -280,9 +280,9 @@ def test_expandnet_config_matches_its_compact_counterpart(path: Path):
     assert [t.shape for t in b.tensors] == [t.shape for t in c.tensors]
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize('path', [p for p in EXPANDNET_CONFIGS if 'yolo-lite' in p.stem],
                          ids=_id)
+@pytest.mark.slow
 def test_yolo_lite_expandnet_contracts_into_its_compact_config(path: Path):
     b, c = built(path), built(_compact_path(path))
     compact = expand_mm.contract_model(
@@ -336,8 +336,8 @@ TEACHERLESS_TRAINING_CONFIGS = EXPANDNET_CONFIGS + sorted(
     (CONFIG_ROOT / 'digits').glob('expandnet-*.py')) + sorted((CONFIG_ROOT / 'aux').glob('*.py'))
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize('path', TEACHERLESS_TRAINING_CONFIGS, ids=_id)
+@pytest.mark.slow
 def test_ddp_wrapper_setting_fits_the_model(path: Path):
     """Every ExpandNet config trains under ``ExpandNetDistributedDataParallel``; one
     whose model gives some trainable parameter no gradient in a training step
