@@ -1,12 +1,27 @@
-"""Shrink real configs so the stock Runner can train them for a few iterations on CPU."""
+"""Real configs in tests: parsed once, shrunk so the stock Runner trains them on a CPU."""
 from __future__ import annotations
 
+import copy
+from functools import lru_cache
+from pathlib import Path
 from typing import Any
+
+from mmengine.config import Config
 
 from stock_models import disable_pretrained
 
 SIZE_KEYS = {'Resize': 'scale', 'RandomResize': 'scale', 'RandomCrop': 'crop_size',
              'Mosaic': 'img_scale', 'MixUp': 'img_scale'}
+
+
+@lru_cache(maxsize=None)
+def _parsed_config(path: str) -> Config:
+    return Config.fromfile(path)
+
+
+def load_config(path: Path | str) -> Config:
+    """``Config.fromfile(path)``, parsed once per session: each call gets its own copy."""
+    return copy.deepcopy(_parsed_config(str(path)))
 
 
 def _walk(obj: Any):

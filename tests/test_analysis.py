@@ -280,20 +280,17 @@ def _load_tool(name):
 
 
 @pytest.fixture(scope='module')
-def voc_cfgs(tmp_path_factory):
+def voc_cfgs(tmp_path_factory, voc_root):
     """The compact YOLO-LITE VOC config and its ExpandNet (r=2), on 6 tiny VOC images at 96x96."""
     from mmengine.config import Config
 
-    from data_factory import make_voc
     from mm_test_utils import shrink_for_test
 
     tmp = tmp_path_factory.mktemp('analysis')
-    data_root = str(tmp / 'data')
-    make_voc(data_root, num_images=3, size=96)
     cfgs = []
     for path in (VOC_COMPACT, VOC_EXPANDNET):
         cfg = Config.fromfile(path)
-        shrink_for_test(cfg, str(tmp / 'work'), data_root + '/', (96, 96))
+        shrink_for_test(cfg, str(tmp / 'work'), voc_root, (96, 96))
         cfgs.append(cfg)
     # Ratio 2 instead of 4: a quarter of the kernel compositions that every
     # landscape point pays, and still a larger training form.
@@ -313,6 +310,7 @@ def test_runs_pair_configs_checkpoints_and_unique_labels():
     assert safe_name('a b/c#1') == 'a_b_c_1'
 
 
+@pytest.mark.slow
 def test_gradient_confusion_tool(voc_cfgs):
     """Compact checkpoint into both configs: the same figures in the compact space."""
     from mmdet.registry import MODELS
@@ -350,6 +348,7 @@ def test_gradient_confusion_tool(voc_cfgs):
         assert f.read(8) == b'\x89PNG\r\n\x1a\n'
 
 
+@pytest.mark.slow
 def test_loss_landscape_tool(voc_cfgs, capsys):
     tmp, cfgs = voc_cfgs
     out = str(tmp / 'landscape')
@@ -375,6 +374,7 @@ def test_loss_landscape_tool(voc_cfgs, capsys):
     assert sum(f.startswith('landscape_2d_') and f.endswith('.png') for f in files) == 3
 
 
+@pytest.mark.slow
 def test_analysis_tools_refuse_checkpoints_that_do_not_fit_before_any_work(voc_cfgs):
     """A checkpoint of another model would leave random layers: refused, naming the keys;
     a missing or corrupt file in any run is found before the first run starts."""
@@ -405,6 +405,7 @@ def test_analysis_tools_refuse_checkpoints_that_do_not_fit_before_any_work(voc_c
         landscape.parse_args(['x.py', '--steps-1d', '4'])
 
 
+@pytest.mark.slow
 def test_analysis_refuses_a_checkpoint_saved_mid_way_through_channel_planting(voc_cfgs):
     """Before the last planting stage the trained network masks its unplanted channels with
     hooks the weights do not carry: analysing the weights would analyse the full-width
@@ -439,6 +440,7 @@ def test_analysis_refuses_a_checkpoint_saved_mid_way_through_channel_planting(vo
     check_checkpoint_fits(compact_model, finished)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name', ['gradient_confusion', 'loss_landscape'])
 def test_analysis_tools_end_a_refused_input_in_one_error_line(tmp_path, name):
     """Run as scripts, like train.py and test.py: a refused input is one ``error:`` line

@@ -16,15 +16,10 @@ from mmengine.runner import Runner
 import expand_mm
 from expand_mm.models import widen_head_cfg
 from wrapper_test_utils import (DET_COMPACT, ROOT, SEG_COMPACT, assert_same_raw_outputs,
-                                compact_checkpoint, load_stock, logged, make_digits, tiny_cfg)
+                                compact_checkpoint, load_stock, logged, tiny_cfg)
 
 AUX_DET = ROOT / ('projects/digits/configs/aux/'
                   'aux-w2_expandnet-cl-r4_yolo-lite_1xb16-900i_digits-det-64x64.py')
-
-
-@pytest.fixture(scope='module')
-def data(tmp_path_factory):
-    return make_digits(tmp_path_factory.mktemp('digits'))
 
 
 def split_losses(model, losses: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -41,9 +36,10 @@ def grad_norm(loss: torch.Tensor, params: list[torch.nn.Parameter]) -> float:
     return float(sum(g.abs().sum() for g in grads if g is not None))
 
 
-def test_det_aux_branch_on_an_expandnet(data, tmp_path):
+@pytest.mark.slow
+def test_det_aux_branch_on_an_expandnet(digits_data, tmp_path):
     work = tmp_path / 'work'
-    runner = Runner.from_cfg(tiny_cfg(AUX_DET, data, work, 'det'))
+    runner = Runner.from_cfg(tiny_cfg(AUX_DET, digits_data, work, 'det'))
     runner.train()
     model = runner.model
     assert type(model).__name__ == 'AuxOverParam'
@@ -71,9 +67,10 @@ def test_det_aux_branch_on_an_expandnet(data, tmp_path):
     assert grad_norm(main, branch) == 0
 
 
-def test_seg_aux_branch_on_a_plain_compact_model(data, tmp_path):
+@pytest.mark.slow
+def test_seg_aux_branch_on_a_plain_compact_model(digits_data, tmp_path):
     work = tmp_path / 'work'
-    cfg = tiny_cfg(SEG_COMPACT, data, work, 'seg')
+    cfg = tiny_cfg(SEG_COMPACT, digits_data, work, 'seg')
     cfg.model = dict(type='AuxOverParam', model=cfg.model, width_mult=2.0, aux_weight=0.5)
     cfg.custom_hooks = [dict(type='ExpandCheckpointLoadHook'),
                         dict(type='ContractCheckpointHook')]

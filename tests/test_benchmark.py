@@ -98,6 +98,7 @@ def check_result(result: dict, explicit_trained: bool = True) -> None:
     assert result['targets']['online_train_time']['floor_by_macs'] > 1.0
 
 
+@pytest.mark.slow
 def test_cli_on_a_detector(tmp_path):
     out = tmp_path / 'bench.json'
     env = dict(os.environ, OMP_NUM_THREADS='1')
@@ -117,6 +118,7 @@ def test_cli_on_a_detector(tmp_path):
     assert str(DET_CONFIG) in result['command']
 
 
+@pytest.mark.slow
 def test_segmentor_in_process(tmp_path):
     tool = _load_tool()
     out = tmp_path / 'seg.json'
@@ -130,6 +132,7 @@ def test_segmentor_in_process(tmp_path):
     assert result['settings']['cfg_options'] == {'model.ratio': 2}
 
 
+@pytest.mark.slow
 def test_a_misspelled_cfg_option_is_one_error_line(tmp_path):
     proc = subprocess.run([sys.executable, str(TOOL), str(SEG_CONFIG), *tiny(1),
                            '--out', str(tmp_path / 'x.json'), '--cfg-options', 'model.ratioo=2'],

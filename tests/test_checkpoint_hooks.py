@@ -35,6 +35,7 @@ def assert_state_dicts_close(a, b, rtol=1e-5):
             assert torch.equal(a[key], b[key]), key
 
 
+@pytest.mark.slow
 def test_compact_checkpoint_is_the_contracted_ema_model(tmp_path):
     cfg = tiny_cfg(tmp_path)
     cfg.custom_hooks = [*cfg.get('custom_hooks', []), dict(type='EMAHook', momentum=0.5)]
@@ -50,6 +51,7 @@ def test_compact_checkpoint_is_the_contracted_ema_model(tmp_path):
     assert differs, 'EMA and raw weights coincide: the test would not tell them apart'
 
 
+@pytest.mark.slow
 def test_load_from_compact_checkpoint_keeps_its_function(tmp_path):
     cfg = tiny_cfg(tmp_path)
     Runner.from_cfg(cfg).train()
@@ -78,6 +80,7 @@ def test_checkpoint_of_another_model_is_refused(tmp_path):
                             "Hook', strict=False), ...]")  # the fine-tuning way out
 
 
+@pytest.mark.slow
 def test_corrupt_load_from_fails_before_training(tmp_path):
     corrupt = tmp_path / 'corrupt.pth'
     torch.save({'state_dict': {'w': torch.zeros(1000)}}, corrupt)
@@ -90,6 +93,7 @@ def test_corrupt_load_from_fails_before_training(tmp_path):
     assert not osp.exists(osp.join(cfg.work_dir, 'iter_1.pth'))
 
 
+@pytest.mark.slow
 def test_compact_twins_follow_max_keep_ckpts(tmp_path):
     cfg = tiny_cfg(tmp_path, max_iters=3)
     cfg.default_hooks.checkpoint = dict(type='CheckpointHook', interval=1, by_epoch=False,
@@ -99,6 +103,7 @@ def test_compact_twins_follow_max_keep_ckpts(tmp_path):
     assert kept == ['iter_3.pth', 'iter_3_compact.pth']
 
 
+@pytest.mark.slow
 def test_compact_twins_follow_max_keep_ckpts_by_epoch(tmp_path):
     # 3 iterations per epoch: epoch_1.pth holds iter 3, a step number that the kept
     # epochs [2, 3] contain; the twin goes by the hook's file names, not by numbers.
@@ -116,6 +121,7 @@ def test_compact_twins_follow_max_keep_ckpts_by_epoch(tmp_path):
     assert 'is gone, but not by CheckpointHook' not in log
 
 
+@pytest.mark.slow
 def test_a_checkpoint_moved_by_hand_keeps_its_compact_twin(tmp_path):
     from mmengine.hooks import Hook
 
@@ -181,6 +187,7 @@ class MemoryBackend(BaseStorageBackend):
         return '/'.join([str(filepath).rstrip('/'), *filepaths])
 
 
+@pytest.mark.slow
 def test_compact_checkpoint_goes_through_a_remote_file_backend_without_reading_back(
         tmp_path, monkeypatch):
     """CheckpointHook writes to a non-local backend: the compact twin goes there too, made

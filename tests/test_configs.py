@@ -185,6 +185,7 @@ def test_the_config_set_is_complete():
 
 
 @pytest.mark.parametrize('path', CONFIGS, ids=_id)
+@pytest.mark.slow
 def test_config_builds_and_runs(path: Path):
     b = built(path)
     cfg = b.cfg
@@ -229,6 +230,7 @@ def test_config_builds_and_runs(path: Path):
 # --------------------------------------------------------- ExpandNet configs
 
 @pytest.mark.parametrize('path', EXPANDNET_CONFIGS, ids=_id)
+@pytest.mark.slow
 def test_expandnet_config_matches_its_compact_counterpart(path: Path):
     compact_path = _compact_path(path)
     assert compact_path.is_file(), f'{path.name}: compact counterpart {compact_path} missing'
@@ -304,6 +306,7 @@ def test_expand_mm_hooks_sit_in_default_hooks_and_the_bases_hooks_stay(path: Pat
 
 @pytest.mark.parametrize('path', [p for p in EXPANDNET_CONFIGS if 'yolo-lite' in p.stem],
                          ids=_id)
+@pytest.mark.slow
 def test_yolo_lite_expandnet_contracts_into_its_compact_config(path: Path):
     b, c = built(path), built(_compact_path(path))
     compact = expand_mm.contract_model(
@@ -359,6 +362,7 @@ TEACHERLESS_TRAINING_CONFIGS = EXPANDNET_CONFIGS + sorted(
 
 
 @pytest.mark.parametrize('path', TEACHERLESS_TRAINING_CONFIGS, ids=_id)
+@pytest.mark.slow
 def test_ddp_wrapper_setting_fits_the_model(path: Path):
     """Every ExpandNet config trains under ``ExpandNetDistributedDataParallel``; one
     whose model gives some trainable parameter no gradient in a training step

@@ -26,8 +26,7 @@ from expand_mm.hooks import ContractCheckpointHook, ExpandCheckpointLoadHook
 from expand_mm.models import FeatureImitationLoss, LogitsKDLoss
 from wrapper_test_utils import (DET_COMPACT, ROOT, SEG_COMPACT, assert_outputs_close,
                                 assert_same_raw_outputs, build_model, compact_checkpoint,
-                                load_stock, load_tool, logged, make_digits, save_state,
-                                tiny_cfg)
+                                load_stock, load_tool, logged, save_state, tiny_cfg)
 
 DISTILL = ROOT / 'projects/digits/configs/distill'
 KD_DET = DISTILL / 'kd-yolo-lite-w2_expandnet-cl-r4_yolo-lite_1xb16-900i_digits-det-64x64.py'
@@ -39,8 +38,8 @@ TEACHER_SEG = DISTILL / 'unet-s4-d16-c32_fcn_1xb16-800i_digits-seg-64x64.py'
 
 
 @pytest.fixture(scope='module')
-def data(tmp_path_factory):
-    return make_digits(tmp_path_factory.mktemp('digits'))
+def data(digits_data):
+    return digits_data
 
 
 def teacher_checkpoint(config, path) -> str:
@@ -66,6 +65,7 @@ def assert_teacher_frozen(model, teacher_ckpt: str) -> None:
     assert not model.teacher.training
 
 
+@pytest.mark.slow
 def test_det_kd_of_an_expandnet_trains_and_deploys_the_student(data, tmp_path):
     teacher_ckpt = teacher_checkpoint(TEACHER_DET, tmp_path / 'teacher.pth')
     work = tmp_path / 'work'
@@ -144,6 +144,7 @@ def test_det_kd_of_an_expandnet_trains_and_deploys_the_student(data, tmp_path):
     assert runner2.model.teacher_loaded
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('config, expanded', [(KD_SEG, True), (KD_SEG_COMPACT, False)],
                          ids=['expandnet-student', 'compact-student'])
 def test_seg_kd_trains_and_deploys_the_student(data, tmp_path, config, expanded):
@@ -395,6 +396,7 @@ def test_load_hook_loads_a_deployable_checkpoint_into_the_wrapper():
             runner, {'state_dict': {'backbone.conv1.weight': torch.zeros(8, 3, 3, 3)}})
 
 
+@pytest.mark.slow
 def test_resume_needs_no_teacher_file(data, tmp_path):
     """The distiller checkpoint holds the teacher: resuming works after the teacher's own
     file is gone, with the teacher as saved; a fresh run still says the file is missing."""

@@ -20,13 +20,16 @@ import os
 import socket
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from mmengine.model import MMDistributedDataParallel
 from mmengine.registry import MODEL_WRAPPERS
 
-from wrapper_test_utils import DET_COMPACT, ROOT, SEG_COMPACT, load_stock, make_digits, tiny_cfg
+from wrapper_test_utils import DET_COMPACT, ROOT, SEG_COMPACT, load_stock, tiny_cfg
+
+pytestmark = pytest.mark.slow
 
 WORLD = 2
 OURS = 'ExpandNetDistributedDataParallel'
@@ -115,9 +118,8 @@ def _train_on_rank(rank: int, port: int, data: str, out: str) -> None:
     dist.destroy_process_group()
 
 
-def test_ddp_wrapper_defers_factor_grads_with_the_same_weights(tmp_path):
-    data = make_digits(tmp_path / 'data')
-    mp.start_processes(_train_on_rank, args=(_free_port(), str(data), str(tmp_path)),
+def test_ddp_wrapper_defers_factor_grads_with_the_same_weights(digits_data, tmp_path):
+    mp.start_processes(_train_on_rank, args=(_free_port(), str(digits_data), str(tmp_path)),
                        nprocs=WORLD, start_method='spawn')
     ranks = [torch.load(tmp_path / f'rank{r}.pt') for r in range(WORLD)]
     for result in ranks:

@@ -3,10 +3,10 @@ import os.path as osp
 
 import pytest
 import torch
-from mmengine.config import Config
 from mmengine.registry import MODELS, DefaultScope
 
 import expand_mm
+from mm_test_utils import load_config
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 COMPACT = osp.join(ROOT, 'configs', 'yolo_lite', 'yolo-lite_8xb16-100e_voc0712.py')
@@ -18,13 +18,13 @@ def build(model_cfg):
 
 
 def expandnet_cfg(**kwargs):
-    compact = Config.fromfile(COMPACT).model
+    compact = load_config(COMPACT).model
     return dict(type='ExpandNet', model=compact, **kwargs)
 
 
 def test_pretrained_backbone_is_kept_exactly_and_the_rest_is_fresh(tmp_path):
     torch.manual_seed(0)
-    pretrained = build(Config.fromfile(COMPACT).model)
+    pretrained = build(load_config(COMPACT).model)
     ckpt = tmp_path / 'backbone.pth'
     torch.save({'state_dict': pretrained.backbone.state_dict()}, ckpt)
 
@@ -65,7 +65,7 @@ def test_bad_builder_arguments_name_the_key():
                                          r"inside `model` \(--cfg-options model.model.bbox_head"):
         build(expandnet_cfg(bbox_head=dict(num_classes=3)))
     # Several of them: the inherited compact model merged in (no _delete_=True).
-    compact = Config.fromfile(COMPACT).model
+    compact = load_config(COMPACT).model
     with pytest.raises(ValueError, match=r"start the dict with `_delete_=True`"):
         build(expandnet_cfg(backbone=compact.backbone, neck=compact.neck))
     with pytest.raises(ValueError, match="include pattern 'backbon.*'"):
@@ -145,7 +145,7 @@ def test_single_patterns_given_as_strings_are_one_pattern():
 
 def test_kept_ck_layers_with_a_too_small_ratio_are_refused_at_build_time():
     """The exact CK factorisation at init_weights() needs a minimum ratio: say so at build."""
-    k5 = Config.fromfile(osp.join(ROOT, 'configs', 'yolo_lite',
+    k5 = load_config(osp.join(ROOT, 'configs', 'yolo_lite',
                                   'yolo-lite-k5_8xb16-100e_voc0712.py')).model
     with pytest.raises(ValueError, match=r"init='compact' / keep_weights=True asks for an exact "
                                          r"CK factorisation .* at ratio=2, too small for: "
@@ -163,7 +163,7 @@ def test_kept_ck_layers_with_a_too_small_ratio_are_refused_at_build_time():
 
 
 def test_misspelled_model_key_and_unmatched_keep_weights_are_named():
-    compact = Config.fromfile(COMPACT).model
+    compact = load_config(COMPACT).model
     with pytest.raises(ValueError, match=r"`model`, the compact model's config, is missing "
                                          r"\('modle': did you mean 'model'\?\)"):
         build(dict(type='ExpandNet', modle=compact))
@@ -181,7 +181,7 @@ def test_wrapper_level_settings_reach_the_compact_model_and_its_config():
     """--cfg-options model.test_cfg... / model.data_preprocessor.size=... on an ExpandNet
     config act as they do on the compact config: built and in compact_model_cfg."""
     from expand_mm.models import compact_model_cfg
-    unet = Config.fromfile(str(osp.join(ROOT, 'configs', 'expandnet', 'expandnet-cl-r4_unet-'
+    unet = load_config(str(osp.join(ROOT, 'configs', 'expandnet', 'expandnet-cl-r4_unet-'
                                         's5-d16-c16-fcn_4xb4-160k_cityscapes-512x1024.py')))
     slide = dict(mode='slide', crop_size=(16, 16), stride=(16, 16))
     unet.merge_from_dict({'model.test_cfg': slide,
@@ -197,7 +197,7 @@ def test_wrapper_level_settings_reach_the_compact_model_and_its_config():
     assert tuple(model.data_preprocessor.size) == (32, 64)
     assert model.data_preprocessor.pad_val == 7
     # A full top-level preprocessor (what the Runner passes) does not replace the model's own.
-    plain = Config.fromfile(str(osp.join(ROOT, 'configs', 'expandnet', 'expandnet-cl-r4_unet-'
+    plain = load_config(str(osp.join(ROOT, 'configs', 'expandnet', 'expandnet-cl-r4_unet-'
                                          's5-d16-c16-fcn_4xb4-160k_cityscapes-512x1024.py')))
     own = dict(plain.model.model.data_preprocessor)
     with DefaultScope.overwrite_default_scope('mmseg'):
@@ -215,7 +215,7 @@ def test_fresh_expanded_head_convs_keep_the_heads_prior_bias():
     model.init_weights()
     torch.manual_seed(0)
     with DefaultScope.overwrite_default_scope('mmdet'):
-        stock = MODELS.build(Config.fromfile(COMPACT).model)
+        stock = MODELS.build(load_config(COMPACT).model)
     stock.init_weights()
     layers = dict(expand_mm.expanded_layers(model))
     assert len(layers) == 3

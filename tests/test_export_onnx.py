@@ -3,12 +3,15 @@ import os.path as osp
 import subprocess
 import sys
 
+import pytest
 import torch
 from mmengine.config import Config
 from mmengine.registry import MODELS, DefaultScope
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 EXPANDNET = osp.join(ROOT, 'configs', 'expandnet', 'expandnet-cl-r4_yolo-lite_8xb16-100e_voc0712.py')
+
+pytestmark = pytest.mark.slow
 
 
 def test_export_from_a_training_checkpoint_matches_onnxruntime(tmp_path):

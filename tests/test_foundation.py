@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import expand_mm  # noqa: F401  (allowlists mmengine's checkpoint types)
-from stock_models import STOCK_CONFIGS, build_stock_model
+from stock_models import STOCK_CONFIGS
 
 
 def test_pinned_stack():
@@ -32,8 +32,8 @@ def test_mmcv_compiled_nms_suppresses_overlaps():
 
 
 @pytest.mark.parametrize('name', sorted(STOCK_CONFIGS))
-def test_stock_model_builds_and_runs_on_cpu(name):
-    model = build_stock_model(name).eval()
+def test_stock_model_builds_and_runs_on_cpu(name, stock_model):
+    model = stock_model(name).eval()
     with torch.no_grad():
         out = model(torch.randn(1, 3, 64, 64), mode='tensor')
     tensors = [t for level in (out if isinstance(out, (tuple, list)) else [out])
@@ -60,6 +60,7 @@ def test_safe_loading_still_refuses_arbitrary_objects(tmp_path):
         _load_checkpoint(path, map_location='cpu')
 
 
+@pytest.mark.slow
 def test_runner_trains_saves_and_resumes(tmp_path):
     """mmengine's own resume works on torch >= 2.6 with safe loading left on."""
     from data_factory import make_coco

@@ -6,32 +6,38 @@ import os.path as osp
 
 import pytest
 import torch
-from mmengine.config import Config
 from mmengine.registry import MODELS, DefaultScope
 from mmengine.runner import Runner
 
 import expand_mm
-from data_factory import make_cityscapes, make_coco, make_voc
-from mm_test_utils import dataset_types, shrink_for_test
+from data_factory import make_coco
+from mm_test_utils import dataset_types, load_config, shrink_for_test
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 EXPANDNET_CONFIGS = sorted(glob.glob(osp.join(ROOT, 'configs', 'expandnet', '*.py')))
 COCO_NAMES = ('person', 'bicycle', 'car')
 
+pytestmark = pytest.mark.slow
 
-def make_data(cfg, root: str) -> tuple[str, tuple[int, int]]:
-    """Tiny data in the config's format; returns (data_root, image size)."""
+
+@pytest.fixture(scope='module')
+def coco_root(tmp_path_factory) -> str:
+    """A COCO tree (train2017 and val2017, 4 images of 96x96 each) of three COCO classes."""
+    root = tmp_path_factory.mktemp('coco')
+    for split in ('train2017', 'val2017'):
+        make_coco(str(root), num_images=4, size=96, split=split, class_names=COCO_NAMES)
+    return f'{root}/'
+
+
+def tiny_data(cfg, request) -> tuple[str, tuple[int, int]]:
+    """(data_root, image size) of the tiny dataset in the config's format."""
     types = dataset_types(cfg)
     if 'CocoDataset' in types:
-        for split in ('train2017', 'val2017'):
-            make_coco(root, num_images=4, size=96, split=split, class_names=COCO_NAMES)
-        return root + '/', (96, 96)
+        return request.getfixturevalue('coco_root'), (96, 96)
     if 'VOCDataset' in types:
-        make_voc(root, num_images=3, size=96)
-        return root + '/', (96, 96)
+        return request.getfixturevalue('voc_root'), (96, 96)
     if 'CityscapesDataset' in types:
-        make_cityscapes(root, num_images=2, size=(64, 128))
-        return root + '/', (64, 128)
+        return request.getfixturevalue('cityscapes_root'), (64, 128)
     raise AssertionError(f'no tiny-data factory for {types}')
 
 
@@ -66,9 +72,9 @@ def assert_same_detections(a, b, top: int = 20) -> None:
 
 
 @pytest.mark.parametrize('config', EXPANDNET_CONFIGS, ids=osp.basename)
-def test_train_resume_contract_and_stock_inference(config, tmp_path):
-    cfg = Config.fromfile(config)
-    data_root, size = make_data(cfg, str(tmp_path / 'data'))
+def test_train_resume_contract_and_stock_inference(config, tmp_path, request):
+    cfg = load_config(config)
+    data_root, size = tiny_data(cfg, request)
     work = str(tmp_path / 'work')
     shrink_for_test(cfg, work, data_root, size, max_iters=2)
     runner = Runner.from_cfg(cfg)
@@ -78,7 +84,7 @@ def test_train_resume_contract_and_stock_inference(config, tmp_path):
         assert osp.isfile(osp.join(work, name)), name
 
     # Resume: continues from iteration 2 with the same factors and optimizer state.
-    cfg = Config.fromfile(config)
+    cfg = load_config(config)
     shrink_for_test(cfg, work, data_root, size, max_iters=3)
     cfg.default_hooks.checkpoint.interval = 1
     cfg.resume = True
@@ -90,7 +96,7 @@ def test_train_resume_contract_and_stock_inference(config, tmp_path):
     assert saved['message_hub']['log_scalars']['train/loss'].data[0].shape[0] == 3
 
     # The compact checkpoint loads strictly into the stock compact config ...
-    compact_cfg = Config.fromfile(config)
+    compact_cfg = load_config(config)
     shrink_for_test(compact_cfg, work, data_root, size)
     compact_cfg.model = expand_mm.models.compact_model_cfg(compact_cfg.model)
     compact_ckpt = osp.join(work, 'iter_3_compact.pth')
@@ -100,7 +106,7 @@ def test_train_resume_contract_and_stock_inference(config, tmp_path):
     stock.load_state_dict(state['state_dict'], strict=True)
 
     # ... and the stock inference API predicts what the expanded model predicts.
-    expanded_cfg = Config.fromfile(config)
+    expanded_cfg = load_config(config)
     shrink_for_test(expanded_cfg, work, data_root, size)
     for c in (compact_cfg, expanded_cfg):  # keep every box: an untrained model scores low
         keep_all_detections(c.model)

@@ -194,6 +194,7 @@ def run(cfg):
     return runner, probe.seen
 
 
+@pytest.mark.slow
 def test_runner_skips_nonlinear_checkpoints_and_contracts_after_switch_and_resumes(tmp_path):
     cfg = tiny_cfg(tmp_path, max_iters=3, end=2)
     runner, seen = run(cfg)
@@ -250,6 +251,7 @@ NLINIT_DIGITS = osp.join(ROOT, 'projects', 'digits', 'configs', 'digits',
                          'expandnet-cl-r4-nlinit_yolo-lite_1xb16-900i_digits-det-64x64.py')
 
 
+@pytest.mark.slow
 def test_config_file_checkpoint_of_the_nonlinear_phase_reads_back_and_resumes(tmp_path):
     """The nlinit config as a file: its act_cfg is an mmengine ConfigDict, which must not
     reach the checkpoint's meta (torch >= 2.6 loads with weights_only=True and refuses it:

@@ -5,14 +5,12 @@ import os.path as osp
 import pytest
 import torch
 from mmcv.cnn import ConvModule
-from mmengine.config import Config
 from mmengine.runner import Runner
 from torch import nn
 
 import expand_mm  # noqa: F401  (registers the hooks)
 from expand_mm.planting import ChannelPlanter, PlantingError, stage_widths
-from data_factory import make_voc
-from mm_test_utils import shrink_for_test
+from mm_test_utils import load_config, shrink_for_test
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 COMPACT = osp.join(ROOT, 'configs', 'yolo_lite', 'yolo-lite_8xb16-100e_voc0712.py')
@@ -238,20 +236,18 @@ def test_a_residual_path_is_refused_and_nothing_changes():
     assert all(torch.equal(state[k], v) for k, v in net.state_dict().items())
 
 
-def tiny_cfg(tmp_path, max_iters, milestones, work='work'):
-    data_root = str(tmp_path / 'data')
-    if not osp.isdir(data_root):
-        make_voc(data_root, num_images=3, size=96)
-    cfg = Config.fromfile(COMPACT)
-    shrink_for_test(cfg, str(tmp_path / work), data_root + '/', (96, 96), max_iters)
+def tiny_cfg(data_root, work_dir, max_iters, milestones):
+    cfg = load_config(COMPACT)
+    shrink_for_test(cfg, str(work_dir), data_root, (96, 96), max_iters)
     cfg.default_hooks.checkpoint = dict(type='CheckpointHook', interval=1, by_epoch=False)
     cfg.custom_hooks = [dict(type='ChannelPlantingHook', include=['backbone.*', 'neck.*'],
                              stages=(0.5, 1.0), milestones=milestones)]
     return cfg
 
 
-def test_hook_plants_in_the_real_runner_and_resumes(tmp_path):
-    cfg = tiny_cfg(tmp_path, max_iters=4, milestones=[2])
+@pytest.mark.slow
+def test_hook_plants_in_the_real_runner_and_resumes(voc_root, tmp_path):
+    cfg = tiny_cfg(voc_root, tmp_path / 'work', max_iters=4, milestones=[2])
     runner = Runner.from_cfg(cfg)
     runner.train()
     hook = next(h for h in runner.hooks if type(h).__name__ == 'ChannelPlantingHook')
@@ -278,7 +274,7 @@ def test_hook_plants_in_the_real_runner_and_resumes(tmp_path):
     assert torch.equal(at2['state_dict'][key][:64, :32], at4['state_dict'][key][:64, :32])
     assert not torch.equal(at2['state_dict'][key][64:], at4['state_dict'][key][64:])
     # The final checkpoint is the stock compact model.
-    cfg_stock = Config.fromfile(COMPACT)
+    cfg_stock = load_config(COMPACT)
     from mmdet.registry import MODELS
     from mmengine.registry import DefaultScope
     with DefaultScope.overwrite_default_scope('mmdet'):
@@ -334,7 +330,7 @@ def test_hook_plants_in_the_real_runner_and_resumes(tmp_path):
     assert all(torch.equal(tool_weights[k], v) for k, v in baked['state_dict'].items())
 
     # Resume from iteration 3 (stage 1): the frozen entries stay those of iteration 2.
-    cfg = tiny_cfg(tmp_path, max_iters=4, milestones=[2], work='work')
+    cfg = tiny_cfg(voc_root, tmp_path / 'work', max_iters=4, milestones=[2])
     cfg.resume = True
     cfg.load_from = osp.join(work, 'iter_3.pth')
     runner = Runner.from_cfg(cfg)
@@ -398,16 +394,16 @@ def test_hook_settings_are_checked():
         ChannelPlantingHook(include=['backbone.*'], stages=(0.25, 0.5, 1.0), milestones=[3, 2])
 
 
-def test_planting_config_writes_a_compact_copy_of_every_stage(tmp_path):
+@pytest.mark.slow
+def test_planting_config_writes_a_compact_copy_of_every_stage(digits_data, tmp_path):
     """The distilled planting config in the real Runner: each stage's checkpoint gets a
     stock compact twin, the narrower network of that stage."""
     from test_distiller import TEACHER_DET, teacher_checkpoint
-    from wrapper_test_utils import DET_COMPACT, load_stock, make_digits, tiny_cfg
-    data = make_digits(tmp_path / 'digits')
+    from wrapper_test_utils import DET_COMPACT, load_stock, tiny_cfg
     work = tmp_path / 'work'
     cfg = tiny_cfg(osp.join(ROOT, 'projects', 'digits', 'configs', 'planting',
                             'plant-4s_kd-yolo-lite-w2_yolo-lite_1xb16-900i_digits-det-64x64.py'),
-                   data, work, 'det', max_iters=5)
+                   digits_data, work, 'det', max_iters=5)
     cfg.model.teacher_ckpt = teacher_checkpoint(TEACHER_DET, tmp_path / 'teacher.pth')
     cfg.default_hooks.checkpoint = dict(type='CheckpointHook', interval=1, by_epoch=False)
     hook = next(h for h in cfg.custom_hooks if h['type'] == 'ChannelPlantingHook')
@@ -441,16 +437,14 @@ def test_planting_config_writes_a_compact_copy_of_every_stage(tmp_path):
     assert all(torch.equal(loaded[k].cpu(), stage1[k]) for k in stage1)
 
 
+@pytest.mark.slow
 def test_a_plain_segmenter_being_planted_gets_a_compact_copy_of_each_unfinished_stage(
-        tmp_path):
+        digits_data, tmp_path):
     """Without a Distiller (a plain mmseg model, SegDataPreprocessor on the probe batch),
     ContractCheckpointHook writes the stage's narrower network before the last stage and
     leaves the later checkpoints, stock models already, as they are."""
-    from pathlib import Path
-
-    from wrapper_test_utils import SEG_COMPACT, make_digits, tiny_cfg
-    data = make_digits(Path(tmp_path) / 'data')
-    cfg = tiny_cfg(SEG_COMPACT, data, tmp_path / 'work', 'seg', max_iters=3)
+    from wrapper_test_utils import SEG_COMPACT, tiny_cfg
+    cfg = tiny_cfg(SEG_COMPACT, digits_data, tmp_path / 'work', 'seg', max_iters=3)
     cfg.custom_hooks = [dict(type='ContractCheckpointHook'),
                         dict(type='ChannelPlantingHook', include=['backbone.*'],
                              stages=(0.5, 1.0), milestones=[2])]

@@ -352,6 +352,7 @@ def toy_runner(work_dir, weight_decay_on, max_iters=1, **kwargs):
         **kwargs)
 
 
+@pytest.mark.slow
 def test_runner_resume_of_a_factors_checkpoint_into_a_product_run_is_refused(tmp_path):
     toy_runner(tmp_path, 'factors').train()
     resumed = toy_runner(tmp_path, 'product', max_iters=2, resume=True,

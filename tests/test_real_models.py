@@ -8,6 +8,8 @@ import expand_mm
 from expand_mm.probe import probe_forward
 from stock_models import STOCK_CONFIGS, build_stock_model
 
+pytestmark = pytest.mark.slow
+
 
 def has_large_kernels(model) -> bool:
     return any(isinstance(m, torch.nn.Conv2d) and max(m.kernel_size) >= 5
@@ -43,9 +45,8 @@ def float32_rounding_error(model, x) -> float:
 
 @pytest.mark.parametrize('strategy', ['cl', 'auto'])
 @pytest.mark.parametrize('name', sorted(STOCK_CONFIGS))
-def test_expand_contract_stock_model(name, strategy):
-    torch.manual_seed(0)
-    model = build_stock_model(name).eval()
+def test_expand_contract_stock_model(name, strategy, stock_model):
+    model = stock_model(name).eval()
     if strategy == 'auto' and not has_large_kernels(model):
         pytest.skip(f'{name} has no kernel >= 5: CK does not apply, auto == cl')
     stock_keys = {k: v.shape for k, v in model.state_dict().items()}
@@ -80,9 +81,8 @@ def test_expand_contract_stock_model(name, strategy):
 
 
 @pytest.mark.parametrize('name', sorted(STOCK_CONFIGS))
-def test_keep_weights_preserves_stock_model(name):
-    torch.manual_seed(0)
-    model = build_stock_model(name).eval()
+def test_keep_weights_preserves_stock_model(name, stock_model):
+    model = stock_model(name).eval()
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         before = probe_forward(model, x)

@@ -15,6 +15,8 @@ from mmengine.runner import Runner
 import expand_mm
 from test_checkpoint_hooks import ROOT, tiny_cfg
 
+pytestmark = pytest.mark.slow
+
 
 def _run_train_tool(cfg, tmp_path):
     path = str(tmp_path / 'dumped.py')

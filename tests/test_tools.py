@@ -36,6 +36,7 @@ def expandnet_checkpoint(tmp_path_factory):
     return path
 
 
+@pytest.mark.slow
 def test_test_tool_refuses_a_training_checkpoint_with_the_compact_config(expandnet_checkpoint):
     # mmengine would load it non-strictly and score an untrained model.
     result = subprocess.run([sys.executable, str(ROOT / 'tools' / 'test.py'), str(COMPACT),
@@ -87,6 +88,7 @@ def run_contract(*args) -> int:
         sys.argv = argv
 
 
+@pytest.mark.slow
 def test_contract_and_export_never_overwrite_their_input(expandnet_checkpoint, tmp_path):
     before = _digest(expandnet_checkpoint)
     alias = tmp_path / 'alias.pth'
@@ -100,6 +102,7 @@ def test_contract_and_export_never_overwrite_their_input(expandnet_checkpoint, t
     assert _digest(expandnet_checkpoint) == before
 
 
+@pytest.mark.slow
 def test_contract_refuses_a_folder_as_output_before_any_work(expandnet_checkpoint, tmp_path,
                                                              capsys):
     assert run_contract(expandnet_checkpoint, tmp_path) == 2
@@ -124,6 +127,7 @@ def test_a_failed_write_leaves_no_temporary_file(tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == ['iter_1.pth']
 
 
+@pytest.mark.slow
 def test_contract_creates_the_output_folder(expandnet_checkpoint, tmp_path, capsys):
     out = tmp_path / 'new' / 'folder' / 'compact.pth'
     assert run_contract(expandnet_checkpoint, out, '--img-size', '64', '64') == 0
@@ -302,6 +306,7 @@ def test_check_hook_refuses_an_expandnet_checkpoint_for_a_compact_config(expandn
         check_load_from(runner(other))
 
 
+@pytest.mark.slow
 def test_contract_verify_keeps_the_traceback_of_a_probe_that_crashes(expandnet_checkpoint,
                                                                      tmp_path):
     """A probe too small for the network fails inside its forward pass: that is not a
@@ -348,6 +353,7 @@ def test_check_hook_warns_about_what_an_expandnet_config_leaves_out(tmp_path):
     assert warnings_of(bare, runner)[0] == optimizer
 
 
+@pytest.mark.slow
 def test_train_and_test_tools_refuse_amp_on_cpu_and_missing_data_in_one_line(
         tmp_path, expandnet_checkpoint):
     if not torch.cuda.is_available():  # --amp is refused first, before any work
@@ -367,6 +373,7 @@ def test_train_and_test_tools_refuse_amp_on_cpu_and_missing_data_in_one_line(
         assert f"i.e. '{tmp_path}/data/VOCdevkit" in error[0], error
 
 
+@pytest.mark.slow
 def test_test_tool_tta_and_out_evaluate_the_compact_twin_as_the_expanded_model(tmp_path):
     """--tta wraps the model tested (the compact one for a *_compact.pth) in the config's
     tta_model; --out dumps the predictions. Same predictions from both checkpoints."""
@@ -413,6 +420,7 @@ def test_test_tool_tta_and_out_evaluate_the_compact_twin_as_the_expanded_model(t
     assert len(drawn) == 2 and all('test_' in f.name for f in drawn), drawn
 
 
+@pytest.mark.slow
 def test_test_tool_show_dir_paints_detections_like_mmdet(tmp_path, expandnet_checkpoint):
     """--show-dir on a detector: DetVisualizationHook writes one painted image per test
     image under WORK_DIR/TIMESTAMP/SHOW_DIR, as mmdet's test.py does."""
@@ -454,6 +462,7 @@ def test_test_tool_show_and_wait_time_set_the_stock_hook():
         test.enable_visualisation(Config(dict(default_hooks=dict())), 'out')
 
 
+@pytest.mark.slow
 def test_test_tool_tta_without_tta_settings_is_refused(expandnet_checkpoint, capsys):
     test = load_tool('test')
     from expand_mm.cli import run_tool

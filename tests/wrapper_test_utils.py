@@ -10,7 +10,7 @@ import torch
 from mmengine.config import Config
 from mmengine.registry import MODELS, DefaultScope
 
-from mm_test_utils import shrink_for_test
+from mm_test_utils import load_config, shrink_for_test
 
 ROOT = Path(__file__).resolve().parents[1]
 DET_COMPACT = ROOT / 'projects/digits/configs/digits/yolo-lite_1xb16-900i_digits-det-64x64.py'
@@ -42,14 +42,14 @@ def make_digits(root: Path) -> Path:
 def tiny_cfg(config: Path | str, data: Path, work_dir: Path, task: str,
              max_iters: int = 2) -> Config:
     """``config`` shrunk to 2 iterations on the tiny digits data of ``task``."""
-    cfg = Config.fromfile(str(config))
+    cfg = load_config(config)
     shrink_for_test(cfg, str(work_dir), str(data / f'digits_{task}') + '/', SIZE, max_iters)
     return cfg
 
 
 def build_model(config: Path | str, **overrides):
     """The model of ``config`` built as the Runner builds it, in its scope."""
-    cfg = Config.fromfile(str(config))
+    cfg = load_config(config)
     model_cfg = cfg.model.copy()
     model_cfg.update(overrides)
     if cfg.get('data_preprocessor') is not None:
