@@ -8,6 +8,8 @@ config whose own ``custom_hooks`` list drops them is warned about.
 import os.path as osp
 import re
 
+import pytest
+
 import torch
 from mmengine.config import Config
 from mmengine.hooks import EMAHook
@@ -48,6 +50,7 @@ def hook_list(runner) -> list[tuple[str, int]]:
     return [(type(h).__name__, h.priority) for h in runner.hooks]
 
 
+@pytest.mark.slow
 def test_yolox_expandnet_runs_every_stock_hook_and_expand_mms(tmp_path):
     stock = hook_list(yolox_runner(YOLOX, tmp_path))
     assert {'YOLOXModeSwitchHook', 'SyncNormHook', 'EMAHook'} <= {name for name, _ in stock}
@@ -99,6 +102,7 @@ custom_hooks = [dict(type='ExpandCheckpointLoadHook'), dict(type='ContractCheckp
     assert dropped_base_hooks_warning(Config(cfg.to_dict()), hooks) is None  # no file: no check
 
 
+@pytest.mark.slow
 def test_the_check_hook_warns_when_a_config_drops_its_bases_hooks(tmp_path):
     """End to end on the small YOLO-LITE ExpandNet: a base with an EMAHook, a config that
     lists its own custom_hooks; the warning is in the training log, and not for the base."""

@@ -38,6 +38,7 @@ def demo(tmp_path_factory) -> Path:
     return work_dir
 
 
+@pytest.mark.slow
 def test_report_files(demo: Path):
     """report.md, report.json, report.png and the prediction images exist."""
     for name in ('report.md', 'report.json', 'report.png', 'det_predictions.png',
@@ -47,6 +48,7 @@ def test_report_files(demo: Path):
     assert (demo / 'report.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
 
 
+@pytest.mark.slow
 def test_report_numbers(demo: Path):
     """The markdown table holds mAP / mIoU and params for both models of both tasks."""
     text = (demo / 'report.md').read_text()
@@ -65,6 +67,7 @@ def test_report_numbers(demo: Path):
     assert 'One seed is one sample' not in text  # quick says its numbers mean nothing
 
 
+@pytest.mark.slow
 def test_deployed_models_identical(demo: Path):
     """Compact and contracted ExpandNet: same params and MACs; training form larger."""
     summary = json.loads((demo / 'report.json').read_text())
@@ -84,6 +87,7 @@ def test_deployed_models_identical(demo: Path):
             assert run['time_per_iter'] > 0 and run['infer_time'] > 0
 
 
+@pytest.mark.slow
 def test_summary_printed(demo: Path):
     """The one-screen summary ends the output and names both deployed models."""
     out = (demo / 'stdout.txt').read_text()
@@ -110,6 +114,7 @@ def test_jobs_side_by_side_on_cpu_one_after_the_other_on_cuda(monkeypatch):
         machine.resolve_jobs('two', 2)
 
 
+@pytest.mark.slow
 def test_the_old_demo_path_says_where_the_demo_moved_and_runs_it():
     proc = subprocess.run([sys.executable, str(ROOT / 'tools' / 'demo.py'), '--help'],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)

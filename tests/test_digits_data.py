@@ -275,6 +275,7 @@ def test_cli(tmp_path, capsys):
     assert mdd.main(['--out', str(tmp_path), '--img-size', '32']) == 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('tool', ['projects/digits/tools/make_digits_data.py',
                                   'tools/make_digits_data.py'])
 def test_tool_finds_its_package_and_the_old_path_forwards_to_it(tool, tmp_path):

@@ -145,6 +145,7 @@ def test_contract_creates_the_output_folder(expandnet_checkpoint, tmp_path, caps
         MODELS.build(cfg.model).load_state_dict(torch.load(out)['state_dict'], strict=True)
 
 
+@pytest.mark.slow
 def test_contract_writes_the_compact_config_that_the_stock_api_runs(expandnet_checkpoint,
                                                                      tmp_path, capsys):
     """OUT.py beside OUT.pth: the stock model config (ExpandNet unwrapped, expand_mm's
