@@ -9,7 +9,6 @@ import os.path as osp
 import re
 
 import pytest
-
 import torch
 from mmengine.config import Config
 from mmengine.hooks import EMAHook
