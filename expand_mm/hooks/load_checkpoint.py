@@ -8,10 +8,25 @@ from mmengine.runner import find_latest_checkpoint
 from ..checkpoint import CheckpointError, match_state_dict, strip_prefix
 from ..models.deployable import find_deployable, unwrap_model
 from ..surgery import expanded_layers
+from ..verification import listed, non_finite_entries
 
 
 def _article(word: str) -> str:
     return 'an' if word[:1] in 'aeiou' else 'a'
+
+
+def _refuse_non_finite_weights(checkpoint: dict, source: str) -> None:
+    """Refuse a checkpoint whose weights hold a NaN or an Inf, naming the keys.
+
+    Such weights compute nothing usable, and training from them cannot recover.
+    """
+    bad = non_finite_entries(checkpoint.get('state_dict', checkpoint))  # or a bare state dict
+    if bad:
+        raise CheckpointError(
+            f'{source} holds NaN or Inf in {len(bad)} weight{"s" * (len(bad) != 1)}: '
+            f'{listed(bad)}. It was saved after training diverged; use an earlier '
+            'checkpoint of the run (and a lower learning rate or optim_wrapper.clip_grad '
+            'to go on from it)')
 
 
 @HOOKS.register_module()
@@ -67,13 +82,14 @@ class ExpandCheckpointLoadHook(Hook):
         (teacher, adapters, auxiliary branch), so ``load_from=`` starts the
         deployable part from it and leaves the rest as initialised.
         """
-        deployable, prefix = find_deployable(runner.model)
-        if not prefix and not expanded_layers(deployable):
-            return
         resumed = runner._load_from or find_latest_checkpoint(runner.work_dir)
         source = (str(runner._load_from or 'the loaded checkpoint') if not runner._resume
                   else f'resumed checkpoint {resumed!r}' if resumed
                   else 'resumed checkpoint (the latest in the work dir)')
+        _refuse_non_finite_weights(checkpoint, source)
+        deployable, prefix = find_deployable(runner.model)
+        if not prefix and not expanded_layers(deployable):
+            return
         state_dict = strip_prefix(checkpoint['state_dict'])
         own = bool(prefix) and any(k.startswith(prefix) for k in state_dict)
         part = ({k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
