@@ -68,3 +68,102 @@ def test_the_load_hook_refuses_non_finite_weights_naming_the_keys(tmp_path):
                        match=rf'holds NaN or Inf in 1 weight: {bn}\. It was saved after '
                              'training diverged; use an earlier checkpoint'):
         runner.load_checkpoint(str(path))
+
+
+class CreatesFile:
+    """Unpickled without weights-only loading, this creates ``path`` (``os.open``: a
+    global of a module torch never unpickles from); the payload stays in the test's tmp dir."""
+
+    def __init__(self, path) -> None:
+        self.path = str(path)
+
+    def __reduce__(self):
+        return os.open, (self.path, os.O_CREAT | os.O_WRONLY)
+
+
+def crafted_checkpoint(model: torch.nn.Module, path, marker) -> str:
+    """A checkpoint of ``model``'s weights whose ``meta`` would create ``marker``."""
+    torch.save({'state_dict': model.state_dict(), 'meta': CreatesFile(marker)}, path)
+    return str(path)
+
+
+REFUSED = r"cannot read checkpoint '.*crafted.pth': it holds a Python object other than " \
+          r'tensors and plain values \(posix.open\)'
+
+
+@pytest.fixture
+def unsafe_env(monkeypatch):
+    """torch's opt-out of weights-only loading, set as a user might."""
+    monkeypatch.setenv('TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD', '1')
+
+
+@pytest.mark.parametrize('path', ['load_from', 'resume', 'auto-resume', 'pretrained'])
+def test_a_crafted_checkpoint_runs_nothing_on_any_load_path_of_a_run(tmp_path, unsafe_env,
+                                                                     path):
+    cfg = tiny_cfg(tmp_path)
+    marker = tmp_path / 'marker'
+    crafted = crafted_checkpoint(Runner.from_cfg(cfg.copy()).model, tmp_path / 'crafted.pth',
+                                 marker)
+    if path == 'pretrained':
+        cfg.model.model.backbone.init_cfg = dict(type='Pretrained', checkpoint=crafted)
+    elif path == 'auto-resume':  # the work dir names the file mmengine resumes from
+        os.makedirs(cfg.work_dir, exist_ok=True)
+        with open(osp.join(cfg.work_dir, 'last_checkpoint'), 'w') as f:
+            f.write(crafted)
+        cfg.resume = True
+    else:
+        cfg.load_from = crafted
+        cfg.resume = path == 'resume'
+    runner = Runner.from_cfg(cfg)
+    with pytest.raises(expand_mm.CheckpointError, match=REFUSED):
+        runner.train()
+    assert not marker.exists()
+
+
+def test_a_crafted_teacher_or_later_registered_loader_runs_nothing(tmp_path, unsafe_env):
+    """A distiller's local teacher file, and mmengine's load_checkpoint through a scheme
+    registered after import (a loader that calls torch.load without weights_only)."""
+    from mmengine.runner.checkpoint import CheckpointLoader, load_checkpoint
+    from expand_mm.compat import guard_checkpoint_loaders
+    from wrapper_test_utils import DET_COMPACT, ROOT as REPO, build_model
+    marker = tmp_path / 'marker'
+    kd = REPO / ('projects/digits/configs/distill/'
+                 'kd-yolo-lite-w2_expandnet-cl-r4_yolo-lite_1xb16-900i_digits-det-64x64.py')
+    student = build_model(DET_COMPACT)
+    crafted = crafted_checkpoint(student, tmp_path / 'crafted.pth', marker)
+    with pytest.raises(expand_mm.CheckpointError, match=REFUSED):
+        build_model(kd, teacher_ckpt=crafted).init_weights()
+    CheckpointLoader.register_scheme(
+        'crafted://', lambda name, map_location=None: torch.load(name[len('crafted://'):]))
+    try:
+        guard_checkpoint_loaders()
+        with pytest.raises(expand_mm.CheckpointError, match=REFUSED):
+            load_checkpoint(student, f'crafted://{crafted}')
+    finally:
+        CheckpointLoader._schemes.pop('crafted://')
+    assert not marker.exists()
+
+
+def test_the_train_tool_refuses_a_crafted_file_in_one_line_and_warns_about_the_opt_out(
+        tmp_path):
+    import subprocess
+    import sys
+    cfg = tiny_cfg(tmp_path)
+    marker = tmp_path / 'marker'
+    crafted = crafted_checkpoint(Runner.from_cfg(cfg.copy()).model, tmp_path / 'crafted.pth',
+                                 marker)
+    os.makedirs(cfg.work_dir, exist_ok=True)
+    with open(osp.join(cfg.work_dir, 'last_checkpoint'), 'w') as f:  # for --resume alone
+        f.write(crafted)
+    cfg.dump(str(tmp_path / 'config.py'))
+    root = osp.dirname(osp.dirname(osp.abspath(__file__)))
+    env = dict(os.environ, TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD='1', PYTHONPATH=root)
+    result = subprocess.run([sys.executable, osp.join(root, 'tools', 'train.py'),
+                             str(tmp_path / 'config.py'), '--resume'], capture_output=True,
+                            text=True, env=env, cwd=tmp_path)
+    errors = [line for line in result.stderr.splitlines() if line.startswith('error: ')]
+    assert result.returncode == 2 and len(errors) == 1, result.stderr[-3000:]
+    assert 'Traceback' not in result.stderr and '(posix.open)' in errors[0]
+    assert 'TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD is set: torch.load would unpickle any object' \
+           in result.stderr + result.stdout
+    assert not marker.exists()

@@ -6,6 +6,7 @@ from mmengine.registry import HOOKS
 from mmengine.runner import find_latest_checkpoint
 
 from ..checkpoint import CheckpointError, match_state_dict, strip_prefix
+from ..compat import guard_checkpoint_loaders
 from ..models.deployable import find_deployable, unwrap_model
 from ..surgery import expanded_layers
 from ..verification import listed, non_finite_entries
@@ -59,13 +60,19 @@ class ExpandCheckpointLoadHook(Hook):
         self.strict = strict
 
     def before_run(self, runner) -> None:
-        """Let a distiller whose run resumes take its teacher from the resumed checkpoint.
+        """Guard the checkpoint loaders; let a resumed distiller take the resumed teacher.
+
+        Every loader of mmengine's ``CheckpointLoader`` loads weights only
+        (:func:`~expand_mm.compat.guard_checkpoint_loaders`; done at import,
+        repeated here for a scheme registered since), before the runner loads
+        ``load_from`` / ``resume`` and initialises ``Pretrained`` weights.
 
         A resumed distiller checkpoint holds the teacher, so its own
         ``teacher_ckpt`` file need not exist any more
         (``Distiller.expect_teacher_from_resume``); only when there is
         something to resume (auto-resume may find nothing).
         """
+        guard_checkpoint_loaders()
         if runner._resume and (runner._load_from or find_latest_checkpoint(runner.work_dir)):
             expect = getattr(unwrap_model(runner.model), 'expect_teacher_from_resume', None)
             if callable(expect):
