@@ -385,3 +385,41 @@ def check_plain_model_checkpoint(model: nn.Module, state_dict: Mapping[str, Any]
         raise CheckpointError(f'{source} does not fit {type(model).__name__}: '
                               f'{mismatch.describe()}. {hint}.')
     return mismatch
+
+
+def refuse_mostly_misfitting(shapes: Mapping[str, torch.Size], state_dict: Mapping[str, Any],
+                             source: str, model_name: str) -> None:
+    """Refuse a checkpoint that would set fewer than half of a model's entries because
+    entries it shares with the model have other shapes (a model of another width).
+
+    MMEngine loads such a checkpoint non-strictly with a size-mismatch warning
+    per entry, and the model trains almost from scratch. A checkpoint that
+    holds only a part of the model (a backbone), with the shapes it has, is
+    not refused.
+
+    Args:
+        shapes: The model's keys and shapes (of the form the checkpoint is
+            loaded as).
+        state_dict: The checkpoint's state dict (a DDP ``module.`` prefix is
+            ignored).
+        source: Names the checkpoint in the message (e.g. ``load_from='...'``).
+        model_name: Names the model in the message.
+
+    Raises:
+        CheckpointError: Naming how many entries fit, examples of the others,
+            and what to use instead.
+    """
+    state_dict = strip_prefix(state_dict)
+    wrong = [f'{key} (checkpoint {tuple(state_dict[key].shape)}, model {tuple(shape)})'
+             for key, shape in shapes.items() if key in state_dict
+             and tuple(getattr(state_dict[key], 'shape', ())) != tuple(shape)]
+    fits = sum(key in state_dict and tuple(getattr(state_dict[key], 'shape', ())) == tuple(shape)
+               for key, shape in shapes.items())
+    if wrong and 2 * fits < len(shapes):
+        raise CheckpointError(
+            f'{source} fits only {fits} of the {len(shapes)} entries of {model_name}: '
+            f'{len(wrong)} have other shapes, e.g. {", ".join(wrong[:3])}, so the model would '
+            'train almost from scratch. It is a checkpoint of another variant of the model '
+            '(another width or depth): use a checkpoint of this config, or to start one part '
+            "from it, give that part init_cfg=dict(type='Pretrained', checkpoint=..., "
+            "prefix='backbone.') instead of load_from")

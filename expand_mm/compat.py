@@ -113,6 +113,43 @@ def plain_builtins(value: Any) -> Any:
     return value
 
 
+def refuse_amp_without_accelerator() -> None:
+    """Let a config's ``AmpOptimWrapper`` on a machine without an accelerator end in one line.
+
+    mmengine asserts inside ``AmpOptimWrapper.__init__`` that CUDA, an NPU, an
+    MLU or a MUSA device is there; the optimizer wrapper is built in
+    ``runner.train()`` before any hook runs, so the bare ``AssertionError``
+    reaches the user as a traceback. The same test, made first, raises
+    :class:`~expand_mm.errors.ConfigError` saying what to set instead.
+    Idempotent; nothing changes where mmengine is missing.
+    """
+    try:
+        from mmengine.device import (is_cuda_available, is_mlu_available, is_musa_available,
+                                     is_npu_available)
+        from mmengine.optim import AmpOptimWrapper
+    except ImportError:
+        return
+    from .errors import ConfigError
+    init = AmpOptimWrapper.__init__
+    if getattr(init, 'refuses_cpu', False):
+        return
+
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+        if not (is_cuda_available() or is_npu_available() or is_mlu_available()
+                or is_musa_available()):
+            raise ConfigError(
+                "optim_wrapper.type='AmpOptimWrapper' (automatic mixed precision) needs a CUDA "
+                'GPU (or an NPU / MLU / MUSA device), and this machine has none: train in '
+                "float32 with optim_wrapper.type='OptimWrapper' (--cfg-options "
+                'optim_wrapper.type=OptimWrapper), without the loss_scale / dtype keys that '
+                'only AmpOptimWrapper takes')
+        init(self, *args, **kwargs)
+
+    __init__.refuses_cpu = True
+    AmpOptimWrapper.__init__ = __init__
+
+
 def patch_mmdet_ssd_head() -> None:
     """Let mmdet 3.3.0's ``SSDHead`` predict (open upstream bug, mmdet#11780).
 

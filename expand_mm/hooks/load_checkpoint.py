@@ -5,7 +5,8 @@ from mmengine.hooks import Hook
 from mmengine.registry import HOOKS
 from mmengine.runner import find_latest_checkpoint
 
-from ..checkpoint import CheckpointError, match_state_dict, strip_prefix
+from ..checkpoint import (CheckpointError, compact_key_shapes, expanded_key_shapes,
+                          match_state_dict, refuse_mostly_misfitting, strip_prefix)
 from ..compat import guard_checkpoint_loaders
 from ..models.deployable import find_deployable, unwrap_model
 from ..surgery import expanded_layers
@@ -51,7 +52,9 @@ class ExpandCheckpointLoadHook(Hook):
     Args:
         strict: If False, accept partial checkpoints (e.g. fine-tuning a model
             with another head): what fits is converted, the rest is left to the
-            runner's missing-key warnings.
+            runner's missing-key warnings. A checkpoint that would set fewer
+            than half of the entries because shared ones have other shapes (the
+            model at another width) is refused all the same.
     """
 
     priority = 'VERY_HIGH'
@@ -110,6 +113,10 @@ class ExpandCheckpointLoadHook(Hook):
                 f"{err} To fine-tune from it with another head (or from a partial checkpoint), "
                 "load it non-strictly: custom_hooks=[dict(type='ExpandCheckpointLoadHook', "
                 'strict=False), ...]') from None
+        if not self.strict:  # a partial checkpoint, but not one of another width
+            refuse_mostly_misfitting(expanded_key_shapes(deployable) if kind == 'expanded'
+                                     else compact_key_shapes(deployable), part, source,
+                                     type(deployable).__name__)
         if not expanded_layers(deployable):
             kind = 'compact'
         if prefix and not own:
