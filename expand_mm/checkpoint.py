@@ -410,11 +410,11 @@ def refuse_mostly_misfitting(shapes: Mapping[str, torch.Size], state_dict: Mappi
             and what to use instead.
     """
     state_dict = strip_prefix(state_dict)
-    wrong = [f'{key} (checkpoint {tuple(state_dict[key].shape)}, model {tuple(shape)})'
-             for key, shape in shapes.items() if key in state_dict
-             and tuple(getattr(state_dict[key], 'shape', ())) != tuple(shape)]
-    fits = sum(key in state_dict and tuple(getattr(state_dict[key], 'shape', ())) == tuple(shape)
-               for key, shape in shapes.items())
+    shared = {key: tuple(getattr(state_dict[key], 'shape', ())) for key in shapes
+              if key in state_dict}
+    wrong = [f'{key} (checkpoint {have}, model {tuple(shapes[key])})'
+             for key, have in shared.items() if have != tuple(shapes[key])]
+    fits = len(shared) - len(wrong)
     if wrong and 2 * fits < len(shapes):
         raise CheckpointError(
             f'{source} fits only {fits} of the {len(shapes)} entries of {model_name}: '

@@ -188,9 +188,9 @@ def check_annotations(dataset: dict, key: str, scope: str | None = None) -> None
       needs its ``Annotations/<id>.xml``; the objects of the first
       :data:`XML_SAMPLE` of them must include some of the configured classes
       (objects of other names are dropped, so wrong names train on empty images).
-    * COCO style (``CocoDataset``): every configured class must be a category
-      name of the annotation file (a missing one drops its boxes and shifts
-      the labels of the others). Only the ``categories`` list is read.
+    * COCO style (``CocoDataset``): the configured classes must be category
+      names of the annotation file that it numbers as the classes do (see
+      :func:`_check_coco_classes`). Only the ``categories`` list is read.
 
     Args:
         dataset: One dataset dict of a config (its paths exist).
@@ -202,11 +202,13 @@ def check_annotations(dataset: dict, key: str, scope: str | None = None) -> None
         ConfigError: Naming the classes that fit no annotation, and the names
             the annotations use.
     """
-    cls = _dataset_class(dataset, scope)
     ann = dataset.get('ann_file')
     root = dataset.get('data_root') or ''
-    if cls is None or not isinstance(ann, str) or not osp.isfile(osp.join(root, ann)):
+    if not isinstance(ann, str) or not osp.isfile(osp.join(root, ann)):
         return  # nothing to read here (a remote file is left to the dataset)
+    cls = _dataset_class(dataset, scope)
+    if cls is None:
+        return
     bases = {base.__name__ for base in cls.__mro__}
     metainfo = dataset.get('metainfo') or {}
     classes = metainfo.get('classes') or getattr(cls, 'METAINFO', {}).get('classes') or ()
@@ -216,14 +218,43 @@ def check_annotations(dataset: dict, key: str, scope: str | None = None) -> None
         _check_xml_annotations(dataset, key, osp.join(root, ann), tuple(classes), given)
     elif 'CocoDataset' in bases and ann.endswith('.json'):
         names = coco_category_names(osp.join(root, ann))
-        missing = [name for name in classes if names is not None and name not in names]
-        if missing:
-            raise ConfigError(
-                f'{key}: the {given} {_few(missing)} are not category names of '
-                f'{osp.join(root, ann)!r}, which has {_few(names)}: {cls.__name__} would drop '
-                'their boxes and number the other classes by the file\'s order. Set the '
-                "dataset's metainfo=dict(classes=(...)) to category names of the file, e.g. "
-                f'{tuple(names)[:10]}')
+        if names is not None:
+            _check_coco_classes(key, osp.join(root, ann), names, tuple(classes), given,
+                                cls.__name__)
+
+
+def _check_coco_classes(key: str, ann_file: str, names: list[str], classes: tuple,
+                        given: str, dataset: str) -> None:
+    """The COCO half of :func:`check_annotations`.
+
+    ``CocoDataset`` keeps the boxes of the categories named in the classes and
+    numbers them in the file's order, so the labels are right only when those
+    categories, in the file's order, are the first classes. Classes missing
+    from the file at the end are accepted (a file annotating some of the
+    classes), unless the file also has categories outside the classes: then
+    the names are most likely misspelled.
+    """
+    found = [name for name in names if name in classes]  # in label order
+    missing = [name for name in classes if name not in names]
+    unused = [name for name in names if name not in classes]
+    fix = ("Set the dataset's metainfo=dict(classes=(...)) to category names of the file, in "
+           f'its order, e.g. {tuple(names)[:10]}')
+    if not found:
+        raise ConfigError(
+            f'{key}: none of the {given} {_few(classes)} is a category name of {ann_file!r}, '
+            f'which has {_few(names)}: {dataset} would drop every box. {fix}')
+    if found != list(classes[:len(found)]):
+        wrong = next(i for i, name in enumerate(found) if name != classes[i])
+        raise ConfigError(
+            f'{key}: {dataset} numbers the classes it finds by the order of the categories in '
+            f'{ann_file!r}, so {found[wrong]!r} would get label {wrong}, which the {given} '
+            f'call {classes[wrong]!r}. List the classes in the file\'s order, e.g. '
+            f'{_few(found + missing)}')
+    if missing and unused:
+        raise ConfigError(
+            f'{key}: the {given} {_few(missing)} are not category names of {ann_file!r}, '
+            f'whose categories {_few(unused)} are none of the classes (misspelled?): '
+            f'{dataset} would drop their boxes. {fix}')
 
 
 def _few(names, limit: int = 10) -> str:
@@ -251,7 +282,10 @@ def _check_xml_annotations(dataset: dict, key: str, ann_file: str, classes: tupl
             f'{_how_to_get(str(root), key)}.')
     found = []
     for img_id in ids[:XML_SAMPLE]:
-        tree = ET.parse(osp.join(folder, f'{img_id}.xml'))
+        try:
+            tree = ET.parse(osp.join(folder, f'{img_id}.xml'))
+        except ET.ParseError:  # the dataset names a malformed file when it reads it
+            continue
         found += [name.text for name in tree.findall('object/name') if name.text]
     if found and not set(found) & set(classes):
         raise ConfigError(

@@ -244,7 +244,9 @@ MISTAKES = {  # name: (config, edit, what the error line says)
     'num_classes': (DIGITS_EXPANDNET, _num_classes,
                     "bbox_head.num_classes=3, but the training data has 10 classes ('0', "),
     'class_names': (DIGITS_EXPANDNET, _coco_names(tuple(f'digit{n}' for n in DIGIT_NAMES)),
-                    "the metainfo classes ('digit0', 'digit1', 'digit2', "),
+                    "none of the metainfo classes ('digit0', 'digit1', 'digit2', "),
+    'class_order': (DIGITS_EXPANDNET, _coco_names(DIGIT_NAMES[::-1]),
+                    "'0' would get label 0, which the metainfo classes call '9'"),
     'one_class_name': (DIGITS_EXPANDNET, _coco_names(DIGIT_NAMES[:9] + ('nine',)),
                        "the metainfo classes ('nine',) are not category names of"),
     'amp_on_cpu': (DIGITS_EXPANDNET, _amp, "optim_wrapper.type='AmpOptimWrapper' (automatic "
