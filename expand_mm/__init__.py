@@ -6,7 +6,8 @@ checkpoint. Importing the package registers ``type='ExpandNet'`` in MMEngine's
 ``MODELS``, the checkpoint hooks in ``HOOKS``, and lets ``torch.load`` read
 MMEngine's own checkpoints on torch >= 2.6.
 """
-from .compat import allow_mmengine_checkpoints, patch_mmdet_ssd_head
+from .compat import (allow_mmengine_checkpoints, make_checkpoint_loading_safe,
+                     patch_mmdet_ssd_head, refuse_amp_without_accelerator)
 from .errors import ConfigError, ExpandMMError, UsageError
 from .layers import ExpandConv2d, ExpandedLayer, ExpandLinear, deferred_factor_grads
 from .surgery import (ExpansionReport, ExpansionSettings, contract_model, expand_model,
@@ -15,7 +16,9 @@ from .verification import (ContractionCheckError, check_contraction, check_layer
                            contraction_errors, non_finite_tensors, verify_contraction)
 
 allow_mmengine_checkpoints()
+make_checkpoint_loading_safe()
 patch_mmdet_ssd_head()
+refuse_amp_without_accelerator()
 
 from . import models  # noqa: E402  (registers ExpandNet and the compact models)
 from . import hooks  # noqa: E402  (registers the checkpoint hooks)

@@ -61,19 +61,7 @@ def read_checkpoint(path: str, map_location: Any = 'cpu', mmap: bool = False) ->
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as err:  # noqa: BLE001 -- garbage input raises whatever the unpickler hits
-        unsupported = re.search(r'Unsupported global: GLOBAL (\S+)', str(err))
-        if unsupported:  # a readable file, but not only weights and plain values
-            raise CheckpointError(
-                f'cannot read checkpoint {path!r}: it holds a Python object other than tensors '
-                f'and plain values ({unsupported.group(1)}), which checkpoints are not '
-                'unpickled with. Re-save its state_dict (and a meta of plain values) where it '
-                'was made, or use a checkpoint written by the training runner or '
-                'tools/contract.py') from err
-        raise CheckpointError(
-            f'cannot read checkpoint {path!r} '
-            f'({type(err).__name__}: {_load_error_detail(err)}). '
-            'The file is corrupt or truncated, or not a PyTorch checkpoint; '
-            'use a checkpoint written by the training runner or tools/contract.py') from err
+        raise unreadable_checkpoint_error(path, err) from err
     if isinstance(checkpoint, Mapping) and 'state_dict' not in checkpoint and checkpoint \
             and all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
         checkpoint = {'state_dict': dict(checkpoint)}
@@ -84,7 +72,47 @@ def read_checkpoint(path: str, map_location: Any = 'cpu', mmap: bool = False) ->
     return dict(checkpoint)
 
 
-def _load_error_detail(err: Exception, limit: int = 160) -> str:
+# torch's weights-only unpickler names the global it refuses in two wordings: one for
+# a global outside the allowlist, one for a module it never unpickles from (os, sys, ...).
+_REFUSED_GLOBAL = re.compile(r'GLOBAL (\S+) (?:was not an allowed global|whose module \S+ '
+                             r'is blocked)')
+
+
+def refused_global(err: BaseException) -> str | None:
+    """The global that torch's weights-only loading refused in ``err``, or None.
+
+    Args:
+        err: What ``torch.load(..., weights_only=True)`` raised.
+    """
+    found = _REFUSED_GLOBAL.search(str(err))
+    return found.group(1) if found else None
+
+
+def unreadable_checkpoint_error(source: str, err: BaseException) -> CheckpointError:
+    """The :class:`CheckpointError` for a file that weights-only loading could not read.
+
+    A file that holds a Python object other than tensors and plain values
+    (the refused global is named: what would run if it were unpickled) is
+    told apart from one that is corrupt, truncated or no checkpoint at all.
+
+    Args:
+        source: The file (path or URL), for the message.
+        err: What ``torch.load`` raised.
+    """
+    name = refused_global(err)
+    if name:
+        return CheckpointError(
+            f'cannot read checkpoint {source!r}: it holds a Python object other than tensors '
+            f'and plain values ({name}), which checkpoints are not unpickled with (it could '
+            'run any code). Re-save its state_dict (and a meta of plain values) where it was '
+            'made, or use a checkpoint written by the training runner or tools/contract.py')
+    return CheckpointError(
+        f'cannot read checkpoint {source!r} ({type(err).__name__}: {_load_error_detail(err)}). '
+        'The file is corrupt or truncated, or not a PyTorch checkpoint; use a checkpoint '
+        'written by the training runner or tools/contract.py')
+
+
+def _load_error_detail(err: BaseException, limit: int = 160) -> str:
     """The informative part of a ``torch.load`` error, cut at a word.
 
     torch's weights-only message leads with advice to retry with
@@ -357,3 +385,41 @@ def check_plain_model_checkpoint(model: nn.Module, state_dict: Mapping[str, Any]
         raise CheckpointError(f'{source} does not fit {type(model).__name__}: '
                               f'{mismatch.describe()}. {hint}.')
     return mismatch
+
+
+def refuse_mostly_misfitting(shapes: Mapping[str, torch.Size], state_dict: Mapping[str, Any],
+                             source: str, model_name: str) -> None:
+    """Refuse a checkpoint that would set fewer than half of a model's entries because
+    entries it shares with the model have other shapes (a model of another width).
+
+    MMEngine loads such a checkpoint non-strictly with a size-mismatch warning
+    per entry, and the model trains almost from scratch. A checkpoint that
+    holds only a part of the model (a backbone), with the shapes it has, is
+    not refused.
+
+    Args:
+        shapes: The model's keys and shapes (of the form the checkpoint is
+            loaded as).
+        state_dict: The checkpoint's state dict (a DDP ``module.`` prefix is
+            ignored).
+        source: Names the checkpoint in the message (e.g. ``load_from='...'``).
+        model_name: Names the model in the message.
+
+    Raises:
+        CheckpointError: Naming how many entries fit, examples of the others,
+            and what to use instead.
+    """
+    state_dict = strip_prefix(state_dict)
+    shared = {key: tuple(getattr(state_dict[key], 'shape', ())) for key in shapes
+              if key in state_dict}
+    wrong = [f'{key} (checkpoint {have}, model {tuple(shapes[key])})'
+             for key, have in shared.items() if have != tuple(shapes[key])]
+    fits = len(shared) - len(wrong)
+    if wrong and 2 * fits < len(shapes):
+        raise CheckpointError(
+            f'{source} fits only {fits} of the {len(shapes)} entries of {model_name}: '
+            f'{len(wrong)} have other shapes, e.g. {", ".join(wrong[:3])}, so the model would '
+            'train almost from scratch. It is a checkpoint of another variant of the model '
+            '(another width or depth): use a checkpoint of this config, or to start one part '
+            "from it, give that part init_cfg=dict(type='Pretrained', checkpoint=..., "
+            "prefix='backbone.') instead of load_from")

@@ -19,8 +19,9 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .checkpoint import (CheckpointError, check_plain_model_checkpoint, compare_state_dict,
                          expanded_chain_paths, expanded_key_shapes, read_checkpoint,
-                         strip_prefix, wrapper_checkpoint_hint)
+                         refuse_mostly_misfitting, strip_prefix, wrapper_checkpoint_hint)
 from .compat import type_name
+from .datasets_check import check_annotations
 from .errors import ConfigError
 from .hooks.contract_checkpoint import ContractCheckpointHook
 from .models.deployable import deferring_expandnet, find_deployable
@@ -242,3 +243,82 @@ def _refuse_foreign_checkpoint(model: nn.Module, state_dict: Mapping, path: str)
         f'{type(model).__name__} (with their shapes; it holds e.g. '
         f'{sorted(strip_prefix(state_dict))[:3]}): it is a checkpoint of another model. '
         'Use a checkpoint of this config, or of a model sharing its backbone')
+
+
+def check_load_from_fits(model: nn.Module, path: Any) -> None:
+    """Refuse a plain model's ``load_from`` that would set fewer than half of its entries
+    because the shared ones have other shapes (the same model at another width); see
+    :func:`~expand_mm.checkpoint.refuse_mostly_misfitting`. ExpandNet and wrapper
+    models are checked by ``ExpandCheckpointLoadHook``.
+
+    Args:
+        model: The unwrapped model being trained.
+        path: ``load_from`` (a local file; anything else is not read here).
+    """
+    deployable, prefix = find_deployable(model)
+    if prefix or expanded_layers(deployable) or not isinstance(path, str) or '://' in path:
+        return
+    state_dict = read_checkpoint(path, mmap=True)['state_dict']
+    refuse_mostly_misfitting(expanded_key_shapes(model), state_dict, f'load_from={path!r}',
+                             type(model).__name__)
+
+
+#: Attribute names of the heads whose ``num_classes`` must cover the data's classes
+#: (an RPN head's single class is not the data's).
+CLASS_HEADS = ('bbox_head', 'mask_head', 'decode_head', 'auxiliary_head')
+
+
+def _class_heads(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The deployable network's heads named in :data:`CLASS_HEADS` that have an int
+    ``num_classes`` (``roi_head.bbox_head``, a cascade's ``roi_head.bbox_head.0``, ...)."""
+    heads = []
+    for path, module in find_deployable(model)[0].named_modules():
+        names = [part for part in path.split('.') if not part.isdigit()]
+        if names and names[-1] in CLASS_HEADS and isinstance(
+                getattr(module, 'num_classes', None), int):
+            heads.append((path, module))
+    return heads
+
+
+def _leaf_datasets(dataset: Any) -> list:
+    """The datasets inside dataset wrappers (``RepeatDataset``, ``ConcatDataset``, ...)."""
+    inner = getattr(dataset, 'datasets', None)
+    if isinstance(inner, (list, tuple)):
+        return [leaf for part in inner for leaf in _leaf_datasets(part)]
+    inner = getattr(dataset, 'dataset', None)
+    return _leaf_datasets(inner) if inner is not None and inner is not dataset else [dataset]
+
+
+def check_training_data(model: nn.Module, dataset: Any) -> None:
+    """Refuse training data whose classes the model's heads or the annotations do not fit.
+
+    A head with fewer classes than the data (``num_classes=3`` on 10 classes)
+    fails in the loss at the first iteration with a bare error; class names
+    that are not in the annotations drop their boxes (see
+    :func:`~expand_mm.datasets_check.check_annotations`, here on the built
+    datasets, which covers runs that do not start from ``tools/train.py``).
+
+    Args:
+        model: The model being trained (wrappers and DDP included).
+        dataset: The training dataset as built (wrappers included).
+
+    Raises:
+        ConfigError: Naming the head, its ``num_classes`` and the data's
+            classes, or the class names that fit no annotation.
+    """
+    heads = [(path, module.num_classes) for path, module in _class_heads(model)]
+    for leaf in _leaf_datasets(dataset):
+        classes = tuple((getattr(leaf, 'metainfo', None) or {}).get('classes') or ())
+        for path, num_classes in heads:
+            if num_classes < len(classes):
+                raise ConfigError(
+                    f'{path}.num_classes={num_classes}, but the training data has '
+                    f'{len(classes)} classes {classes[:10]}{" ..." * (len(classes) > 10)}: '
+                    f'the labels from {num_classes} on would fail in the loss. Set '
+                    f'{path}.num_classes={len(classes)} in the model config, or train on '
+                    f"{num_classes} classes with the dataset's metainfo=dict(classes=(...))")
+        if isinstance(getattr(leaf, 'ann_file', None), str) and classes:
+            check_annotations(dict(type=type(leaf), ann_file=leaf.ann_file,
+                                   data_prefix=dict(getattr(leaf, 'data_prefix', {}) or {}),
+                                   ann_subdir=getattr(leaf, 'ann_subdir', 'Annotations'),
+                                   metainfo=dict(classes=classes)), 'train_dataloader')

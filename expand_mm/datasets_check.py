@@ -1,16 +1,22 @@
-"""Fail early, and helpfully, when a config's dataset is not on disk.
+"""Fail early, and helpfully, when a config's dataset is not on disk or does not fit it.
 
 :func:`check_datasets` names the first missing path of a config's datasets and
 how to get the data: for mmdet's and mmseg's standard datasets from
 :data:`HOW_TO_GET`, for a project's own data from the hints the project
-registered with :func:`register_dataset_hint`.
+registered with :func:`register_dataset_hint`. It also reads what is cheap to
+read before a dataset is built: a VOC-style dataset's per-image annotation
+files and object names, a COCO-style file's category names, against the
+config's class names.
 """
 from __future__ import annotations
 
+import json
+import mmap
 import os.path as osp
+import xml.etree.ElementTree as ET
 from typing import Any, Callable, Iterator, Optional
 
-from .errors import ExpandMMError
+from .errors import ConfigError, ExpandMMError
 
 HOW_TO_GET = {
     'VOCdevkit': ('Pascal VOC 2007+2012: download VOCtrainval_06-Nov-2007.tar, '
@@ -127,12 +133,18 @@ def check_datasets(cfg: Any, loaders: tuple[str, ...] = ('train_dataloader', 'va
                                                           'test_dataloader')) -> None:
     """Raise :class:`DatasetNotFoundError` naming the missing path and how to get the data.
 
+    Also refuses, before any dataset is built, a VOC-style dataset whose listed
+    images lack their annotation file or whose objects are none of the
+    configured classes, and a COCO-style dataset whose classes are not all
+    category names of its annotation file (see :func:`check_annotations`).
+
     Args:
         cfg: An MMEngine config.
         loaders: The dataloader keys whose datasets must exist.
 
     Raises:
         DatasetNotFoundError: A ``FileNotFoundError`` too, for callers that catch that.
+        ConfigError: The configured class names do not fit the annotations.
     """
     for key in loaders:
         loader = cfg.get(key) if hasattr(cfg, 'get') else None
@@ -147,3 +159,161 @@ def check_datasets(cfg: Any, loaders: tuple[str, ...] = ('train_dataloader', 'va
                 raise DatasetNotFoundError(
                     f'{key}: dataset path {path!r} does not exist{where} (data_root='
                     f'{dataset.get("data_root")!r}). How to get it: {hint}.')
+            check_annotations(dataset, key, cfg.get('default_scope'))
+
+
+#: How many VOC-style annotation files are read for their object names.
+XML_SAMPLE = 20
+
+
+def _dataset_class(dataset: dict, scope: str | None) -> type | None:
+    """The class a dataset config builds, or None when the registry does not know it."""
+    kind = dataset.get('type')
+    if isinstance(kind, type):
+        return kind
+    if not isinstance(kind, str):
+        return None
+    from mmengine.registry import DATASETS
+    try:
+        with DATASETS.switch_scope_and_registry(scope) as registry:  # imports the scope's
+            return registry.get(kind)
+    except (KeyError, ImportError):  # a type that fails to build says so itself
+        return None
+
+
+def check_annotations(dataset: dict, key: str, scope: str | None = None) -> None:
+    """Refuse annotations that the dataset would silently drop, or fail on mid-build.
+
+    * VOC style (mmdet's ``XMLDataset``): every image listed in ``ann_file``
+      needs its ``Annotations/<id>.xml``; the objects of the first
+      :data:`XML_SAMPLE` of them must include some of the configured classes
+      (objects of other names are dropped, so wrong names train on empty images).
+    * COCO style (``CocoDataset``): the configured classes must be category
+      names of the annotation file that it numbers as the classes do (see
+      :func:`_check_coco_classes`). Only the ``categories`` list is read.
+
+    Args:
+        dataset: One dataset dict of a config (its paths exist).
+        key: The dataloader key, for the message.
+        scope: The config's ``default_scope`` (resolves the dataset's type).
+
+    Raises:
+        DatasetNotFoundError: Naming a missing annotation file.
+        ConfigError: Naming the classes that fit no annotation, and the names
+            the annotations use.
+    """
+    ann = dataset.get('ann_file')
+    root = dataset.get('data_root') or ''
+    if not isinstance(ann, str) or not osp.isfile(osp.join(root, ann)):
+        return  # nothing to read here (a remote file is left to the dataset)
+    cls = _dataset_class(dataset, scope)
+    if cls is None:
+        return
+    bases = {base.__name__ for base in cls.__mro__}
+    metainfo = dataset.get('metainfo') or {}
+    classes = metainfo.get('classes') or getattr(cls, 'METAINFO', {}).get('classes') or ()
+    given = ('metainfo classes' if metainfo.get('classes') else
+             f"classes of {cls.__name__} (the dataset's metainfo sets none)")
+    if 'XMLDataset' in bases:
+        _check_xml_annotations(dataset, key, osp.join(root, ann), tuple(classes), given)
+    elif 'CocoDataset' in bases and ann.endswith('.json'):
+        names = coco_category_names(osp.join(root, ann))
+        if names is not None:
+            _check_coco_classes(key, osp.join(root, ann), names, tuple(classes), given,
+                                cls.__name__)
+
+
+def _check_coco_classes(key: str, ann_file: str, names: list[str], classes: tuple,
+                        given: str, dataset: str) -> None:
+    """The COCO half of :func:`check_annotations`.
+
+    ``CocoDataset`` keeps the boxes of the categories named in the classes and
+    numbers them in the file's order, so the labels are right only when those
+    categories, in the file's order, are the first classes. Classes missing
+    from the file at the end are accepted (a file annotating some of the
+    classes), unless the file also has categories outside the classes: then
+    the names are most likely misspelled.
+    """
+    found = [name for name in names if name in classes]  # in label order
+    missing = [name for name in classes if name not in names]
+    unused = [name for name in names if name not in classes]
+    fix = ("Set the dataset's metainfo=dict(classes=(...)) to category names of the file, in "
+           f'its order, e.g. {tuple(names)[:10]}')
+    if not found:
+        raise ConfigError(
+            f'{key}: none of the {given} {_few(classes)} is a category name of {ann_file!r}, '
+            f'which has {_few(names)}: {dataset} would drop every box. {fix}')
+    if found != list(classes[:len(found)]):
+        wrong = next(i for i, name in enumerate(found) if name != classes[i])
+        raise ConfigError(
+            f'{key}: {dataset} numbers the classes it finds by the order of the categories in '
+            f'{ann_file!r}, so {found[wrong]!r} would get label {wrong}, which the {given} '
+            f'call {classes[wrong]!r}. List the classes in the file\'s order, e.g. '
+            f'{_few(found + missing)}')
+    if missing and unused:
+        raise ConfigError(
+            f'{key}: the {given} {_few(missing)} are not category names of {ann_file!r}, '
+            f'whose categories {_few(unused)} are none of the classes (misspelled?): '
+            f'{dataset} would drop their boxes. {fix}')
+
+
+def _few(names, limit: int = 10) -> str:
+    """``names`` as a tuple, the first ``limit`` of them and how many more."""
+    names = list(names)
+    more = f' (+{len(names) - limit} more)' if len(names) > limit else ''
+    return f'{tuple(names[:limit])}{more}'
+
+
+def _check_xml_annotations(dataset: dict, key: str, ann_file: str, classes: tuple,
+                           given: str) -> None:
+    """The VOC-style half of :func:`check_annotations`."""
+    root = dataset.get('data_root') or ''
+    prefix = dataset.get('data_prefix') or {}
+    folder = osp.join(root, prefix.get('sub_data_root', ''),
+                      dataset.get('ann_subdir', 'Annotations'))
+    with open(ann_file) as f:
+        ids = [line.strip() for line in f if line.strip()]
+    missing = [i for i in ids if not osp.isfile(osp.join(folder, f'{i}.xml'))]
+    if missing:
+        raise DatasetNotFoundError(
+            f'{key}: {len(missing)} of the {len(ids)} images listed in {ann_file!r} have no '
+            f'annotation file, e.g. {osp.join(folder, missing[0] + ".xml")!r}. Restore them, or '
+            f'remove their ids from the list. How to get the data: '
+            f'{_how_to_get(str(root), key)}.')
+    found = []
+    for img_id in ids[:XML_SAMPLE]:
+        try:
+            tree = ET.parse(osp.join(folder, f'{img_id}.xml'))
+        except ET.ParseError:  # the dataset names a malformed file when it reads it
+            continue
+        found += [name.text for name in tree.findall('object/name') if name.text]
+    if found and not set(found) & set(classes):
+        raise ConfigError(
+            f'{key}: no object in the first {min(len(ids), XML_SAMPLE)} annotation files '
+            f'under {folder!r} is one of the {given} {_few(classes)}; they name '
+            f'{_few(sorted(set(found)))}. Every object would be dropped: set the dataset\'s '
+            'metainfo=dict(classes=(...)) to the names the annotation files use')
+
+
+def coco_category_names(ann_file: str) -> list[str] | None:
+    """The category names of a COCO annotation file, or None if they cannot be found cheaply.
+
+    Reads only the ``"categories"`` list, from the end of the file where COCO
+    puts it, without parsing the images and annotations (hundreds of MB for
+    COCO itself).
+    """
+    if not osp.getsize(ann_file):
+        return None
+    with open(ann_file, 'rb') as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        at = data.rfind(b'"categories"')
+        start = data.find(b'[', at) if at >= 0 else -1
+        if start < 0 or data[at + len(b'"categories"'):start].strip() != b':':
+            return None
+        text = data[start:start + (1 << 20)].decode('utf-8', errors='replace')
+    try:
+        categories, _ = json.JSONDecoder().raw_decode(text)
+    except ValueError:  # longer than the window read, or not JSON there
+        return None
+    if not isinstance(categories, list):
+        return None
+    return [c['name'] for c in categories if isinstance(c, dict) and 'name' in c]

@@ -37,3 +37,7 @@ class MissingFileError(ExpandMMError, FileNotFoundError):
 
 class VerificationUnavailableError(ExpandMMError, RuntimeError):
     """A contraction check that could not decide (its float64 re-check could not run)."""
+
+
+class NonFiniteError(ExpandMMError, ValueError):
+    """A model, checkpoint or output that holds a NaN or an Inf (names the tensors)."""

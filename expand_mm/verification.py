@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -54,6 +54,21 @@ def _all_finite(tensor: Tensor) -> bool:
     return bool(torch.isfinite(tensor).all())
 
 
+def non_finite_entries(state_dict: Mapping[str, Any]) -> list[str]:
+    """Keys of ``state_dict`` whose floating-point tensors hold a NaN or an Inf.
+
+    Args:
+        state_dict: A state dict (e.g. a checkpoint's); non-tensor values and
+            integer tensors are skipped.
+
+    Returns:
+        The keys, in the state dict's order; empty when every tensor is finite.
+    """
+    return [key for key, value in state_dict.items()
+            if isinstance(value, Tensor) and value.is_floating_point()
+            and not _all_finite(value)]
+
+
 def non_finite_tensors(model: nn.Module) -> list[str]:
     """State-dict keys of ``model`` whose floating-point tensors hold a NaN or an Inf.
 
@@ -63,9 +78,18 @@ def non_finite_tensors(model: nn.Module) -> list[str]:
     Returns:
         The keys, in state-dict order; empty when every tensor is finite.
     """
-    return [key for key, value in model.state_dict().items()
-            if isinstance(value, Tensor) and value.is_floating_point()
-            and not _all_finite(value)]
+    return non_finite_entries(model.state_dict())
+
+
+def non_finite_outputs(out: Any, name: str = 'output') -> list[str]:
+    """Where a model's output holds a NaN or an Inf, e.g. ``['output[1]']``.
+
+    Args:
+        out: Tensors, dicts, lists, tuples or mmengine data elements, nested.
+        name: What the top level is called in the returned names.
+    """
+    return [where for where, tensor in _named_tensors(out, name)
+            if tensor.is_floating_point() and not _all_finite(tensor)]
 
 
 def _named_tensors(out: Any, name: str = 'output') -> list[tuple[str, Tensor]]:
@@ -168,14 +192,15 @@ def contraction_errors(expanded: nn.Module, compact: nn.Module, inputs: Any,
 verify_contraction = contraction_errors
 
 
-def _listed(names: list[str], limit: int = 8) -> str:
+def listed(names: list[str], limit: int = 8) -> str:
+    """``names`` joined by commas, the first ``limit`` of them and how many more."""
     return ', '.join(names[:limit]) + (f' (and {len(names) - limit} more)'
                                        if len(names) > limit else '')
 
 
 def _refuse_non_finite_tensors(expanded: nn.Module, compact: nn.Module) -> None:
     """Raise :class:`ContractionCheckError` naming every tensor that holds a NaN or an Inf."""
-    found = [f"the {which} model's {_listed(keys)}"
+    found = [f"the {which} model's {listed(keys)}"
              for which, keys in (('expanded', non_finite_tensors(expanded)),
                                  ('compact', non_finite_tensors(compact))) if keys]
     if found:
@@ -239,7 +264,7 @@ def check_contraction(expanded: nn.Module, compact: nn.Module, inputs: Any,
     errors = contraction_errors(expanded, compact, inputs, forward_fn)
     if 'non_finite' in errors:
         raise ContractionCheckError(
-            f"contraction check failed: NaN or Inf in {_listed(errors['non_finite'])} on the "
+            f"contraction check failed: NaN or Inf in {listed(errors['non_finite'])} on the "
             'probe, although every weight and buffer is finite (an overflow inside the '
             'network?)')
     if errors['max_rel'] <= rtol:

@@ -72,3 +72,56 @@ def test_export_takes_a_training_wrappers_checkpoint_and_names_it_with_the_compa
     assert result.returncode == 2 and 'Traceback' not in result.stderr, result.stderr[-2000:]
     assert "Its entries for this model are under 'model.': it is a training checkpoint of a " \
            'training-time wrapper' in result.stderr
+
+
+def _export_in_process(config, checkpoint, out, capsys) -> tuple[int, list[str]]:
+    """``tools/export_onnx.py``'s exit code and its ``error:`` lines, run in this process."""
+    from expand_mm.cli import run_tool
+    from wrapper_test_utils import load_tool
+    tool = load_tool('export_onnx')
+    argv, sys.argv = sys.argv, ['export_onnx.py', str(config), str(checkpoint), str(out)]
+    try:
+        code = run_tool(tool.main)
+    finally:
+        sys.argv = argv
+    err = capsys.readouterr().err
+    return code, [line for line in err.splitlines() if line.startswith('error: ')]
+
+
+def _poisoned(model, key: str, value: float, path) -> str:
+    """Save ``model``'s weights with one entry of ``key`` set to ``value``."""
+    from wrapper_test_utils import save_state
+    with torch.no_grad():
+        model.state_dict()[key].view(-1)[0] = value
+    return save_state(model, path)
+
+
+def test_export_refuses_non_finite_weights_and_outputs_naming_them(tmp_path, capsys):
+    """A NaN in a factor, an Inf in a BatchNorm statistic, and finite weights whose output
+    overflows: each ends in one error line naming the tensor, and no ONNX file."""
+    import expand_mm
+    from wrapper_test_utils import DET_COMPACT, ROOT as REPO, build_model
+    expandnet = REPO / ('projects/digits/configs/digits/'
+                        'expandnet-cl-r4_yolo-lite_1xb16-900i_digits-det-64x64.py')
+    torch.manual_seed(0)
+    factor = next(f'{path}.{name}' for path, layer in expand_mm.expanded_layers(
+        build_model(expandnet)) for name, _ in layer.named_parameters())
+    compact = build_model(DET_COMPACT)
+    bn_var = next(k for k in compact.state_dict() if k.endswith('running_var'))
+    head = [k for k, v in compact.state_dict().items()
+            if k.startswith('bbox_head') and k.endswith('weight') and v.dim() == 4][-1]
+    cases = [(expandnet, _poisoned(build_model(expandnet), factor, float('nan'),
+                                   tmp_path / 'nan.pth'), factor),
+             (DET_COMPACT, _poisoned(build_model(DET_COMPACT), bn_var, float('inf'),
+                                     tmp_path / 'inf.pth'), bn_var)]
+    huge = build_model(DET_COMPACT)
+    with torch.no_grad():
+        huge.state_dict()[head].fill_(3e38)  # finite, but the sums overflow
+    from wrapper_test_utils import save_state
+    cases.append((DET_COMPACT, save_state(huge, tmp_path / 'huge.pth'), 'output['))
+    for config, ckpt, named in cases:
+        out = tmp_path / 'model.onnx'
+        code, errors = _export_in_process(config, ckpt, out, capsys)
+        assert code == 2 and len(errors) == 1, (ckpt, errors)
+        assert 'NaN or Inf' in errors[0] and named in errors[0], errors
+        assert not out.exists()

@@ -8,9 +8,12 @@ CONFIG may be an ExpandNet config, a training-time wrapper's (``Distiller``,
 contracted first). What is exported is the network's raw output (``mode='tensor'``: the
 detection head's per-level maps, the segmentation logits); box decoding and NMS
 stay in the host code, as with mmdet / mmseg's own ``mode='tensor'``. The file
-is run with onnxruntime on a random input and compared with PyTorch.
+is run with onnxruntime on a random input and compared with PyTorch. A
+checkpoint, compact model or output holding a NaN or an Inf is refused, naming
+the tensors, and nothing is exported.
 """
 import argparse
+import os
 import sys
 
 import numpy as np
@@ -20,12 +23,15 @@ from mmengine.registry import MODELS, DefaultScope
 
 import expand_mm  # noqa: F401  (registers ExpandNet and the wrappers)
 from expand_mm.apis import compact_checkpoint_of
-from expand_mm.checkpoint import prepare_output_path, read_checkpoint, strip_prefix
+from expand_mm.checkpoint import (CheckpointError, prepare_output_path, read_checkpoint,
+                                  strip_prefix)
 from expand_mm.cli import require_file, run_tool
 from expand_mm.cost import config_input_size
+from expand_mm.errors import NonFiniteError
 from expand_mm.models import deployable_model_cfg
 from expand_mm.planting import refuse_unfinished_planting
-from expand_mm.verification import _flatten_tensors
+from expand_mm.verification import (_flatten_tensors, _largest, listed, non_finite_entries,
+                                    non_finite_outputs, non_finite_tensors)
 
 
 class RawOutputs(torch.nn.Module):
@@ -54,27 +60,52 @@ def build_compact(config: str, checkpoint: str) -> torch.nn.Module:
             such, with its ``*_compact.pth`` to use).
     """
     cfg = Config.fromfile(config)
-    refuse_unfinished_planting(read_checkpoint(checkpoint, mmap=True).get('meta') or {},
-                               checkpoint, 'Export')
+    saved = read_checkpoint(checkpoint, mmap=True)
+    refuse_unfinished_planting(saved.get('meta') or {}, checkpoint, 'Export')
+    refuse_non_finite(non_finite_entries(strip_prefix(saved['state_dict'])),
+                      f'checkpoint {checkpoint!r}', CheckpointError)
     compact_ckpt, _ = compact_checkpoint_of(cfg, checkpoint)
     with DefaultScope.overwrite_default_scope(cfg.get('default_scope')):
         compact = MODELS.build(deployable_model_cfg(cfg.model))
     compact.load_state_dict(strip_prefix(compact_ckpt['state_dict']), strict=False)
+    refuse_non_finite(non_finite_tensors(compact), 'the compact model made from '
+                      f'{checkpoint!r}', CheckpointError)
     return compact.eval()
 
 
+def refuse_non_finite(names: list[str], what: str, error: type = NonFiniteError) -> None:
+    """Raise ``error`` naming the tensors of ``what`` that hold a NaN or an Inf, if any."""
+    if names:
+        raise error(f'{what} holds NaN or Inf in {len(names)} tensor'
+                    f'{"s" * (len(names) != 1)}: {listed(names)}; nothing is exported. A '
+                    'network with non-finite weights or outputs computes nothing usable: '
+                    'export a checkpoint saved before training diverged')
+
+
 def export(model: torch.nn.Module, out: str, img_size, opset: int = 17) -> float:
-    """Write ``out`` and return the largest |onnxruntime - torch| on a random input."""
+    """Write ``out`` and return the largest |onnxruntime - torch| on a random input.
+
+    Raises:
+        NonFiniteError: If PyTorch's or onnxruntime's outputs hold a NaN or an
+            Inf (naming them); a file onnxruntime computes them with is removed.
+    """
     import onnxruntime
     wrapped = RawOutputs(model).eval()
     x = torch.randn(1, 3, *img_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        refuse_non_finite(non_finite_outputs(model(x, mode='tensor')),
+                          f'the output of the compact model on a random 1x3x{img_size[0]}x'
+                          f'{img_size[1]} input')
+        torch_out = wrapped(x)
     torch.onnx.export(wrapped, (x,), out, dynamo=False, opset_version=opset,
                       input_names=['inputs'])
     session = onnxruntime.InferenceSession(out, providers=['CPUExecutionProvider'])
     onnx_out = session.run(None, {'inputs': x.numpy()})
-    with torch.no_grad():
-        torch_out = wrapped(x)
-    return max(float(np.abs(a - b.numpy()).max()) for a, b in zip(onnx_out, torch_out))
+    bad = [f'output[{i}]' for i, a in enumerate(onnx_out) if not np.isfinite(a).all()]
+    if bad:
+        os.remove(out)
+        refuse_non_finite(bad, f'onnxruntime\'s output of {out} (PyTorch\'s is finite)')
+    return _largest(float(np.abs(a - b.numpy()).max()) for a, b in zip(onnx_out, torch_out))
 
 
 def main() -> int:

@@ -11,11 +11,12 @@ from torch import nn
 
 from ..checkpoint import NONLINEAR_INIT_META_KEY
 from ..deploy import compact_checkpoint, compact_checkpoint_path, save_checkpoint_file
-from ..errors import ConfigError
+from ..errors import ConfigError, NonFiniteError
 from ..models.deployable import find_deployable, unwrap_model
 from ..planting import PlantingBakeError, planting_stage, unfinished_planting
 from ..probe import DEFAULT_PROBE_SHAPE
 from ..surgery import expanded_layers
+from ..verification import listed, non_finite_tensors
 from .channel_planting import ChannelPlantingHook
 
 
@@ -40,6 +41,11 @@ class ContractCheckpointHook(Hook):
     writes to: the same ``backend_args``). The checkpoint being saved is the
     one ``CheckpointHook`` has just named in the message hub (``last_ckpt``,
     ``best_ckpt*``).
+
+    A model holding a NaN or an Inf (training has diverged) stops the run
+    before the checkpoint or its twin is written, and before an older twin
+    is removed; the error names the tensors, the iteration and the
+    checkpoint to go on from.
 
     When ``CheckpointHook`` removes a checkpoint (``max_keep_ckpts``, a
     replaced ``best_*``), its compact twin is removed at the next save; a
@@ -114,9 +120,15 @@ class ContractCheckpointHook(Hook):
             self._origin[resumed] = 'last_ckpt'
 
     def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
-        """Write the compact twin of the checkpoint being saved (main process only)."""
+        """Write the compact twin of the checkpoint being saved (main process only).
+
+        Raises:
+            NonFiniteError: If the model holds a NaN or an Inf: neither the
+                checkpoint nor its twin is written, and the run stops.
+        """
         if not is_main_process():
             return
+        self._refuse_non_finite_model(runner, checkpoint.get('meta') or {})
         self._drop_retired_twins(runner)
         saving = self._checkpoint_being_saved(runner)
         if saving is None:
@@ -124,6 +136,47 @@ class ContractCheckpointHook(Hook):
         key, path = saving
         self._origin[path] = key
         self._twins[path] = self._write_twin(runner, checkpoint.get('meta') or {}, path)
+
+    def _refuse_non_finite_model(self, runner, meta: dict) -> None:
+        """Stop the run, before anything is written or removed, if training has diverged.
+
+        The message names the non-finite tensors, the iteration, and the last
+        checkpoint written before it (or, when ``max_keep_ckpts`` has removed
+        it, its compact copy, which this check runs early enough to keep).
+        """
+        model = self._source_model(runner)
+        bad = non_finite_tensors(unwrap_model(model))
+        if not bad:
+            return
+        which = 'EMA model' if model is not runner.model else 'model'
+        when = f'iteration {meta.get("iter", runner.iter + 1)}' + (
+            f' (epoch {meta["epoch"]})' if meta.get('epoch') else '')
+        named = _saved_path_keys(runner.message_hub.runtime_info)
+        saving = next((v for k, v in named.items() if self._named.get(k) != v), None)
+        raise NonFiniteError(
+            f'ContractCheckpointHook: at {when} the {which} holds NaN or Inf in '
+            f'{len(bad)} tensor{"s" * (len(bad) != 1)}: {listed(bad)}. Training has '
+            f'diverged: neither {saving or "the checkpoint"} nor its compact copy is written, and '
+            f'the run stops here. {self._way_back(runner)}')
+
+    def _way_back(self, runner) -> str:
+        """Where a diverged run can go on from: the last checkpoint saved before."""
+        earlier = self._named.get('last_ckpt')
+        advice = ('with a lower learning rate or gradient clipping '
+                  '(optim_wrapper.clip_grad=dict(max_norm=...))')
+        if earlier is None:
+            return f'No checkpoint was saved before it: start again {advice}.'
+        if self._backend(runner, earlier).isfile(earlier):
+            return (f'Resume from {earlier}, the last checkpoint saved before it (python '
+                    f'tools/train.py CONFIG --resume {earlier}, or resume=True and '
+                    f"load_from='{earlier}'), {advice}.")
+        twin = self._twins.get(earlier) or self._twin_path(earlier)
+        kept = twin if self._backend(runner, twin).isfile(twin) else None
+        return (f'The last checkpoint saved before it, {earlier}, was removed (max_keep_ckpts)'
+                + (f'; its compact copy {kept} is kept: start from it with '
+                   f"load_from='{kept}' (the weights, without the optimizer state) "
+                   if kept else '; resume from an older checkpoint if you kept one, or start '
+                   'again ') + f'{advice}.')
 
     def _twin_path(self, path: str) -> str:
         return compact_checkpoint_path(path, self.suffix)

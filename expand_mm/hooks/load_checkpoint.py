@@ -5,13 +5,30 @@ from mmengine.hooks import Hook
 from mmengine.registry import HOOKS
 from mmengine.runner import find_latest_checkpoint
 
-from ..checkpoint import CheckpointError, match_state_dict, strip_prefix
+from ..checkpoint import (CheckpointError, compact_key_shapes, expanded_key_shapes,
+                          match_state_dict, refuse_mostly_misfitting, strip_prefix)
+from ..compat import guard_checkpoint_loaders
 from ..models.deployable import find_deployable, unwrap_model
 from ..surgery import expanded_layers
+from ..verification import listed, non_finite_entries
 
 
 def _article(word: str) -> str:
     return 'an' if word[:1] in 'aeiou' else 'a'
+
+
+def _refuse_non_finite_weights(checkpoint: dict, source: str) -> None:
+    """Refuse a checkpoint whose weights hold a NaN or an Inf, naming the keys.
+
+    Such weights compute nothing usable, and training from them cannot recover.
+    """
+    bad = non_finite_entries(checkpoint.get('state_dict', checkpoint))  # or a bare state dict
+    if bad:
+        raise CheckpointError(
+            f'{source} holds NaN or Inf in {len(bad)} weight{"s" * (len(bad) != 1)}: '
+            f'{listed(bad)}. It was saved after training diverged; use an earlier '
+            'checkpoint of the run (and a lower learning rate or optim_wrapper.clip_grad '
+            'to go on from it)')
 
 
 @HOOKS.register_module()
@@ -35,7 +52,9 @@ class ExpandCheckpointLoadHook(Hook):
     Args:
         strict: If False, accept partial checkpoints (e.g. fine-tuning a model
             with another head): what fits is converted, the rest is left to the
-            runner's missing-key warnings.
+            runner's missing-key warnings. A checkpoint that would set fewer
+            than half of the entries because shared ones have other shapes (the
+            model at another width) is refused all the same.
     """
 
     priority = 'VERY_HIGH'
@@ -44,13 +63,19 @@ class ExpandCheckpointLoadHook(Hook):
         self.strict = strict
 
     def before_run(self, runner) -> None:
-        """Let a distiller whose run resumes take its teacher from the resumed checkpoint.
+        """Guard the checkpoint loaders; let a resumed distiller take the resumed teacher.
+
+        Every loader of mmengine's ``CheckpointLoader`` loads weights only
+        (:func:`~expand_mm.compat.guard_checkpoint_loaders`; done at import,
+        repeated here for a scheme registered since), before the runner loads
+        ``load_from`` / ``resume`` and initialises ``Pretrained`` weights.
 
         A resumed distiller checkpoint holds the teacher, so its own
         ``teacher_ckpt`` file need not exist any more
         (``Distiller.expect_teacher_from_resume``); only when there is
         something to resume (auto-resume may find nothing).
         """
+        guard_checkpoint_loaders()
         if runner._resume and (runner._load_from or find_latest_checkpoint(runner.work_dir)):
             expect = getattr(unwrap_model(runner.model), 'expect_teacher_from_resume', None)
             if callable(expect):
@@ -67,13 +92,14 @@ class ExpandCheckpointLoadHook(Hook):
         (teacher, adapters, auxiliary branch), so ``load_from=`` starts the
         deployable part from it and leaves the rest as initialised.
         """
-        deployable, prefix = find_deployable(runner.model)
-        if not prefix and not expanded_layers(deployable):
-            return
         resumed = runner._load_from or find_latest_checkpoint(runner.work_dir)
         source = (str(runner._load_from or 'the loaded checkpoint') if not runner._resume
                   else f'resumed checkpoint {resumed!r}' if resumed
                   else 'resumed checkpoint (the latest in the work dir)')
+        _refuse_non_finite_weights(checkpoint, source)
+        deployable, prefix = find_deployable(runner.model)
+        if not prefix and not expanded_layers(deployable):
+            return
         state_dict = strip_prefix(checkpoint['state_dict'])
         own = bool(prefix) and any(k.startswith(prefix) for k in state_dict)
         part = ({k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
@@ -87,6 +113,10 @@ class ExpandCheckpointLoadHook(Hook):
                 f"{err} To fine-tune from it with another head (or from a partial checkpoint), "
                 "load it non-strictly: custom_hooks=[dict(type='ExpandCheckpointLoadHook', "
                 'strict=False), ...]') from None
+        if not self.strict:  # a partial checkpoint, but not one of another width
+            refuse_mostly_misfitting(expanded_key_shapes(deployable) if kind == 'expanded'
+                                     else compact_key_shapes(deployable), part, source,
+                                     type(deployable).__name__)
         if not expanded_layers(deployable):
             kind = 'compact'
         if prefix and not own:

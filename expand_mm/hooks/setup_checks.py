@@ -6,11 +6,11 @@ from mmengine.registry import HOOKS
 from mmengine.runner import BaseLoop, find_latest_checkpoint
 
 from ..checkpoint import read_checkpoint
-from ..checks import (check_constructor_for_paramwise_keys, check_plain_load_from,
-                      ddp_wrapper_warning, dropped_base_hooks_warning, missing_setup_warnings,
-                      schedule_warnings)
-from ..surgery import expanded_layers
+from ..checks import (check_constructor_for_paramwise_keys, check_load_from_fits,
+                      check_plain_load_from, check_training_data, ddp_wrapper_warning,
+                      dropped_base_hooks_warning, missing_setup_warnings, schedule_warnings)
 from ..models.deployable import find_deployable, unwrap_model
+from ..surgery import expanded_layers
 
 
 def _is_training(runner) -> bool:
@@ -67,6 +67,8 @@ class ExpandNetCheckHook(Hook):
             return
         check_load_from(runner)
         check_constructor_for_paramwise_keys(runner.cfg.get('optim_wrapper'))
+        check_load_from_fits(unwrap_model(runner.model), runner._load_from)
+        check_training_data(runner.model, runner.train_dataloader.dataset)
 
     def before_train(self, runner) -> None:
         """Log what the setup leaves out or undoes."""
