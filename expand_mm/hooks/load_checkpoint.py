@@ -111,8 +111,8 @@ class ExpandCheckpointLoadHook(Hook):
                 raise
             raise CheckpointError(
                 f"{err} To fine-tune from it with another head (or from a partial checkpoint), "
-                "load it non-strictly: custom_hooks=[dict(type='ExpandCheckpointLoadHook', "
-                'strict=False), ...]') from None
+                'load it non-strictly: --cfg-options default_hooks.expand_load.strict=False '
+                "(the config's dict(type='ExpandCheckpointLoadHook', strict=False))") from None
         if not self.strict:  # a partial checkpoint, but not one of another width
             refuse_mostly_misfitting(expanded_key_shapes(deployable) if kind == 'expanded'
                                      else compact_key_shapes(deployable), part, source,
