@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import os.path as osp
+import pickle
 import re
 import zipfile
 from dataclasses import dataclass, field
@@ -36,6 +37,12 @@ NONLINEAR_INIT_META_KEY = 'expand_mm_nonlinear_init'
 
 class CheckpointError(ExpandMMError, ValueError):
     """A checkpoint that cannot be read or does not fit the model."""
+
+
+class UnreadableCheckpointError(CheckpointError, pickle.UnpicklingError):
+    """A file that weights-only loading cannot read: it holds other Python objects
+    (the refused global is named), or it is corrupt or no checkpoint. An
+    ``UnpicklingError`` too, as torch's own refusal is."""
 
 
 def read_checkpoint(path: str, map_location: Any = 'cpu', mmap: bool = False) -> dict:
@@ -88,8 +95,8 @@ def refused_global(err: BaseException) -> str | None:
     return found.group(1) if found else None
 
 
-def unreadable_checkpoint_error(source: str, err: BaseException) -> CheckpointError:
-    """The :class:`CheckpointError` for a file that weights-only loading could not read.
+def unreadable_checkpoint_error(source: str, err: BaseException) -> UnreadableCheckpointError:
+    """The :class:`UnreadableCheckpointError` for a file that weights-only loading could not read.
 
     A file that holds a Python object other than tensors and plain values
     (the refused global is named: what would run if it were unpickled) is
@@ -101,12 +108,12 @@ def unreadable_checkpoint_error(source: str, err: BaseException) -> CheckpointEr
     """
     name = refused_global(err)
     if name:
-        return CheckpointError(
+        return UnreadableCheckpointError(
             f'cannot read checkpoint {source!r}: it holds a Python object other than tensors '
             f'and plain values ({name}), which checkpoints are not unpickled with (it could '
             'run any code). Re-save its state_dict (and a meta of plain values) where it was '
             'made, or use a checkpoint written by the training runner or tools/contract.py')
-    return CheckpointError(
+    return UnreadableCheckpointError(
         f'cannot read checkpoint {source!r} ({type(err).__name__}: {_load_error_detail(err)}). '
         'The file is corrupt or truncated, or not a PyTorch checkpoint; use a checkpoint '
         'written by the training runner or tools/contract.py')

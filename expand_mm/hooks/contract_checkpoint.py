@@ -16,7 +16,7 @@ from ..models.deployable import find_deployable, unwrap_model
 from ..planting import PlantingBakeError, planting_stage, unfinished_planting
 from ..probe import DEFAULT_PROBE_SHAPE
 from ..surgery import expanded_layers
-from ..verification import listed, non_finite_tensors
+from ..verification import listed, non_finite_entries
 from .channel_planting import ChannelPlantingHook
 
 
@@ -128,7 +128,7 @@ class ContractCheckpointHook(Hook):
         """
         if not is_main_process():
             return
-        self._refuse_non_finite_model(runner, checkpoint.get('meta') or {})
+        self._refuse_non_finite_weights(runner, checkpoint)
         self._drop_retired_twins(runner)
         saving = self._checkpoint_being_saved(runner)
         if saving is None:
@@ -137,24 +137,27 @@ class ContractCheckpointHook(Hook):
         self._origin[path] = key
         self._twins[path] = self._write_twin(runner, checkpoint.get('meta') or {}, path)
 
-    def _refuse_non_finite_model(self, runner, meta: dict) -> None:
+    def _refuse_non_finite_weights(self, runner, checkpoint: dict) -> None:
         """Stop the run, before anything is written or removed, if training has diverged.
 
-        The message names the non-finite tensors, the iteration, and the last
-        checkpoint written before it (or, when ``max_keep_ckpts`` has removed
-        it, its compact copy, which this check runs early enough to keep).
+        Looks at the weights being written (the EMA weights when ``EMAHook``
+        has swapped them in, and its ``ema_state_dict``). The message names the
+        non-finite tensors, the iteration, and the last checkpoint written
+        before it (or, when ``max_keep_ckpts`` has removed it, its compact
+        copy, which this check runs early enough to keep).
         """
-        model = self._source_model(runner)
-        bad = non_finite_tensors(unwrap_model(model))
+        bad = non_finite_entries(checkpoint.get('state_dict') or {}) + [
+            f'ema_state_dict.{key}'
+            for key in non_finite_entries(checkpoint.get('ema_state_dict') or {})]
         if not bad:
             return
-        which = 'EMA model' if model is not runner.model else 'model'
+        meta = checkpoint.get('meta') or {}
         when = f'iteration {meta.get("iter", runner.iter + 1)}' + (
             f' (epoch {meta["epoch"]})' if meta.get('epoch') else '')
         named = _saved_path_keys(runner.message_hub.runtime_info)
         saving = next((v for k, v in named.items() if self._named.get(k) != v), None)
         raise NonFiniteError(
-            f'ContractCheckpointHook: at {when} the {which} holds NaN or Inf in '
+            f'ContractCheckpointHook: at {when} the model holds NaN or Inf in '
             f'{len(bad)} tensor{"s" * (len(bad) != 1)}: {listed(bad)}. Training has '
             f'diverged: neither {saving or "the checkpoint"} nor its compact copy is written, and '
             f'the run stops here. {self._way_back(runner)}')
