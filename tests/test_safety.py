@@ -186,9 +186,7 @@ def coco_cfg(tmp_path, config=DIGITS_EXPANDNET):
         make_coco(str(root), num_images=4, size=64, class_names=DIGIT_NAMES)
     cfg = Config.fromfile(str(config))
     shrink_for_test(cfg, str(tmp_path / 'work'), f'{root}/', (64, 64), 1)
-    hooks = list(cfg.get('custom_hooks') or [])
-    if not any(hook.get('type') == 'ExpandNetCheckHook' for hook in hooks):
-        cfg.custom_hooks = hooks + [dict(type='ExpandNetCheckHook')]  # as tools/train.py does
+    load_tool('train').add_check_hook(cfg)  # as tools/train.py does, for Runner.from_cfg too
     return cfg
 
 
@@ -221,8 +219,7 @@ def _wrong_width(cfg, tmp_path):
 
 def _wrong_width_non_strict(cfg, tmp_path):
     _wrong_width(cfg, tmp_path)
-    cfg.custom_hooks = [dict(type='ExpandCheckpointLoadHook', strict=False)] + [
-        hook for hook in cfg.custom_hooks if hook['type'] != 'ExpandCheckpointLoadHook']
+    cfg.default_hooks.expand_load.strict = False
 
 
 def _coco_names(names):
