@@ -37,6 +37,7 @@ class PoisonHeadFactor(Hook):
             self.key = f'{path}.{name}'
 
 
+@pytest.mark.slow  # a Runner run or a tool's main
 @pytest.mark.parametrize('max_keep_ckpts', [-1, 1])
 def test_a_diverged_run_stops_at_the_save_naming_tensor_iteration_and_way_back(
         tmp_path, max_keep_ckpts):
@@ -103,6 +104,7 @@ def unsafe_env(monkeypatch):
     monkeypatch.setenv('TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD', '1')
 
 
+@pytest.mark.slow  # a Runner run or a tool's main
 @pytest.mark.parametrize('path', ['load_from', 'resume', 'auto-resume', 'pretrained'])
 def test_a_crafted_checkpoint_runs_nothing_on_any_load_path_of_a_run(tmp_path, unsafe_env,
                                                                      path):
@@ -126,6 +128,7 @@ def test_a_crafted_checkpoint_runs_nothing_on_any_load_path_of_a_run(tmp_path, u
     assert not marker.exists()
 
 
+@pytest.mark.slow  # a Runner run or a tool's main
 def test_a_crafted_teacher_or_later_registered_loader_runs_nothing(tmp_path, unsafe_env):
     """A distiller's local teacher file, and mmengine's load_checkpoint through a scheme
     registered after import (a loader that calls torch.load without weights_only)."""
@@ -149,6 +152,7 @@ def test_a_crafted_teacher_or_later_registered_loader_runs_nothing(tmp_path, uns
     assert not marker.exists()
 
 
+@pytest.mark.slow  # a Runner run or a tool's main
 def test_the_train_tool_refuses_a_crafted_file_in_one_line_and_warns_about_the_opt_out(
         tmp_path):
     cfg = tiny_cfg(tmp_path)
@@ -254,6 +258,7 @@ MISTAKES = {  # name: (config, edit, what the error line says)
 }
 
 
+@pytest.mark.slow  # a Runner run or a tool's main
 @pytest.mark.skipif(torch.cuda.is_available(), reason='AMP trains on a GPU')
 @pytest.mark.parametrize('mistake', sorted(MISTAKES))
 def test_each_mistake_ends_in_one_line_from_the_tool_and_from_the_runner(tmp_path, capsys,
@@ -268,6 +273,7 @@ def test_each_mistake_ends_in_one_line_from_the_tool_and_from_the_runner(tmp_pat
     assert not list((tmp_path / 'work').glob('*.pth'))
 
 
+@pytest.mark.slow  # a Runner run or a tool's main
 def test_voc_annotation_mistakes_end_in_one_line_from_the_tool(tmp_path, capsys):
     """A listed image without its XML file, and class names no object has (found before
     the dataset is built: mmdet would fail mid-build or train on empty images)."""
@@ -285,6 +291,7 @@ def test_voc_annotation_mistakes_end_in_one_line_from_the_tool(tmp_path, capsys)
            f"trainval.txt' have no annotation file, e.g. '{xml}'" in error
 
 
+@pytest.mark.slow  # a Runner run or a tool's main
 def test_voc_class_names_no_object_has_are_refused_by_the_runner_too(tmp_path):
     cfg = tiny_cfg(tmp_path)  # its datasets keep empty images, so they build
     for dataset in voc_datasets(cfg):
