@@ -74,8 +74,9 @@ def deployable_state_dict(model: nn.Module, state_dict: dict,
     return selected
 
 
-def _cpu_state_dict(module: nn.Module) -> dict:
-    return {k: v.detach().cpu() for k, v in module.state_dict().items()}
+def _on_cpu(state_dict: Mapping) -> dict:
+    """Detached CPU copies of a state dict's tensors (what a checkpoint file holds)."""
+    return {k: v.detach().cpu() for k, v in state_dict.items()}
 
 
 def _contract_network(expanded: nn.Module, probe_shape, rtol: float, verify: bool
@@ -90,7 +91,7 @@ def _contract_network(expanded: nn.Module, probe_shape, rtol: float, verify: boo
         except ContractionCheckError as err:  # not a probe that crashed: that keeps its trace
             raise ContractionCheckError(f'{err}; refusing to write a compact model that does '
                                         'not compute what the trained one does') from err
-    return _cpu_state_dict(compact), errors
+    return _on_cpu(compact.state_dict()), errors
 
 
 def _nothing_to_contract(deployable: nn.Module, prefix: str) -> None:
@@ -126,7 +127,7 @@ def contract_deployable(model: nn.Module, probe_shape=DEFAULT_PROBE_SHAPE, rtol:
     deployable, prefix = find_deployable(model)
     if not expanded_layers(deployable):
         _nothing_to_contract(deployable, prefix)
-        return _cpu_state_dict(deployable), None
+        return _on_cpu(deployable.state_dict()), None
     return _contract_network(deployable, probe_shape, rtol, verify)
 
 
@@ -165,7 +166,7 @@ def contract_state_dict(model: nn.Module, state_dict: dict, probe_shape=DEFAULT_
     if not expanded_layers(deployable):
         _nothing_to_contract(deployable, prefix)
         match_state_dict(deployable, state_dict, source=f'the {prefix!r} entries')
-        return {k: v.detach().cpu() for k, v in state_dict.items()}, None
+        return _on_cpu(state_dict), None
     expanded = copy.deepcopy(deployable)
     match_state_dict(expanded, state_dict)
     expanded.load_state_dict(state_dict, strict=True)
