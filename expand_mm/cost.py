@@ -1,18 +1,26 @@
-"""What a model costs: multiply-accumulates of one forward, and the input size a config tests at.
+"""What a model costs: multiply-accumulates of one forward, what expanding a layer adds, the
+training state's bytes, and the input size a config tests at.
 
 Used by the tools that report or compare training and deployment cost
-(``tools/benchmark.py``, ``tools/contract.py``); nothing here changes a model.
+(``tools/benchmark.py``, ``tools/contract.py``), by :func:`expand_mm.expand_model`'s memory
+check and by the budget planner (:mod:`expand_mm.budget`); nothing here changes a model.
 """
 from __future__ import annotations
 
 import copy
+import functools
+import os
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
 from torch import nn
 
 from .compat import type_name
-from .surgery import expanded_layers
+from .contraction import expanded_layers
+from .layers import ExpandConv2d, ExpandLinear
+
+FLOAT_BYTES = 4  # training runs in float32 (AMP keeps float32 master weights and state)
 
 
 def count_macs(model: nn.Module, img_size: Sequence[int]) -> int:
@@ -179,3 +187,177 @@ def _find_test_cfg(model_cfg: Any) -> Any:
             return found
     return None
 
+
+
+@dataclass(frozen=True)
+class LayerExpansionCost:
+    """What one layer costs in training form at one ratio (closed forms, nothing allocated).
+
+    Attributes:
+        params: Parameters of the layer's training form (the compact layer's at ratio 1).
+        composition_macs: Multiply-adds of composing its compact kernel once, what
+            online mode pays per training step on top of the compact layer, whatever
+            the batch and image size (0 at ratio 1).
+    """
+
+    params: int
+    composition_macs: int
+
+
+def layer_expansion_cost(module: nn.Module, strategy: str, ratio: int) -> LayerExpansionCost:
+    """:class:`LayerExpansionCost` of expanding the compact conv / linear ``module`` at ``ratio``.
+
+    The expanded layer is built on the ``meta`` device (shapes only, no memory),
+    so a ratio whose factors would not fit in memory can still be costed; its
+    parameters are counted and :meth:`~expand_mm.layers.ExpandedLayer.composition_macs`
+    counts the composition, as the benchmark does. Layers of the same shape share
+    one count.
+
+    Args:
+        module: A plain ``nn.Conv2d`` or ``nn.Linear``.
+        strategy: ``'cl'`` or ``'ck'`` for a conv (ignored for a linear layer).
+        ratio: Expansion ratio; 1 is the compact layer itself.
+    """
+    if ratio == 1:
+        return LayerExpansionCost(sum(p.numel() for p in module.parameters()), 0)
+    if isinstance(module, nn.Conv2d):
+        key = ('conv', module.in_channels, module.out_channels, module.kernel_size,
+               module.stride, module.padding, module.dilation, module.groups,
+               module.bias is not None, module.padding_mode, strategy, ratio)
+    else:
+        key = ('linear', module.in_features, module.out_features, module.bias is not None,
+               'fc', ratio)
+    return _expansion_cost_of_shape(key)
+
+
+@functools.lru_cache(maxsize=4096)
+def _expansion_cost_of_shape(key: tuple) -> LayerExpansionCost:
+    """The cost of an expanded layer given by its shape ``key`` (see :func:`layer_expansion_cost`)."""
+    if key[0] == 'conv':
+        (_, cin, cout, kernel, stride, padding, dilation, groups, bias, padding_mode,
+         strategy, ratio) = key
+        layer = ExpandConv2d(cin, cout, kernel, stride=stride, padding=padding,
+                             dilation=dilation, groups=groups, bias=bias,
+                             padding_mode=padding_mode, strategy=strategy, ratio=ratio,
+                             device='meta')
+    else:
+        _, cin, cout, bias, _, ratio = key
+        layer = ExpandLinear(cin, cout, bias=bias, ratio=ratio, device='meta')
+    return LayerExpansionCost(sum(p.numel() for p in layer.parameters()),
+                              int(layer.composition_macs()))
+
+
+@dataclass(frozen=True)
+class TrainingMemory:
+    """Bytes of a model's persistent training state, predicted from its parameter count.
+
+    Attributes:
+        params: Parameters (trainable or not).
+        param_bytes: The parameters and buffers.
+        grad_bytes: One gradient per trainable parameter (all exist when the optimizer steps).
+        optimizer_bytes: The optimizer's state (``optimizer_slots`` tensors per
+            trainable parameter: 1 for SGD with momentum, 2 for Adam / AdamW).
+        checkpoint_bytes: A training checkpoint (parameters, buffers, optimizer state).
+    """
+
+    params: int
+    param_bytes: int
+    grad_bytes: int
+    optimizer_bytes: int
+    checkpoint_bytes: int
+
+    @property
+    def total_bytes(self) -> int:
+        """Parameters, buffers, gradients and optimizer state: what training holds at least."""
+        return self.param_bytes + self.grad_bytes + self.optimizer_bytes
+
+
+def training_memory(params: int, trainable_params: int, buffer_elements: int,
+                    optimizer_slots: int = 1) -> TrainingMemory:
+    """:class:`TrainingMemory` of a float32 model with these element counts.
+
+    Args:
+        params: Parameters.
+        trainable_params: Those that need a gradient.
+        buffer_elements: Elements of the buffers (batch-norm statistics, ...).
+        optimizer_slots: Optimizer state tensors per trainable parameter.
+    """
+    param_bytes = (params + buffer_elements) * FLOAT_BYTES
+    optimizer_bytes = trainable_params * optimizer_slots * FLOAT_BYTES
+    return TrainingMemory(params=params, param_bytes=param_bytes,
+                          grad_bytes=trainable_params * FLOAT_BYTES,
+                          optimizer_bytes=optimizer_bytes,
+                          checkpoint_bytes=param_bytes + optimizer_bytes)
+
+
+def format_bytes(size: int) -> str:
+    """``size`` bytes in words: ``'512.0 MiB'``, ``'38.12 GiB'``."""
+    if size >= 1024 ** 3:
+        return f'{size / 1024 ** 3:,.2f} GiB'
+    return f'{size / 1024 ** 2:,.1f} MiB'
+
+
+def available_memory_bytes(device: torch.device | str) -> int | None:
+    """Free memory that tensors on ``device`` can take, or None where it cannot be read.
+
+    CUDA: the device's free memory (``torch.cuda.mem_get_info``); CPU: the
+    kernel's ``MemAvailable`` (``/proc/meminfo``), else the free physical pages.
+    """
+    device = torch.device(device)
+    if device.type == 'cuda':
+        return int(torch.cuda.mem_get_info(device)[0])
+    if device.type != 'cpu':
+        return None
+    try:
+        with open('/proc/meminfo') as f:
+            for line in f:
+                if line.startswith('MemAvailable:'):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf('SC_AVPHYS_PAGES') * os.sysconf('SC_PAGE_SIZE')
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def count_activation_bytes(model: nn.Module, img_size: Sequence[int]) -> int:
+    """Bytes of the outputs of every leaf module in one forward of one ``(3, H, W)`` image.
+
+    An estimate of what a training step keeps for the backward pass per image
+    (autograd saves roughly every intermediate output of convs, norms and
+    activations): outputs that share storage (in-place activations) count once.
+    Runs the model (``model(x)``, i.e. ``mode='tensor'`` for MMEngine models)
+    under ``no_grad`` in its current train / eval state; the model is not modified.
+
+    Args:
+        model: Any module taking a ``(1, 3, H, W)`` tensor.
+        img_size: ``(H, W)``.
+    """
+    kept: dict[int, torch.Tensor] = {}  # held so that no storage is reused during the count
+
+    def hook(module, args, out):
+        for tensor in _tensors(out):
+            kept.setdefault(tensor.untyped_storage().data_ptr(), tensor)
+
+    handles = [m.register_forward_hook(hook) for m in model.modules()
+               if not any(True for _ in m.children())]
+    param = next(model.parameters())
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, 3, *img_size, device=param.device, dtype=param.dtype))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return sum(t.untyped_storage().nbytes() for t in kept.values())
+
+
+def _tensors(value: Any) -> list[torch.Tensor]:
+    """The tensors in a module's output (a tensor, or nested tuples / lists / dicts)."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _tensors(v)]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in _tensors(v)]
+    return []

@@ -19,13 +19,17 @@ importable from here.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import difflib
 import fnmatch
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
+import torch
 from torch import nn
 
+from .cost import (LayerExpansionCost, TrainingMemory, available_memory_bytes,
+                   format_bytes, layer_expansion_cost, training_memory)
 from .errors import ConfigError
 from .layers import MODES, ExpandConv2d, ExpandedLayer, ExpandLinear
 from .layers.base import check_ratio
@@ -37,6 +41,10 @@ from .verification import (WEAK_PROBE_SENSITIVITY, ContractionCheckError,  # noq
                            check_layer_contractions, verify_contraction)
 
 STRATEGIES = ('cl', 'ck', 'auto')
+GIB = 1024 ** 3
+
+# Per-layer ratios: ``(pattern, ratio)`` rules, the first whose pattern matches a path wins.
+RatioRules = tuple[tuple[str, int], ...]
 
 # Names of the deferred-gradient engine, importable from here as well.
 _DEFERRED_GRADS_NAMES = ('deferral_unsupported_reason', 'discard_deferred_factor_grads')
@@ -68,6 +76,38 @@ def _patterns(key: str, patterns: Iterable[str] | str) -> tuple[str, ...]:
     return patterns
 
 
+def _specificity(pattern: str) -> int:
+    """How much of a path ``pattern`` fixes: its characters that are not wildcards."""
+    return sum(c not in '*?[]' for c in pattern)
+
+
+def _ratio_rules(ratio: Any) -> int | RatioRules:
+    """``ratio`` checked: one integer ratio, or per-layer ``(pattern, ratio)`` rules in match order.
+
+    A list of ``(pattern, ratio)`` pairs keeps its order (first match wins). A
+    mapping is ordered most specific pattern first (most non-wildcard characters;
+    ties by name), not by its key order: MMEngine sorts a dict's keys when it
+    dumps a config, so key order would not survive the ``config.py`` a run
+    writes into its work dir.
+    """
+    if isinstance(ratio, Mapping):
+        pairs = sorted(ratio.items(), key=lambda rule: (-_specificity(str(rule[0])), str(rule[0])))
+    elif isinstance(ratio, (list, tuple)):
+        pairs = list(ratio)
+    else:
+        return check_ratio(ratio, 'expand_model')
+    malformed = [p for p in pairs if not (isinstance(p, (list, tuple)) and len(p) == 2
+                                          and isinstance(p[0], str))]
+    if not pairs or malformed:
+        raise ConfigError(
+            f'expand_model: ratio={ratio!r} must be an integer, a mapping of module-path '
+            "patterns to ratios ({'backbone.stages.5.*': 2, '*': 4}) or a list of "
+            "(pattern, ratio) pairs ([('backbone.stages.5.*', 2), ('*', 4)]; first match wins)"
+            + (f'; {malformed[0]!r} is not a (pattern, ratio) pair' if malformed else ''))
+    return tuple((pattern, check_ratio(r, f'expand_model: ratio of pattern {pattern!r}'))
+                 for pattern, r in pairs)
+
+
 def _check_strategy(strategy: Any) -> None:
     if isinstance(strategy, str) and strategy.lower() in STRATEGIES and strategy not in STRATEGIES:
         raise ConfigError(f'expand_model: strategy={strategy!r}: the names are lower-case, '
@@ -85,8 +125,12 @@ class ExpansionSettings:
         strategy: ``'cl'`` (k×k → 1×1, k×k, 1×1), ``'ck'`` (odd k ≥ 5 → chain of
             3×3; a selected layer where CK is impossible is an error) or
             ``'auto'`` (CK where possible, CL otherwise).
-        ratio: Expansion ratio r ≥ 1 (integer). Read it per layer with
-            :meth:`ratio_for`.
+        ratio: Expansion ratio r ≥ 1 (integer), or per-layer ratios: a list of
+            ``(pattern, ratio)`` pairs over module paths (fnmatch globs, first match
+            wins) or a mapping ``{pattern: ratio}`` (the most specific pattern
+            wins: the one with most non-wildcard characters). A layer that no
+            pattern matches, or whose ratio is 1, stays compact. Kept as the int
+            or as the ordered pairs; read it per layer with :meth:`ratio_for`.
         mode: ``'online'`` (compose the kernel in ``forward``) or ``'explicit'``
             (run the chain on activations).
         include: Glob patterns over module paths (a string is one pattern; kept
@@ -97,10 +141,14 @@ class ExpansionSettings:
         expand_linear: Also expand ``nn.Linear`` layers (FC expansion).
         keep_weights: Choose factors so every expanded layer computes exactly what
             its compact layer did (for pretrained compact weights).
+        max_train_memory: Cap, in GiB, on the predicted training memory
+            (parameters, gradients, optimizer state); ``None``: the memory
+            available on the model's device when :func:`expand_model` runs.
 
     Raises:
         ConfigError: For an unknown strategy or mode, a ratio that is not an
-            integer ≥ 1, or a pattern that is not a string.
+            integer ≥ 1 (or malformed ratio rules), a pattern that is not a
+            string, or a cap that is not a positive number.
     """
 
     strategy: str = 'cl'
@@ -111,20 +159,42 @@ class ExpansionSettings:
     expand_1x1: bool = False
     expand_linear: bool = False
     keep_weights: bool = False
+    max_train_memory: float | None = None
 
     def __post_init__(self) -> None:
         _check_strategy(self.strategy)
-        check_ratio(self.ratio, 'expand_model')
+        if self.max_train_memory is not None and (
+                isinstance(self.max_train_memory, bool)
+                or not isinstance(self.max_train_memory, (int, float))
+                or not self.max_train_memory > 0):
+            raise ConfigError(f'expand_model: max_train_memory={self.max_train_memory!r} must '
+                              'be a positive number of GiB (or None: the available memory)')
         if self.mode not in MODES:
             raise ConfigError(f'expand_model: mode={self.mode!r} is not one of {MODES}')
         # Frozen: the normalised patterns are set past the dataclass's guard.
         if self.include is not None:
             object.__setattr__(self, 'include', _patterns('include', self.include))
         object.__setattr__(self, 'exclude', _patterns('exclude', self.exclude or ()))
+        object.__setattr__(self, 'ratio', _ratio_rules(self.ratio))
+
+    @property
+    def ratio_patterns(self) -> tuple[str, ...]:
+        """The patterns of per-layer ratio rules (none for one ratio)."""
+        return () if isinstance(self.ratio, int) else tuple(p for p, _ in self.ratio)
 
     def ratio_for(self, path: str) -> int:
-        """The expansion ratio of the layer at module path ``path``."""
-        return self.ratio
+        """The expansion ratio of the layer at module path ``path`` (1: it stays compact)."""
+        if isinstance(self.ratio, int):
+            return self.ratio
+        for pattern, ratio in self.ratio:
+            if path_matches(path, [pattern]) is not None:
+                return ratio
+        return 1
+
+    @property
+    def max_ratio(self) -> int:
+        """The largest ratio any layer gets."""
+        return self.ratio if isinstance(self.ratio, int) else max(r for _, r in self.ratio)
 
     def selects(self, path: str) -> bool:
         """Whether ``include`` / ``exclude`` select the layer at module path ``path``."""
@@ -143,6 +213,7 @@ class ExpandedLayerRecord:
         strategy: ``'cl'``, ``'ck'`` or ``'fc'``.
         compact_params: Parameters of the compact layer.
         expanded_params: Parameters of its expanded chain.
+        ratio: Its expansion ratio.
     """
 
     path: str
@@ -151,6 +222,7 @@ class ExpandedLayerRecord:
     strategy: str
     compact_params: int
     expanded_params: int
+    ratio: int = 0
 
 
 @dataclass
@@ -164,6 +236,10 @@ class ExpansionReport:
         model_params_after: Parameters of the whole model after expansion.
         settings: The settings the layers were expanded with; ``ratio`` and
             ``mode`` read from them.
+        predicted_memory: The training state predicted before any layer was built
+            (parameters, gradients, optimizer state, a training checkpoint).
+        plan: The budget plan that chose the ratios
+            (:class:`expand_mm.budget.BudgetPlan`), when a budget was given.
     """
 
     layers: list[ExpandedLayerRecord] = field(default_factory=list)
@@ -171,11 +247,22 @@ class ExpansionReport:
     model_params_before: int = 0
     model_params_after: int = 0
     settings: ExpansionSettings = field(default_factory=ExpansionSettings)
+    predicted_memory: TrainingMemory | None = None
+    plan: Any = None
 
     @property
-    def ratio(self) -> int:
-        """Expansion ratio used."""
+    def ratio(self) -> int | RatioRules:
+        """Expansion ratio used: one int, or the per-layer ``(pattern, ratio)`` rules."""
         return self.settings.ratio
+
+    @property
+    def ratio_summary(self) -> str:
+        """The ratios of the expanded layers in words, e.g. ``'4'`` or ``'2 (3 layers), 4 (9)'``."""
+        counts = collections.Counter(r.ratio for r in self.layers)
+        if len(counts) <= 1:
+            return str(next(iter(counts), self.settings.max_ratio))
+        return ', '.join(f'{ratio} ({n} layer{"s" * (n != 1)})'
+                         for ratio, n in sorted(counts.items()))
 
     @property
     def mode(self) -> str:
@@ -199,10 +286,13 @@ class ExpansionReport:
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-friendly summary (used in logs and benchmark files)."""
+        memory = self.predicted_memory
         return dict(
             num_expanded=len(self.layers),
-            ratio=self.ratio,
+            ratio=self.ratio if isinstance(self.ratio, int) else [list(r) for r in self.ratio],
             mode=self.mode,
+            predicted_memory=None if memory is None else dict(
+                memory.__dict__, total_bytes=memory.total_bytes),
             model_params_before=self.model_params_before,
             model_params_after=self.model_params_after,
             param_ratio=self.param_ratio,
@@ -211,20 +301,28 @@ class ExpansionReport:
         )
 
     def __str__(self) -> str:
-        rows = [('layer', 'shape', 'strategy', 'compact', 'expanded')]
-        rows += [(r.path, r.shape, r.strategy, f'{r.compact_params:,}',
+        rows = [('layer', 'shape', 'strategy', 'ratio', 'compact', 'expanded')]
+        rows += [(r.path, r.shape, r.strategy, str(r.ratio), f'{r.compact_params:,}',
                   f'{r.expanded_params:,}') for r in self.layers]
-        widths = [max(len(row[i]) for row in rows) for i in range(5)]
+        widths = [max(len(row[i]) for row in rows) for i in range(6)]
         lines = ['  '.join(c.ljust(w) if i < 3 else c.rjust(w)
                            for i, (c, w) in enumerate(zip(row, widths)))
                  for row in rows]
         lines.insert(1, '-' * len(lines[0]))
         lines.append(
             f'{len(self.layers)} layer{"s" * (len(self.layers) != 1)} expanded (ratio '
-            f'{self.ratio}, {self.mode}): '
+            f'{self.ratio_summary}, {self.mode}): '
             f'{self.compact_params:,} -> {self.expanded_params:,} params in those layers; '
             f'model {self.model_params_before:,} -> {self.model_params_after:,} '
             f'({self.param_ratio:.2f}x)')
+        if self.predicted_memory is not None:
+            memory = self.predicted_memory
+            lines.append(
+                f'predicted training state: {format_bytes(memory.total_bytes)} (parameters and '
+                f'buffers {format_bytes(memory.param_bytes)}, gradients '
+                f'{format_bytes(memory.grad_bytes)}, optimizer state '
+                f'{format_bytes(memory.optimizer_bytes)}); a training checkpoint '
+                f'{format_bytes(memory.checkpoint_bytes)}')
         if self.skipped:
             reasons = collections.Counter(reason for _, reason in self.skipped)
             lines.append(f'{len(self.skipped)} candidate layer'
@@ -452,7 +550,8 @@ def _survey(model: nn.Module, settings: ExpansionSettings) -> _Survey:
 
 def _refuse_unmatched_patterns(survey: _Survey, settings: ExpansionSettings) -> None:
     """Refuse an include / exclude pattern that matches no candidate (a typo, usually)."""
-    for kind, patterns in (('include', settings.include or ()), ('exclude', settings.exclude)):
+    for kind, patterns in (('include', settings.include or ()), ('exclude', settings.exclude),
+                           ('ratio', settings.ratio_patterns)):
         for pattern in patterns:
             if not any(path_matches(p, [pattern]) for p, _ in survey.candidates):
                 raise _unmatched_pattern_error(kind, pattern, survey.module_types,
@@ -486,17 +585,22 @@ def _empty_selection_error(survey: _Survey, settings: ExpansionSettings) -> Conf
 
 
 def _select(survey: _Survey, settings: ExpansionSettings) -> list[tuple[str, nn.Module]]:
-    """The candidates that include / exclude select; the others join ``survey.skipped``.
+    """The candidates that include / exclude select at a ratio above 1; the others join
+    ``survey.skipped``.
 
     Raises:
         ConfigError: For a pattern that matches no candidate, a selected layer
             the strategy cannot expand, or an empty selection.
     """
     _refuse_unmatched_patterns(survey, settings)
-    selected = [(p, m) for p, m in survey.candidates if settings.selects(p)]
-    for path, _ in survey.candidates:
+    selected = []
+    for path, module in survey.candidates:
         if not settings.selects(path):
             survey.skipped[path] = 'not selected by include/exclude'
+        elif settings.ratio_for(path) == 1:
+            survey.skipped[path] = 'ratio 1 (per-layer ratios leave it compact)'
+        else:
+            selected.append((path, module))
     _refuse_impossible_strategy(selected, settings)
     if not selected:
         raise _empty_selection_error(survey, settings)
@@ -525,6 +629,98 @@ def _expanded_twin(path: str, module: nn.Module,
     return new, record
 
 
+def select_layers(model: nn.Module, settings: ExpansionSettings
+                  ) -> tuple[list[tuple[str, nn.Module]], dict[str, str]]:
+    """The layers :func:`expand_model` would expand with ``settings``, and why the others stay
+    compact (by path); nothing is changed.
+
+    Raises:
+        ConfigError: As :func:`expand_model` does for the patterns, the strategy
+            or an empty selection.
+    """
+    _refuse_uninitialised_lazy_modules(model)
+    survey = _survey(model, settings)
+    selected = _select(survey, settings)
+    return selected, survey.skipped
+
+
+def layer_strategy(module: nn.Module, settings: ExpansionSettings) -> str:
+    """The chain a selected layer gets: ``'cl'`` / ``'ck'`` for a conv, ``'fc'`` for a linear."""
+    return _conv_strategy(module, settings.strategy) if isinstance(module, nn.Conv2d) else 'fc'
+
+
+def selected_layer_cost(module: nn.Module, settings: ExpansionSettings,
+                        ratio: int) -> LayerExpansionCost | None:
+    """:func:`~expand_mm.cost.layer_expansion_cost` of a selected layer, or None for a kind of
+    layer that has no closed form (it is then predicted at its compact size)."""
+    if not isinstance(module, (nn.Conv2d, nn.Linear)):
+        return None
+    return layer_expansion_cost(module, layer_strategy(module, settings), ratio)
+
+
+def predict_training_memory(model: nn.Module, selected: list[tuple[str, nn.Module]],
+                            ratios: Callable[[str], int],
+                            settings: ExpansionSettings,
+                            optimizer_slots: int = 1) -> TrainingMemory:
+    """The training state of ``model`` once ``selected`` are expanded, before building any.
+
+    Args:
+        model: The compact model.
+        selected: ``(path, module)`` of the layers to expand (:func:`select_layers`).
+        ratios: The ratio of each selected path.
+        settings: The expansion settings (strategy per layer).
+        optimizer_slots: Optimizer state tensors per trainable parameter (1: SGD
+            with momentum, 2: Adam / AdamW).
+    """
+    params = trainable = 0
+    for param in model.parameters():
+        params += param.numel()
+        trainable += param.numel() if param.requires_grad else 0
+    for path, module in selected:
+        cost = selected_layer_cost(module, settings, ratios(path))
+        if cost is None:
+            continue
+        added = cost.params - count_params(module)
+        params += added
+        trainable += added if any(p.requires_grad for p in module.parameters()) else 0
+    buffers = sum(b.numel() for b in model.buffers())
+    return training_memory(params, trainable, buffers, optimizer_slots)
+
+
+def _memory_cap(model: nn.Module, settings: ExpansionSettings) -> tuple[int | None, str]:
+    """Bytes the predicted training state may take, and where that figure comes from."""
+    if settings.max_train_memory is not None:
+        return int(settings.max_train_memory * GIB), 'max_train_memory'
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device('cpu')
+    return available_memory_bytes(device), f'memory available on {device}'
+
+
+def _refuse_beyond_memory(model: nn.Module, selected: list[tuple[str, nn.Module]],
+                          settings: ExpansionSettings, predicted: TrainingMemory,
+                          optimizer_slots: int) -> None:
+    """Refuse, before any layer is built, an expansion whose training state would not fit,
+    naming the largest uniform ratio that would."""
+    cap, source = _memory_cap(model, settings)
+    if cap is None or predicted.total_bytes <= cap:
+        return
+    fits = None
+    for ratio in range(settings.max_ratio - 1, 1, -1):
+        smaller = predict_training_memory(
+            model, selected, lambda path, r=ratio: min(r, settings.ratio_for(path)), settings,
+            optimizer_slots)
+        if smaller.total_bytes <= cap:
+            fits = (ratio, smaller)
+            break
+    raise ConfigError(
+        f'expand_model: the expanded model would need about {format_bytes(predicted.total_bytes)} '
+        f'to train ({predicted.params:,} parameters, their gradients and optimizer state; '
+        f'activations come on top), more than the {format_bytes(cap)} of {source}; '
+        + (f'ratio={fits[0]} would fit (about {format_bytes(fits[1].total_bytes)})'
+           if fits else 'no ratio >= 2 fits: expand fewer layers (exclude=[...])')
+        + ', or raise max_train_memory (GiB).')
+
+
 def _module_aliases(model: nn.Module) -> dict[int, list[str]]:
     """Every path of each submodule, by ``id`` (a shared module has several)."""
     aliases: dict[int, list[str]] = {}
@@ -549,27 +745,33 @@ def _settings_of_call(settings: ExpansionSettings | None, **options: Any) -> Exp
 
 def expand_model(model: nn.Module,
                  strategy: str = 'cl',
-                 ratio: int = 4,
+                 ratio: int | Mapping[str, int] | Sequence[tuple[str, int]] = 4,
                  mode: str = 'online',
                  include: Iterable[str] | None = None,
                  exclude: Iterable[str] | None = None,
                  expand_1x1: bool = False,
                  expand_linear: bool = False,
                  keep_weights: bool = False,
+                 max_train_memory: float | None = None,
                  *,
-                 settings: ExpansionSettings | None = None) -> ExpansionReport:
+                 settings: ExpansionSettings | None = None,
+                 budget: Any = None) -> ExpansionReport:
     """Replace the selected conv / linear layers of ``model`` by expanded chains.
 
     Works in place, so call it before the optimizer collects parameters. The
     options are those of :class:`ExpansionSettings`: give them as keywords or
-    as one ``settings`` object, not both.
+    as one ``settings`` object, not both. Before any layer is built, the training
+    state (parameters, gradients, optimizer state) is predicted and checked
+    against ``max_train_memory`` or the memory available.
 
     Args:
         model: Any module (an mmdet detector, an mmseg segmentor, a plain net).
         strategy: ``'cl'`` (k×k → 1×1, k×k, 1×1), ``'ck'`` (odd k ≥ 5 → chain of
             3×3; a selected layer where CK is impossible is an error) or
             ``'auto'`` (CK where possible, CL otherwise).
-        ratio: Expansion ratio r ≥ 1 (integer).
+        ratio: Expansion ratio r ≥ 1 (integer), or per-layer ratios: a list of
+            ``(pattern, ratio)`` pairs (first match wins) or a mapping (most
+            specific pattern wins); see :class:`ExpansionSettings`.
         mode: ``'online'`` (compose the kernel in ``forward``) or ``'explicit'``
             (run the chain on activations).
         include: Glob patterns over module paths (a string is one pattern); a
@@ -580,7 +782,12 @@ def expand_model(model: nn.Module,
         expand_linear: Also expand ``nn.Linear`` layers (FC expansion).
         keep_weights: Choose factors so every expanded layer computes exactly what
             its compact layer did (for pretrained compact weights).
+        max_train_memory: Cap in GiB on the predicted training state (default:
+            the memory available on the model's device).
         settings: All of the above in one object, instead of the keywords.
+        budget: A :class:`expand_mm.budget.Budget` (or its dict): the per-layer
+            ratios are planned to keep the predicted training cost within it
+            (:func:`expand_mm.budget.plan_expansion`), instead of ``ratio``.
 
     Returns:
         An :class:`ExpansionReport` listing every expanded layer.
@@ -588,24 +795,36 @@ def expand_model(model: nn.Module,
     Raises:
         ConfigError: For an unknown strategy / mode, a bad ratio, a pattern that
             matches no expandable layer (naming the nearest module paths), a
-            layer that cannot take the requested strategy, or ``settings``
-            given together with keywords.
+            layer that cannot take the requested strategy, ``settings``
+            given together with keywords, a predicted training state beyond the
+            memory cap (naming the largest ratio that fits), or a budget that
+            no expansion meets.
     """
     settings = _settings_of_call(
         settings, strategy=strategy, ratio=ratio, mode=mode, include=include,
         exclude=exclude, expand_1x1=expand_1x1, expand_linear=expand_linear,
-        keep_weights=keep_weights)
-    _refuse_uninitialised_lazy_modules(model)
-    report = ExpansionReport(model_params_before=count_params(model), settings=settings)
+        keep_weights=keep_weights, max_train_memory=max_train_memory)
+    plan = None
+    optimizer_slots = 1  # SGD with momentum, unless a budget says otherwise
+    if budget is not None:
+        from .budget import plan_expansion  # the planner builds on this module
+        plan = plan_expansion(model, settings, budget)
+        settings = dataclasses.replace(settings, ratio=plan.ratio_rules)
+        optimizer_slots = plan.budget.optimizer_slots
+    selected, skipped = select_layers(model, settings)
+    predicted = predict_training_memory(model, selected, settings.ratio_for, settings,
+                                        optimizer_slots)
+    _refuse_beyond_memory(model, selected, settings, predicted, optimizer_slots)
+    report = ExpansionReport(model_params_before=count_params(model), settings=settings,
+                             predicted_memory=predicted, plan=plan)
     aliases = _module_aliases(model)
-    survey = _survey(model, settings)
-    for path, module in _select(survey, settings):
+    for path, module in selected:
         new, record = _expanded_twin(path, module, settings)
         # A module shared by several paths stays shared: every path gets the new layer.
         for alias in aliases.get(id(module), [path]):
             replace_submodule(model, alias, new)
-        report.layers.append(record)
-    report.skipped = sorted(survey.skipped.items())
+        report.layers.append(dataclasses.replace(record, ratio=settings.ratio_for(path)))
+    report.skipped = sorted(skipped.items())
     report.model_params_after = count_params(model)
     return report
 

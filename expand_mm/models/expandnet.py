@@ -35,7 +35,8 @@ from .deployable import (compact_model_cfg, declares_deployable_cfg,  # noqa: F4
 from .model_cfg import API_MODEL_KEYS, apply_data_preprocessor, check_model_overrides
 
 EXPANDNET_KEYS = ('strategy', 'ratio', 'mode', 'include', 'exclude', 'expand_1x1',
-                  'expand_linear', 'keep_weights', 'init', 'defer_factor_grads')
+                  'expand_linear', 'keep_weights', 'init', 'defer_factor_grads', 'budget',
+                  'max_train_memory')
 
 
 def _pretrained_paths(model: nn.Module) -> list[str]:
@@ -52,7 +53,7 @@ def _pretrained_paths(model: nn.Module) -> list[str]:
 @declares_deployable_cfg(lambda cfg: cfg['model'])
 def build_expandnet(model: dict | None = None,
                     strategy: str = 'cl',
-                    ratio: int = 4,
+                    ratio: int | dict[str, int] | Sequence[tuple[str, int]] = 4,
                     mode: str = 'online',
                     include: Sequence[str] | None = None,
                     exclude: Sequence[str] | None = None,
@@ -61,6 +62,8 @@ def build_expandnet(model: dict | None = None,
                     keep_weights: bool | Sequence[str] = False,
                     init: str = 'fresh',
                     defer_factor_grads: bool = True,
+                    budget: dict | None = None,
+                    max_train_memory: float | None = None,
                     data_preprocessor: dict | None = None,
                     **model_overrides: Any) -> nn.Module:
     """Build the compact model from ``model`` and expand it in place.
@@ -75,7 +78,9 @@ def build_expandnet(model: dict | None = None,
         model: Config of the stock compact model (e.g. ``{{_base_.model}}``).
         strategy: ``'cl'``, ``'ck'`` or ``'auto'`` (see
             :func:`expand_mm.expand_model`).
-        ratio: Expansion ratio (the paper uses 4).
+        ratio: Expansion ratio (the paper uses 4), or per-layer ratios: a list of
+            ``(pattern, ratio)`` pairs (first match wins) or a mapping (most specific
+            pattern wins; see :class:`expand_mm.surgery.ExpansionSettings`).
         mode: ``'online'`` (default, near-compact training cost) or ``'explicit'``.
         include: Glob patterns of module paths to expand (default: all).
         exclude: Glob patterns of module paths to leave compact.
@@ -97,6 +102,14 @@ def build_expandnet(model: dict | None = None,
             training runs the wrapper's train step, not the model's: use
             ``model_wrapper_cfg=dict(type='ExpandNetDistributedDataParallel')``
             (the stock ``MMDistributedDataParallel`` keeps plain autograd).
+        budget: ``dict(train_step=1.10, train_memory=1.10, batch_size=...,
+            img_size=(H, W), ratios=(1, 2, 4))``: the per-layer ratios are
+            planned so that the predicted training cost stays within these ratios
+            to the compact model's (see :mod:`expand_mm.budget`); give the
+            config's training batch size and input size (e.g.
+            ``batch_size={{_base_.train_dataloader.batch_size}}``). Replaces ``ratio``.
+        max_train_memory: Cap in GiB on the predicted training state (parameters,
+            gradients, optimizer state); default: the memory available.
         data_preprocessor: Given to the compact model when its config has none
             (MMEngine's Runner adds the config's top-level ``data_preprocessor``
             to the model dict it builds); one without a ``type`` changes those
@@ -152,14 +165,17 @@ def build_expandnet(model: dict | None = None,
         keep = list(keep_weights or []) + _pretrained_paths(compact)
     report = expand_model(compact, strategy=strategy, ratio=ratio, mode=mode,
                           include=include, exclude=exclude, expand_1x1=expand_1x1,
-                          expand_linear=expand_linear)
+                          expand_linear=expand_linear, max_train_memory=max_train_memory,
+                          budget=budget)
+    ratio = report.settings.ratio  # the budget plan's per-layer ratios, when it chose them
     _check_keep_patterns_match(compact, keep_weights)
     _check_kept_layers_factorise_exactly(compact, keep, ratio)
     compact.expandnet_cfg = dict(strategy=strategy, ratio=ratio, mode=mode, include=include,
                                  exclude=exclude, expand_1x1=expand_1x1,
                                  expand_linear=expand_linear, keep_weights=keep_weights,
                                  init=init, keep_paths=keep,
-                                 defer_factor_grads=defer_factor_grads)
+                                 defer_factor_grads=defer_factor_grads, budget=budget,
+                                 max_train_memory=max_train_memory)
     compact.expansion_report = report
     if isinstance(compact, BaseModule):
         compact.init_weights = functools.partial(init_expanded_weights, compact)
