@@ -232,7 +232,7 @@ def layer_expansion_cost(module: nn.Module, strategy: str, ratio: int) -> LayerE
 
 @functools.lru_cache(maxsize=4096)
 def _expansion_cost_of_shape(key: tuple) -> LayerExpansionCost:
-    """The cost of an expanded layer given by its shape ``key`` (see :func:`layer_expansion_cost`)."""
+    """The cost of the expanded layer that ``key`` describes (see :func:`layer_expansion_cost`)."""
     if key[0] == 'conv':
         (_, cin, cout, kernel, stride, padding, dilation, groups, bias, padding_mode,
          strategy, ratio) = key
