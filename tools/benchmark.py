@@ -1,6 +1,7 @@
 """Benchmark an ExpandNet config: training cost, inference cost, contraction, size.
 
     python tools/benchmark.py [CONFIG] [--batch-size 8] [--img-size 320 [320]]
+                              [--budget STEP [MEMORY]]
                               [--iters 10] [--explicit-iters N] [--warmup 2]
                               [--device cpu|cuda] [--threads N] [--out JSON]
                               [--cfg-options KEY=VALUE ...]
@@ -39,6 +40,12 @@ larger of the compact step's peak and the online gradients (every factor's
 gradient exists when the optimizer steps), and by MACs the online step costs
 the compact forward plus one composition of every kernel.
 
+With ``--budget`` (or a config whose ExpandNet has a ``budget``) the ExpandNet
+measured is the planned one (:mod:`expand_mm.budget`), at the config's training
+batch size and input size unless ``--batch-size`` / ``--img-size`` say
+otherwise, and the plan's predicted step-time and peak-memory ratios are printed
+beside the measured ones.
+
 A table with every figure and its ratio to the compact model is printed, and
 everything is written as JSON to ``--out`` (default
 ``work_dirs/benchmark/<config stem>.json``).
@@ -70,6 +77,7 @@ import expand_mm  # noqa: E402
 from expand_mm.cli import DefaultsHelpFormatter, run_tool  # noqa: E402
 from expand_mm.cost import count_macs, count_training_macs  # noqa: E402
 from expand_mm.models import deployable_model_cfg  # noqa: E402
+from expand_mm.models.expandnet import config_training_settings  # noqa: E402
 from expand_mm.probe import probe_forward  # noqa: E402
 from expand_mm.surgery import count_params, expanded_layers, set_expand_mode  # noqa: E402
 from mmengine.config import Config, DictAction  # noqa: E402
@@ -94,9 +102,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         formatter_class=DefaultsHelpFormatter)
     parser.add_argument('config', nargs='?', default=DEFAULT_CONFIG,
                         help='ExpandNet config (model.type == "ExpandNet")')
-    parser.add_argument('--batch-size', type=int, default=8)
-    parser.add_argument('--img-size', type=int, nargs='+', default=[320],
-                        metavar='S', help='square size S, or H W')
+    parser.add_argument('--batch-size', type=int, default=None,
+                        help='default: 8, or with a budget the config\'s training batch size')
+    parser.add_argument('--img-size', type=int, nargs='+', default=None,
+                        metavar='S', help='square size S, or H W (default: 320, or with a '
+                        'budget the config\'s training input size)')
+    parser.add_argument('--budget', type=float, nargs='+', default=None, metavar='RATIO',
+                        help='measure the ExpandNet planned for this budget: STEP [MEMORY], '
+                        'the largest step-time and peak-memory ratios to the compact model '
+                        '(one value: both); the config\'s own model.budget is used when '
+                        'this is not given')
     parser.add_argument('--iters', type=int, default=10,
                         help='timed rounds (each runs every variant once)')
     parser.add_argument('--explicit-iters', type=int, default=None,
@@ -120,14 +135,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         '"model.ratio=2" or "model.exclude=[backbone.stage4.*]" (recorded '
                         'in the JSON)')
     args = parser.parse_args(argv)
-    if len(args.img_size) == 1:
+    if args.img_size is not None and len(args.img_size) == 1:
         args.img_size = args.img_size * 2
-    if len(args.img_size) != 2:
+    if args.img_size is not None and len(args.img_size) != 2:
         parser.error(f'--img-size takes S or H W, got {args.img_size}')
+    if args.budget is not None and len(args.budget) > 2:
+        parser.error(f'--budget takes STEP [MEMORY], got {args.budget}')
     if args.explicit_iters is None:
         args.explicit_iters = args.iters
     for key in ('batch_size', 'iters'):
-        if getattr(args, key) < 1:
+        if getattr(args, key) is not None and getattr(args, key) < 1:
             parser.error(f'--{key.replace("_", "-")} must be >= 1')
     if args.explicit_iters < 0:
         parser.error('--explicit-iters must be >= 0 (0: skip the explicit train step)')
@@ -194,6 +211,32 @@ def _fit_preprocessor(model_cfg: dict, img_size: tuple[int, int]) -> None:
         pre['size'] = tuple(img_size)
     if isinstance(pre, dict) and pre.get('batch_augments'):
         pre['batch_augments'] = None
+
+
+def apply_budget(cfg: Config, args: argparse.Namespace) -> bool:
+    """Settle the batch size and input size, and the budget the ExpandNet is planned for.
+
+    ``--budget`` replaces the config's ``model.budget`` limits (keeping its
+    allowed ratios). With a budget, the batch size and input size default to the
+    config's training ones (:func:`expand_mm.models.expandnet.config_training_settings`),
+    and the budget is planned at the benchmark's batch size and input size, so
+    that the prediction and the measurement are of the same step. Without one
+    they default to 8 and 320x320. Returns whether a budget is measured.
+    """
+    budget = dict(cfg.model.get('budget') or {})
+    if args.budget is not None:
+        step, memory = (args.budget * 2)[:2]
+        budget.update(train_step=step, train_memory=memory)
+    if not budget:
+        args.batch_size = args.batch_size or 8
+        args.img_size = args.img_size or [320, 320]
+        return False
+    batch_size, img_size = config_training_settings(cfg)
+    args.batch_size = args.batch_size or batch_size
+    args.img_size = list(args.img_size or img_size)
+    budget.update(batch_size=args.batch_size, img_size=tuple(args.img_size))
+    cfg.model['budget'] = budget
+    return True
 
 
 def build_models(cfg: Config, img_size: tuple[int, int], device: torch.device,
@@ -510,6 +553,37 @@ def build_figures(train: dict, memory: dict, infer: dict, contract: dict,
     return rows
 
 
+def budget_check(plan: Any, ratio: dict, memory: dict) -> dict[str, Any]:
+    """The plan's predicted ratios beside the measured ones (``ratio``: the figures' ratios)."""
+    measured = dict(train_step=ratio[('train_step_time', 'online')],
+                    train_step_cpu=ratio.get(('train_step_cpu_time', 'online')),
+                    train_memory=ratio[('train_peak_memory', 'online')],
+                    compact_step_peak_mib=memory['compact']['step_peak_mib'],
+                    compact_peak_mib=memory['compact']['peak_mib'])
+    predicted = dict(train_step=plan.train_step, train_memory=plan.train_memory,
+                     compact_step_peak_mib=plan.compact.step_peak_bytes / MIB,
+                     compact_peak_mib=plan.compact.peak_bytes / MIB)
+    return dict(budget=dict(train_step=plan.budget.train_step,
+                            train_memory=plan.budget.train_memory),
+                predicted=predicted, measured=measured,
+                ratios={layer.path: layer.ratio for layer in plan.layers})
+
+
+def format_budget_check(check: dict[str, Any]) -> str:
+    """Lines of predicted vs measured ratios for :func:`budget_check`'s result."""
+    predicted, measured, budget = check['predicted'], check['measured'], check['budget']
+    cpu = (f' (cpu time {measured["train_step_cpu"]:.3f}x)'
+           if measured.get('train_step_cpu') is not None else '')
+    return '\n'.join([
+        f'budget train_step <= {budget["train_step"]}: predicted {predicted["train_step"]:.3f}x, '
+        f'measured {measured["train_step"]:.3f}x{cpu}',
+        f'budget train_memory <= {budget["train_memory"]}: predicted '
+        f'{predicted["train_memory"]:.3f}x, measured {measured["train_memory"]:.3f}x',
+        f'  compact peak predicted {predicted["compact_peak_mib"]:,.1f} MiB, measured '
+        f'{measured["compact_peak_mib"]:,.1f} MiB (step peak: {predicted["compact_step_peak_mib"]:,.1f}'
+        f' / {measured["compact_step_peak_mib"]:,.1f} MiB)'])
+
+
 def _fmt(value: float, unit: str) -> str:
     if unit == 'count':
         return f'{value / 1e6:,.3f} M'
@@ -536,8 +610,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    img_size = tuple(args.img_size)
     command = ' '.join(shlex.quote(a) for a in [sys.executable] + sys.argv)
+    cfg = load_config(args.config, args.cfg_options)
+    budgeted = apply_budget(cfg, args)
+    img_size = tuple(args.img_size)
     env = environment(device)
     print(f'command: {command}')
     print('env: ' + ', '.join(f'{k}={v}' for k, v in env.items()))
@@ -546,7 +622,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
               'other processes compete for the CPU; timings will be noisy (--threads 1 '
               'suffers least)')
 
-    cfg = load_config(args.config, args.cfg_options)
     logger = MMLogger.get_current_instance()
     level = logger.level
     # The builder logs the whole per-layer expansion table; one line is enough here.
@@ -556,8 +631,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         logger.setLevel(level)
     report = expanded.expansion_report
+    if report.plan is not None:
+        print(report.plan)
     print(f'{len(report.layers)} layers expanded ({cfg.model.get("strategy", "cl")}, '
-          f'r={report.ratio}): {report.model_params_before:,} -> '
+          f'r={report.ratio_summary}): {report.model_params_before:,} -> '
           f'{report.model_params_after:,} params')
     data = make_batch(compact, args.batch_size, img_size, args.seed)
 
@@ -642,7 +719,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                       seed=args.seed, cfg_options=args.cfg_options),
         memory_measure=memory_measure + '; plus persistent state (parameters, buffers, '
         'optimizer state)',
-        expansion=dict(num_layers=len(report.layers), ratio=report.ratio,
+        budget=budget_check(report.plan, ratio, memory) if budgeted else None,
+        expansion=dict(num_layers=len(report.layers), ratio=report.ratio_summary,
                        strategy=cfg.model.get('strategy', 'cl'),
                        params_before=report.model_params_before,
                        params_after=report.model_params_after),
@@ -676,6 +754,8 @@ def main(argv: list[str] | None = None) -> int:
           'gradients); train time ~ '
           f'{t["online_train_time"]["floor_by_macs"]:.3f}x by MACs (compact forward + one '
           'composition per step)')
+    if result['budget'] is not None:
+        print(format_budget_check(result['budget']))
     os.makedirs(osp.dirname(osp.abspath(args.out)), exist_ok=True)
     with open(args.out, 'w') as f:
         json.dump(result, f, indent=1)

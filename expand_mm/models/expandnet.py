@@ -25,13 +25,15 @@ from mmengine.model import BaseModule
 from mmengine.registry import MODELS
 from torch import nn
 
+from ..cost import config_input_size
 from ..errors import ConfigError
 from ..layers import ExpandConv2d
 from ..layers import deferral_unsupported_reason, deferred_factor_grads
 from ..surgery import (ExpansionReport, expand_model, expanded_layers,
                        path_matches, replace_submodule)
 from .deployable import (compact_model_cfg, declares_deployable_cfg,  # noqa: F401
-                         deferring_expandnet, deployable_model, wraps_a_model)
+                         deferring_expandnet, deployable_model, deployable_model_cfg,
+                         wraps_a_model)
 from .model_cfg import API_MODEL_KEYS, apply_data_preprocessor, check_model_overrides
 
 EXPANDNET_KEYS = ('strategy', 'ratio', 'mode', 'include', 'exclude', 'expand_1x1',
@@ -286,3 +288,29 @@ def train_step_deferring_factor_grads(model: nn.Module, data: Any, optim_wrapper
 def expansion_report(model: nn.Module) -> ExpansionReport | None:
     """The :class:`ExpansionReport` attached to an ExpandNet, if any."""
     return getattr(deployable_model(model), 'expansion_report', None)
+
+
+def config_training_settings(cfg: Any) -> tuple[int, tuple[int, int]]:
+    """``(batch_size, (H, W))`` a config trains at, for a budget that does not give them.
+
+    The batch size is ``train_dataloader.batch_size`` (per device). The input
+    size is the data preprocessor's ``size`` (mmseg pads every batch to its
+    training crop) when the model config has one, else the test input size
+    (:func:`expand_mm.cost.config_input_size`; detectors train at about the
+    size they test at).
+
+    Raises:
+        ConfigError: If either cannot be read from the config.
+    """
+    batch_size = (cfg.get('train_dataloader') or {}).get('batch_size')
+    preprocessor = deployable_model_cfg(cfg.model).get('data_preprocessor') or {}
+    size = preprocessor.get('size') if isinstance(preprocessor, dict) else None
+    if size is None:
+        found = config_input_size(cfg)
+        size = found[0] if found else None
+    if not isinstance(batch_size, int) or size is None:
+        raise ConfigError(
+            'budget: cannot read the training batch size (train_dataloader.batch_size) and '
+            'input size (data_preprocessor.size or the test pipeline Resize) from the config; '
+            'give budget batch_size=... and img_size=(H, W)')
+    return batch_size, (int(size[0]), int(size[1]))
