@@ -220,31 +220,46 @@ def layer_expansion_cost(module: nn.Module, strategy: str, ratio: int) -> LayerE
     """
     if ratio == 1:
         return LayerExpansionCost(sum(p.numel() for p in module.parameters()), 0)
+    return LayerExpansionCost(expanded_params(module, strategy, ratio),
+                              _composition_macs_of_shape(_shape_key(module, strategy, ratio)))
+
+
+def expanded_params(module: nn.Module, strategy: str, ratio: int) -> int:
+    """Parameters of the compact conv / linear ``module`` expanded at ``ratio`` (nothing
+    allocated; the cheap half of :func:`layer_expansion_cost`)."""
+    if ratio == 1:
+        return sum(p.numel() for p in module.parameters())
+    layer = _meta_expanded_layer(_shape_key(module, strategy, ratio))
+    return sum(p.numel() for p in layer.parameters())
+
+
+def _shape_key(module: nn.Module, strategy: str, ratio: int) -> tuple:
+    """What an expanded layer's costs depend on: its compact shape, strategy and ratio."""
     if isinstance(module, nn.Conv2d):
-        key = ('conv', module.in_channels, module.out_channels, module.kernel_size,
-               module.stride, module.padding, module.dilation, module.groups,
-               module.bias is not None, module.padding_mode, strategy, ratio)
-    else:
-        key = ('linear', module.in_features, module.out_features, module.bias is not None,
-               'fc', ratio)
-    return _expansion_cost_of_shape(key)
+        return ('conv', module.in_channels, module.out_channels, module.kernel_size,
+                module.stride, module.padding, module.dilation, module.groups,
+                module.bias is not None, module.padding_mode, strategy, ratio)
+    return ('linear', module.in_features, module.out_features, module.bias is not None, ratio)
 
 
-@functools.lru_cache(maxsize=4096)
-def _expansion_cost_of_shape(key: tuple) -> LayerExpansionCost:
-    """The cost of the expanded layer that ``key`` describes (see :func:`layer_expansion_cost`)."""
+@functools.lru_cache(maxsize=256)
+def _meta_expanded_layer(key: tuple) -> nn.Module:
+    """The expanded layer that ``key`` (:func:`_shape_key`) describes, on the ``meta`` device."""
     if key[0] == 'conv':
         (_, cin, cout, kernel, stride, padding, dilation, groups, bias, padding_mode,
          strategy, ratio) = key
-        layer = ExpandConv2d(cin, cout, kernel, stride=stride, padding=padding,
-                             dilation=dilation, groups=groups, bias=bias,
-                             padding_mode=padding_mode, strategy=strategy, ratio=ratio,
-                             device='meta')
-    else:
-        _, cin, cout, bias, _, ratio = key
-        layer = ExpandLinear(cin, cout, bias=bias, ratio=ratio, device='meta')
-    return LayerExpansionCost(sum(p.numel() for p in layer.parameters()),
-                              int(layer.composition_macs()))
+        return ExpandConv2d(cin, cout, kernel, stride=stride, padding=padding,
+                            dilation=dilation, groups=groups, bias=bias,
+                            padding_mode=padding_mode, strategy=strategy, ratio=ratio,
+                            device='meta')
+    _, cin, cout, bias, ratio = key
+    return ExpandLinear(cin, cout, bias=bias, ratio=ratio, device='meta')
+
+
+@functools.lru_cache(maxsize=4096)
+def _composition_macs_of_shape(key: tuple) -> int:
+    """Composition MACs of the expanded layer that ``key`` (:func:`_shape_key`) describes."""
+    return int(_meta_expanded_layer(key).composition_macs())
 
 
 @dataclass(frozen=True)

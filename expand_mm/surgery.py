@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from .cost import (LayerExpansionCost, TrainingMemory, available_memory_bytes,
+from .cost import (LayerExpansionCost, TrainingMemory, available_memory_bytes, expanded_params,
                    format_bytes, layer_expansion_cost, training_memory)
 from .errors import ConfigError
 from .layers import MODES, ExpandConv2d, ExpandedLayer, ExpandLinear
@@ -677,10 +677,10 @@ def predict_training_memory(model: nn.Module, selected: list[tuple[str, nn.Modul
         params += param.numel()
         trainable += param.numel() if param.requires_grad else 0
     for path, module in selected:
-        cost = selected_layer_cost(module, settings, ratios(path))
-        if cost is None:
-            continue
-        added = cost.params - count_params(module)
+        if not isinstance(module, (nn.Conv2d, nn.Linear)):
+            continue  # no closed form: predicted at its compact size
+        added = expanded_params(module, layer_strategy(module, settings), ratios(path)) \
+            - count_params(module)
         params += added
         trainable += added if any(p.requires_grad for p in module.parameters()) else 0
     buffers = sum(b.numel() for b in model.buffers())

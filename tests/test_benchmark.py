@@ -149,6 +149,7 @@ def test_defaults_are_the_issue_setting():
     args = tool.parse_args([])
     assert Path(args.config).resolve() == (
         CONFIGS / 'expandnet' / 'expandnet-cl-r4_yolov3-mobilenetv2_8xb24-320-300e_coco.py')
+    assert not tool.apply_budget(tool.load_config(args.config), args)  # no budget: 8, 320x320
     assert (args.batch_size, args.img_size) == (8, [320, 320])
     assert args.out.endswith(os.path.join(
         'benchmark', 'expandnet-cl-r4_yolov3-mobilenetv2_8xb24-320-300e_coco.json'))
@@ -158,3 +159,41 @@ def test_refuses_a_compact_config():
     tool = _load_tool()
     with pytest.raises(ValueError, match="model.type is 'YOLOV3'.*ExpandNet"):
         tool.load_config(str(CONFIGS / 'yolo_lite' / 'yolo-lite_8xb16-100e_voc0712.py'))
+
+
+def test_a_budget_is_planned_at_the_configs_training_batch_and_size_unless_overridden():
+    tool = _load_tool()
+    args = tool.parse_args([str(DET_CONFIG), '--budget', '1.2'])
+    cfg = tool.load_config(args.config)
+    assert tool.apply_budget(cfg, args)
+    assert (args.batch_size, args.img_size) == (16, [224, 224])  # the VOC config's training
+    assert cfg.model.budget == dict(train_step=1.2, train_memory=1.2, batch_size=16,
+                                    img_size=(224, 224))
+    args = tool.parse_args([str(DET_CONFIG), '--budget', '1.2', '1.3', '--batch-size', '2',
+                            '--img-size', '64'])
+    cfg = tool.load_config(args.config)
+    tool.apply_budget(cfg, args)
+    assert cfg.model.budget == dict(train_step=1.2, train_memory=1.3, batch_size=2,
+                                    img_size=(64, 64))
+    with pytest.raises(SystemExit):
+        tool.parse_args([str(DET_CONFIG), '--budget', '1.1', '1.1', '1.1'])
+
+
+@pytest.mark.slow
+def test_a_budgeted_run_prints_predicted_beside_measured(tmp_path, capsys):
+    tool = _load_tool()
+    out = tmp_path / 'budget.json'
+    assert tool.main([str(DET_CONFIG), *tiny(1), '--explicit-iters', '0', '--budget', '1.5',
+                      '--out', str(out)]) == 0
+    result = json.loads(out.read_text())
+    check_result(result, explicit_trained=False)
+    check = result['budget']
+    assert check['budget'] == dict(train_step=1.5, train_memory=1.5)
+    assert 1.0 < check['predicted']['train_step'] <= 1.5
+    assert 1.0 < check['predicted']['train_memory'] <= 1.5
+    figures = {(r['name'], r['variant']): r['ratio'] for r in result['figures']}
+    assert check['measured']['train_step'] == figures[('train_step_time', 'online')]
+    assert check['measured']['train_memory'] == figures[('train_peak_memory', 'online')]
+    assert set(check['ratios'].values()) <= {1, 2, 4} and max(check['ratios'].values()) > 1
+    printed = capsys.readouterr().out
+    assert 'budget train_step <= 1.5: predicted' in printed and 'budget plan (' in printed

@@ -720,7 +720,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         memory_measure=memory_measure + '; plus persistent state (parameters, buffers, '
         'optimizer state)',
         budget=budget_check(report.plan, ratio, memory) if budgeted else None,
-        expansion=dict(num_layers=len(report.layers), ratio=report.ratio_summary,
+        expansion=dict(num_layers=len(report.layers), ratio=report.to_dict()['ratio'],
                        strategy=cfg.model.get('strategy', 'cl'),
                        params_before=report.model_params_before,
                        params_after=report.model_params_after),
