@@ -35,6 +35,7 @@ steps always form a valid plan.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import difflib
 from dataclasses import dataclass, field, fields
 from typing import Any, Iterator, Mapping, Sequence
@@ -45,8 +46,8 @@ from .cost import (FLOAT_BYTES, TrainingMemory, count_activation_bytes, count_ma
                    training_memory)
 from .errors import ConfigError
 from .layers.base import check_ratio
-from .surgery import (ExpansionSettings, count_params, layer_strategy, select_layers,
-                      selected_layer_cost)
+from .surgery import (ExpansionReport, ExpansionSettings, count_params, expand_model,
+                      layer_strategy, select_layers, selected_layer_cost)
 
 DEFAULT_RATIOS = (1, 2, 4)
 MIB = 1024 ** 2
@@ -447,3 +448,33 @@ def plan_expansion(model: nn.Module, settings: ExpansionSettings,
                       ratio_steps=sum(budget.ratios.index(r) for r in ratios.values()))
     MMLogger.get_current_instance().info(f'ExpandNet budget plan:\n{plan}')
     return plan
+
+
+def expand_within_budget(model: nn.Module, budget: Budget | Mapping[str, Any],
+                         settings: ExpansionSettings | None = None,
+                         **options: Any) -> ExpansionReport:
+    """:func:`expand_mm.expand_model` with per-layer ratios planned for ``budget``.
+
+    Args:
+        model: The compact model; expanded in place.
+        budget: A :class:`Budget` or its dict.
+        settings: What to expand, as :func:`~expand_mm.expand_model` takes it
+            (its ``ratio`` left at the default), or give its options as keywords.
+        **options: :func:`~expand_mm.expand_model`'s keywords (not ``ratio``).
+
+    Returns:
+        The expansion report, with the plan as ``report.plan``.
+
+    Raises:
+        ConfigError: As :func:`plan_expansion` and :func:`~expand_mm.expand_model`.
+    """
+    if settings is None:
+        settings = ExpansionSettings(**options)
+    elif options:
+        raise ConfigError('expand_within_budget: give the options either as settings=... '
+                          'or as keywords, not both')
+    plan = plan_expansion(model, settings, budget)
+    report = expand_model(model, settings=dataclasses.replace(settings, ratio=plan.ratio_rules),
+                          optimizer_slots=plan.budget.optimizer_slots)
+    report.plan = plan
+    return report

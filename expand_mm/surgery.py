@@ -239,7 +239,8 @@ class ExpansionReport:
         predicted_memory: The training state predicted before any layer was built
             (parameters, gradients, optimizer state, a training checkpoint).
         plan: The budget plan that chose the ratios
-            (:class:`expand_mm.budget.BudgetPlan`), when a budget was given.
+            (:class:`expand_mm.budget.BudgetPlan`), set by
+            :func:`expand_mm.budget.expand_within_budget`.
     """
 
     layers: list[ExpandedLayerRecord] = field(default_factory=list)
@@ -755,7 +756,7 @@ def expand_model(model: nn.Module,
                  max_train_memory: float | None = None,
                  *,
                  settings: ExpansionSettings | None = None,
-                 budget: Any = None) -> ExpansionReport:
+                 optimizer_slots: int = 1) -> ExpansionReport:
     """Replace the selected conv / linear layers of ``model`` by expanded chains.
 
     Works in place, so call it before the optimizer collects parameters. The
@@ -785,9 +786,11 @@ def expand_model(model: nn.Module,
         max_train_memory: Cap in GiB on the predicted training state (default:
             the memory available on the model's device).
         settings: All of the above in one object, instead of the keywords.
-        budget: A :class:`expand_mm.budget.Budget` (or its dict): the per-layer
-            ratios are planned to keep the predicted training cost within it
-            (:func:`expand_mm.budget.plan_expansion`), instead of ``ratio``.
+        optimizer_slots: Optimizer state tensors per trainable parameter in the
+            memory prediction (1: SGD with momentum, 2: Adam / AdamW).
+
+    Per-layer ratios planned against a training budget:
+    :func:`expand_mm.budget.expand_within_budget`.
 
     Returns:
         An :class:`ExpansionReport` listing every expanded layer.
@@ -796,27 +799,19 @@ def expand_model(model: nn.Module,
         ConfigError: For an unknown strategy / mode, a bad ratio, a pattern that
             matches no expandable layer (naming the nearest module paths), a
             layer that cannot take the requested strategy, ``settings``
-            given together with keywords, a predicted training state beyond the
-            memory cap (naming the largest ratio that fits), or a budget that
-            no expansion meets.
+            given together with keywords, or a predicted training state beyond
+            the memory cap (naming the largest ratio that fits).
     """
     settings = _settings_of_call(
         settings, strategy=strategy, ratio=ratio, mode=mode, include=include,
         exclude=exclude, expand_1x1=expand_1x1, expand_linear=expand_linear,
         keep_weights=keep_weights, max_train_memory=max_train_memory)
-    plan = None
-    optimizer_slots = 1  # SGD with momentum, unless a budget says otherwise
-    if budget is not None:
-        from .budget import plan_expansion  # the planner builds on this module
-        plan = plan_expansion(model, settings, budget)
-        settings = dataclasses.replace(settings, ratio=plan.ratio_rules)
-        optimizer_slots = plan.budget.optimizer_slots
     selected, skipped = select_layers(model, settings)
     predicted = predict_training_memory(model, selected, settings.ratio_for, settings,
                                         optimizer_slots)
     _refuse_beyond_memory(model, selected, settings, predicted, optimizer_slots)
     report = ExpansionReport(model_params_before=count_params(model), settings=settings,
-                             predicted_memory=predicted, plan=plan)
+                             predicted_memory=predicted)
     aliases = _module_aliases(model)
     for path, module in selected:
         new, record = _expanded_twin(path, module, settings)

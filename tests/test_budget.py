@@ -12,8 +12,8 @@ from torch import nn
 
 import expand_mm
 from expand_mm import surgery
-from expand_mm.budget import (Budget, CompactCost, LayerOption, choose_ratios, plan_expansion,
-                              predict)
+from expand_mm.budget import (Budget, CompactCost, LayerOption, choose_ratios,
+                              expand_within_budget, plan_expansion, predict)
 from expand_mm.cost import training_memory
 from expand_mm.errors import ConfigError
 from expand_mm.surgery import ExpansionSettings, count_params, expand_model
@@ -215,7 +215,7 @@ def test_bad_budgets_are_refused_in_one_line(budget, match):
 def test_a_planned_expansion_matches_its_prediction_and_refuses_a_ratio_besides_it():
     model = three_convs()
     budget = dict(train_step=1.5, train_memory=1.5, batch_size=2, img_size=16)
-    report = expand_model(model, budget=budget)
+    report = expand_within_budget(model, budget, include=['backbone.*', 'head'])
     plan = report.plan
     assert [(r.path, r.ratio) for r in report.layers] == [
         (p.path, p.ratio) for p in plan.layers if p.ratio > 1]

@@ -25,11 +25,12 @@ from mmengine.model import BaseModule
 from mmengine.registry import MODELS
 from torch import nn
 
+from ..budget import expand_within_budget
 from ..cost import config_input_size
 from ..errors import ConfigError
 from ..layers import ExpandConv2d
 from ..layers import deferral_unsupported_reason, deferred_factor_grads
-from ..surgery import (ExpansionReport, expand_model, expanded_layers,
+from ..surgery import (ExpansionReport, ExpansionSettings, expand_model, expanded_layers,
                        path_matches, replace_submodule)
 from .deployable import (compact_model_cfg, declares_deployable_cfg,  # noqa: F401
                          deferring_expandnet, deployable_model, deployable_model_cfg,
@@ -165,10 +166,11 @@ def build_expandnet(model: dict | None = None,
         keep: bool | list[str] = True
     else:
         keep = list(keep_weights or []) + _pretrained_paths(compact)
-    report = expand_model(compact, strategy=strategy, ratio=ratio, mode=mode,
-                          include=include, exclude=exclude, expand_1x1=expand_1x1,
-                          expand_linear=expand_linear, max_train_memory=max_train_memory,
-                          budget=budget)
+    settings = ExpansionSettings(strategy=strategy, ratio=ratio, mode=mode, include=include,
+                                 exclude=exclude, expand_1x1=expand_1x1,
+                                 expand_linear=expand_linear, max_train_memory=max_train_memory)
+    report = (expand_model(compact, settings=settings) if budget is None
+              else expand_within_budget(compact, budget, settings))
     ratio = report.settings.ratio  # the budget plan's per-layer ratios, when it chose them
     _check_keep_patterns_match(compact, keep_weights)
     _check_kept_layers_factorise_exactly(compact, keep, ratio)
