@@ -28,9 +28,13 @@ layer (the paper expands them all), a narrow deep layer no less than a wide
 one, so a plan that expands many layers at a moderate ratio is preferred to
 one that spends the budget on a few at the highest. The plan is built
 greedily, cheapest step first, where a step's cost is the larger of its shares
-of the time and the memory headroom; for one resource this is optimal, since
-each layer's steps cost more as its ratio grows (about r²), so the cheapest
-steps always form a valid plan.
+of the time and the memory headroom. With one additive limit this maximises
+the number of steps exactly: each layer's steps cost more as its ratio grows
+(about r²), so the cheapest steps always form a valid plan. With two limits
+(and the gradients' ``max``) it is a heuristic.
+
+:func:`plan_expansion` makes the plan; :func:`expand_within_budget` plans and
+expands (``type='ExpandNet'`` with ``budget=...`` calls it).
 """
 from __future__ import annotations
 
