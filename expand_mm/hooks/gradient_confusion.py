@@ -111,7 +111,7 @@ class GradientConfusionHook(Hook):
 
     priority = 'LOW'
 
-    def __init__(self, interval: int = 100, by_epoch: bool = False, num_batches: int = 8,
+    def __init__(self, interval: int = 200, by_epoch: bool = False, num_batches: int = 8,
                  seed: int = 0, measure_at_start: bool = True, bn: str = 'train'):
         for name, value, low in (('interval', interval, 1), ('num_batches', num_batches, 2)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
