@@ -348,6 +348,47 @@ def test_gradient_confusion_tool(voc_cfgs):
         assert f.read(8) == b'\x89PNG\r\n\x1a\n'
 
 
+def test_comma_separated_checkpoints_become_runs_of_one_group():
+    from expand_mm.analysis.runs import resolve_runs, split_seed_runs
+    runs = split_seed_runs(resolve_runs(['x.py', 'y.py'], ['s0.pth,s1.pth,none', 'c.pth'],
+                                        ['compact', 'expandnet']))
+    assert [(r['label'], r['group'], r['checkpoint']) for r in runs] == [
+        ('compact#0', 'compact', 's0.pth'), ('compact#1', 'compact', 's1.pth'),
+        ('compact#2', 'compact', None), ('expandnet', 'expandnet', 'c.pth')]
+
+
+@pytest.mark.slow
+def test_gradient_confusion_tool_pools_the_runs_of_a_config(voc_cfgs, capsys):
+    """Two checkpoints of one config: two runs on the same batches, statistics as mean ± std."""
+    from mmdet.registry import MODELS
+    from mmdet.utils import register_all_modules
+
+    tmp, cfgs = voc_cfgs
+    register_all_modules(init_default_scope=False)
+    ckpts = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        model = MODELS.build(copy.deepcopy(cfgs[0].model))
+        model.init_weights()
+        ckpts.append(str(tmp / f'compact_seed{seed}.pth'))
+        torch.save(dict(state_dict=model.state_dict(), meta={}), ckpts[-1])
+    out = str(tmp / 'gc_runs')
+    tool = _load_tool('gradient_confusion')
+    entries = tool.main(['--num-batches', '3', '--out', out, '--checkpoint', ','.join(ckpts),
+                         '--labels', 'compact'], configs=cfgs[:1])
+    assert [e['meta']['label'] for e in entries] == ['compact#0', 'compact#1']
+    assert entries[0]['cosines'] != entries[1]['cosines']  # two different models
+    data = json.load(open(osp.join(out, 'gradient_confusion.json')))
+    pooled = data['configs']['compact']
+    assert pooled['num_runs'] == 2 and pooled['pooled']['num_pairs'] == 6
+    means = [e['summary']['mean_cos'] for e in entries]
+    assert pooled['mean_cos']['mean'] == pytest.approx(np.mean(means))
+    assert pooled['mean_cos']['std'] == pytest.approx(np.std(means))
+    assert 'compact (2 runs): mean_cos' in capsys.readouterr().out
+    with open(osp.join(out, 'gradient_confusion.png'), 'rb') as f:
+        assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+
+
 @pytest.mark.slow
 def test_loss_landscape_tool(voc_cfgs, capsys):
     tmp, cfgs = voc_cfgs

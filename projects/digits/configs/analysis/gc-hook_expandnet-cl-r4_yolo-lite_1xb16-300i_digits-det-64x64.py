@@ -1,7 +1,7 @@
-# ExpandNet-CL (r=4) of gc-hook_yolo-lite_1xb16-600i_digits-det-64x64.py: the same data,
+# ExpandNet-CL (r=4) of gc-hook_yolo-lite_1xb16-300i_digits-det-64x64.py: the same data,
 # schedule and analysis hooks; the hook also measures the compact space (the contracted
 # weights). Weight decay on the factors (the default weight_decay_on='factors').
-_base_ = './gc-hook_yolo-lite_1xb16-600i_digits-det-64x64.py'
+_base_ = './gc-hook_yolo-lite_1xb16-300i_digits-det-64x64.py'
 
 model = dict(
     _delete_=True,
