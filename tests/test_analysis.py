@@ -501,3 +501,66 @@ def test_analysis_tools_end_a_refused_input_in_one_error_line(tmp_path, name):
         assert 'Traceback' not in proc.stderr, proc.stderr[-3000:]
         last = proc.stderr.strip().splitlines()[-1]
         assert last.startswith('error: ') and message in last, last
+
+
+DIGITS_SEG = osp.join(ROOT, 'projects', 'digits', 'configs', 'digits',
+                      'unet-s4-d16-c16_fcn_1xb16-800i_digits-seg-64x64.py')
+
+
+def seg_cfg_with_val(data, work_dir):
+    """The tiny digits-seg config (shrink_for_test drops validation) with its own val settings."""
+    from mm_test_utils import load_config
+    from wrapper_test_utils import tiny_cfg
+    cfg = tiny_cfg(DIGITS_SEG, data, work_dir, 'seg')
+    own = load_config(DIGITS_SEG)
+    cfg.val_dataloader = own.val_dataloader
+    cfg.val_dataloader.update(batch_size=1, num_workers=0, persistent_workers=False)
+    cfg.val_dataloader.dataset.data_root = str(data / 'digits_seg') + '/'
+    cfg.val_evaluator, cfg.val_cfg = own.val_evaluator, own.val_cfg
+    return cfg
+
+
+@pytest.mark.slow
+def test_landscape_metric_at_the_centre_is_the_checkpoints_own_evaluation(tmp_path):
+    """--metric: at coordinate 0 the stock ValLoop's mIoU of the checkpoint on the same images."""
+    from mmengine.runner import Runner
+
+    from wrapper_test_utils import build_model, make_digits
+    data = make_digits(tmp_path / 'data')
+    torch.manual_seed(3)
+    model = build_model(DIGITS_SEG)
+    model.init_weights()
+    with torch.no_grad():  # background everywhere: a nonzero mIoU (an untrained head scores 0)
+        model.decode_head.conv_seg.bias[0] = 5.0
+    ckpt = str(tmp_path / 'seg.pth')
+    torch.save(dict(state_dict=model.state_dict(), meta={}), ckpt)
+    cfg = seg_cfg_with_val(data, tmp_path / 'work')
+    tool = _load_tool('loss_landscape')
+    entries = tool.main(['--num-batches', '1', '--steps-1d', '3', '--span', '0.5', '--no-2d',
+                         '--metric', '--metric-samples', '2', '--checkpoint', ckpt,
+                         '--out', str(tmp_path / 'landscape')], configs=[cfg])
+    one = entries[0]['1d']
+    assert entries[0]['metric_key'] == 'mIoU'
+    assert len(one['metrics']) == 3 and all(math.isfinite(m) for m in one['metrics'])
+    own = seg_cfg_with_val(data, tmp_path / 'val')
+    own.load_from = ckpt
+    own.val_dataloader.dataset.indices = 2
+    own.experiment_name = own.visualizer.name = 'own_evaluation'
+    metrics = Runner.from_cfg(own).val()
+    assert one['center_metric'] == pytest.approx(metrics['mIoU'], abs=1e-9)
+    assert one['center_metric'] == one['base_metric'] > 0
+
+
+def test_coco_subset_keeps_the_first_images_and_only_their_annotations(tmp_path):
+    from data_factory import make_coco
+    from expand_mm.analysis.metric import coco_subset, pick_metric_key
+    ann = make_coco(str(tmp_path / 'coco'), num_images=5, split='val')
+    subset = json.load(open(coco_subset(ann, 2, str(tmp_path / 'out'))))
+    full = json.load(open(ann))
+    assert [i['id'] for i in subset['images']] == [i['id'] for i in full['images'][:2]]
+    assert subset['annotations'] == [a for a in full['annotations'] if a['image_id'] in (1, 2)]
+    assert subset['categories'] == full['categories']
+    assert pick_metric_key({'coco/bbox_mAP_50': 1, 'coco/bbox_mAP': 2}) == 'coco/bbox_mAP'
+    assert pick_metric_key({'aAcc': 1, 'mIoU': 2}) == 'mIoU'
+    with pytest.raises(ValueError, match="--metric-key 'mAP'.*aAcc"):
+        pick_metric_key({'aAcc': 1}, 'mAP')
