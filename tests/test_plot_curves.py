@@ -106,3 +106,18 @@ def test_a_work_dir_without_scalars_is_refused_with_its_name(runs, tmp_path):
 def test_a_missing_key_names_the_run_and_the_keys_it_has(runs):
     with pytest.raises(ConfigError, match="a_seed0: no scalar 'mIoU'.*loss_l2"):
         load_run(runs[0]).series('mIoU')
+
+
+def test_a_key_only_some_groups_logged_leaves_the_others_out_of_its_panel(runs, tmp_path, capsys):
+    tool = plot_curves_tool()
+    extra = work_dir(tmp_path, 'c_seed0', 'hooked', [1.0, 1.0, 1.0], 0.0)
+    path = Path(extra) / '20260101_000000' / 'vis_data' / 'scalars.json'
+    path.write_text(path.read_text() + json.dumps({'gc/compact/min_cos': -0.1, 'step': 30}))
+    args = tool.parse_args([*runs, extra, '--keys', 'gc/compact/min_cos'])
+    fig = tool.plot_curve(group_runs([load_run(r) for r in args.work_dirs]), args)
+    assert [line.get_label() for line in fig.axes[0].get_lines()
+            if not line.get_label().startswith('_')] == ['hooked (n=1)']
+    assert 'compact' in capsys.readouterr().out.split('not logged by this group')[0]
+    args = tool.parse_args([*runs, '--keys', 'gc/compact/min_cos'])
+    with pytest.raises(ConfigError, match="no scalar 'gc/compact/min_cos'"):
+        tool.plot_curve(group_runs([load_run(r) for r in args.work_dirs]), args)

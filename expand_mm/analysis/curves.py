@@ -42,6 +42,10 @@ class Run:
     config: str | None
     scalars: dict[str, dict[int, float]] = field(default_factory=dict)
 
+    def has(self, key: str) -> bool:
+        """Whether the run logged ``key`` (every part of an ``a+b`` key)."""
+        return all(part in self.scalars for part in key.split('+'))
+
     def series(self, key: str) -> tuple[np.ndarray, np.ndarray]:
         """``(steps, values)`` of ``key`` by step; a ``a+b`` key sums the steps both have."""
         parts = key.split('+')

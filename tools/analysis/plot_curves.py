@@ -57,6 +57,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def refuse_unknown_key(groups: dict, key: str) -> None:
+    """Raise naming ``key`` and one run's scalars when no run logged it (a misspelt key)."""
+    runs = [run for group in groups.values() for run in group]
+    if not any(run.has(key) for run in runs):
+        runs[0].series(key)  # raises, naming the run and the scalars it has
+
+
 def plot_curve(groups: dict, args: argparse.Namespace) -> plt.Figure:
     """One panel per key: each group's mean, its spread band and its runs faint behind."""
     names = args.legend or list(groups)
@@ -66,8 +73,12 @@ def plot_curve(groups: dict, args: argparse.Namespace) -> plt.Figure:
     fig, axes = plt.subplots(len(args.keys), 1, figsize=(7, 2.6 * len(args.keys) + 0.4),
                              sharex=True, squeeze=False)
     for ax, key in zip(axes[:, 0], args.keys):
+        refuse_unknown_key(groups, key)
         for i, (name, (group, runs)) in enumerate(zip(names, groups.items())):
             colour = f'C{i}'
+            if not any(run.has(key) for run in runs):
+                print(f'{key:<28} {name:<48} not logged by this group: left out of the panel')
+                continue
             for run in runs:
                 steps, values = run.series(key)
                 ax.plot(steps, values, color=colour, alpha=0.2, lw=0.7)
