@@ -12,7 +12,10 @@ param_scheduler = [
     dict(type='CosineAnnealingLR', T_max=max_iters - warmup_iters, eta_min_ratio=2.5e-3,
          by_epoch=False, begin=warmup_iters, end=max_iters)
 ]
-default_hooks = dict(checkpoint=dict(interval=max_iters))
+# log_metric_by_epoch=False: the validation metrics are written at their iteration (by
+# default MMEngine writes them at the epoch, always 0 in an iteration-based loop).
+default_hooks = dict(checkpoint=dict(interval=max_iters),
+                     logger=dict(log_metric_by_epoch=False))
 custom_hooks = [
     dict(type='GradientConfusionHook', interval=30, num_batches=8),
     dict(type='WeightDecayTermHook'),
