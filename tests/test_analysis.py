@@ -551,11 +551,14 @@ def test_landscape_metric_at_the_centre_is_the_checkpoints_own_evaluation(tmp_pa
     assert one['center_metric'] == one['base_metric'] > 0
 
 
-def test_coco_subset_keeps_the_first_images_and_only_their_annotations(tmp_path):
+def test_coco_subset_keeps_the_first_images_and_only_their_annotations(tmp_path, monkeypatch):
     from data_factory import make_coco
     from expand_mm.analysis.metric import coco_subset, pick_metric_key
     ann = make_coco(str(tmp_path / 'coco'), num_images=5, split='val')
-    subset = json.load(open(coco_subset(ann, 2, str(tmp_path / 'out'))))
+    monkeypatch.chdir(tmp_path)  # a relative out dir still gives an absolute file (datasets join
+    path = coco_subset(ann, 2, 'out')  # a relative ann_file to their data_root)
+    assert osp.isabs(path)
+    subset = json.load(open(path))
     full = json.load(open(ann))
     assert [i['id'] for i in subset['images']] == [i['id'] for i in full['images'][:2]]
     assert subset['annotations'] == [a for a in full['annotations'] if a['image_id'] in (1, 2)]

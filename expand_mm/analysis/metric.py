@@ -59,7 +59,8 @@ def coco_subset(ann_file: str, num_images: int, out_dir: str) -> str:
     subset = dict(coco, images=images,
                   annotations=[a for a in coco['annotations'] if a['image_id'] in ids])
     os.makedirs(out_dir, exist_ok=True)
-    path = osp.join(out_dir, f'{osp.splitext(osp.basename(ann_file))[0]}_first{num_images}.json')
+    # Absolute: a dataset joins a relative ann_file to its data_root.
+    path = osp.join(osp.abspath(out_dir), f'{osp.splitext(osp.basename(ann_file))[0]}_first{num_images}.json')
     with open(path, 'w') as f:
         json.dump(subset, f)
     return path
