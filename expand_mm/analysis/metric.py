@@ -9,7 +9,9 @@ kept), run through ``model.val_step`` and scored by the config's
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import json
 import os
 import os.path as osp
@@ -130,7 +132,10 @@ class SubsetMetric:
         with torch.no_grad():
             for batch in self.batches:
                 self.evaluator.process(data_samples=model.val_step(batch), data_batch=batch)
-        return self.evaluator.evaluate(self.size)
+        # pycocotools prints its whole summary table at every call: once per point
+        # of a landscape would bury the tool's own output.
+        with contextlib.redirect_stdout(io.StringIO()):
+            return self.evaluator.evaluate(self.size)
 
     def __call__(self, model: nn.Module) -> float:
         """The metric :attr:`key` of ``model`` on the subset."""
