@@ -2,7 +2,7 @@
 
     python tools/analysis/plot_curves.py WORK_DIR [WORK_DIR ...]
         [--keys loss] [--group REGEX] [--spread std|range] [--log]
-        [--legend NAME ...] [--title TITLE] [--out curves.png]
+        [--legend NAME ...] [--title TITLE] [--out curves.png] [--dpi 100]
 
 The shape of mmdet's ``tools/analysis_tools/analyze_logs.py plot_curve``, on
 MMEngine's ``<work_dir>/<timestamp>/vis_data/scalars.json`` (the latest
@@ -54,6 +54,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument('--title', default=None, help='title of the figure')
     parser.add_argument('--xlabel', default='iteration', help='label of the step axis')
     parser.add_argument('--out', default='curves.png', help='image file written')
+    parser.add_argument('--dpi', type=int, default=100, help='resolution of --out')
     return parser.parse_args(argv)
 
 
@@ -97,7 +98,8 @@ def plot_curve(groups: dict, args: argparse.Namespace) -> plt.Figure:
     axes[-1, 0].set_xlabel(args.xlabel)
     if args.title:
         fig.suptitle(args.title, fontsize=9)
-    fig.tight_layout()
+    # Room at the top for the title, which tight_layout does not reserve.
+    fig.tight_layout(rect=(0, 0, 1, 0.97 if args.title else 1))
     return fig
 
 
@@ -107,7 +109,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     runs = [load_run(work_dir) for work_dir in args.work_dirs]
     groups = group_runs(runs, args.group)
     fig = plot_curve(groups, args)
-    fig.savefig(args.out, dpi=110)
+    fig.savefig(args.out, dpi=args.dpi)
     plt.close(fig)
     print(f'save curve to: {args.out}')
     return groups
