@@ -1,4 +1,4 @@
-"""A config's own validation metric (mAP, mIoU) on a fixed subset, as ``metric_fn(model)``.
+"""A config's own validation metric (mAP, mIoU) on a fixed subset, as ``metric(model)``.
 
 The loss landscape evaluates the training loss at every point; the ExpandNets
 paper draws the error next to it. :class:`SubsetMetric` turns an
@@ -15,15 +15,12 @@ import io
 import json
 import os
 import os.path as osp
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..errors import ConfigError
-
-MetricFn = Callable[[nn.Module], float]
-"""``metric_fn(model) -> float``: the validation metric of ``model``."""
 
 # Keys preferred as "the" metric, in this order (suffix match): detection, then segmentation.
 PREFERRED_KEYS = ('bbox_mAP', 'mAP', 'mIoU')
