@@ -31,6 +31,7 @@ from .optim import (ExpandNetOptimWrapperConstructor, PolyLRRatio,  # noqa: E402
 from .deploy import deployable_state_dict  # noqa: E402
 from .planting import ChannelPlanter, PlantingError  # noqa: E402
 from .hooks import ChannelPlantingHook, ExpandNetCheckHook, NonlinearInitHook  # noqa: E402
+from .hooks import GradientConfusionHook, WeightDecayTermHook  # noqa: E402
 from . import analysis  # noqa: E402
 from .apis import init_compact_model  # noqa: E402
 from .analysis import (GradientConfusionResult, LandscapeResult, gradient_confusion,  # noqa: E402
@@ -57,3 +58,4 @@ __all__ = [
     'analysis', 'gradient_confusion', 'GradientConfusionResult', 'loss_landscape_1d',
     'loss_landscape_2d', 'LandscapeResult',
 ]
+__all__ += ['GradientConfusionHook', 'WeightDecayTermHook']

@@ -348,6 +348,47 @@ def test_gradient_confusion_tool(voc_cfgs):
         assert f.read(8) == b'\x89PNG\r\n\x1a\n'
 
 
+def test_comma_separated_checkpoints_become_runs_of_one_group():
+    from expand_mm.analysis.runs import resolve_runs, split_seed_runs
+    runs = split_seed_runs(resolve_runs(['x.py', 'y.py'], ['s0.pth,s1.pth,none', 'c.pth'],
+                                        ['compact', 'expandnet']))
+    assert [(r['label'], r['group'], r['checkpoint']) for r in runs] == [
+        ('compact#0', 'compact', 's0.pth'), ('compact#1', 'compact', 's1.pth'),
+        ('compact#2', 'compact', None), ('expandnet', 'expandnet', 'c.pth')]
+
+
+@pytest.mark.slow
+def test_gradient_confusion_tool_pools_the_runs_of_a_config(voc_cfgs, capsys):
+    """Two checkpoints of one config: two runs on the same batches, statistics as mean ± std."""
+    from mmdet.registry import MODELS
+    from mmdet.utils import register_all_modules
+
+    tmp, cfgs = voc_cfgs
+    register_all_modules(init_default_scope=False)
+    ckpts = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        model = MODELS.build(copy.deepcopy(cfgs[0].model))
+        model.init_weights()
+        ckpts.append(str(tmp / f'compact_seed{seed}.pth'))
+        torch.save(dict(state_dict=model.state_dict(), meta={}), ckpts[-1])
+    out = str(tmp / 'gc_runs')
+    tool = _load_tool('gradient_confusion')
+    entries = tool.main(['--num-batches', '3', '--out', out, '--checkpoint', ','.join(ckpts),
+                         '--labels', 'compact'], configs=cfgs[:1])
+    assert [e['meta']['label'] for e in entries] == ['compact#0', 'compact#1']
+    assert entries[0]['cosines'] != entries[1]['cosines']  # two different models
+    data = json.load(open(osp.join(out, 'gradient_confusion.json')))
+    pooled = data['configs']['compact']
+    assert pooled['num_runs'] == 2 and pooled['pooled']['num_pairs'] == 6
+    means = [e['summary']['mean_cos'] for e in entries]
+    assert pooled['mean_cos']['mean'] == pytest.approx(np.mean(means))
+    assert pooled['mean_cos']['std'] == pytest.approx(np.std(means))
+    assert 'compact (2 runs): mean_cos' in capsys.readouterr().out
+    with open(osp.join(out, 'gradient_confusion.png'), 'rb') as f:
+        assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+
+
 @pytest.mark.slow
 def test_loss_landscape_tool(voc_cfgs, capsys):
     tmp, cfgs = voc_cfgs
@@ -460,3 +501,69 @@ def test_analysis_tools_end_a_refused_input_in_one_error_line(tmp_path, name):
         assert 'Traceback' not in proc.stderr, proc.stderr[-3000:]
         last = proc.stderr.strip().splitlines()[-1]
         assert last.startswith('error: ') and message in last, last
+
+
+DIGITS_SEG = osp.join(ROOT, 'projects', 'digits', 'configs', 'digits',
+                      'unet-s4-d16-c16_fcn_1xb16-800i_digits-seg-64x64.py')
+
+
+def seg_cfg_with_val(data, work_dir):
+    """The tiny digits-seg config (shrink_for_test drops validation) with its own val settings."""
+    from mm_test_utils import load_config
+    from wrapper_test_utils import tiny_cfg
+    cfg = tiny_cfg(DIGITS_SEG, data, work_dir, 'seg')
+    own = load_config(DIGITS_SEG)
+    cfg.val_dataloader = own.val_dataloader
+    cfg.val_dataloader.update(batch_size=1, num_workers=0, persistent_workers=False)
+    cfg.val_dataloader.dataset.data_root = str(data / 'digits_seg') + '/'
+    cfg.val_evaluator, cfg.val_cfg = own.val_evaluator, own.val_cfg
+    return cfg
+
+
+@pytest.mark.slow
+def test_landscape_metric_at_the_centre_is_the_checkpoints_own_evaluation(tmp_path):
+    """--metric: at coordinate 0 the stock ValLoop's mIoU of the checkpoint on the same images."""
+    from mmengine.runner import Runner
+
+    from wrapper_test_utils import build_model, make_digits
+    data = make_digits(tmp_path / 'data')
+    torch.manual_seed(3)
+    model = build_model(DIGITS_SEG)
+    model.init_weights()
+    with torch.no_grad():  # background everywhere: a nonzero mIoU (an untrained head scores 0)
+        model.decode_head.conv_seg.bias[0] = 5.0
+    ckpt = str(tmp_path / 'seg.pth')
+    torch.save(dict(state_dict=model.state_dict(), meta={}), ckpt)
+    cfg = seg_cfg_with_val(data, tmp_path / 'work')
+    tool = _load_tool('loss_landscape')
+    entries = tool.main(['--num-batches', '1', '--steps-1d', '3', '--span', '0.5', '--no-2d',
+                         '--metric', '--metric-samples', '2', '--checkpoint', ckpt,
+                         '--out', str(tmp_path / 'landscape')], configs=[cfg])
+    one = entries[0]['1d']
+    assert entries[0]['metric_key'] == 'mIoU'
+    assert len(one['metrics']) == 3 and all(math.isfinite(m) for m in one['metrics'])
+    own = seg_cfg_with_val(data, tmp_path / 'val')
+    own.load_from = ckpt
+    own.val_dataloader.dataset.indices = 2
+    own.experiment_name = own.visualizer.name = 'own_evaluation'
+    metrics = Runner.from_cfg(own).val()
+    assert one['center_metric'] == pytest.approx(metrics['mIoU'], abs=1e-9)
+    assert one['center_metric'] == one['base_metric'] > 0
+
+
+def test_coco_subset_keeps_the_first_images_and_only_their_annotations(tmp_path, monkeypatch):
+    from data_factory import make_coco
+    from expand_mm.analysis.metric import coco_subset, pick_metric_key
+    ann = make_coco(str(tmp_path / 'coco'), num_images=5, split='val')
+    monkeypatch.chdir(tmp_path)  # a relative out dir still gives an absolute file (datasets join
+    path = coco_subset(ann, 2, 'out')  # a relative ann_file to their data_root)
+    assert osp.isabs(path)
+    subset = json.load(open(path))
+    full = json.load(open(ann))
+    assert [i['id'] for i in subset['images']] == [i['id'] for i in full['images'][:2]]
+    assert subset['annotations'] == [a for a in full['annotations'] if a['image_id'] in (1, 2)]
+    assert subset['categories'] == full['categories']
+    assert pick_metric_key({'coco/bbox_mAP_50': 1, 'coco/bbox_mAP': 2}) == 'coco/bbox_mAP'
+    assert pick_metric_key({'aAcc': 1, 'mIoU': 2}) == 'mIoU'
+    with pytest.raises(ValueError, match="--metric-key 'mAP'.*aAcc"):
+        pick_metric_key({'aAcc': 1}, 'mAP')

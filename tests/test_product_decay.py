@@ -348,7 +348,8 @@ def toy_runner(work_dir, weight_decay_on, max_iters=1, **kwargs):
                            optimizer=dict(type='AdamW', lr=0.01, weight_decay=0.5),
                            paramwise_cfg=dict(weight_decay_on=weight_decay_on)),
         train_cfg=dict(by_epoch=False, max_iters=max_iters),
-        default_hooks=dict(checkpoint=dict(type='CheckpointHook', interval=1, by_epoch=False)),
+        default_hooks=dict(checkpoint=dict(type='CheckpointHook', interval=1, by_epoch=False),
+                           **kwargs.pop('default_hooks', {})),
         **kwargs)
 
 
@@ -365,3 +366,57 @@ def test_runner_resume_of_a_factors_checkpoint_into_a_product_run_is_refused(tmp
     toy_runner(tmp_path, 'factors', max_iters=2, resume=True,
                load_from=str(tmp_path / 'iter_1.pth')).train()
     assert (tmp_path / 'iter_2.pth').exists()
+
+
+def manual_l2(net, weight_decay, weight_decay_on):
+    """weight_decay / 2 * ||.||^2 over the composed kernels ('product') or every factor."""
+    from expand_mm.optim.product_decay import factor_weights
+    layers = expand_mm.expanded_layers(net)
+    factor_ids = {id(p) for _, layer in layers for p in factor_weights(layer)}
+    total = sum(p.double().square().sum() for p in net.parameters()
+                if weight_decay_on == 'factors' or id(p) not in factor_ids)
+    if weight_decay_on == 'product':
+        total += sum(layer._compose(None)[0].double().square().sum() for _, layer in layers)
+    return float(weight_decay / 2 * total)
+
+
+@pytest.mark.parametrize('weight_decay_on', ['factors', 'product'])
+def test_weight_decay_term_is_the_l2_of_what_the_optimizer_decays(weight_decay_on):
+    from expand_mm.optim.product_decay import weight_decay_term
+    net = expanded_net()
+    wrapper = build(net, dict(type='SGD', lr=0.1, weight_decay=0.3),
+                    weight_decay_on=weight_decay_on)
+    layers = expand_mm.expanded_layers(net)
+    expected = manual_l2(net, 0.3, weight_decay_on)
+    assert weight_decay_term(wrapper.optimizer, layers) == pytest.approx(expected, rel=1e-12)
+    assert manual_l2(net, 0.3, 'factors') != pytest.approx(manual_l2(net, 0.3, 'product'))
+    # decay_mult=0 on the norm-free biases leaves them out
+    no_bias = build(net, dict(type='SGD', lr=0.1, weight_decay=0.3),
+                    weight_decay_on=weight_decay_on, bias_decay_mult=0.0)
+    assert weight_decay_term(no_bias.optimizer, layers) < expected
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('weight_decay_on', ['factors', 'product'])
+def test_weight_decay_term_hook_logs_loss_l2_at_the_logging_steps(tmp_path, weight_decay_on):
+    import json
+    from expand_mm.optim.product_decay import weight_decay_term
+    runner = toy_runner(tmp_path, weight_decay_on, max_iters=4,
+                        default_hooks=dict(logger=dict(type='LoggerHook', interval=2)),
+                        custom_hooks=[dict(type='WeightDecayTermHook')],
+                        visualizer=dict(type='Visualizer', name=f'l2_{weight_decay_on}',
+                                        vis_backends=[dict(type='LocalVisBackend')]))
+    runner.train()
+    lines = (tmp_path / runner.timestamp / 'vis_data' / 'scalars.json').read_text()
+    logged = [json.loads(line) for line in lines.splitlines() if 'loss_l2' in line]
+    assert [r['step'] for r in logged] == [2, 4]
+    expected = weight_decay_term(runner.optim_wrapper.optimizer,
+                                 expand_mm.expanded_layers(runner.model.net))
+    assert logged[-1]['loss_l2'] == pytest.approx(expected, rel=1e-6)
+
+
+def test_weight_decay_term_hook_refuses_a_bad_interval():
+    from expand_mm.errors import ConfigError
+    from expand_mm.hooks import WeightDecayTermHook
+    with pytest.raises(ConfigError, match='interval'):
+        WeightDecayTermHook(interval=0)

@@ -317,29 +317,8 @@ class GradientConfusionResult:
         return np.histogram(cos, bins=bins, range=(-1.0, 1.0), density=bool(cos.size))
 
     def density(self, points: np.ndarray, bandwidth: float | None = None) -> np.ndarray:
-        """Gaussian kernel density of the cosines at ``points``.
-
-        The kernels are reflected at -1 and 1 (cosines live in ``[-1, 1]``), so
-        the density integrates to 1 over that interval instead of leaking out.
-
-        Args:
-            points: Where to evaluate (e.g. ``np.linspace(-1, 1, 201)``).
-            bandwidth: Kernel width; default Scott's rule ``1.06 σ n^(-1/5)``,
-                at least 0.01 (a tight cluster of cosines stays visible).
-
-        Returns:
-            The density at ``points`` (zeros when no cosine is defined).
-        """
-        points = np.asarray(points, dtype=np.float64)
-        cos = self.cosines
-        cos = cos[np.isfinite(cos)]
-        if not cos.size:
-            return np.zeros_like(points)
-        if bandwidth is None:
-            bandwidth = max(1.06 * float(cos.std()) * cos.size ** -0.2, 0.01)
-        centres = np.concatenate([cos, 2.0 - cos, -2.0 - cos])
-        z = (points[:, None] - centres[None, :]) / bandwidth
-        return np.exp(-0.5 * z ** 2).sum(1) / (cos.size * bandwidth * math.sqrt(2 * math.pi))
+        """Gaussian kernel density of the cosines at ``points`` (:func:`cosine_density`)."""
+        return cosine_density(self.cosines, points, bandwidth)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly: the summary, the settings, the Gram matrix and the histogram."""
@@ -349,6 +328,35 @@ class GradientConfusionResult:
                     cosines=_finite_or_none(self.cosines.tolist()),
                     histogram=dict(density=density.tolist(), edges=edges.tolist()),
                     meta=self.meta)
+
+
+def cosine_density(cosines: np.ndarray, points: np.ndarray,
+                   bandwidth: float | None = None) -> np.ndarray:
+    """Gaussian kernel density of cosine similarities at ``points``.
+
+    The kernels are reflected at -1 and 1 (cosines live in ``[-1, 1]``), so
+    the density integrates to 1 over that interval instead of leaking out.
+    Cosines of several runs pooled into one array give the density over runs.
+
+    Args:
+        cosines: The cosines (non-finite ones, undefined pairs, are left out).
+        points: Where to evaluate (e.g. ``np.linspace(-1, 1, 201)``).
+        bandwidth: Kernel width; default Scott's rule ``1.06 σ n^(-1/5)``,
+            at least 0.01 (a tight cluster of cosines stays visible).
+
+    Returns:
+        The density at ``points`` (zeros when no cosine is defined).
+    """
+    points = np.asarray(points, dtype=np.float64)
+    cos = np.asarray(cosines, dtype=np.float64)
+    cos = cos[np.isfinite(cos)]
+    if not cos.size:
+        return np.zeros_like(points)
+    if bandwidth is None:
+        bandwidth = max(1.06 * float(cos.std()) * cos.size ** -0.2, 0.01)
+    centres = np.concatenate([cos, 2.0 - cos, -2.0 - cos])
+    z = (points[:, None] - centres[None, :]) / bandwidth
+    return np.exp(-0.5 * z ** 2).sum(1) / (cos.size * bandwidth * math.sqrt(2 * math.pi))
 
 
 def _finite_or_none(obj: Any) -> Any:

@@ -97,6 +97,8 @@ class LandscapeResult:
         num_batches: Batches the loss is averaged over.
         seed: Seed of the directions.
         meta: Free-form context kept in :meth:`to_dict`.
+        metrics: With a ``metric_fn``: its values, shaped as ``losses``.
+        base_metric: With a ``metric_fn``: its value at the unperturbed parameters.
     """
 
     x: list[float]
@@ -108,21 +110,33 @@ class LandscapeResult:
     num_batches: int = 0
     seed: int = 0
     meta: dict[str, Any] = field(default_factory=dict)
+    metrics: list[Any] | None = None
+    base_metric: float | None = None
+
+    def _at_center(self, values: list[Any] | None) -> float | None:
+        if values is None or 0.0 not in self.x or (self.y is not None and 0.0 not in self.y):
+            return None
+        i = self.x.index(0.0)
+        return values[i] if self.y is None else values[self.y.index(0.0)][i]
 
     @property
     def center_loss(self) -> float | None:
         """The loss at coordinate 0 (0, 0) if the grid holds it, else ``None``."""
-        if 0.0 not in self.x or (self.y is not None and 0.0 not in self.y):
-            return None
-        i = self.x.index(0.0)
-        return self.losses[i] if self.y is None else self.losses[self.y.index(0.0)][i]
+        return self._at_center(self.losses)
+
+    @property
+    def center_metric(self) -> float | None:
+        """The metric at coordinate 0 (0, 0) if there is one and the grid holds it."""
+        return self._at_center(self.metrics)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly (non-finite losses become ``None``)."""
         return _finite_or_none(dict(
             x=self.x, y=self.y, losses=self.losses, base_loss=self.base_loss,
             center_loss=self.center_loss, form=self.form, num_params=self.num_params,
-            num_batches=self.num_batches, seed=self.seed, meta=self.meta))
+            num_batches=self.num_batches, seed=self.seed, meta=self.meta,
+            metrics=self.metrics, base_metric=self.base_metric,
+            center_metric=self.center_metric))
 
 
 def mean_loss(model: nn.Module, batches: Sequence[Any], loss_fn: LossFn) -> float:
@@ -150,7 +164,8 @@ def _coordinates(steps: int, span: float | tuple[float, float], what: str) -> li
 def _landscape(model: nn.Module, batches: Iterable[Any], loss_fn: LossFn, *,
                num_dirs: int, steps: int, span: float | tuple[float, float],
                seed: int, form: str, num_batches: int | None,
-               progress: Callable[[int, int], None] | None, what: str) -> LandscapeResult:
+               progress: Callable[[int, int], None] | None, what: str,
+               metric_fn: Callable[[nn.Module], float] | None = None) -> LandscapeResult:
     if form not in FORMS:
         raise ConfigError(f'{what}: form={form!r} must be one of {FORMS}')
     coords = _coordinates(steps, span, what)
@@ -170,8 +185,10 @@ def _landscape(model: nn.Module, batches: Iterable[Any], loss_fn: LossFn, *,
     origin = [p.detach().clone() for p in params]
     grid = list(itertools.product(coords, repeat=num_dirs))
     values: list[float] = []
+    scores: list[float] = []
     with analysis_mode(model, training=False):
         base = mean_loss(model, batches, loss_fn)
+        base_metric = metric_fn(model) if metric_fn is not None else None
         try:
             for index, point in enumerate(grid):
                 with torch.no_grad():
@@ -181,6 +198,8 @@ def _landscape(model: nn.Module, batches: Iterable[Any], loss_fn: LossFn, *,
                             if alpha != 0.0:
                                 p.add_(direction[i], alpha=alpha)
                 values.append(mean_loss(model, batches, loss_fn))
+                if metric_fn is not None:
+                    scores.append(metric_fn(model))
                 if progress is not None:
                     progress(index + 1, len(grid))
         finally:
@@ -190,23 +209,26 @@ def _landscape(model: nn.Module, batches: Iterable[Any], loss_fn: LossFn, *,
     changed = [n for (n, p), p0 in zip(named, origin) if not torch.equal(p.detach(), p0)]
     if changed:
         raise RuntimeError(f'{what}: parameters not restored exactly: {changed[:5]}')
-    if num_dirs == 1:
-        losses: list[Any] = values
-        y = None
-    else:
+    def shaped(flat: list[float]) -> list[Any]:
         # itertools.product varies the last coordinate fastest: point = (x, y)
         # with y fastest, so transpose to rows of constant y.
-        losses = np.asarray(values).reshape(len(coords), len(coords)).T.tolist()
-        y = coords
-    return LandscapeResult(x=coords, y=y, losses=losses, base_loss=base, form=form,
+        return flat if num_dirs == 1 else \
+            np.asarray(flat).reshape(len(coords), len(coords)).T.tolist()
+
+    return LandscapeResult(x=coords, y=None if num_dirs == 1 else coords,
+                           losses=shaped(values), base_loss=base, form=form,
                            num_params=sum(p.numel() for p in params),
-                           num_batches=len(batches), seed=seed)
+                           num_batches=len(batches), seed=seed,
+                           metrics=shaped(scores) if metric_fn is not None else None,
+                           base_metric=base_metric)
 
 
 def loss_landscape_1d(model: nn.Module, batches: Iterable[Any], loss_fn: LossFn, *,
                       steps: int = 21, span: float | tuple[float, float] = 1.0,
                       seed: int = 0, form: str = 'training', num_batches: int | None = None,
-                      progress: Callable[[int, int], None] | None = None) -> LandscapeResult:
+                      progress: Callable[[int, int], None] | None = None,
+                      metric_fn: Callable[[nn.Module], float] | None = None
+                      ) -> LandscapeResult:
     """``L(θ + α d)`` for ``steps`` values of α along one filter-normalised direction.
 
     Args:
@@ -222,6 +244,9 @@ def loss_landscape_1d(model: nn.Module, batches: Iterable[Any], loss_fn: LossFn,
             ExpandNet) or ``'compact'`` (a contracted copy of the model).
         num_batches: Take the first ``num_batches`` batches (``None``: all).
         progress: Called as ``progress(done, total)`` after each point.
+        metric_fn: Also evaluate ``metric_fn(model)`` (in eval mode) at the
+            unperturbed parameters and every point, e.g. the config's own
+            mAP / mIoU on a subset (:class:`~expand_mm.analysis.metric.SubsetMetric`).
 
     Returns:
         A :class:`LandscapeResult` with ``y=None``.
@@ -232,13 +257,15 @@ def loss_landscape_1d(model: nn.Module, batches: Iterable[Any], loss_fn: LossFn,
     """
     return _landscape(model, batches, loss_fn, num_dirs=1, steps=steps, span=span, seed=seed,
                       form=form, num_batches=num_batches, progress=progress,
-                      what='loss_landscape_1d')
+                      what='loss_landscape_1d', metric_fn=metric_fn)
 
 
 def loss_landscape_2d(model: nn.Module, batches: Iterable[Any], loss_fn: LossFn, *,
                       steps: int = 11, span: float | tuple[float, float] = 1.0,
                       seed: int = 0, form: str = 'training', num_batches: int | None = None,
-                      progress: Callable[[int, int], None] | None = None) -> LandscapeResult:
+                      progress: Callable[[int, int], None] | None = None,
+                      metric_fn: Callable[[nn.Module], float] | None = None
+                      ) -> LandscapeResult:
     """``L(θ + α d1 + β d2)`` on a ``steps x steps`` grid of two filter-normalised directions.
 
     The directions are drawn one after the other from the same seeded
@@ -252,4 +279,4 @@ def loss_landscape_2d(model: nn.Module, batches: Iterable[Any], loss_fn: LossFn,
     """
     return _landscape(model, batches, loss_fn, num_dirs=2, steps=steps, span=span, seed=seed,
                       form=form, num_batches=num_batches, progress=progress,
-                      what='loss_landscape_2d')
+                      what='loss_landscape_2d', metric_fn=metric_fn)

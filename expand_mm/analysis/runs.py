@@ -61,6 +61,31 @@ def resolve_runs(configs: Sequence[str | Config], checkpoints: Sequence[str] | N
             for c, k, lab in zip(configs, ckpts, labels)]
 
 
+def split_seed_runs(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One run per checkpoint where a run's checkpoint lists several, comma-separated.
+
+    ``--checkpoint s0.pth,s1.pth,s2.pth`` gives one config the checkpoints of
+    several trainings (seeds); each becomes a run of its own, labelled
+    ``<label>#<i>`` and carrying ``group=<label>`` (every run has a ``group``:
+    its label when it stands alone).
+
+    Args:
+        runs: The runs of :func:`resolve_runs`.
+
+    Returns:
+        The runs, those with several checkpoints split.
+    """
+    split = []
+    for run in runs:
+        checkpoint = run['checkpoint']
+        parts = checkpoint.split(',') if checkpoint and ',' in checkpoint else [checkpoint]
+        parts = [None if p is None or p.lower() in NO_CHECKPOINT else p for p in parts]
+        for i, part in enumerate(parts):
+            label = run['label'] if len(parts) == 1 else f'{run["label"]}#{i}'
+            split.append(dict(run, checkpoint=part, label=label, group=run['label']))
+    return split
+
+
 def check_run_files(runs: Sequence[dict[str, Any]], out: str) -> None:
     """Check every run's config and checkpoint file, and ``out``, before any work.
 

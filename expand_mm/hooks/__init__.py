@@ -1,9 +1,12 @@
 """MMEngine hooks of expand_mm (registered in the root ``HOOKS`` registry)."""
 from .channel_planting import ChannelPlantingHook
 from .contract_checkpoint import ContractCheckpointHook
+from .gradient_confusion import GradientConfusionHook
 from .load_checkpoint import ExpandCheckpointLoadHook
 from .nonlinear_init import NONLINEAR_INIT_META_KEY, NonlinearInitHook
 from .setup_checks import ExpandNetCheckHook
+from .weight_decay_term import WeightDecayTermHook
 
 __all__ = ['ChannelPlantingHook', 'ContractCheckpointHook', 'ExpandCheckpointLoadHook',
            'ExpandNetCheckHook', 'NonlinearInitHook', 'NONLINEAR_INIT_META_KEY']
+__all__ += ['GradientConfusionHook', 'WeightDecayTermHook']

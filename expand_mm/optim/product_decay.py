@@ -304,3 +304,48 @@ class WeightDecayOnCheck:
             f'weight decay regime ({effect}). To resume, set paramwise_cfg.weight_decay_on='
             f'{saved!r}; to switch, start from the checkpoint\'s weights only with '
             'load_from=<checkpoint> and resume=False (a fresh optimizer)')
+
+
+@torch.no_grad()
+def weight_decay_term(optimizer: Optimizer,
+                      layers: Sequence[tuple[str, ExpandedLayer]] = ()) -> float:
+    """The L2 term ``sum lambda / 2 * ||w||^2`` of the weight decay ``optimizer`` applies.
+
+    What the optimizer decays, with the coefficient it decays it by: every
+    parameter of a group with a nonzero ``weight_decay`` (``paramwise_cfg``'s
+    ``decay_mult`` and ``custom_keys`` already folded into the groups), and,
+    for ``weight_decay_on='product'``, the composed kernel ``W`` of each
+    expanded layer in ``layers`` whose factor weights carry
+    :data:`PRODUCT_DECAY_KEY` (their own groups then have ``weight_decay=0``,
+    so nothing is counted twice). Factors of one layer with different
+    values count the product with their mean. Read only: nothing is updated,
+    no graph is built.
+
+    For a coupled optimizer (SGD, Adam) the decay is the gradient of exactly
+    this term; for a decoupled one (AdamW) it is the term whose gradient the
+    shrink ``w <- (1 - lr lambda) w`` follows, scaled by the rate.
+
+    Args:
+        optimizer: The torch optimizer (``optim_wrapper.optimizer``).
+        layers: ``(path, layer)`` of the model's expanded layers
+            (:func:`~expand_mm.surgery.expanded_layers`); only needed for the
+            product decay.
+
+    Returns:
+        The term, as a float (accumulated in float64).
+    """
+    total = torch.zeros((), dtype=torch.float64)
+    for group in optimizer.param_groups:
+        decay = group.get('weight_decay', 0.0) or 0.0
+        if decay:
+            squares = sum(p.detach().double().square().sum().cpu() for p in group['params'])
+            total += decay / 2 * squares
+    groups = {id(p): g for g in optimizer.param_groups for p in g['params']}
+    for _, layer in layers:
+        decays = [groups[id(p)].get(PRODUCT_DECAY_KEY, 0.0) for p in factor_weights(layer)
+                  if id(p) in groups]
+        decays = [d for d in decays if d > 0]
+        if decays:
+            kernel = layer._compose(None)[0]  # no cache, no deferred leaf, any mode
+            total += sum(decays) / len(decays) / 2 * kernel.double().square().sum().cpu()
+    return float(total)

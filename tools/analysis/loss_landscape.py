@@ -3,6 +3,7 @@
     python tools/analysis/loss_landscape.py CONFIG [CONFIG ...]
         [--checkpoint CKPT ...] [--num-batches 4] [--steps-1d 21] [--steps-2d 11]
         [--span 1.0] [--form training|compact] [--no-2d] [--seed 0]
+        [--metric] [--metric-samples 100] [--metric-key KEY]
         [--labels NAME ...] [--out DIR] [--cfg-options ...]
 
 For every CONFIG the model is built as training would start it (MMEngine
@@ -17,6 +18,12 @@ seeded with ``--seed`` (Li et al. 2018; biases and norm parameters are not
 moved). ``--form training`` (default) perturbs the trained parameters -- the
 factors of an ExpandNet -- and ``--form compact`` its contraction. The
 parameters are restored bit for bit afterwards.
+
+``--metric`` also evaluates the config's own ``val_evaluator`` (mAP, mIoU)
+on the first ``--metric-samples`` validation images at every point of the
+1-D curve (``model.val_step`` and the evaluator, as the stock ``ValLoop``
+does on that subset; a ``CocoMetric`` gets a COCO file of just those
+images), and the 1-D plot draws it on a second axis.
 
 Writes ``--out``/landscape.json, landscape_1d.png (the curves of all
 configs) and landscape_2d_<label>.png (a contour plot per config), and prints
@@ -42,6 +49,7 @@ import numpy as np  # noqa: E402
 import expand_mm  # noqa: E402,F401  (registers ExpandNet and the hooks)
 from expand_mm.analysis import (loss_landscape_1d, loss_landscape_2d, mm_loss_fn,  # noqa: E402
                                 mm_preprocess)
+from expand_mm.analysis.metric import SubsetMetric  # noqa: E402
 from expand_mm.analysis.runs import (build_run, check_run_files,  # noqa: E402
                                      resolve_runs, safe_name)
 from expand_mm.cli import DefaultsHelpFormatter, run_tool  # noqa: E402
@@ -73,6 +81,14 @@ def parse_args(argv: Sequence[str] | None = None, need_configs: bool = True
     parser.add_argument('--no-2d', action='store_true', help='only the 1-D curve')
     parser.add_argument('--seed', type=int, default=0,
                         help='seed of the initialisation, the data order and the directions')
+    parser.add_argument('--metric', action='store_true',
+                        help="also evaluate the config's val_evaluator (mAP, mIoU) at every "
+                        'point of the 1-D curve')
+    parser.add_argument('--metric-samples', type=int, default=100,
+                        help='with --metric: the first N validation images')
+    parser.add_argument('--metric-key', default=None,
+                        help="with --metric: the evaluator's entry to report (default: its "
+                        'bbox_mAP / mAP / mIoU)')
     parser.add_argument('--labels', nargs='+', default=None,
                         help='names in the table and plots (default: config file stems)')
     parser.add_argument('--out', default=osp.join('work_dirs', 'analysis', 'loss_landscape'),
@@ -96,6 +112,8 @@ def parse_args(argv: Sequence[str] | None = None, need_configs: bool = True
                          'the grid has the trained point (coordinate 0) at its centre')
     if not args.span > 0:
         parser.error('--span must be > 0')
+    if args.metric_samples < 1:
+        parser.error('--metric-samples must be >= 1')
     return args
 
 
@@ -116,8 +134,11 @@ def analyse(run: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
         else run['config'].filename,
         checkpoint=run['checkpoint'], expanded_layers=len(expanded_layers(model)),
         num_batches=len(batches), batch_size=cfg.train_dataloader.get('batch_size'))
+    metric = SubsetMetric(cfg, args.metric_samples, osp.join(args.out, 'runs', safe_name(label)),
+                          args.metric_key) if args.metric else None
     entry['1d'] = loss_landscape_1d(model, batches, loss_fn, steps=args.steps_1d,
-                                    **common).to_dict()
+                                    metric_fn=metric, **common).to_dict()
+    entry['metric_key'] = metric.key if metric else None
     entry['2d'] = None if args.no_2d else loss_landscape_2d(
         model, batches, loss_fn, steps=args.steps_2d, **common).to_dict()
     del model, loader, batches
@@ -132,7 +153,7 @@ def _fmt(v: Any) -> str:
 def format_table(entries: list[dict[str, Any]]) -> str:
     """Centre loss, 1-D end points and 2-D range of every config as a text table."""
     header = ('config', 'form', 'params', 'batches', 'centre', 'L(-span)', 'L(+span)',
-              '2-D min', '2-D max')
+              '2-D min', '2-D max', 'metric at 0', 'metric at ±span')
     table = [header]
     for e in entries:
         one, two = e['1d'], e['2d']
@@ -140,7 +161,10 @@ def format_table(entries: list[dict[str, Any]]) -> str:
         table.append((e['label'], one['form'], f'{one["num_params"]:,}',
                       str(one['num_batches']), _fmt(one['base_loss']),
                       _fmt(one['losses'][0]), _fmt(one['losses'][-1]),
-                      _fmt(min(flat)) if flat else 'n/a', _fmt(max(flat)) if flat else 'n/a'))
+                      _fmt(min(flat)) if flat else 'n/a', _fmt(max(flat)) if flat else 'n/a',
+                      _fmt(one.get('center_metric')),
+                      ' / '.join(_fmt(m) for m in (one['metrics'][0], one['metrics'][-1]))
+                      if one.get('metrics') else 'n/a'))
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     lines = ['  '.join(c.ljust(w) if i == 0 else c.rjust(w)
                        for i, (c, w) in enumerate(zip(row, widths))) for row in table]
@@ -154,16 +178,28 @@ def _array(values: list) -> np.ndarray:
 
 
 def plot_1d(entries: list[dict[str, Any]], path: str, title: str) -> None:
-    """The 1-D curves of all configs in one plot (log-scaled loss when it spans 10x or more)."""
+    """The 1-D curves of all configs in one plot (log-scaled loss when it spans 10x or more).
+
+    With ``--metric`` the metric of each config is drawn dashed, in its
+    colour, on a second y axis.
+    """
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    metric_ax = ax.twinx() if any(e['1d'].get('metrics') for e in entries) else None
     all_values = []
     for i, e in enumerate(entries):
         one = e['1d']
         y = _array(one['losses'])
         all_values.append(y[np.isfinite(y)])
-        ax.plot(one['x'], y, marker='.', color=f'C{i}', label=e['label'])
+        ax.plot(one['x'], y, marker='.', color=f'C{i}', label=f'{e["label"]}: loss')
+        if metric_ax is not None and one.get('metrics'):
+            metric_ax.plot(one['x'], _array(one['metrics']), ls='--', marker='x', ms=4,
+                           color=f'C{i}', label=f'{e["label"]}: {e["metric_key"]}')
+    if metric_ax is not None:
+        metric_ax.set_ylabel(' / '.join(sorted({e['metric_key'] for e in entries
+                                                if e.get('metric_key')})) + ' (dashed)')
+        metric_ax.legend(fontsize=7, loc='upper right')
     values = np.concatenate(all_values) if all_values else np.array([])
     if values.size and values.min() > 0 and values.max() / values.min() > 10:
         ax.set_yscale('log')
@@ -171,7 +207,7 @@ def plot_1d(entries: list[dict[str, Any]], path: str, title: str) -> None:
     ax.set_xlabel('alpha (filter-normalised direction)')
     ax.set_ylabel('training loss')
     ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc='upper left')
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
