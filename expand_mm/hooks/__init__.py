@@ -2,8 +2,11 @@
 from .channel_planting import ChannelPlantingHook
 from .contract_checkpoint import ContractCheckpointHook
 from .load_checkpoint import ExpandCheckpointLoadHook
+from .rng_state import RNGStateHook
+from .safe_checkpoint import SafeCheckpointHook
 from .nonlinear_init import NONLINEAR_INIT_META_KEY, NonlinearInitHook
 from .setup_checks import ExpandNetCheckHook
 
 __all__ = ['ChannelPlantingHook', 'ContractCheckpointHook', 'ExpandCheckpointLoadHook',
-           'ExpandNetCheckHook', 'NonlinearInitHook', 'NONLINEAR_INIT_META_KEY']
+           'ExpandNetCheckHook', 'NonlinearInitHook', 'NONLINEAR_INIT_META_KEY', 'RNGStateHook',
+           'SafeCheckpointHook']

@@ -1,0 +1,159 @@
+"""``RNGStateHook``: a resumed run draws the random numbers the uninterrupted one drew."""
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import numpy as np
+import torch
+from mmengine.dist import get_world_size
+from mmengine.hooks import Hook
+from mmengine.registry import HOOKS
+
+#: Top-level key of the training checkpoint that holds the generators' states.
+RNG_STATE_KEY = 'rng_state'
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """The states of Python's, NumPy's and torch's global generators (CUDA's when present).
+
+    In types that weights-only loading reads (tuples, ints, floats, tensors).
+    """
+    kind, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    state = {'python': random.getstate(),
+             'numpy': (kind, torch.from_numpy(keys.astype(np.int64)), int(pos),
+                       int(has_gauss), float(cached_gaussian)),
+             'torch': torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state['cuda'] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    """Set the global generators to a state from :func:`capture_rng_state`."""
+    version, internal, gauss_next = state['python']
+    random.setstate((version, tuple(internal), gauss_next))
+    kind, keys, pos, has_gauss, cached_gaussian = state['numpy']
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached_gaussian))
+    torch.set_rng_state(state['torch'])
+    if 'cuda' in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state['cuda'])
+
+
+class _RestoreBeforeFetch:
+    """The train loop's batch iterator, setting the generators before a batch is made.
+
+    The first ``skip`` batches (those a resumed ``IterBasedTrainLoop`` draws
+    again to reach its position) are fetched as they come; the next fetch
+    first restores the state the hook holds, if any.
+    """
+
+    def __init__(self, iterator, hook: 'RNGStateHook', skip: int) -> None:
+        self._inner = iterator
+        self._hook = hook
+        self._skip = skip
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self._skip > 0:
+            self._skip -= 1
+        else:
+            self._hook.apply_pending()
+        return next(self._inner)
+
+    def __getattr__(self, name: str) -> Any:  # the wrapped iterator's own attributes
+        return getattr(self._inner, name)
+
+
+@HOOKS.register_module()
+class RNGStateHook(Hook):
+    """Save the random generators' states with each checkpoint and restore them on resume.
+
+    MMEngine reseeds the generators when a run resumes and an
+    ``IterBasedTrainLoop`` draws its batches again up to the resumed
+    iteration; random draws made outside the data pipeline (a model's
+    dropout or sampling, a data preprocessor's ``BatchSyncRandomResize``)
+    are not replayed, and with ``randomness.seed`` unset the sampler is
+    built with a new seed. This hook makes a resumed run continue exactly as
+    the uninterrupted one (on one process; bit-identical on a CPU):
+
+    * ``before_save_checkpoint``: stores Python's, NumPy's and torch's states
+      (CUDA's when used) in ``checkpoint['rng_state']``;
+    * ``after_load_checkpoint`` (resume only): takes the stored states;
+    * ``before_train``: a resumed run whose train dataloader was built with
+      another seed than the resumed one (``randomness.seed`` unset) gets its
+      dataloader rebuilt with the resumed seed (the sampler's order, the
+      loader workers' seeds);
+    * the states are set just before the first batch after the checkpoint
+      is made -- after a resumed loop has skipped to its iteration -- in the
+      resumed run and, at the same point, in the uninterrupted one, so random
+      numbers drawn between a save and the next batch (validation, other
+      hooks) do not tell the two apart.
+
+    Data loader workers are seeded by MMEngine from the seed and the worker
+    id, and skipping the trained batches replays their draws, so their
+    states need no storing. With several processes the states are not
+    restored (each rank has its own; said once).
+    """
+
+    priority = 'NORMAL'
+
+    def __init__(self) -> None:
+        self._pending: dict[str, Any] | None = None
+        self._resumed = False
+
+    def apply_pending(self) -> None:
+        """Set the generators to the state taken at the last save or resume, once."""
+        if self._pending is not None:
+            restore_rng_state(self._pending)
+            self._pending = None
+
+    def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
+        """Store the generators' states; set them again before the next batch."""
+        self._pending = capture_rng_state()
+        checkpoint[RNG_STATE_KEY] = self._pending
+
+    def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
+        """Take the stored states when resuming (not for ``load_from`` alone)."""
+        if not runner._resume:
+            return
+        self._resumed = True
+        if RNG_STATE_KEY not in checkpoint:
+            runner.logger.warning('RNGStateHook: the resumed checkpoint holds no random '
+                                  'generator states; the run goes on with reseeded ones')
+            return
+        if get_world_size() > 1:
+            runner.logger.info('RNGStateHook: with several processes the generators are '
+                               'reseeded, not restored (the checkpoint holds one rank\'s)')
+            return
+        self._pending = checkpoint[RNG_STATE_KEY]
+
+    def before_train(self, runner) -> None:
+        """Rebuild a dataloader seeded otherwise than the resumed run; wrap the batch fetch."""
+        loop = runner.train_loop
+        if self._resumed and isinstance(runner._train_dataloader, dict) and \
+                _sampler_seed(loop.dataloader) not in (None, runner.seed):
+            runner.logger.info(f'RNGStateHook: rebuilding the train dataloader with the resumed '
+                               f'seed {runner.seed} (set randomness.seed to avoid this)')
+            loop.dataloader = runner.build_dataloader(
+                runner._train_dataloader, seed=runner.seed,
+                diff_rank_seed=runner._randomness_cfg.get('diff_rank_seed', False))
+            if hasattr(loop, 'dataloader_iterator'):
+                loop.dataloader_iterator = type(loop.dataloader_iterator)(loop.dataloader)
+        if hasattr(loop, 'dataloader_iterator'):  # IterBasedTrainLoop: skips, then fetches
+            loop.dataloader_iterator = _RestoreBeforeFetch(loop.dataloader_iterator, self,
+                                                           skip=loop.iter)
+
+    def before_train_epoch(self, runner) -> None:
+        """Epoch-based loops make a new batch iterator after this: set the generators."""
+        if not hasattr(runner.train_loop, 'dataloader_iterator'):
+            self.apply_pending()
+
+
+def _sampler_seed(dataloader) -> int | None:
+    """The seed of the dataloader's sampler (None when it has none)."""
+    batch_sampler = getattr(dataloader, 'batch_sampler', None)
+    sampler = getattr(batch_sampler, 'sampler', None) or getattr(dataloader, 'sampler', None)
+    return getattr(sampler, 'seed', None)
