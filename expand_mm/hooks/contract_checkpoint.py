@@ -94,7 +94,7 @@ class ContractCheckpointHook(Hook):
         self._said: set[str] = set()  # one-time notices already logged at warning level
 
     def before_train(self, runner) -> None:
-        """Refuse a model with no compact form; remember the resumed checkpoint's twin.
+        """Refuse a model with no compact form; take over the twins of a resumed run.
 
         A plain model without expanded layers has no compact form other than
         its own checkpoint, so it is refused, unless a ``ChannelPlantingHook``
@@ -118,11 +118,8 @@ class ContractCheckpointHook(Hook):
                 + ('contracted)' if expanded else 'no expanded layer: as they are)'))
         self._named = _saved_path_keys(runner.message_hub.runtime_info)
         resumed = self._named.get('last_ckpt')
-        if resumed and self._backend(runner, resumed).isfile(self._twin_path(resumed)):
-            self._twins[resumed] = self._twin_path(resumed)
-            self._origin[resumed] = 'last_ckpt'
         if resumed and is_main_process():
-            self._remove_orphan_twins(runner, resumed)
+            self._take_over_twins(runner, resumed)
 
     def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
         """Remove the twins of the checkpoints removed by the save of this iteration."""
@@ -166,24 +163,34 @@ class ContractCheckpointHook(Hook):
             self._saved = False
             self._drop_retired_twins(runner)
 
-    def _remove_orphan_twins(self, runner, resumed: str) -> None:
-        """On resume, remove the twins whose checkpoint a save removed or never completed.
+    def _take_over_twins(self, runner, resumed: str) -> None:
+        """On resume, track the twins of the run's checkpoints; remove the orphaned ones.
 
-        A kill can fall between the removal of a retired checkpoint and that
-        of its twin, or between a twin and its checkpoint's completion; such a
-        twin (of a ``max_keep_ckpts``-retired or replaced ``best_*``
-        checkpoint, or of a step after the resumed one) is removed. The twin
-        of a checkpoint that disappeared otherwise (moved by hand) is kept.
+        A twin whose checkpoint exists is tracked, so it is removed with its
+        checkpoint when ``max_keep_ckpts`` retires it later in this run. A kill
+        can fall between the removal of a retired checkpoint and that of its
+        twin, or between a twin and its checkpoint's completion; such a twin
+        (of a ``max_keep_ckpts``-retired or replaced ``best_*`` checkpoint, or
+        of a step after the resumed one) is removed. The twin of a checkpoint
+        that disappeared otherwise (moved by hand) is kept.
         """
-        directory = osp.dirname(resumed)
-        backend = self._backend(runner, resumed)
+        # CheckpointHook (acting before this hook) has resolved its out_dir: the run may
+        # have been moved since it named the resumed checkpoint.
+        directory = getattr(self._checkpoint_hook(runner), 'out_dir', None) or osp.dirname(resumed)
+        backend = self._backend(runner, directory)
         ending = self.suffix + '.pth'
+        named = {path: key for key, path in self._named.items()}
         orphans = []
         for name in sorted(backend.list_dir_or_file(directory, list_dir=False)):
+            if not name.endswith(ending):
+                continue
+            twin = backend.join_path(directory, name)
             source = backend.join_path(directory, name[:-len(ending)] + '.pth')
-            if name.endswith(ending) and not backend.exists(source) \
-                    and self._abandoned(runner, source, resumed):
-                orphans.append(backend.join_path(directory, name))
+            if backend.exists(source):
+                self._twins.setdefault(source, twin)
+                self._origin.setdefault(source, named.get(source, 'last_ckpt'))
+            elif self._abandoned(runner, source, resumed):
+                orphans.append(twin)
         for path in orphans:
             backend.remove(path)
         if orphans:
