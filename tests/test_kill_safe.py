@@ -211,10 +211,10 @@ def test_a_kill_at_any_moment_of_a_save_resumes_to_the_same_weights(tmp_path, tr
     reference = weights(reference_dir / 'iter_2.pth')
     reference_twin = torch.load(reference_dir / 'iter_2_compact.pth', weights_only=True)
     lines = {int(line.split()[0]): line.split()[1] for line in log.read_text().splitlines()}
+    # A write is cut in the middle, anything else killed before it happens: the twin
+    # written, renamed; the checkpoint written, renamed; last_checkpoint; the old two removed.
     points = [f'{k}:torn' if lines[k] == 'write' else str(k) for k in save_events(log, 2)]
-    points += [str(k) for k in save_events(log, 2) if lines[k] == 'write']
-    # twin written, renamed; checkpoint written, renamed; last_checkpoint; the old two removed
-    assert len(points) == 9, log.read_text()
+    assert len(points) == 7, log.read_text()
     failures = []
     for point in points:
         work_dir = tmp_path / f'kill_{point.replace(":", "_")}'
@@ -344,3 +344,6 @@ def test_the_train_tool_selects_the_safe_hooks_keeping_the_checkpoint_settings()
                          custom_hooks=[dict(type='RNGStateHook')]))
     train.add_resume_hooks(custom)
     assert custom.default_hooks == dict(checkpoint=None)  # saving turned off: left so
+    off = Config(dict(default_hooks=dict(rng_state=None)))  # turned off, as the Runner
+    train.add_resume_hooks(off)                              # would refuse None there
+    assert 'rng_state' not in off.default_hooks

@@ -85,14 +85,20 @@ def _add_hook(cfg: Config, key: str, hook_type: str) -> None:
 
     It is looked for in ``default_hooks`` and ``custom_hooks`` and added to
     ``default_hooks``, whose dict the Runner merges with its own defaults
-    (to ``custom_hooks`` when ``key`` holds another hook).
+    (to ``custom_hooks`` when ``key`` holds another hook). ``default_hooks[key]
+    = None`` (e.g. ``--cfg-options default_hooks.rng_state=None``) turns it off:
+    the key is dropped, as the Runner drops its own default hooks set to None
+    (it refuses None under other keys).
     """
     default_hooks = cfg.get('default_hooks') or {}
+    if key in default_hooks and default_hooks[key] is None:
+        cfg.default_hooks = {k: v for k, v in default_hooks.items() if k != key}
+        return
     hooks = [*default_hooks.values(), *(cfg.get('custom_hooks') or [])]
     if any(isinstance(hook, dict) and type_name(hook.get('type', '')) == hook_type
            for hook in hooks):
         return
-    if default_hooks.get(key) is None:
+    if key not in default_hooks:
         cfg.default_hooks = {**default_hooks, key: dict(type=hook_type)}
     else:  # the key holds another hook: keep it
         cfg.custom_hooks = [*(cfg.get('custom_hooks') or []), dict(type=hook_type)]

@@ -34,10 +34,12 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     version, internal, gauss_next = state['python']
     random.setstate((version, tuple(internal), gauss_next))
     kind, keys, pos, has_gauss, cached_gaussian = state['numpy']
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached_gaussian))
-    torch.set_rng_state(state['torch'])
+    # A resume maps the checkpoint's tensors to the training device; the states live on the CPU.
+    np.random.set_state((kind, keys.cpu().numpy().astype(np.uint32), pos, has_gauss,
+                         cached_gaussian))
+    torch.set_rng_state(state['torch'].cpu())
     if 'cuda' in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state['cuda'])
+        torch.cuda.set_rng_state_all([cuda.cpu() for cuda in state['cuda']])
 
 
 class _RestoreBeforeFetch:
