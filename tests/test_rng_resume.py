@@ -29,7 +29,7 @@ def augmented_cfg(tmp_path, seed):
     cfg = digits_cfg(tmp_path, max_iters=4, interval=2)
     pipeline = cfg.train_dataloader.dataset.pipeline
     pipeline[-1:-1] = RANDOM_AUGMENTATION  # before PackDetInputs
-    cfg.model.data_preprocessor.batch_augments = [RANDOM_RESIZE]
+    cfg.model.model.data_preprocessor.batch_augments = [RANDOM_RESIZE]  # ExpandNet's model
     cfg.randomness = dict(seed=seed)
     return cfg
 
