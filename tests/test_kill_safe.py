@@ -347,3 +347,45 @@ def test_the_train_tool_selects_the_safe_hooks_keeping_the_checkpoint_settings()
     off = Config(dict(default_hooks=dict(rng_state=None)))  # turned off, as the Runner
     train.add_resume_hooks(off)                              # would refuse None there
     assert 'rng_state' not in off.default_hooks
+
+
+# ---- in the Runner: a diverged run keeps the last good checkpoint; remote backends ----
+
+@pytest.mark.slow  # a Runner run
+def test_a_run_stopped_at_a_save_keeps_the_checkpoint_max_keep_ckpts_would_retire(tmp_path):
+    from mmengine.runner import Runner
+
+    from test_checkpoint_hooks import tiny_cfg
+    from test_safety import PoisonHeadFactor
+    cfg = tiny_cfg(tmp_path, max_iters=3)
+    cfg.default_hooks.checkpoint = dict(type='SafeCheckpointHook', interval=1, by_epoch=False,
+                                        max_keep_ckpts=1)
+    runner = Runner.from_cfg(cfg)
+    runner.register_hook(PoisonHeadFactor(at_iter=2))
+    with pytest.raises(expand_mm.errors.NonFiniteError) as err:
+        runner.train()
+    first = osp.join(cfg.work_dir, 'iter_1.pth')
+    assert f'Resume from {first}, the last checkpoint saved before it' in str(err.value)
+    assert sorted(f for f in os.listdir(cfg.work_dir) if f.endswith(('.pth', '.tmp'))) == \
+        ['iter_1.pth', 'iter_1_compact.pth']
+    assert (Path(cfg.work_dir) / 'last_checkpoint').read_text() == first
+
+
+@pytest.mark.slow  # a Runner run
+def test_on_a_remote_backend_checkpoints_are_put_whole_and_retired_after(tmp_path):
+    from mmengine.fileio import FileClient, register_backend
+    from mmengine.runner import Runner
+
+    from test_checkpoint_hooks import MemoryBackend, tiny_cfg
+    register_backend('memtest', MemoryBackend, force=True, prefixes='memtest')
+    FileClient.register_backend('memtest', MemoryBackend, force=True, prefixes='memtest')
+    MemoryBackend.files.clear()
+    cfg = tiny_cfg(tmp_path, max_iters=3)
+    cfg.default_hooks.checkpoint = dict(type='SafeCheckpointHook', interval=1, by_epoch=False,
+                                        max_keep_ckpts=2, out_dir='memtest://bucket')
+    Runner.from_cfg(cfg).train()
+    names = sorted(k.rsplit('/', 1)[-1] for k in MemoryBackend.files)
+    assert names == ['iter_2.pth', 'iter_2_compact.pth', 'iter_3.pth', 'iter_3_compact.pth']
+    assert (Path(cfg.work_dir) / 'last_checkpoint').read_text() == 'memtest://bucket/work/iter_3.pth'
+    assert torch.load(io.BytesIO(MemoryBackend.files['memtest://bucket/work/iter_3.pth']),
+                      weights_only=True)['meta']['iter'] == 3

@@ -50,6 +50,8 @@ def test_a_killed_run_with_random_augmentation_resumes_bit_identical(tmp_path, t
     resumed = trainer.run(config, '--work-dir', str(work_dir), '--resume')
     assert resumed.returncode == 0, resumed.output[-3000:]
     assert 'Advance dataloader 2 steps' in resumed.output  # it did resume at iteration 2
+    if seed is None:  # the dataloader was built with a new seed, then with the resumed one
+        assert 'rebuilding the train dataloader with the resumed seed' in resumed.output
     reference = weights(tmp_path / 'reference' / 'iter_4.pth')
     assert not differing(reference, weights(work_dir / 'iter_4.pth'))
 
