@@ -7,6 +7,8 @@ from typing import Any
 import numpy as np
 import torch
 from mmengine.dist import get_world_size
+from mmengine.model import is_model_wrapper
+from torch import nn
 from mmengine.hooks import Hook
 from mmengine.registry import HOOKS
 
@@ -40,6 +42,25 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state['torch'].cpu())
     if 'cuda' in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([cuda.cpu() for cuda in state['cuda']])
+
+
+def drawn_batch_sizes(model: nn.Module) -> dict[str, tuple | None]:
+    """The input sizes that batch augmentations drew for the next batches, by module path.
+
+    A ``BatchSyncRandomResize`` (YOLOX) draws at one iteration the size of the
+    batches of the next ones and keeps it in ``_input_size``, which no
+    checkpoint holds.
+    """
+    return {path: module._input_size for path, module in model.named_modules()
+            if type(module).__name__ == 'BatchSyncRandomResize'}
+
+
+def set_drawn_batch_sizes(model: nn.Module, sizes: dict[str, tuple | None]) -> None:
+    """Give the batch augmentations of ``model`` the sizes from :func:`drawn_batch_sizes`."""
+    modules = dict(model.named_modules())
+    for path, size in sizes.items():
+        if path in modules:
+            modules[path]._input_size = tuple(size) if size is not None else None
 
 
 class _RestoreBeforeFetch:
@@ -82,8 +103,10 @@ class RNGStateHook(Hook):
     the uninterrupted one (on one process; bit-identical on a CPU):
 
     * ``before_save_checkpoint``: stores Python's, NumPy's and torch's states
-      (CUDA's when used) in ``checkpoint['rng_state']``;
-    * ``after_load_checkpoint`` (resume only): takes the stored states;
+      (CUDA's when used) in ``checkpoint['rng_state']``, with the input sizes
+      that a ``BatchSyncRandomResize`` drew for the next batches;
+    * ``after_load_checkpoint`` (resume only): takes the stored states and
+      sets the drawn sizes;
     * ``before_train``: a resumed run whose train dataloader was built with
       another seed than the resumed one (``randomness.seed`` unset) gets its
       dataloader rebuilt with the resumed seed (the sampler's order, the
@@ -115,7 +138,8 @@ class RNGStateHook(Hook):
     def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
         """Store the generators' states; set them again before the next batch."""
         self._pending = capture_rng_state()
-        checkpoint[RNG_STATE_KEY] = self._pending
+        checkpoint[RNG_STATE_KEY] = {**self._pending,
+                                     'batch_sizes': drawn_batch_sizes(_unwrapped(runner.model))}
 
     def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
         """Take the stored states when resuming (not for ``load_from`` alone)."""
@@ -131,6 +155,7 @@ class RNGStateHook(Hook):
                                'reseeded, not restored (the checkpoint holds one rank\'s)')
             return
         self._pending = checkpoint[RNG_STATE_KEY]
+        set_drawn_batch_sizes(_unwrapped(runner.model), self._pending.get('batch_sizes', {}))
 
     def before_train(self, runner) -> None:
         """Rebuild a dataloader seeded otherwise than the resumed run; wrap the batch fetch."""
@@ -152,6 +177,10 @@ class RNGStateHook(Hook):
         """Epoch-based loops make a new batch iterator after this: set the generators."""
         if not hasattr(runner.train_loop, 'dataloader_iterator'):
             self.apply_pending()
+
+
+def _unwrapped(model: nn.Module) -> nn.Module:
+    return model.module if is_model_wrapper(model) else model
 
 
 def _sampler_seed(dataloader) -> int | None:
