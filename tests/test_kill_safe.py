@@ -89,11 +89,14 @@ def arm_kill_switch() -> None:
 # expand_mm already (the imports take longer than the tiny training).
 _FORK_SERVER = """
 import json, os, runpy, sys, traceback
+import numpy
 import expand_mm, mmdet.datasets, mmdet.models, mmengine.runner, test_kill_safe
 for line in sys.stdin:
     job = json.loads(line)
     pid = os.fork()
     if pid == 0:
+        # A new process would draw a new seed where randomness.seed is unset.
+        numpy.random.seed(int.from_bytes(os.urandom(4), 'little'))
         os.environ.update(job['env'])
         out = os.open(job['output'], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
         os.dup2(out, 1)

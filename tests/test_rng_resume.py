@@ -5,10 +5,13 @@ The digits detector gets random crops and flips in its pipeline and a
 step, which skipping the trained batches on resume does not replay). The
 training process is SIGKILLed after iteration 3 (its checkpoint of iteration
 2 complete) and resumed with ``--resume``; iteration 4 must end bit-identical.
+With ``randomness.seed`` unset, the uninterrupted run's checkpoint of
+iteration 2 is resumed in a new process (which draws a seed of its own).
 """
 from __future__ import annotations
 
 import random
+import shutil
 
 import numpy as np
 import pytest
@@ -34,26 +37,40 @@ def augmented_cfg(tmp_path, seed):
     return cfg
 
 
+def resumed_in_a_new_process(trainer, config, reference_dir, work_dir, seed):
+    """Resume at iteration 2 in a new process: the run killed after iteration 3 when the
+    seed is set; with it unset, a copy of the uninterrupted run's iteration-2 checkpoint
+    (a killed run would have drawn its own seed, so no uninterrupted run would match it)."""
+    if seed is None:
+        work_dir.mkdir()
+        for name in ('iter_2.pth', 'iter_2_compact.pth'):
+            shutil.copy(reference_dir / name, work_dir / name)
+        (work_dir / 'last_checkpoint').write_text(str(work_dir / 'iter_2.pth'))
+    else:
+        killed = trainer.run(config, '--work-dir', str(work_dir),
+                             kill_at=str(save_events(reference_dir.parent / 'events.log', 4)[0]))
+        assert killed.returncode == -9, killed.output[-3000:]
+        assert sorted(p.name for p in work_dir.glob('*.pth')) == ['iter_2.pth',
+                                                                  'iter_2_compact.pth']
+    stored = torch.load(work_dir / 'iter_2.pth', weights_only=True)[RNG_STATE_KEY]
+    assert set(stored) >= {'python', 'numpy', 'torch', 'batch_sizes'}
+    return trainer.run(config, '--work-dir', str(work_dir), '--resume')
+
+
 @pytest.mark.slow  # three training processes
 @pytest.mark.parametrize('seed', [0, None], ids=['seed-0', 'seed-unset'])
 def test_a_killed_run_with_random_augmentation_resumes_bit_identical(tmp_path, trainer, seed):
     config = dump(augmented_cfg(tmp_path, seed), tmp_path / 'cfg.py')
-    log = tmp_path / 'events.log'
-    done = trainer.run(config, '--work-dir', str(tmp_path / 'reference'), event_log=log)
+    reference_dir = tmp_path / 'reference'
+    done = trainer.run(config, '--work-dir', str(reference_dir), event_log=tmp_path / 'events.log')
     assert done.returncode == 0, done.output[-3000:]
-    work_dir = tmp_path / 'killed'
-    killed = trainer.run(config, '--work-dir', str(work_dir), kill_at=str(save_events(log, 4)[0]))
-    assert killed.returncode == -9, killed.output[-3000:]
-    assert sorted(p.name for p in work_dir.glob('*.pth')) == ['iter_2.pth', 'iter_2_compact.pth']
-    stored = torch.load(work_dir / 'iter_2.pth', weights_only=True)['rng_state']
-    assert set(stored) >= {'python', 'numpy', 'torch'}
-    resumed = trainer.run(config, '--work-dir', str(work_dir), '--resume')
+    work_dir = tmp_path / 'resumed'
+    resumed = resumed_in_a_new_process(trainer, config, reference_dir, work_dir, seed)
     assert resumed.returncode == 0, resumed.output[-3000:]
     assert 'Advance dataloader 2 steps' in resumed.output  # it did resume at iteration 2
     if seed is None:  # the dataloader was built with a new seed, then with the resumed one
         assert 'rebuilding the train dataloader with the resumed seed' in resumed.output
-    reference = weights(tmp_path / 'reference' / 'iter_4.pth')
-    assert not differing(reference, weights(work_dir / 'iter_4.pth'))
+    assert not differing(weights(reference_dir / 'iter_4.pth'), weights(work_dir / 'iter_4.pth'))
 
 
 def test_the_generator_states_survive_a_weights_only_checkpoint(tmp_path):
