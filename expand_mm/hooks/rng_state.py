@@ -160,18 +160,27 @@ class RNGStateHook(Hook):
     def before_train(self, runner) -> None:
         """Rebuild a dataloader seeded otherwise than the resumed run; wrap the batch fetch."""
         loop = runner.train_loop
-        if self._resumed and isinstance(runner._train_dataloader, dict) and \
-                _sampler_seed(loop.dataloader) not in (None, runner.seed):
-            runner.logger.info(f'RNGStateHook: rebuilding the train dataloader with the resumed '
-                               f'seed {runner.seed} (set randomness.seed to avoid this)')
-            loop.dataloader = runner.build_dataloader(
-                runner._train_dataloader, seed=runner.seed,
-                diff_rank_seed=runner._randomness_cfg.get('diff_rank_seed', False))
-            if hasattr(loop, 'dataloader_iterator'):
-                loop.dataloader_iterator = type(loop.dataloader_iterator)(loop.dataloader)
+        if self._resumed and _sampler_seed(loop.dataloader) not in (None, runner.seed):
+            self._rebuild_dataloader(runner, loop)
         if hasattr(loop, 'dataloader_iterator'):  # IterBasedTrainLoop: skips, then fetches
             loop.dataloader_iterator = _RestoreBeforeFetch(loop.dataloader_iterator, self,
                                                            skip=loop.iter)
+
+    def _rebuild_dataloader(self, runner, loop) -> None:
+        """Build the train dataloader again with the resumed seed (sampler, workers).
+
+        The Runner builds it before it reads the resumed seed; with
+        ``randomness.seed`` unset it was built with a new one.
+        """
+        if not isinstance(runner._train_dataloader, dict):  # given built: nothing to rebuild
+            return
+        runner.logger.info(f'RNGStateHook: rebuilding the train dataloader with the resumed '
+                           f'seed {runner.seed} (set randomness.seed to avoid this)')
+        loop.dataloader = runner.build_dataloader(
+            runner._train_dataloader, seed=runner.seed,
+            diff_rank_seed=runner._randomness_cfg.get('diff_rank_seed', False))
+        if hasattr(loop, 'dataloader_iterator'):
+            loop.dataloader_iterator = type(loop.dataloader_iterator)(loop.dataloader)
 
     def before_train_epoch(self, runner) -> None:
         """Epoch-based loops make a new batch iterator after this: set the generators."""
@@ -180,6 +189,7 @@ class RNGStateHook(Hook):
 
 
 def _unwrapped(model: nn.Module) -> nn.Module:
+    """The model inside a DDP-like wrapper."""
     return model.module if is_model_wrapper(model) else model
 
 
