@@ -30,8 +30,8 @@ from .optim import (ExpandNetOptimWrapperConstructor, PolyLRRatio,  # noqa: E402
                     ProductWeightDecay, factor_lr_multipliers)
 from .deploy import deployable_state_dict  # noqa: E402
 from .planting import ChannelPlanter, PlantingError  # noqa: E402
-from .hooks import ChannelPlantingHook, ExpandNetCheckHook, NonlinearInitHook  # noqa: E402
-from .hooks import GradientConfusionHook, WeightDecayTermHook  # noqa: E402
+from .hooks import (ChannelPlantingHook, ExpandNetCheckHook, GradientConfusionHook,  # noqa: E402
+                    NonlinearInitHook, RNGStateHook, SafeCheckpointHook, WeightDecayTermHook)
 from . import analysis  # noqa: E402
 from .apis import init_compact_model  # noqa: E402
 from .analysis import (GradientConfusionResult, LandscapeResult, gradient_confusion,  # noqa: E402
@@ -52,7 +52,7 @@ __all__ = [
     'TrainingWrapper', 'Distiller', 'LogitsKDLoss', 'FeatureImitationLoss', 'AuxOverParam',
     'find_deployable', 'deployable_state_dict',
     'ChannelPlanter', 'ChannelPlantingHook', 'PlantingError', 'NonlinearInitHook',
-    'ExpandNetCheckHook',
+    'ExpandNetCheckHook', 'RNGStateHook', 'SafeCheckpointHook',
     'ProductWeightDecay', 'PolyLRRatio',
     'init_compact_model',
     'analysis', 'gradient_confusion', 'GradientConfusionResult', 'loss_landscape_1d',

@@ -30,9 +30,10 @@ from .errors import ConfigError
 from .models.deployable import deployable_model_cfg
 from .planting import unfinished_planting
 
-#: expand_mm's hooks: each acts on the training form (expanded layers, a wrapper, planting),
-#: none has a use in the compact model's config.
-TRAINING_FORM_HOOKS = frozenset(name for name in _hooks.__all__ if name.endswith('Hook'))
+#: expand_mm's hooks that act on the training form (expanded layers, a wrapper, planting),
+#: none has a use in the compact model's config (the checkpoint and RNG hooks serve any model).
+TRAINING_FORM_HOOKS = frozenset(name for name in _hooks.__all__ if name.endswith('Hook')) - {
+    'SafeCheckpointHook', 'RNGStateHook'}
 
 
 def load_config(config: str | Path | Config, cfg_options: Mapping | None = None) -> Config:

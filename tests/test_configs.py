@@ -261,8 +261,12 @@ def test_expandnet_config_matches_its_compact_counterpart(path: Path):
     # expand_mm's hooks under keys of their own; the base's hooks, default and custom, as
     # they are
     assert {key: cfg.default_hooks[key].type for key in EXPAND_MM_HOOKS} == EXPAND_MM_HOOKS
+    # and the kill-safe checkpoint hook with the base's settings, and RNGStateHook
+    assert cfg.default_hooks.rng_state.type == 'RNGStateHook'
+    base_hooks = compact_cfg.default_hooks.to_dict()
+    base_hooks['checkpoint']['type'] = 'SafeCheckpointHook'
     assert {key: hook for key, hook in cfg.default_hooks.items()
-            if key not in EXPAND_MM_HOOKS} == compact_cfg.default_hooks
+            if key not in {*EXPAND_MM_HOOKS, 'rng_state'}} == base_hooks
     assert cfg.get('custom_hooks') == compact_cfg.get('custom_hooks')
 
     b, c = built(path), built(compact_path)

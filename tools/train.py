@@ -3,7 +3,8 @@
 Same shape and flags as mmdet's / mmseg's ``tools/train.py``, which train
 ExpandNet configs just as well (their checks run in ``ExpandNetCheckHook``).
 This one adds conveniences: a missing config, checkpoint or dataset is named
-before any work, a refused input ends in one ``error:`` line::
+before any work, a refused input ends in one ``error:`` line, and every config
+gets the kill-safe checkpoints and exact resume of the ExpandNet configs::
 
     python tools/train.py CONFIG [--work-dir DIR] [--resume [CKPT]] [--amp]
                           [--cfg-options k=v ...] [--launcher none|pytorch]
@@ -79,25 +80,57 @@ def build_cfg(args: argparse.Namespace) -> Config:
     return cfg
 
 
+def _add_hook(cfg: Config, key: str, hook_type: str) -> None:
+    """Give the config ``hook_type`` (as ``default_hooks[key]``) when it carries none.
+
+    It is looked for in ``default_hooks`` and ``custom_hooks`` and added to
+    ``default_hooks``, whose dict the Runner merges with its own defaults
+    (to ``custom_hooks`` when ``key`` holds another hook). ``default_hooks[key]
+    = None`` (e.g. ``--cfg-options default_hooks.rng_state=None``) turns it off:
+    the key is dropped, as the Runner drops its own default hooks set to None
+    (it refuses None under other keys).
+    """
+    default_hooks = cfg.get('default_hooks') or {}
+    if key in default_hooks and default_hooks[key] is None:
+        cfg.default_hooks = {k: v for k, v in default_hooks.items() if k != key}
+        return
+    hooks = [*default_hooks.values(), *(cfg.get('custom_hooks') or [])]
+    if any(isinstance(hook, dict) and type_name(hook.get('type', '')) == hook_type
+           for hook in hooks):
+        return
+    if key not in default_hooks:
+        cfg.default_hooks = {**default_hooks, key: dict(type=hook_type)}
+    else:  # the key holds another hook: keep it
+        cfg.custom_hooks = [*(cfg.get('custom_hooks') or []), dict(type=hook_type)]
+
+
 def add_check_hook(cfg: Config) -> None:
     """Give the config ``ExpandNetCheckHook`` when it does not carry one.
 
     ExpandNet configs carry the hook (``default_hooks.expand_check``), so its
     checks fire under mmdet's and mmseg's own ``tools/train.py`` too; here
     every config gets them (a stock compact config's ``load_from`` is checked
-    as well). It is looked for in ``default_hooks`` and ``custom_hooks`` and
-    added to ``default_hooks``, whose dict the Runner merges with its own
-    defaults.
+    as well).
     """
-    default_hooks = cfg.get('default_hooks') or {}
-    hooks = [*default_hooks.values(), *(cfg.get('custom_hooks') or [])]
-    if any(isinstance(hook, dict) and type_name(hook.get('type', '')) == 'ExpandNetCheckHook'
-           for hook in hooks):
-        return
-    if default_hooks.get('expand_check') is None:
-        cfg.default_hooks = {**default_hooks, 'expand_check': dict(type='ExpandNetCheckHook')}
-    else:  # the key holds another hook: keep it
-        cfg.custom_hooks = [*(cfg.get('custom_hooks') or []), dict(type='ExpandNetCheckHook')]
+    _add_hook(cfg, 'expand_check', 'ExpandNetCheckHook')
+
+
+def add_resume_hooks(cfg: Config) -> None:
+    """Save kill-safe checkpoints that resume exactly, in every config.
+
+    The stock ``CheckpointHook`` (the config's, or the Runner's default one
+    saving every epoch) becomes ``SafeCheckpointHook`` with the same
+    arguments; ``RNGStateHook`` is added when missing. ExpandNet configs
+    select both themselves (``default_hooks.checkpoint.type``,
+    ``default_hooks.rng_state``); a checkpoint hook of another type, or
+    ``checkpoint=None``, is left as it is.
+    """
+    default_hooks = dict(cfg.get('default_hooks') or {})
+    checkpoint = default_hooks.get('checkpoint', dict(type='CheckpointHook', interval=1))
+    if isinstance(checkpoint, dict) and type_name(checkpoint.get('type', '')) == 'CheckpointHook':
+        cfg.default_hooks = {**default_hooks,
+                             'checkpoint': {**checkpoint, 'type': 'SafeCheckpointHook'}}
+    _add_hook(cfg, 'rng_state', 'RNGStateHook')
 
 
 def main() -> int:
@@ -109,6 +142,7 @@ def main() -> int:
     cfg = build_cfg(args)
     check_datasets(cfg, ('train_dataloader', 'val_dataloader'))
     add_check_hook(cfg)
+    add_resume_hooks(cfg)
     runner = Runner.from_cfg(cfg) if 'runner_type' not in cfg else RUNNERS.build(cfg)
     runner.train()
     return 0

@@ -3,10 +3,12 @@ from .channel_planting import ChannelPlantingHook
 from .contract_checkpoint import ContractCheckpointHook
 from .gradient_confusion import GradientConfusionHook
 from .load_checkpoint import ExpandCheckpointLoadHook
+from .rng_state import RNGStateHook
+from .safe_checkpoint import SafeCheckpointHook
 from .nonlinear_init import NONLINEAR_INIT_META_KEY, NonlinearInitHook
 from .setup_checks import ExpandNetCheckHook
 from .weight_decay_term import WeightDecayTermHook
 
 __all__ = ['ChannelPlantingHook', 'ContractCheckpointHook', 'ExpandCheckpointLoadHook',
-           'ExpandNetCheckHook', 'NonlinearInitHook', 'NONLINEAR_INIT_META_KEY']
-__all__ += ['GradientConfusionHook', 'WeightDecayTermHook']
+           'ExpandNetCheckHook', 'GradientConfusionHook', 'NonlinearInitHook',
+           'NONLINEAR_INIT_META_KEY', 'RNGStateHook', 'SafeCheckpointHook', 'WeightDecayTermHook']

@@ -1,6 +1,7 @@
 """``ContractCheckpointHook``: a stock compact checkpoint beside every saved one."""
 from __future__ import annotations
 
+import os.path as osp
 from typing import Any, Sequence
 
 from mmengine.dist import is_main_process
@@ -18,6 +19,7 @@ from ..probe import DEFAULT_PROBE_SHAPE
 from ..surgery import expanded_layers
 from ..verification import listed, non_finite_entries
 from .channel_planting import ChannelPlantingHook
+from .safe_checkpoint import step_pattern
 
 
 def _saved_path_keys(info: dict) -> dict[str, str]:
@@ -88,10 +90,11 @@ class ContractCheckpointHook(Hook):
         self._origin: dict[str, str] = {}  # saved checkpoint -> its message-hub key
         self._named: dict[str, str] = {}  # the message hub's checkpoint names at the last save
         self._plain_planting = False
+        self._saved = False  # a twin was written since the retired twins were last dropped
         self._said: set[str] = set()  # one-time notices already logged at warning level
 
     def before_train(self, runner) -> None:
-        """Refuse a model with no compact form; remember the resumed checkpoint's twin.
+        """Refuse a model with no compact form; take over the twins of a resumed run.
 
         A plain model without expanded layers has no compact form other than
         its own checkpoint, so it is refused, unless a ``ChannelPlantingHook``
@@ -115,9 +118,20 @@ class ContractCheckpointHook(Hook):
                 + ('contracted)' if expanded else 'no expanded layer: as they are)'))
         self._named = _saved_path_keys(runner.message_hub.runtime_info)
         resumed = self._named.get('last_ckpt')
-        if resumed and self._backend(runner, resumed).isfile(self._twin_path(resumed)):
-            self._twins[resumed] = self._twin_path(resumed)
-            self._origin[resumed] = 'last_ckpt'
+        if resumed and is_main_process():
+            self._take_over_twins(runner, resumed)
+
+    def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
+        """Remove the twins of the checkpoints removed by the save of this iteration."""
+        self._drop_twins_after_save(runner)
+
+    def after_train_epoch(self, runner) -> None:
+        """Remove the twins of the checkpoints removed by the save of this epoch."""
+        self._drop_twins_after_save(runner)
+
+    def after_val_epoch(self, runner, metrics=None) -> None:
+        """Remove the twin of a ``best_*`` checkpoint replaced after this validation."""
+        self._drop_twins_after_save(runner)
 
     def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
         """Write the compact twin of the checkpoint being saved (main process only).
@@ -130,12 +144,76 @@ class ContractCheckpointHook(Hook):
             return
         self._refuse_non_finite_weights(runner, checkpoint)
         self._drop_retired_twins(runner)
+        self._saved = True
         saving = self._checkpoint_being_saved(runner)
         if saving is None:
             return
         key, path = saving
         self._origin[path] = key
         self._twins[path] = self._write_twin(runner, checkpoint.get('meta') or {}, path)
+
+    def _drop_twins_after_save(self, runner) -> None:
+        """After a save, remove the twins of the checkpoints it retired.
+
+        ``SafeCheckpointHook`` removes a retired checkpoint once the new one is
+        complete, after ``before_save_checkpoint``; its twin goes right after
+        it (this hook acts after ``CheckpointHook``), never before.
+        """
+        if self._saved and is_main_process():
+            self._saved = False
+            self._drop_retired_twins(runner)
+
+    def _take_over_twins(self, runner, resumed: str) -> None:
+        """On resume, track the twins of the run's checkpoints; remove the orphaned ones.
+
+        A twin whose checkpoint exists is tracked, so it is removed with its
+        checkpoint when ``max_keep_ckpts`` retires it later in this run. A kill
+        can fall between the removal of a retired checkpoint and that of its
+        twin, or between a twin and its checkpoint's completion; such a twin
+        (of a ``max_keep_ckpts``-retired or replaced ``best_*`` checkpoint, or
+        of a step after the resumed one) is removed. The twin of a checkpoint
+        that disappeared otherwise (moved by hand) is kept.
+        """
+        # CheckpointHook (acting before this hook) has resolved its out_dir: the run may
+        # have been moved since it named the resumed checkpoint.
+        directory = getattr(self._checkpoint_hook(runner), 'out_dir', None) or osp.dirname(resumed)
+        backend = self._backend(runner, directory)
+        ending = self.suffix + '.pth'
+        named = {path: key for key, path in self._named.items()}
+        orphans = []
+        for name in sorted(backend.list_dir_or_file(directory, list_dir=False)):
+            if not name.endswith(ending):
+                continue
+            twin = backend.join_path(directory, name)
+            source = backend.join_path(directory, name[:-len(ending)] + '.pth')
+            if backend.exists(source):
+                self._twins.setdefault(source, twin)
+                self._origin.setdefault(source, named.get(source, 'last_ckpt'))
+            elif self._abandoned(runner, source, resumed):
+                orphans.append(twin)
+        for path in orphans:
+            backend.remove(path)
+        if orphans:
+            runner.logger.info('ContractCheckpointHook: removed the compact copies of '
+                               'checkpoints that no longer exist: '
+                               + ', '.join(osp.basename(p) for p in orphans))
+
+    def _abandoned(self, runner, source: str, resumed: str) -> bool:
+        """Whether the missing checkpoint ``source`` was retired or never completed."""
+        name = osp.basename(source)
+        if name.startswith('best_'):
+            return source not in _saved_path_keys(runner.message_hub.runtime_info).values()
+        hook = self._checkpoint_hook(runner)
+        template = getattr(hook, 'filename_tmpl', None)
+        if not isinstance(template, str):
+            return False
+        pattern = step_pattern(template)
+        step, resumed_step = pattern.match(name), pattern.match(osp.basename(resumed))
+        if step is None:
+            return False
+        if resumed_step is not None and int(step.group(1)) > int(resumed_step.group(1)):
+            return True  # written by a save the kill interrupted
+        return self._retired(runner, source)
 
     def _refuse_non_finite_weights(self, runner, checkpoint: dict) -> None:
         """Stop the run, before anything is written or removed, if training has diverged.

@@ -30,7 +30,11 @@ optim_wrapper = dict(
 default_hooks = dict(
     expand_load=dict(type='ExpandCheckpointLoadHook'),
     expand_contract=dict(type='ContractCheckpointHook'),
-    expand_check=dict(type='ExpandNetCheckHook'))
+    expand_check=dict(type='ExpandNetCheckHook'),
+    # Saves that survive a kill (the base's interval and max_keep_ckpts kept) and a
+    # resume that continues exactly (random generators' states in the checkpoint).
+    checkpoint=dict(type='SafeCheckpointHook'),
+    rng_state=dict(type='RNGStateHook'))
 # The full-resolution decoder stage feeds no head, so some parameters get no
 # gradient: static_graph=True (not with gradient accumulation).
 model_wrapper_cfg = dict(type='ExpandNetDistributedDataParallel', static_graph=True)
