@@ -180,6 +180,13 @@ def test_the_search_ends_at_its_fraction_of_the_schedule(digits_data):
     assert model.structure == ['backbone[0]', 'backbone[1]', 'neck[0]']
     assert model.read_mask.tolist() == [1, 1, 0, 1, 0, 0]
     assert float(losses['auxnet.gate.backbone[2]']) == 0.0
+    # Every parameter still gets a gradient (zero for the dropped ones): DDP needs no
+    # find_unused_parameters after the switch.
+    model.zero_grad(set_to_none=True)
+    total(model, losses).backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    assert float(model.gate_logits.grad.abs().sum()) == 0
+    assert float(model.blocks[2].adapter[0].weight.grad.abs().sum()) == 0
 
 
 def test_the_discrete_structure_rebuilds_the_same_network(digits_data):

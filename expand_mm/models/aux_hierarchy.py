@@ -303,8 +303,10 @@ class AuxHierarchy(AuxBranchWrapper):
         self.register_buffer('read_mask', torch.tensor(
             [float(n in reads) for n in names]))
         self.register_buffer('structure_final', torch.tensor(self.search_cfg is None))
-        self.gate_logits = (nn.Parameter(torch.zeros(len(names))) if self.search_cfg
-                            else None)
+        self.gate_logits = None
+        if self.search_cfg:
+            self.gate_logits = nn.Parameter(torch.zeros(len(names)))
+            self.register_buffer('searched_gates', torch.zeros(len(names)))  # at the switch
         self.aux_weight = float(aux_weight)
         self.loss_prefix = loss_prefix
         self.cost_iters = cost_iters
@@ -432,6 +434,7 @@ class AuxHierarchy(AuxBranchWrapper):
                 {1 + i for i, g in enumerate(later.tolist()) if g >= cfg['threshold']})
         keep.add(0)  # A starts at the first level (its read has no gate)
         self.read_mask.copy_(torch.tensor([float(i in keep) for i in range(len(gates))]))
+        self.searched_gates.copy_(gates)
         self.structure_final.fill_(True)
         names = [lv.name for lv in self.levels]
         MMLogger.get_current_instance().info(
@@ -447,8 +450,8 @@ class AuxHierarchy(AuxBranchWrapper):
                       final=not self.searching, cost=dict(self.cost_report))
         if self.gate_logits is not None:
             with torch.no_grad():
-                gates = torch.sigmoid(self.gate_logits * self.search_cfg['gate_scale'])
-            record['gates'] = [1.0] + [round(float(g), 4) for g in gates[1:]]
+                gates = self.gates() if self.searching else self.searched_gates
+            record['gates'] = [round(float(g), 4) for g in gates]
         return record
 
     # --------------------------------------------------------------------- losses
@@ -493,9 +496,9 @@ class AuxHierarchy(AuxBranchWrapper):
         feats = self._head_input(outs)
         aux = add_loss_prefix(head_loss(self.aux_head, feats, data_samples, self.model),
                               self.loss_prefix, self.aux_weight)
-        if self.search_cfg is not None:  # logged as 0 after the search: no stale value
+        if self.search_cfg is not None:
             aux[f'{self.loss_prefix}loss_gate_sparsity'] = (
-                self._gate_penalty(aux) if self.searching else inputs.new_zeros(()))
+                self._gate_penalty(aux) if self.searching else self._zero_on_dropped())
         aux.update({f'{self.loss_prefix}gate.{lv.name}': g.detach()
                     for lv, g in zip(self.levels, self.gates())})
         return self._join_losses(losses, aux)
@@ -509,6 +512,19 @@ class AuxHierarchy(AuxBranchWrapper):
                                  ' (the structure feeds it nothing there)')
             feats[slot] = outs[level]
         return feats
+
+    def _zero_on_dropped(self) -> Tensor:
+        """0 x the parameters the search dropped (the gates, the unused adapters).
+
+        Logged in the penalty's place once the search is over, it keeps every
+        parameter in the graph with a zero gradient, so DDP needs no
+        ``find_unused_parameters`` after the switch (what the optimizer then
+        does to these parameters changes nothing that runs).
+        """
+        dropped = [self.gate_logits] + [
+            p for block, on in zip(self.blocks, self.read_mask.tolist())
+            if not on and block.adapter is not None for p in block.adapter.parameters()]
+        return 0 * sum(p.sum() for p in dropped)
 
     def _gate_penalty(self, aux: dict) -> Tensor:
         """``sparsity`` x (sum of the gates) x (A's weighted task loss, as a constant).

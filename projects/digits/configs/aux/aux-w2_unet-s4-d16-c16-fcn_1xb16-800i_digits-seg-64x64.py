@@ -16,4 +16,6 @@ default_hooks = dict(
     expand_load=dict(type='ExpandCheckpointLoadHook'),
     expand_contract=dict(type='ContractCheckpointHook'),
     expand_check=dict(type='ExpandNetCheckHook'))
-model_wrapper_cfg = dict(type='ExpandNetDistributedDataParallel')
+# The full-resolution decoder stage feeds no head, so some parameters get no
+# gradient: static_graph=True (not with gradient accumulation).
+model_wrapper_cfg = dict(type='ExpandNetDistributedDataParallel', static_graph=True)

@@ -28,4 +28,6 @@ default_hooks = dict(
     expand_contract=dict(type='ContractCheckpointHook'),
     expand_check=dict(type='ExpandNetCheckHook'))
 custom_hooks = [dict(type='AuxStructureHook')]
-model_wrapper_cfg = dict(type='ExpandNetDistributedDataParallel')
+# The full-resolution decoder stage feeds no head, so some parameters get no
+# gradient: static_graph=True (not with gradient accumulation).
+model_wrapper_cfg = dict(type='ExpandNetDistributedDataParallel', static_graph=True)
