@@ -14,7 +14,7 @@ import pytest
 import torch
 from mmengine.config import Config
 from mmengine.logging import MessageHub
-from mmengine.registry import DefaultScope
+from mmengine.registry import MODELS, DefaultScope
 from mmengine.runner import Runner
 
 import expand_mm
@@ -329,3 +329,76 @@ def test_configs_name_the_deployable_compact_model():
     seg = Config.fromfile(str(SEARCH_SEG))
     assert expand_mm.models.deployable_model_cfg(seg.model) == \
         Config.fromfile(str(SEG_COMPACT)).model
+
+
+def run_tool_main(name: str, *args) -> int:
+    """``tools/<name>.py ARGS...``'s exit code, run in this process."""
+    import sys
+    from expand_mm.cli import run_tool
+    from wrapper_test_utils import load_tool
+    tool = load_tool(name)
+    argv, sys.argv = sys.argv, [f'{name}.py', *map(str, args)]
+    try:
+        return run_tool(tool.main)
+    finally:
+        sys.argv = argv
+
+
+@pytest.mark.slow
+def test_test_contract_and_export_tools_take_the_config_and_its_training_checkpoint(
+        digits_data, tmp_path, capsys):
+    from wrapper_test_utils import save_state
+    model = aux_model()
+    at_iteration(0)
+    with torch.no_grad():
+        model.gate_logits.copy_(torch.tensor([0, 1, -1, 1, -1, -1]) / 10)
+    model.discretise()
+    ckpt = save_state(model, tmp_path / 'iter_1.pth')
+    # contract.py: the compact network alone, strict in the stock compact config.
+    out = tmp_path / 'deploy' / 'compact.pth'
+    assert run_tool_main('contract', SEARCH_DET, ckpt, out, '--img-size', '64', '64') == 0
+    assert_same_raw_outputs(load_stock(DET_COMPACT, torch.load(out)['state_dict']),
+                            model.model)
+    # export_onnx.py: the compact network's graph, checked against onnxruntime.
+    onnx = tmp_path / 'compact.onnx'
+    assert run_tool_main('export_onnx', SEARCH_DET, ckpt, onnx) == 0
+    assert onnx.is_file() and 'max abs error' in capsys.readouterr().out
+    # test.py: the wrapper config evaluates its compact network.
+    cfg = tiny_cfg(SEARCH_DET, digits_data, tmp_path / 'test', 'det')
+    cfg.test_evaluator.ann_file = str(digits_data / 'digits_det/annotations/instances_val.json')
+    cfg.dump(str(tmp_path / 'tiny.py'))
+    assert run_tool_main('test', tmp_path / 'tiny.py', ckpt, '--work-dir',
+                         tmp_path / 'test') == 0
+    assert 'Iter(test) [2/2]' in capsys.readouterr().out  # evaluated (untrained: no boxes)
+
+
+def test_under_a_distiller_the_student_is_the_auxiliary_wrapper(digits_data, tmp_path):
+    """``Distiller(student=AuxHierarchy(...))``: C learns from the teacher and from A; the
+    distillation losses read C's modules under ``model.``; C is the deployed network."""
+    from wrapper_test_utils import load_config, save_state
+    distill = ROOT / 'projects/digits/configs/distill'
+    kd = distill / 'kd-yolo-lite-w2_yolo-lite_1xb16-900i_digits-det-64x64.py'
+    teacher_cfg = distill / 'yolo-lite-w2_1xb16-900i_digits-det-64x64.py'
+    torch.manual_seed(1)
+    teacher = build_model(teacher_cfg)
+    cfg = load_config(kd)
+    student = load_config(SEARCH_DET).model
+    losses_cfg = [dict(item.to_dict(), student=f'model.{item.student}',
+                       teacher=item.get('teacher', item.student))
+                  for item in cfg.model.distill_losses]
+    model_cfg = dict(cfg.model.to_dict(), student=student.to_dict(), distill_losses=losses_cfg,
+                     teacher_ckpt=save_state(teacher, tmp_path / 'teacher.pth'),
+                     data_preprocessor=cfg.data_preprocessor.to_dict())
+    torch.manual_seed(0)
+    with DefaultScope.overwrite_default_scope('mmdet'):
+        model = MODELS.build(model_cfg)
+    assert type(model.student).__name__ == 'AuxHierarchy'
+    assert expand_mm.models.deployable_model(model) is model.student.model
+    model.init_weights()  # loads the teacher, as the Runner does
+    model.train()
+    at_iteration(0)
+    losses = model.loss(**a_batch(model, digits_data))
+    assert {'loss_kd', 'loss_feat', 'loss_conf', 'auxnet.loss_conf',
+            'auxnet.loss_gate_sparsity'} <= set(losses)
+    assert all(torch.isfinite(torch.as_tensor(v)).all() for k, v in losses.items()
+               if 'loss' in k and isinstance(v, torch.Tensor))
