@@ -402,3 +402,10 @@ def test_under_a_distiller_the_student_is_the_auxiliary_wrapper(digits_data, tmp
             'auxnet.loss_gate_sparsity'} <= set(losses)
     assert all(torch.isfinite(torch.as_tensor(v)).all() for k, v in losses.items()
                if 'loss' in k and isinstance(v, torch.Tensor))
+
+
+def test_levels_after_the_last_map_the_head_reads_are_refused():
+    with DefaultScope.overwrite_default_scope('mmdet'):
+        with pytest.raises(ConfigError, match=r"levels \['backbone\[2\]'\] come after "
+                                              r"'neck\[2\]', the last map bbox_head reads"):
+            build_model(SEARCH_DET, levels=DET_LEVELS + ['backbone[2]'])

@@ -102,14 +102,14 @@ def _level_names(path: str, output: Any) -> list[tuple[str, int | None, Tensor]]
 
 
 def probe_levels(model: nn.Module, paths: Sequence[str], size: Sequence[int]
-                 ) -> tuple[list[Level], list[Tensor], list[Tensor], Any]:
+                 ) -> tuple[list[Level], list[Tensor], Any]:
     """Run ``model.extract_feat`` once on a blank image and list the maps of ``paths``.
 
     The model runs in eval mode without gradients (its BN statistics do not
     move) and is put back in its mode.
 
     Returns:
-        ``(levels, maps, order, feats)``: the levels in the order their
+        ``(levels, maps, feats)``: the levels in the order their
         modules returned, their maps on the probe, and what ``extract_feat``
         returned (the head's input).
     """
@@ -126,7 +126,7 @@ def probe_levels(model: nn.Module, paths: Sequence[str], size: Sequence[int]
         for name, index, tensor in _level_names(path, seen[path]):
             levels.append(Level(name, path, index, int(tensor.shape[1])))
             maps.append(tensor)
-    return levels, maps, list(seen), feats
+    return levels, maps, feats
 
 
 def _head_slots(head: nn.Module, feats: Any) -> list[int]:
@@ -326,7 +326,7 @@ class AuxHierarchy(AuxBranchWrapper):
         paths = (list(dict.fromkeys(p for p, _ in wanted)) if wanted is not None else
                  [p for p in DEFAULT_LEVEL_MODULES
                   if isinstance(getattr(self.model, p, None), nn.Module)])
-        found, maps, _, feats = probe_levels(self.model, paths, probe_size)
+        found, maps, feats = probe_levels(self.model, paths, probe_size)
         by_name = {lv.name: (lv, m) for lv, m in zip(found, maps)}
         if wanted is not None:
             missing = [n for n in levels if n not in by_name]
@@ -344,11 +344,15 @@ class AuxHierarchy(AuxBranchWrapper):
             if not match:
                 raise ConfigError(
                     f'AuxHierarchy: levels must include the maps {self.head} reads (item '
-                    f'{slot} of extract_feat), e.g. the default levels '
-                    f'{[lv.name for lv in probe_levels(self.model, ["backbone"], probe_size)[0]]}'
-                    f'; got {[lv.name for lv in found]}')
+                    f'{slot} of what extract_feat returns, e.g. \'neck[0]\' or '
+                    f'\'backbone[2]\'); got {[lv.name for lv in found]}')
             head_levels.append(match[-1])
-        return found[:max(head_levels) + 1], head_levels, slots, len(items)
+        last = max(head_levels)
+        if wanted is not None and len(found) > last + 1:
+            raise ConfigError(f'AuxHierarchy: levels {[lv.name for lv in found[last + 1:]]} '
+                              f'come after {found[last].name!r}, the last map {self.head} '
+                              'reads, so A could not use them; list them before it or drop them')
+        return found[:last + 1], head_levels, slots, len(items)
 
     def _parse_level(self, name: Any) -> tuple[str, int | None]:
         """``(module path, index)`` of a level name, the path checked against the model."""
