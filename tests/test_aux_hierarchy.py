@@ -12,7 +12,6 @@ import copy
 
 import pytest
 import torch
-from mmengine.config import Config
 from mmengine.logging import MessageHub
 from mmengine.registry import MODELS, DefaultScope
 from mmengine.runner import Runner
@@ -21,7 +20,8 @@ import expand_mm
 from expand_mm.errors import ConfigError
 from expand_mm.models import AuxHierarchy
 from wrapper_test_utils import (DET_COMPACT, ROOT, SEG_COMPACT, assert_same_raw_outputs,
-                                build_model, compact_checkpoint, load_stock, logged, tiny_cfg)
+                                build_model, compact_checkpoint, load_config, load_stock, logged,
+                                tiny_cfg)
 
 AUX = ROOT / 'projects/digits/configs/aux'
 SEARCH_DET = AUX / 'auxh-w2-search_yolo-lite_1xb16-900i_digits-det-64x64.py'
@@ -321,14 +321,14 @@ def test_segmentor_search_trains_through_the_runner(digits_data, tmp_path):
 
 
 def test_configs_name_the_deployable_compact_model():
-    compact = Config.fromfile(str(DET_COMPACT))
+    compact = load_config(DET_COMPACT)
     for path in (SEARCH_DET, FIXED_DET):
-        cfg = Config.fromfile(str(path))
+        cfg = load_config(path)
         assert cfg.model.type == 'AuxHierarchy'
         assert expand_mm.models.deployable_model_cfg(cfg.model) == compact.model
-    seg = Config.fromfile(str(SEARCH_SEG))
+    seg = load_config(SEARCH_SEG)
     assert expand_mm.models.deployable_model_cfg(seg.model) == \
-        Config.fromfile(str(SEG_COMPACT)).model
+        load_config(SEG_COMPACT).model
 
 
 def run_tool_main(name: str, *args) -> int:
@@ -375,7 +375,7 @@ def test_test_contract_and_export_tools_take_the_config_and_its_training_checkpo
 def test_under_a_distiller_the_student_is_the_auxiliary_wrapper(digits_data, tmp_path):
     """``Distiller(student=AuxHierarchy(...))``: C learns from the teacher and from A; the
     distillation losses read C's modules under ``model.``; C is the deployed network."""
-    from wrapper_test_utils import load_config, save_state
+    from wrapper_test_utils import save_state
     distill = ROOT / 'projects/digits/configs/distill'
     kd = distill / 'kd-yolo-lite-w2_yolo-lite_1xb16-900i_digits-det-64x64.py'
     teacher_cfg = distill / 'yolo-lite-w2_1xb16-900i_digits-det-64x64.py'
