@@ -24,7 +24,8 @@ from . import models  # noqa: E402  (registers ExpandNet and the compact models)
 from . import hooks  # noqa: E402  (registers the checkpoint hooks)
 from . import optim  # noqa: E402  (registers ExpandNetOptimWrapperConstructor)
 from .checkpoint import CheckpointError, match_state_dict, read_checkpoint  # noqa: E402
-from .models import (AuxOverParam, Distiller, FeatureImitationLoss, LogitsKDLoss,  # noqa: E402
+from .models import (AuxHierarchy, AuxOverParam, Distiller,  # noqa: E402
+                     FeatureImitationLoss, LogitsKDLoss,
                      TrainingWrapper, deployable_model, find_deployable)
 from .optim import (ExpandNetOptimWrapperConstructor, PolyLRRatio,  # noqa: E402
                     ProductWeightDecay, factor_lr_multipliers)
@@ -49,7 +50,7 @@ __all__ = [
     'deployable_model', 'CheckpointError', 'read_checkpoint', 'match_state_dict',
     'allow_mmengine_checkpoints', 'hooks', 'models', 'optim',
     'ExpandNetOptimWrapperConstructor', 'factor_lr_multipliers',
-    'TrainingWrapper', 'Distiller', 'LogitsKDLoss', 'FeatureImitationLoss', 'AuxOverParam',
+    'TrainingWrapper', 'Distiller', 'LogitsKDLoss', 'FeatureImitationLoss', 'AuxOverParam', 'AuxHierarchy',
     'find_deployable', 'deployable_state_dict',
     'ChannelPlanter', 'ChannelPlantingHook', 'PlantingError', 'NonlinearInitHook',
     'ExpandNetCheckHook', 'RNGStateHook', 'SafeCheckpointHook',

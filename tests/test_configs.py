@@ -57,7 +57,9 @@ def _user_configs() -> list[Path]:
 
 CONFIGS = _user_configs()
 EXPANDNET_CONFIGS = [p for p in CONFIGS if p.name.startswith('expandnet-')]
-COMPACT_CONFIGS = [p for p in CONFIGS if p not in EXPANDNET_CONFIGS]
+# Training-time wrappers around a compact config (an auxiliary network).
+WRAPPER_CONFIGS = [p for p in CONFIGS if p.parent.name == 'aux_overparam']
+COMPACT_CONFIGS = [p for p in CONFIGS if p not in EXPANDNET_CONFIGS + WRAPPER_CONFIGS]
 
 
 def _id(path: Path) -> str:
@@ -190,12 +192,13 @@ def test_config_builds_and_runs(path: Path):
     b = built(path)
     cfg = b.cfg
     inner = expand_mm.models.compact_model_cfg(cfg.model)
-    assert type(b.model).__name__ == inner['type']
+    net = expand_mm.models.deployable_model(b.model)  # a wrapper's compact network
+    assert type(net).__name__ == inner['type']
     assert b.tensors and all(torch.isfinite(t).all() for t in b.tensors)
     num_classes = NUM_CLASSES[path.stem.split('_')[-1]]
 
     if 'bbox_head' in inner:  # detector: (per-level maps) from the head
-        head = b.model.bbox_head
+        head = net.bbox_head
         assert head.num_classes == num_classes
         assert cfg.default_scope == 'mmdet'
         if inner['type'] == 'YOLOV3':
@@ -222,7 +225,7 @@ def test_config_builds_and_runs(path: Path):
             assert cls_scores[0].shape[-1] == INPUT_SIZE // 16
     else:  # segmentor: decode-head logits
         assert cfg.default_scope == 'mmseg'
-        assert b.model.decode_head.num_classes == num_classes
+        assert net.decode_head.num_classes == num_classes
         stride = SEG_OUTPUT_STRIDE[inner['backbone']['type']]
         assert b.outputs.shape == (1, num_classes, INPUT_SIZE // stride, INPUT_SIZE // stride)
 
@@ -354,13 +357,14 @@ def _training_sample(b: Built) -> tuple:
                                              ori_shape=(INPUT_SIZE, INPUT_SIZE),
                                              pad_shape=(INPUT_SIZE, INPUT_SIZE)))
         sample.gt_sem_seg = PixelData(data=torch.randint(
-            0, b.model.decode_head.num_classes, (1, INPUT_SIZE, INPUT_SIZE)))
+            0, expand_mm.models.deployable_model(b.model).decode_head.num_classes,
+            (1, INPUT_SIZE, INPUT_SIZE)))
     return img, sample
 
 
-# Configs that train without a teacher: the ExpandNet configs, and the digits
-# ExpandNet and auxiliary-head configs that set the DDP wrapper too.
-TEACHERLESS_TRAINING_CONFIGS = EXPANDNET_CONFIGS + sorted(
+# Configs that train without a teacher: the ExpandNet and auxiliary-network configs, and
+# the digits ExpandNet and auxiliary-head configs that set the DDP wrapper too.
+TEACHERLESS_TRAINING_CONFIGS = EXPANDNET_CONFIGS + WRAPPER_CONFIGS + sorted(
     (DIGITS_CONFIG_ROOT / 'digits').glob('expandnet-*.py')) + sorted(
     (DIGITS_CONFIG_ROOT / 'aux').glob('*.py'))
 
@@ -390,7 +394,8 @@ def test_ddp_wrapper_setting_fits_the_model(path: Path):
     assert bool(wrapper.get('static_graph')) == bool(unused), (path.name, unused)
     assert set(wrapper) <= {'type', 'static_graph'}
     if 'yolov3' in path.stem:  # MobileNetV2's last 1x1 conv
-        assert unused and all(n.startswith('backbone.conv2.') for n in unused), unused
+        assert unused and all(n.startswith(('backbone.conv2.', 'model.backbone.conv2.'))
+                              for n in unused), unused
 
 
 # ------------------------------------------------------------------ YOLOLite

@@ -36,20 +36,22 @@ AUX_OVERPARAM_KEYS = ('model', 'head', 'width_mult', 'aux_weight', 'width_keys',
 
 
 def widen_head_cfg(head_cfg: dict, width_mult: float,
-                   width_keys: Sequence[str] = DEFAULT_WIDTH_KEYS) -> dict:
+                   width_keys: Sequence[str] = DEFAULT_WIDTH_KEYS,
+                   owner: str = 'AuxOverParam') -> dict:
     """A copy of ``head_cfg`` with every top-level width key multiplied by ``width_mult``.
 
-    Input channels (``in_channels``: the compact net's features feed the wide
-    head) and class counts are left as they are.
+    Keys not in ``width_keys`` -- by default input channels (``in_channels``:
+    the compact net's features feed the wide head) and class counts -- are
+    left as they are.
 
     Raises:
-        ValueError: If the config has none of ``width_keys``.
+        ConfigError: If the config has none of ``width_keys``.
     """
     cfg = copy.deepcopy(dict(head_cfg))
     found = [k for k in width_keys if k in cfg]
     if not found:
         raise ConfigError(
-            f'AuxOverParam: the head config (type {cfg.get("type")!r}) has none of the width '
+            f'{owner}: the head config (type {cfg.get("type")!r}) has none of the width '
             f'keys {list(width_keys)}; set width_keys to its hidden-width keys or give '
             'aux_head=dict(...) explicitly')
     for key in found:
@@ -60,8 +62,100 @@ def widen_head_cfg(head_cfg: dict, width_mult: float,
     return cfg
 
 
+def check_width_and_weight(owner: str, width_mult: Any, aux_weight: Any) -> None:
+    """Refuse a ``width_mult`` that is not a number > 0 or an ``aux_weight`` below 0."""
+    if isinstance(width_mult, bool) or not isinstance(width_mult, (int, float)) \
+            or not width_mult > 0:
+        raise ConfigError(f'{owner}: width_mult={width_mult!r} must be a number > 0 '
+                          '(the auxiliary branch is that many times wider, e.g. 2.0)')
+    if isinstance(aux_weight, bool) or not isinstance(aux_weight, (int, float)) \
+            or not aux_weight >= 0:
+        raise ConfigError(f'{owner}: aux_weight={aux_weight!r} must be a number >= 0 '
+                          "(the weight of the auxiliary branch's loss, e.g. 1.0)")
+
+
+def pick_head(owner: str, model: nn.Module, compact_cfg: dict, head: str | None) -> str:
+    """The attribute name of the compact network's task head (``head`` checked, or found).
+
+    Raises:
+        ConfigError: If ``head`` is not a module of ``model`` or none of
+            :data:`HEAD_NAMES` is in the config.
+    """
+    if head is None:
+        head = next((h for h in HEAD_NAMES if compact_cfg.get(h)), None)
+        if head is None:
+            raise ConfigError(f'{owner}: model.model (type {compact_cfg.get("type")!r}) '
+                              f'has none of {HEAD_NAMES}; set head= to the attribute of '
+                              'the head to widen')
+    if not isinstance(getattr(model, head, None), nn.Module):
+        raise ConfigError(f'{owner}: head={head!r} is not a module of the '
+                          f'{type(model).__name__}; use one of '
+                          f'{[n for n, _ in model.named_children()]}')
+    return head
+
+
+def wide_head_cfg(owner: str, compact_cfg: dict, head: str, width_mult: float,
+                  width_keys: Sequence[str]) -> dict:
+    """The config of a ``width_mult`` times wider copy of the compact network's ``head``.
+
+    A detector's ``train_cfg`` / ``test_cfg`` (assigners, NMS), which the
+    detector hands to its head, are given to the copy too.
+    """
+    if not isinstance(compact_cfg.get(head), dict):
+        raise ConfigError(f'{owner}: the model config has no {head!r} dict to '
+                          'widen; give aux_head=dict(...)')
+    cfg = widen_head_cfg(compact_cfg[head], width_mult, width_keys, owner)
+    if head == 'bbox_head':
+        for key in ('train_cfg', 'test_cfg'):
+            if compact_cfg.get(key) is not None:
+                cfg.setdefault(key, copy.deepcopy(compact_cfg[key]))
+    return cfg
+
+
+def head_loss(aux_head: nn.Module, feats: Any, data_samples: Any, model: nn.Module) -> dict:
+    """``aux_head.loss`` on ``feats``, with the model's ``train_cfg`` where the head takes
+    it (mmseg's heads do, mmdet's hold their own)."""
+    kwargs = {}
+    if 'train_cfg' in inspect.signature(aux_head.loss).parameters:
+        kwargs['train_cfg'] = getattr(model, 'train_cfg', None)
+    return aux_head.loss(feats, data_samples, **kwargs)
+
+
+class AuxBranchWrapper(TrainingWrapper):
+    """Common part of the auxiliary-branch wrappers: the compact network ``self.model``
+    is the deployable one, and the branch's losses join the model's under a prefix."""
+
+    loss_prefix: str
+
+    def deployable_model(self) -> nn.Module:
+        """The compact network (without the auxiliary branch)."""
+        return self.model
+
+    @classmethod
+    def deployable_cfg(cls, cfg: dict) -> dict:
+        """The compact network's config."""
+        return cfg['model']
+
+    def _init_parts(self) -> Sequence[nn.Module]:
+        return [self.model, self.aux_head]
+
+    def _join_losses(self, losses: dict, aux: dict) -> dict:
+        """``losses`` updated with the branch's ``aux`` (keys already prefixed).
+
+        Raises:
+            ConfigError: If a prefixed key is one the model logs itself.
+        """
+        clash = set(aux) & set(losses)
+        if clash:
+            raise ConfigError(f'{type(self).__name__}: loss_prefix={self.loss_prefix!r} gives '
+                              f'keys the model logs itself ({sorted(clash)}); choose another '
+                              'prefix')
+        losses.update(aux)
+        return losses
+
+
 @MODELS.register_module()
-class AuxOverParam(TrainingWrapper):
+class AuxOverParam(AuxBranchWrapper):
     """A compact detector / segmentor trained with a wider, training-only head.
 
     ``loss()`` runs the compact network's own ``loss()`` (every loss of the
@@ -93,65 +187,29 @@ class AuxOverParam(TrainingWrapper):
                  data_preprocessor: dict | None = None, init_cfg: dict | None = None,
                  **model_overrides: Any) -> None:
         super().__init__(init_cfg=init_cfg)
-        if isinstance(width_mult, bool) or not isinstance(width_mult, (int, float)) \
-                or not width_mult > 0:
-            raise ConfigError(f'AuxOverParam: width_mult={width_mult!r} must be a number > 0 '
-                              '(the auxiliary head is that many times wider, e.g. 2.0)')
-        if isinstance(aux_weight, bool) or not isinstance(aux_weight, (int, float)) \
-                or not aux_weight >= 0:
-            raise ConfigError(f'AuxOverParam: aux_weight={aux_weight!r} must be a number >= 0 '
-                              "(the weight of the auxiliary head's loss, e.g. 1.0)")
+        check_width_and_weight('AuxOverParam', width_mult, aux_weight)
         check_model_overrides(model_overrides, 'AuxOverParam', AUX_OVERPARAM_KEYS, model,
                               'model')
         self.model = build_inner_model(model, 'model.model', 'AuxOverParam',
                                        data_preprocessor, model_overrides)
         self.data_preprocessor = self.model.data_preprocessor
         compact_cfg = deployable_model_cfg(dict(model))
-        if head is None:
-            head = next((h for h in HEAD_NAMES if compact_cfg.get(h)), None)
-            if head is None:
-                raise ConfigError(f'AuxOverParam: model.model (type {compact_cfg.get("type")!r}) '
-                                  f'has none of {HEAD_NAMES}; set head= to the attribute of '
-                                  'the head to widen')
-        if not isinstance(getattr(self.model, head, None), nn.Module):
-            raise ConfigError(f'AuxOverParam: head={head!r} is not a module of the '
-                              f'{type(self.model).__name__}; use one of '
-                              f'{[n for n, _ in self.model.named_children()]}')
-        self.head = head
+        self.head = pick_head('AuxOverParam', self.model, compact_cfg, head)
         if aux_head is None:
-            if not isinstance(compact_cfg.get(head), dict):
-                raise ConfigError(f'AuxOverParam: the model config has no {head!r} dict to '
-                                  'widen; give aux_head=dict(...)')
-            aux_head = widen_head_cfg(compact_cfg[head], width_mult, width_keys)
+            aux_head = wide_head_cfg('AuxOverParam', compact_cfg, self.head, width_mult,
+                                     width_keys)
         else:
             aux_head = copy.deepcopy(dict(aux_head))
-        # Detectors hand their train / test settings to the head (assigners, NMS).
-        if 'bbox_head' == head:
-            for key in ('train_cfg', 'test_cfg'):
-                if compact_cfg.get(key) is not None:
-                    aux_head.setdefault(key, copy.deepcopy(compact_cfg[key]))
         self.aux_head = MODELS.build(aux_head)
         self.aux_weight = float(aux_weight)
         self.loss_prefix = loss_prefix
-        main_head = getattr(self.model, head)
+        main_head = getattr(self.model, self.head)
         if expanded_layers(main_head):  # compare with the deployed (compact) head
             main_head = contract_model(main_head)
         MMLogger.get_current_instance().info(
-            f'AuxOverParam: training-only {type(self.aux_head).__name__} beside {head} '
+            f'AuxOverParam: training-only {type(self.aux_head).__name__} beside {self.head} '
             f'({count_params(self.aux_head):,} parameters vs {count_params(main_head):,} in the '
-            f'compact {head}; width x{width_mult}, loss weight {aux_weight})')
-
-    def deployable_model(self) -> nn.Module:
-        """The compact network (without the auxiliary head)."""
-        return self.model
-
-    @classmethod
-    def deployable_cfg(cls, cfg: dict) -> dict:
-        """The compact network's config."""
-        return cfg['model']
-
-    def _init_parts(self) -> Sequence[nn.Module]:
-        return [self.model, self.aux_head]
+            f'compact {self.head}; width x{width_mult}, loss weight {aux_weight})')
 
     def loss(self, inputs: Tensor, data_samples: Any) -> dict:
         """The compact network's losses plus the weighted wide-head losses."""
@@ -161,15 +219,6 @@ class AuxOverParam(TrainingWrapper):
         if self.head not in seen:
             raise SetupError(f'AuxOverParam: {self.head} did not run in the model\'s loss(); '
                              'set head= to the head its loss() calls')
-        feats = seen[self.head]
-        kwargs = {}
-        if 'train_cfg' in inspect.signature(self.aux_head.loss).parameters:
-            kwargs['train_cfg'] = getattr(self.model, 'train_cfg', None)  # mmseg heads
-        aux = self.aux_head.loss(feats, data_samples, **kwargs)
+        aux = head_loss(self.aux_head, seen[self.head], data_samples, self.model)
         aux = add_loss_prefix(aux, self.loss_prefix, self.aux_weight)
-        clash = set(aux) & set(losses)
-        if clash:
-            raise ConfigError(f'AuxOverParam: loss_prefix={self.loss_prefix!r} gives keys the '
-                              f'model logs itself ({sorted(clash)}); choose another prefix')
-        losses.update(aux)
-        return losses
+        return self._join_losses(losses, aux)
