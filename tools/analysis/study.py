@@ -5,7 +5,9 @@
 
 ``STUDY.py`` is an MMEngine config file (plain Python) with::
 
-    configs = dict(compact='path/to/compact.py', expandnet='path/to/expandnet.py')
+    configs = dict(compact='path/to/compact.py', expandnet='path/to/expandnet.py',
+                   calibrated=dict(config='path/to/expandnet.py',   # a config with
+                                   cfg_options={...}))              # its own settings
     axes = dict(                      # optional: axis -> level -> its settings
         schedule={'1x': dict(schedule_scale=1), '2x': dict(schedule_scale=2)},
         width={'0.5x': dict(per_config=dict(compact={...}, expandnet={...}))})
@@ -87,6 +89,7 @@ class Study:
 
     Args:
         configs: Config name -> config path.
+        config_options: Config name -> settings of that config entry.
         axes: Axis -> level -> settings.
         seeds: Seeds of every cell.
         metric: Key of the final validation metric.
@@ -94,6 +97,7 @@ class Study:
         cfg_options: Settings applied to every run.
     """
     configs: dict[str, str]
+    config_options: dict[str, dict] = field(default_factory=dict)
     axes: dict[str, dict[str, dict]] = field(default_factory=dict)
     seeds: list[int] = field(default_factory=lambda: [0])
     metric: str = ''
@@ -116,15 +120,12 @@ def load_study(path: str) -> Study:
         ConfigError: Naming the key that is missing or wrong, and what works.
     """
     require_file(path, 'study file')
-    raw = Config.fromfile(path).to_dict()
+    # Names starting with '_' are the file's own helpers (as in MMEngine configs).
+    raw = {k: v for k, v in Config.fromfile(path).to_dict().items() if not k.startswith('_')}
     unknown = sorted(set(raw) - set(STUDY_KEYS))
     if unknown:
         raise ConfigError(f'{path}: unknown key(s) {unknown}; a study file has {STUDY_KEYS}')
-    configs = raw.get('configs')
-    if not isinstance(configs, dict) or not configs:
-        raise ConfigError(f'{path}: configs must be a non-empty dict name -> config path')
-    for name, config in configs.items():
-        require_file(config, f'config {name!r} of {path}')
+    configs, config_options = _config_entries(raw.get('configs'), path)
     if not isinstance(raw.get('metric'), str) or not raw['metric']:
         raise ConfigError(f"{path}: metric must name the validation metric, e.g. "
                           "'coco/bbox_mAP' or 'mIoU'")
@@ -141,15 +142,34 @@ def load_study(path: str) -> Study:
             if stray:
                 raise ConfigError(f'{path}: axes.{axis}.{level}.per_config names {stray}, '
                                   f'which are not among configs {sorted(configs)}')
-    return Study(configs=dict(configs), axes=axes, seeds=list(seeds), metric=raw['metric'],
+    return Study(configs=configs, config_options=config_options, axes=axes, seeds=list(seeds), metric=raw['metric'],
                  metric_scale=float(raw.get('metric_scale', 1.0)),
                  cfg_options=dict(raw.get('cfg_options') or {}))
+
+
+def _config_entries(configs: Any, path: str) -> tuple[dict[str, str], dict[str, dict]]:
+    """Config paths and per-entry settings of a study file's ``configs``."""
+    if not isinstance(configs, dict) or not configs:
+        raise ConfigError(f'{path}: configs must be a non-empty dict name -> config path '
+                          '(or dict(config=PATH, cfg_options={...}))')
+    paths, options = {}, {}
+    for name, entry in configs.items():
+        if isinstance(entry, dict):
+            if not isinstance(entry.get('config'), str) or set(entry) - {'config', 'cfg_options'}:
+                raise ConfigError(f'{path}: configs.{name} must be a path or '
+                                  f'dict(config=PATH, cfg_options={{...}}), got {entry!r}')
+            paths[name], options[name] = entry['config'], dict(entry.get('cfg_options') or {})
+        else:
+            paths[name] = entry
+        require_file(paths[name], f'config {name!r} of {path}')
+    return paths, options
 
 
 def run_config(study: Study, run: StudyRun, run_dir: str) -> Config:
     """The config of one run: its config file with the study's and its levels' settings."""
     cfg = Config.fromfile(study.configs[run.config_name])
     cfg.merge_from_dict(study.cfg_options)
+    cfg.merge_from_dict(study.config_options.get(run.config_name, {}))
     for axis, level in run.levels:
         settings = dict(study.axes[axis][level] or {})
         per_config = (settings.pop('per_config', None) or {}).get(run.config_name) or {}
@@ -307,7 +327,9 @@ def run_study(study: Study, study_dir: str, jobs: int = 1) -> list[str]:
     """
     os.makedirs(study_dir, exist_ok=True)
     done = load_results(study_dir)
-    pending = [run for run in study.runs() if run.run_id not in done]
+    # Seed by seed, so a study cut short has comparable cells.
+    pending = sorted((run for run in study.runs() if run.run_id not in done),
+                     key=lambda run: run.seed)
     lock = threading.Lock()
 
     def one(run: StudyRun) -> str:
