@@ -1,6 +1,7 @@
 """MMEngine hooks of expand_mm (registered in the root ``HOOKS`` registry)."""
 from .channel_planting import ChannelPlantingHook
 from .contract_checkpoint import ContractCheckpointHook
+from .factor_lr_calibration import FactorLRCalibrationHook
 from .gradient_confusion import GradientConfusionHook
 from .load_checkpoint import ExpandCheckpointLoadHook
 from .rng_state import RNGStateHook
@@ -10,5 +11,6 @@ from .setup_checks import ExpandNetCheckHook
 from .weight_decay_term import WeightDecayTermHook
 
 __all__ = ['ChannelPlantingHook', 'ContractCheckpointHook', 'ExpandCheckpointLoadHook',
-           'ExpandNetCheckHook', 'GradientConfusionHook', 'NonlinearInitHook',
-           'NONLINEAR_INIT_META_KEY', 'RNGStateHook', 'SafeCheckpointHook', 'WeightDecayTermHook']
+           'ExpandNetCheckHook', 'FactorLRCalibrationHook', 'GradientConfusionHook',
+           'NonlinearInitHook', 'NONLINEAR_INIT_META_KEY', 'RNGStateHook', 'SafeCheckpointHook',
+           'WeightDecayTermHook']

@@ -98,8 +98,21 @@ class ExpandedLayer(nn.Module):
         self.defer_factor_grads = False
         self._deferred: tuple[Any, tuple[Tensor, Tensor | None]] | None = None
         self._composition_macs: int | None = None
+        # RMS of the compact kernel this layer stands for, as last known (see
+        # remember_compact_reference); read by the calibrated factor rates.
+        self.compact_reference_rms: float | None = None
         self._mode = 'online'
         self.set_mode(mode)
+
+    def remember_compact_reference(self, weight: Tensor) -> None:
+        """Record the RMS of the compact kernel this layer stands for.
+
+        Set from the compact layer it was built from, the kernel it was last
+        factorised from (:meth:`set_compact`), or the compact kernel the model's
+        initialisation gave it; the calibrated factor learning rates
+        (:mod:`expand_mm.optim.lr_calibration`) compare steps with this kernel's.
+        """
+        self.compact_reference_rms = float(weight.detach().double().pow(2).mean().sqrt())
 
     # ----------------------------------------------------------------- to override
     @property

@@ -168,6 +168,7 @@ class ExpandConv2d(ExpandedLayer):
                     padding_mode=conv.padding_mode, strategy=strategy, ratio=ratio,
                     mode=mode, name=name, device=conv.weight.device,
                     dtype=conv.weight.dtype)
+        layer.remember_compact_reference(conv.weight)
         if keep_weights:
             layer.set_compact(conv.weight, conv.bias, generator=generator)
         return layer.train(conv.training)
@@ -292,6 +293,7 @@ class ExpandConv2d(ExpandedLayer):
                     conv.bias.zero_()
             if bias is not None:
                 self.convs[-1].bias.copy_(bias)
+        self.remember_compact_reference(weight)
 
     def exact_min_ratio(self) -> int:
         """Smallest ratio at which :meth:`set_compact` is exact: 1 for CL, more for CK."""

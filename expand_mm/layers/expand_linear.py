@@ -73,6 +73,7 @@ class ExpandLinear(ExpandedLayer):
         layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
                     ratio=ratio, mode=mode, name=name, device=linear.weight.device,
                     dtype=linear.weight.dtype)
+        layer.remember_compact_reference(linear.weight)
         if keep_weights:
             layer.set_compact(linear.weight, linear.bias, generator=generator)
         return layer.train(linear.training)
@@ -150,6 +151,7 @@ class ExpandLinear(ExpandedLayer):
                     linear.bias.zero_()
             if bias is not None:
                 self.linears[-1].bias.copy_(bias)
+        self.remember_compact_reference(weight)
 
     def extra_repr(self) -> str:
         """Compact shape plus ratio and mode."""

@@ -268,7 +268,9 @@ def init_expanded_weights(model: BaseModule) -> None:
             layer.set_compact(stand_in.weight.detach(),
                               None if stand_in.bias is None else stand_in.bias.detach())
             kept += 1
-        elif stand_in.bias is not None:
+            continue
+        layer.remember_compact_reference(stand_in.weight)
+        if stand_in.bias is not None:
             layer.set_composed_bias(stand_in.bias.detach())
     MMLogger.get_current_instance().info(
         f'ExpandNet: initialised the compact form; {kept} of {len(layers)} expanded layers '

@@ -43,13 +43,18 @@ from .product_decay import (FACTOR_BASE_LR_KEY, FACTOR_LR_MULT_KEY, PRODUCT_DECA
                             ProductWeightDecay, WeightDecayOnCheck, check_weight_decay_on,
                             factor_weights)
 
-FACTOR_LR_RULES = ('fan_in', 'none')
+FACTOR_LR_RULES = ('fan_in', 'calibrated', 'none')
 # Optimizers whose step size does not scale with the gradient's magnitude (per
 # entry or per tensor): the ones the fan-in rule is derived for. 'auto' uses it
 # for these and leaves the rates alone for the others (SGD: the paper's setting).
 ADAPTIVE_OPTIMIZERS = ('Adam', 'AdamW', 'Adamax', 'NAdam', 'RAdam', 'Adagrad', 'Adadelta',
                        'RMSprop', 'Lion', 'Adafactor')
 CHAIN_RULES = ('sum', 'rss')
+# Param-group key of the calibrated rule: CALIBRATION_PENDING until the
+# hook has scaled the group, then the layer's scale (saved with the optimizer,
+# so a resumed run keeps its rates).
+CALIBRATION_KEY = 'factor_lr_calibration'
+CALIBRATION_PENDING = 'pending'
 # Extra factor on the 'fan_in' rule (see the module docstring for the
 # measurement). On the digits demo's schedules (calibration record in
 # projects/digits/README.md) it took the ExpandNet detector (AdamW lr 0.004)
@@ -88,8 +93,10 @@ def factor_lr_multipliers(layer: ExpandedLayer, rule: str | float = 'fan_in',
     Args:
         layer: The expanded layer.
         rule: ``'fan_in'``: ``sqrt(f_compact / f_i)``, so that each factor's
-            relative Adam step matches the compact layer's; ``'none'``: 1; a
-            number: that multiplier for every factor (then ``chain`` is unused).
+            relative Adam step matches the compact layer's; ``'calibrated'``:
+            the same shape, which :mod:`~expand_mm.optim.lr_calibration`
+            scales per layer once training starts; ``'none'``: 1; a number:
+            that multiplier for every factor (then ``chain`` is unused).
         chain: How the factors share the compact step: ``'sum'`` divides by the
             number of factors ``L`` (relative changes of aligned updates add
             up), ``'rss'`` by ``sqrt(L)`` (uncorrelated updates).
@@ -101,7 +108,7 @@ def factor_lr_multipliers(layer: ExpandedLayer, rule: str | float = 'fan_in',
         ValueError: On an unknown rule or chain.
     """
     check_factor_lr(rule, chain)
-    if rule != 'fan_in':
+    if rule not in ('fan_in', 'calibrated'):
         return [1.0 if rule == 'none' else float(rule)] * len(layer.sublayers)
     fan_ins = layer.factor_fan_ins()
     share = len(fan_ins) if chain == 'sum' else math.sqrt(len(fan_ins))
@@ -172,6 +179,30 @@ class FactorRateCheck:
                 'load_from=<checkpoint> and resume=False (a fresh optimizer)')
 
 
+class PendingCalibrationCheck:
+    """Optimizer step pre-hook: refuse to train factor groups still awaiting calibration.
+
+    With ``factor_lr='calibrated'`` the rates are only the fan-in shape until
+    :class:`~expand_mm.hooks.FactorLRCalibrationHook` scales them; without
+    the hook, training would silently run at uncalibrated rates. Removes
+    itself after the first step it lets through.
+
+    Args:
+        optimizer: The torch optimizer whose groups were marked.
+    """
+
+    def __init__(self, optimizer: Optimizer) -> None:
+        self.handle = optimizer.register_step_pre_hook(self)
+
+    def __call__(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
+        """Raise while a group is pending; otherwise remove the hook."""
+        if any(g.get(CALIBRATION_KEY) == CALIBRATION_PENDING for g in optimizer.param_groups):
+            raise SetupError("paramwise_cfg.factor_lr='calibrated' needs FactorLRCalibrationHook "
+                             "to scale the factor rates before training; add "
+                             "custom_hooks=[dict(type='FactorLRCalibrationHook')]")
+        self.handle.remove()
+
+
 @OPTIM_WRAPPER_CONSTRUCTORS.register_module()
 class ExpandNetOptimWrapperConstructor(DefaultOptimWrapperConstructor):
     """``DefaultOptimWrapperConstructor`` plus per-factor learning rates and product decay.
@@ -211,7 +242,9 @@ class ExpandNetOptimWrapperConstructor(DefaultOptimWrapperConstructor):
         paramwise_cfg: As ``DefaultOptimWrapperConstructor``, plus
             ``factor_lr``: ``'auto'`` (default: ``'fan_in'`` for the adaptive
             optimizers of :data:`ADAPTIVE_OPTIMIZERS`, ``'none'`` otherwise),
-            ``'fan_in'``, ``'none'`` or a positive number; and
+            ``'fan_in'``, ``'calibrated'`` (per-layer scales measured when
+            training starts, see :mod:`~expand_mm.optim.lr_calibration`; needs
+            ``FactorLRCalibrationHook``), ``'none'`` or a positive number; and
             ``factor_lr_chain``: ``'sum'`` (default) or ``'rss'``; and
             ``factor_lr_mult``: a further factor on every factor's rate
             (default :data:`DEFAULT_FACTOR_LR_MULT` with the ``'fan_in'``
@@ -241,8 +274,8 @@ class ExpandNetOptimWrapperConstructor(DefaultOptimWrapperConstructor):
         if factor_lr == 'auto':
             factor_lr = 'fan_in' if self._optimizer_name in ADAPTIVE_OPTIMIZERS else 'none'
         self.factor_lr = factor_lr
-        # The measured correction belongs to the 'fan_in' rule; 'none' or an
-        # explicit number means exactly what it says.
+        # The measured correction belongs to the 'fan_in' rule; 'calibrated'
+        # measures its own per layer; 'none' or a number means what it says.
         self.factor_lr_mult = factor_lr_mult if factor_lr_mult is not None else (
             DEFAULT_FACTOR_LR_MULT if factor_lr == 'fan_in' else 1.0)
         super().__init__(optim_wrapper_cfg, paramwise_cfg)
@@ -261,8 +294,10 @@ class ExpandNetOptimWrapperConstructor(DefaultOptimWrapperConstructor):
         inner = model.module if hasattr(model, 'module') else model
         layers = expanded_layers(inner)
         multipliers: dict[int, float] = {}
+        # The calibrated scale absorbs how the factors share the step.
+        chain = 'sum' if self.factor_lr == 'calibrated' else self.factor_lr_chain
         for _, layer in layers:
-            mults = factor_lr_multipliers(layer, self.factor_lr, self.factor_lr_chain)
+            mults = factor_lr_multipliers(layer, self.factor_lr, chain)
             for sub, mult in zip(layer.sublayers, mults):
                 for param in sub.parameters(recurse=False):
                     multipliers[id(param)] = mult * self.factor_lr_mult
@@ -292,6 +327,8 @@ class ExpandNetOptimWrapperConstructor(DefaultOptimWrapperConstructor):
             WeightDecayOnCheck(wrapper.optimizer, self.weight_decay_on)
         if any(key in optimized for key in self._factor_multipliers):  # none when all frozen
             FactorRateCheck(wrapper.optimizer)
+        if self.factor_lr == 'calibrated':
+            self._mark_calibration_pending(wrapper.optimizer)
         if layers:
             values = sorted(multipliers.values())
             rule = (f"'auto' -> {self.factor_lr!r} ({self._optimizer_name})"
@@ -302,6 +339,21 @@ class ExpandNetOptimWrapperConstructor(DefaultOptimWrapperConstructor):
                 f'{len(multipliers)} factor parameters of {len(layers)} expanded layers; '
                 f'multipliers {values[0]:.4g}..{values[-1]:.4g}')
         return wrapper
+
+    def _mark_calibration_pending(self, optimizer: Optimizer) -> None:
+        """Mark every factor group for :class:`~expand_mm.hooks.FactorLRCalibrationHook`.
+
+        The scale of each layer is measured from the values training starts
+        from, which exist only after ``init_weights`` and ``load_from`` -- both
+        run after the optimizer is built.
+        """
+        marked = False
+        for group in optimizer.param_groups:
+            if any(id(p) in self._all_factor_multipliers for p in group['params']):
+                group[CALIBRATION_KEY] = CALIBRATION_PENDING
+                marked = True
+        if marked:
+            PendingCalibrationCheck(optimizer)
 
     def _install_product_decay(self, wrapper: OptimWrapper,
                                layers: list[tuple[str, ExpandedLayer]]) -> None:

@@ -29,18 +29,18 @@ from .product_decay import FACTOR_BASE_LR_KEY, FACTOR_LR_MULT_KEY
 _SAME_RATE_RTOL = 1e-6
 
 
-def _flat_schedulers(param_schedulers: Any) -> list:
+def flat_schedulers(param_schedulers: Any) -> list:
     """The scheduler objects of a runner's ``param_schedulers`` (list, dict of lists or None)."""
     if param_schedulers is None:
         return []
     if isinstance(param_schedulers, dict):
-        return [s for value in param_schedulers.values() for s in _flat_schedulers(value)]
+        return [s for value in param_schedulers.values() for s in flat_schedulers(value)]
     if isinstance(param_schedulers, (list, tuple)):
         return list(param_schedulers)
     return [param_schedulers]
 
 
-def _optimizers(optim_wrapper: Any) -> list:
+def optimizers_of(optim_wrapper: Any) -> list:
     """The torch optimizers behind an ``OptimWrapper`` / ``OptimWrapperDict``."""
     if isinstance(optim_wrapper, OptimWrapperDict):
         return [w.optimizer for w in optim_wrapper.values()]
@@ -145,7 +145,7 @@ def absolute_floor_problems(model: nn.Module, optim_wrapper: Any,
     if not factor_ids:
         return []
     problems = []
-    for optimizer in _optimizers(optim_wrapper):
+    for optimizer in optimizers_of(optim_wrapper):
         base = optimizer.defaults.get('lr')
         if not base:
             continue
@@ -162,7 +162,7 @@ def absolute_floor_problems(model: nn.Module, optim_wrapper: Any,
         scaled = (f'{len(multipliers)} factor groups of the expanded layers, whose rates '
                   'ExpandNetOptimWrapperConstructor scaled by '
                   f'{min(multipliers):.3g}..{max(multipliers):.3g}')
-        for index, scheduler in enumerate(_flat_schedulers(param_schedulers)):
+        for index, scheduler in enumerate(flat_schedulers(param_schedulers)):
             # MMEngine schedulers hold the OptimWrapper or the torch optimizer.
             target = getattr(scheduler, 'optimizer', None)
             if optimizer not in (target, getattr(target, 'optimizer', None)):

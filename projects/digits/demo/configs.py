@@ -7,6 +7,8 @@ import time
 
 from mmengine.config import Config
 
+from expand_mm.schedule import scale_schedule
+
 from .tasks import QUICK_BATCH, QUICK_ITERS, REPO_ROOT, TaskSpec
 
 
@@ -29,13 +31,7 @@ def data_root_overrides(task: str, data_root: str) -> dict[str, str]:
 
 def _scale_schedule(cfg: Config, max_iters: int) -> None:
     """Shrink the iteration-based schedule of ``cfg`` to ``max_iters``, proportionally."""
-    old = cfg.train_cfg.max_iters
-    factor = max_iters / old
-    for sched in cfg.param_scheduler:
-        for key in ('begin', 'end', 'T_max'):
-            if key in sched:
-                sched[key] = max(1, int(round(sched[key] * factor))) if sched[key] else 0
-    cfg.train_cfg.max_iters = max_iters
+    scale_schedule(cfg, max_iters / cfg.train_cfg.max_iters)
     cfg.train_cfg.val_interval = max_iters
     cfg.default_hooks.checkpoint.interval = max_iters
     cfg.default_hooks.logger.interval = max(1, min(cfg.default_hooks.logger.interval,
