@@ -31,6 +31,8 @@ from .optim import (ExpandNetOptimWrapperConstructor, PolyLRRatio,  # noqa: E402
 from .deploy import deployable_state_dict  # noqa: E402
 from .planting import ChannelPlanter, PlantingError  # noqa: E402
 from .hooks import ChannelPlantingHook, ExpandNetCheckHook, NonlinearInitHook  # noqa: E402
+from .hooks import ChannelPlantingSearchHook  # noqa: E402
+from .planting import GrowingPlanter, PlantedSubnet, PlantingSearch  # noqa: E402
 from . import analysis  # noqa: E402
 from .apis import init_compact_model  # noqa: E402
 from .analysis import (GradientConfusionResult, LandscapeResult, gradient_confusion,  # noqa: E402
@@ -52,6 +54,7 @@ __all__ = [
     'find_deployable', 'deployable_state_dict',
     'ChannelPlanter', 'ChannelPlantingHook', 'PlantingError', 'NonlinearInitHook',
     'ExpandNetCheckHook',
+    'ChannelPlantingSearchHook', 'GrowingPlanter', 'PlantingSearch', 'PlantedSubnet',
     'ProductWeightDecay', 'PolyLRRatio',
     'init_compact_model',
     'analysis', 'gradient_confusion', 'GradientConfusionResult', 'loss_landscape_1d',
