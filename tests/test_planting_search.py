@@ -316,3 +316,35 @@ def test_search_config_in_the_runner_exports_a_subnet_the_stock_api_loads(digits
     resumed = json.loads((tmp_path / 'resumed' / 'planting_search.json').read_text())
     assert [s['grown'] for s in resumed['steps']] == [s['grown'] for s in record['steps']]
     assert resumed['final']['widths'] == record['final']['widths']
+
+
+YOLOV3_SEARCH = osp.join(ROOT, 'configs', 'planting', 'plant-search-p50_kd-yolov3-d53_yolov3_'
+                         'mobilenetv2_8xb24-320-300e_coco.py')
+
+
+@pytest.mark.slow
+def test_yolov3_mobilenetv2_search_config_plants_its_neck_and_bridges():
+    """The users' config: its hook builds, its student's candidates can each grow alone and be
+    exported (no residual add, no depthwise reader), its teacher is mmdet's DarkNet53 YOLOv3,
+    and the expand_mm hooks sit in default_hooks."""
+    from mmdet.registry import MODELS
+    from mmengine.registry import HOOKS, DefaultScope
+    from mm_test_utils import load_config
+    cfg = load_config(YOLOV3_SEARCH)
+    assert set(cfg.default_hooks) >= {'expand_load', 'expand_contract', 'expand_check'}
+    assert cfg.model.type == 'Distiller' and 'yolov3_d53' in cfg.model.teacher_ckpt
+    hook_cfg = copy.deepcopy(cfg.custom_hooks[-1])
+    hook = HOOKS.build(hook_cfg)
+    with DefaultScope.overwrite_default_scope('mmdet'):
+        student = MODELS.build(cfg.model.student).eval()
+    planter = GrowingPlanter(student, hook.include, hook.start_fraction)
+    x = torch.randn(1, 3, 64, 64)
+    trace = lambda: student(x, mode='tensor')  # noqa: E731
+    planter.start(0, trace)
+    planter.record_spatial_sizes(trace)
+    candidates = make_candidates(planter, hook.candidate_groups)
+    assert len(candidates) == 3 + 2 + 3  # three detection blocks, two laterals, three bridges
+    assert all(p.startswith(('neck.', 'bbox_head.convs_bridge.')) for p in planter.unit_paths())
+    check_candidates(planter, candidates, hook.step_fraction, trace, (1, 3, 64, 64))
+    narrow, _, _ = narrow_subnet(planter, (1, 3, 64, 64))
+    assert sum(p.numel() for p in narrow.parameters()) == planter.narrow_cost()['params']

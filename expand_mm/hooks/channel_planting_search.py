@@ -8,7 +8,7 @@ from typing import Any, Sequence
 
 import torch
 from mmengine.config import Config
-from mmengine.dataset import pseudo_collate
+from mmengine.dataset import BaseDataset, RepeatDataset, pseudo_collate
 from mmengine.hooks import Hook
 from mmengine.model import is_model_wrapper
 from mmengine.registry import HOOKS
@@ -48,16 +48,21 @@ def carve_heldout(runner, num_samples: int, seed: int, batch_size: int) -> list:
     """
     loop = runner.train_loop
     dataset = loop.dataloader.dataset
-    if not hasattr(dataset, 'get_subset') or len(dataset) <= num_samples:
+    # A RepeatDataset (mmdet's YOLOv3 configs) is split inside and wrapped again.
+    inner = dataset.dataset if isinstance(dataset, RepeatDataset) else dataset
+    if not isinstance(inner, BaseDataset) or len(inner) <= num_samples:
         raise PlantingError(
             f'ChannelPlantingSearchHook: heldout.num_samples={num_samples} needs an MMEngine '
-            f'training dataset with more samples (got {type(dataset).__name__} of '
-            f'{len(dataset) if hasattr(dataset, "__len__") else "?"})')
-    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed)).tolist()
+            f'BaseDataset (or a RepeatDataset of one) with more training samples (got '
+            f'{type(inner).__name__} of {len(inner) if hasattr(inner, "__len__") else "?"})')
+    order = torch.randperm(len(inner), generator=torch.Generator().manual_seed(seed)).tolist()
     held, kept = sorted(order[:num_samples]), sorted(order[num_samples:])
-    heldout = dataset.get_subset(held)
+    heldout = inner.get_subset(held)
+    training = inner.get_subset(kept)
+    if inner is not dataset:
+        training = RepeatDataset(training, dataset.times)
     cfg = copy.deepcopy(runner.cfg.train_dataloader)
-    cfg['dataset'] = dataset.get_subset(kept)
+    cfg['dataset'] = training
     loop.dataloader = runner.build_dataloader(cfg, seed=runner.seed)
     if hasattr(loop, 'dataloader_iterator'):  # IterBasedTrainLoop draws from an iterator
         loop.dataloader_iterator = type(loop.dataloader_iterator)(loop.dataloader)
@@ -218,7 +223,7 @@ class ChannelPlantingSearchHook(Hook):
             SearchBudget.from_cfg(self.budget_cfg), self.step_fraction, self.probe,
             self.units_per_step, self.probe_iters, self.probe_lr)
         check_candidates(planter, self.search.candidates, self.step_fraction, data.trace,
-                         (1,) + self._first_input_shape())
+                         self._probe_shape())
         if self._resumed:
             self.search.load_state(self._resumed, data.trace)
         self._log(runner, 'resumed at' if self._resumed else 'starting at')
@@ -290,8 +295,7 @@ class ChannelPlantingSearchHook(Hook):
             self._export(runner)
 
     def _export(self, runner) -> None:
-        shape = (1,) + tuple(self._first_input_shape())
-        narrow, state, shapes = narrow_subnet(self.planter, shape)
+        narrow, state, shapes = narrow_subnet(self.planter, self._probe_shape())
         cfg = Config(copy.deepcopy(runner.cfg._cfg_dict.to_dict()))
         cfg.model = subnet_model_cfg(deployable_model_cfg(runner.cfg.model), shapes)
         cfg.custom_hooks = [h for h in cfg.get('custom_hooks', [])
@@ -310,9 +314,11 @@ class ChannelPlantingSearchHook(Hook):
             f'{runner.work_dir}: {sum(p.numel() for p in narrow.parameters()):,} parameters, '
             'never-planted channels removed')
 
-    def _first_input_shape(self) -> tuple:
-        inputs = self.heldout[0]['inputs'][0]
-        return tuple(inputs.shape)
+    def _probe_shape(self) -> tuple:
+        """One image of the first held-out batch as the model sees it (padded, preprocessed)."""
+        with torch.no_grad():
+            inputs = self.planter.model.data_preprocessor(self.heldout[0], False)['inputs']
+        return (1,) + tuple(inputs.shape[1:])
 
 
 def _plot(points: list[dict], path: str) -> None:

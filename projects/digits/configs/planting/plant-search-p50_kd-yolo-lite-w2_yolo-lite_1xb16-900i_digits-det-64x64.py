@@ -5,10 +5,11 @@
 #
 # The backbone and neck units start with a quarter of their output channels
 # (the rest masked to zero: the network computes what the narrow one would).
-# Every 50 iterations the candidate units are ranked on 64 training images held
-# out by the hook (not the validation set) by the first-order gain of the
-# held-out loss (task + distillation) per parameter that planting into them
-# adds; the best two gain an eighth of their width, without changing what the
+# Every 50 iterations the candidates (each backbone unit, each neck lateral
+# conv, each neck detection block) are ranked on 64 training images held out
+# by the hook (not the validation set) by the first-order gain of the held-out
+# loss (task + distillation) per parameter that planting into them adds; the
+# best two gain a quarter of their width, without changing what the
 # network computes at that moment, and every weight entry that existed before is
 # frozen: only the new channels train, by the labels and by the teacher. The
 # search stops before the network would exceed half of the stock detector's
@@ -32,6 +33,8 @@ custom_hooks = [
     dict(
         type='ChannelPlantingSearchHook',
         include=['backbone.*', 'neck.*'],
+        # Each detection block of the neck grows as one candidate (fewer probes per step).
+        candidates=[['neck.detect1.*'], ['neck.detect2.*'], ['neck.detect3.*']],
         start_fraction=0.25,
         step_fraction=0.25,
         interval=50,
