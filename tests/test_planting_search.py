@@ -131,16 +131,23 @@ def test_the_budget_stops_the_search_and_the_cost_is_the_narrow_networks():
     assert search.stopped == 'budget'
     full = planter.full_cost()['params']
     assert planter.narrow_cost()['params'] <= 0.4 * full
+    # The stop is the budget's: the best helpful candidate would have exceeded it.
     last = search.record[-1]
-    cheapest = min(s for s in last['scores'].values())
-    assert cheapest is not None and len(search.record) > 2
+    assert last['stopped'] == 'budget' and last['scores'] and len(search.record) > 2
     # The narrow network exported has exactly the counted parameters.
     narrow, state, _ = narrow_subnet(planter, (1, 2, 12, 12))
     assert sum(p.numel() for p in narrow.parameters()) == planter.narrow_cost()['params']
     # Each recorded step names what grew, its held-out loss and its parameter count.
     assert all({'grown', 'heldout_loss', 'params', 'widths'} <= set(e) for e in search.record)
     assert [e['params'] for e in search.record] == sorted(e['params'] for e in search.record)
-    # A gain threshold and a step limit stop it too.
+    # A MAC budget, a gain threshold and a step limit stop it too.
+    net, planter, data, train, _ = toy_setup()
+    search = PlantingSearch(planter, make_candidates(planter),
+                            SearchBudget.from_cfg(dict(macs=0.3)), 0.25)
+    while search.step(data):
+        pass
+    assert search.stopped == 'budget' and len(search.record) > 1
+    assert planter.narrow_cost()['macs'] <= 0.3 * planter.full_cost()['macs']
     net, planter, data, train, _ = toy_setup()
     search = PlantingSearch(planter, make_candidates(planter),
                             SearchBudget.from_cfg(dict(min_rel_gain=0.9)), 0.25)
@@ -320,31 +327,41 @@ def test_search_config_in_the_runner_exports_a_subnet_the_stock_api_loads(digits
 
 YOLOV3_SEARCH = osp.join(ROOT, 'configs', 'planting', 'plant-search-p50_kd-yolov3-d53_yolov3_'
                          'mobilenetv2_8xb24-320-300e_coco.py')
+UNET_SEARCH = osp.join(ROOT, 'projects', 'digits', 'configs', 'planting',
+                       'plant-search-p50_kd-unet-c32_unet-s4-d16-c16-fcn_1xb16-800i_'
+                       'digits-seg-64x64.py')
 
 
 @pytest.mark.slow
-def test_yolov3_mobilenetv2_search_config_plants_its_neck_and_bridges():
-    """The users' config: its hook builds, its student's candidates can each grow alone and be
-    exported (no residual add, no depthwise reader), its teacher is mmdet's DarkNet53 YOLOv3,
-    and the expand_mm hooks sit in default_hooks."""
-    from mmdet.registry import MODELS
-    from mmengine.registry import HOOKS, DefaultScope
+@pytest.mark.parametrize('path, scope, units, candidates', [
+    # three detection blocks, two laterals, three bridges
+    (YOLOV3_SEARCH, 'mmdet', ('neck.', 'bbox_head.convs_bridge.'), 3 + 2 + 3),
+    # eight encoder and six decoder convs, three upsampling convs, the head's conv
+    (UNET_SEARCH, 'mmseg', ('backbone.', 'decode_head.'), 18),
+], ids=['yolov3-mobilenetv2', 'digits-unet'])
+def test_search_configs_student_can_grow_every_candidate_and_export_it(path, scope, units,
+                                                                      candidates):
+    """A search config's hook builds, every candidate of its student can grow on its own and
+    its narrow network computes what the masked one does (no residual add, no depthwise
+    reader), and the expand_mm hooks sit in default_hooks."""
+    from mmengine.registry import HOOKS, MODELS, DefaultScope
     from mm_test_utils import load_config
-    cfg = load_config(YOLOV3_SEARCH)
+    cfg = load_config(path)
     assert set(cfg.default_hooks) >= {'expand_load', 'expand_contract', 'expand_check'}
-    assert cfg.model.type == 'Distiller' and 'yolov3_d53' in cfg.model.teacher_ckpt
-    hook_cfg = copy.deepcopy(cfg.custom_hooks[-1])
-    hook = HOOKS.build(hook_cfg)
-    with DefaultScope.overwrite_default_scope('mmdet'):
-        student = MODELS.build(cfg.model.student).eval()
+    assert cfg.model.type == 'Distiller'
+    hook = HOOKS.build(copy.deepcopy(cfg.custom_hooks[-1]))
+    student_cfg = dict(cfg.model.student)
+    student_cfg.setdefault('data_preprocessor', cfg.get('data_preprocessor'))
+    with DefaultScope.overwrite_default_scope(scope):
+        student = MODELS.build(student_cfg).eval()
     planter = GrowingPlanter(student, hook.include, hook.start_fraction)
     x = torch.randn(1, 3, 64, 64)
     trace = lambda: student(x, mode='tensor')  # noqa: E731
     planter.start(0, trace)
     planter.record_spatial_sizes(trace)
-    candidates = make_candidates(planter, hook.candidate_groups)
-    assert len(candidates) == 3 + 2 + 3  # three detection blocks, two laterals, three bridges
-    assert all(p.startswith(('neck.', 'bbox_head.convs_bridge.')) for p in planter.unit_paths())
-    check_candidates(planter, candidates, hook.step_fraction, trace, (1, 3, 64, 64))
+    found = make_candidates(planter, hook.candidate_groups)
+    assert len(found) == candidates
+    assert all(p.startswith(units) for p in planter.unit_paths())
+    check_candidates(planter, found, hook.step_fraction, trace, (1, 3, 64, 64))
     narrow, _, _ = narrow_subnet(planter, (1, 3, 64, 64))
     assert sum(p.numel() for p in narrow.parameters()) == planter.narrow_cost()['params']

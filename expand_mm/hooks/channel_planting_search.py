@@ -1,4 +1,4 @@
-"""``ChannelPlantingSearchHook``: channel planting that chooses where to grow, in MMEngine's loop."""
+"""``ChannelPlantingSearchHook``: channel planting that chooses where to grow (MMEngine loop)."""
 from __future__ import annotations
 
 import copy

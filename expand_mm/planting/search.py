@@ -400,7 +400,9 @@ class PlantingSearch:
         chosen = choose(ranked, self.planter.narrow_cost(), self.budget, self.units_per_step)
         entry['scores'] = {s.candidate.name: s.score for s in ranked}
         if not chosen:
-            self.stopped = 'budget' if ranked else 'full'
+            # Nothing left to grow, nothing that helps, or nothing helpful that fits.
+            self.stopped = ('full' if not ranked else
+                            'gain' if all(s.gain <= 0 for s in ranked) else 'budget')
             self.record.append(dict(entry, grown=[], stopped=self.stopped))
             return []
         grow: dict[str, int] = {}
