@@ -340,10 +340,11 @@ UNET_SEARCH = osp.join(ROOT, 'projects', 'digits', 'configs', 'planting',
     (UNET_SEARCH, 'mmseg', ('backbone.', 'decode_head.'), 18),
 ], ids=['yolov3-mobilenetv2', 'digits-unet'])
 def test_search_configs_student_can_grow_every_candidate_and_export_it(path, scope, units,
-                                                                      candidates):
+                                                                      candidates, tmp_path):
     """A search config's hook builds, every candidate of its student can grow on its own and
     its narrow network computes what the masked one does (no residual add, no depthwise
-    reader), and the expand_mm hooks sit in default_hooks."""
+    reader), the exported config and weights build and load strictly through the stock
+    init_detector / init_model, and the expand_mm hooks sit in default_hooks."""
     from mmengine.registry import HOOKS, MODELS, DefaultScope
     from mm_test_utils import load_config
     cfg = load_config(path)
@@ -363,5 +364,46 @@ def test_search_configs_student_can_grow_every_candidate_and_export_it(path, sco
     assert len(found) == candidates
     assert all(p.startswith(units) for p in planter.unit_paths())
     check_candidates(planter, found, hook.step_fraction, trace, (1, 3, 64, 64))
-    narrow, _, _ = narrow_subnet(planter, (1, 3, 64, 64))
+    planter.plant({p: 2 for p in found[0].units}, trace)
+    narrow, state, shapes = narrow_subnet(planter, (1, 3, 64, 64))
     assert sum(p.numel() for p in narrow.parameters()) == planter.narrow_cost()['params']
+    # The exported config builds through the stock API and the weights load strictly.
+    from expand_mm.models.deployable import deployable_model_cfg
+    from expand_mm.planting import subnet_model_cfg
+    cfg.model = subnet_model_cfg(deployable_model_cfg(cfg.model), shapes)
+    cfg.dump(str(tmp_path / 'subnet.py'))
+    torch.save(dict(state_dict=state, meta=dict(dataset_meta=dict(classes=['x']))),
+               tmp_path / 'subnet.pth')
+    if scope == 'mmdet':
+        from mmdet.apis import init_detector as init
+    else:
+        from mmseg.apis import init_model as init
+    stock_api = init(str(tmp_path / 'subnet.py'), str(tmp_path / 'subnet.pth'), device='cpu')
+    stock_api.load_state_dict(state, strict=True)
+    assert type(stock_api).__name__ == type(student).__name__
+    from expand_mm.verification import _flatten_tensors
+    with torch.no_grad():
+        pairs = zip(_flatten_tensors(stock_api.eval()(x, mode='tensor')),
+                    _flatten_tensors(student(x, mode='tensor')))
+        for got, want in pairs:
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_the_heldout_split_is_carved_inside_a_repeat_dataset(digits_data, tmp_path):
+    """mmdet's YOLOv3 configs repeat their training set: the held-out samples are taken out
+    of the inner dataset, and the rest is repeated as before."""
+    from mmengine.runner import Runner
+    cfg = search_cfg(digits_data, tmp_path, 'work', max_iters=2)
+    cfg.train_dataloader.dataset = dict(type='RepeatDataset', times=3,
+                                        dataset=cfg.train_dataloader.dataset)
+    cfg.custom_hooks[0].update(interval=1, export=False)
+    runner = Runner.from_cfg(cfg)
+    runner.train()
+    dataset = runner.train_loop.dataloader.dataset
+    assert type(dataset).__name__ == 'RepeatDataset' and len(dataset) == 3 * 2
+    hook = next(h for h in runner.hooks if type(h).__name__ == 'ChannelPlantingSearchHook')
+    held = {s.img_path for b in hook.heldout for s in b['data_samples']}
+    kept = {dataset.dataset[i]['data_samples'].img_path for i in range(2)}
+    assert len(held) == 2 and not held & kept
+    assert not (tmp_path / 'work' / 'planted_subnet.pth').exists()
