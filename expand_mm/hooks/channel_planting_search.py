@@ -176,7 +176,6 @@ class ChannelPlantingSearchHook(Hook):
         self.search: PlantingSearch | None = None
         self.heldout: list = []
         self._resumed: dict | None = None
-        self._data: SearchData | None = None
 
     # ------------------------------------------------------------------- set-up
     def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
@@ -200,6 +199,7 @@ class ChannelPlantingSearchHook(Hook):
             f'{self.heldout_cfg["num_samples"]} training samples held out')
 
     def _search_data(self, runner, train_batch: Any = None) -> SearchData:
+        """The held-out losses and the tracing batch (the first held-out one) of this run."""
         whole = _unwrapped(runner.model)
         trace = model_probe(self.planter.model, self.heldout[0])
 
