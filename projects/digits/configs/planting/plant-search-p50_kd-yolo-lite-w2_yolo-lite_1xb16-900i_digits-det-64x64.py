@@ -6,7 +6,7 @@
 # The backbone and neck units start with a quarter of their output channels
 # (the rest masked to zero: the network computes what the narrow one would).
 # Every 50 iterations the candidates (each backbone unit, each neck lateral
-# conv, each neck detection block) are ranked on 64 training images held out
+# conv, each neck detection block) are ranked on 32 training images held out
 # by the hook (not the validation set) by the first-order gain of the held-out
 # loss (task + distillation) per parameter that planting into them adds; the
 # best two gain a quarter of their width, without changing what the
@@ -41,5 +41,5 @@ custom_hooks = [
         units_per_step=2,
         budget=dict(params=0.5),
         probe='taylor',
-        heldout=dict(num_samples=64, seed=0, batch_size=16)),
+        heldout=dict(num_samples=32, seed=0, batch_size=16)),
 ]

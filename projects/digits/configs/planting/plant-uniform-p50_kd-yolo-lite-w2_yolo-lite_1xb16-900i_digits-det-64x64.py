@@ -2,7 +2,7 @@
 # the compact digits detector uniformly narrowed to about half of its
 # parameters (every backbone and neck unit at 67% of its channels: 50% of the
 # stock parameters), trained with the same distillation, the same 900
-# iterations and the same 64 held-out training images (so both train on the
+# iterations and the same 32 held-out training images (so both train on the
 # same data); no channel is planted later (budget max_steps=0). Exports its
 # narrow network the same way: planted_subnet.py + planted_subnet.pth.
 #
@@ -16,5 +16,5 @@ custom_hooks = [
         start_fraction=0.67,
         interval=450,
         budget=dict(max_steps=0),
-        heldout=dict(num_samples=64, seed=0, batch_size=16)),
+        heldout=dict(num_samples=32, seed=0, batch_size=16)),
 ]
