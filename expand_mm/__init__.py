@@ -31,8 +31,10 @@ from .optim import (ExpandNetOptimWrapperConstructor, PolyLRRatio,  # noqa: E402
                     ProductWeightDecay, factor_lr_multipliers)
 from .deploy import deployable_state_dict  # noqa: E402
 from .planting import ChannelPlanter, PlantingError  # noqa: E402
-from .hooks import (ChannelPlantingHook, ExpandNetCheckHook, GradientConfusionHook,  # noqa: E402
-                    NonlinearInitHook, RNGStateHook, SafeCheckpointHook, WeightDecayTermHook)
+from .hooks import (ChannelPlantingHook, ChannelPlantingSearchHook,  # noqa: E402
+                    ExpandNetCheckHook, GradientConfusionHook, NonlinearInitHook, RNGStateHook,
+                    SafeCheckpointHook, WeightDecayTermHook)
+from .planting import GrowingPlanter, PlantedSubnet, PlantingSearch  # noqa: E402
 from . import analysis  # noqa: E402
 from .apis import init_compact_model  # noqa: E402
 from .analysis import (GradientConfusionResult, LandscapeResult, gradient_confusion,  # noqa: E402
@@ -54,6 +56,7 @@ __all__ = [
     'find_deployable', 'deployable_state_dict',
     'ChannelPlanter', 'ChannelPlantingHook', 'PlantingError', 'NonlinearInitHook',
     'ExpandNetCheckHook', 'RNGStateHook', 'SafeCheckpointHook',
+    'ChannelPlantingSearchHook', 'GrowingPlanter', 'PlantingSearch', 'PlantedSubnet',
     'ProductWeightDecay', 'PolyLRRatio',
     'init_compact_model',
     'analysis', 'gradient_confusion', 'GradientConfusionResult', 'loss_landscape_1d',

@@ -24,6 +24,21 @@ def model_probe(model: Any, data_batch: Any) -> Callable[[], Any]:
     return lambda: model(data_batch)
 
 
+def restore_frozen_after_steps(runner, planter: ChannelPlanter, owner: str) -> None:
+    """Make the runner's optimizer put the planter's frozen entries back after every step.
+
+    Weight decay and momentum move entries whose gradient is zero.
+
+    Raises:
+        PlantingError: Unless the runner has a single optim wrapper.
+    """
+    optimizer = getattr(runner.optim_wrapper, 'optimizer', None)
+    if optimizer is None:
+        raise PlantingError(f'{owner}: needs a single optim wrapper '
+                            f'(got {type(runner.optim_wrapper).__name__})')
+    optimizer.register_step_post_hook(lambda *_: planter.restore_frozen())
+
+
 @HOOKS.register_module()
 class ChannelPlantingHook(Hook):
     """Grow the deployable model's channels in stages, old weights frozen.
@@ -125,12 +140,8 @@ class ChannelPlantingHook(Hook):
                 f'ChannelPlantingHook: the last milestone ({last}) is not before the end of '
                 f'training ({max_position} {"epochs" if self.by_epoch else "iterations"}): the '
                 'model would never reach its full, stock width')
-        optimizer = getattr(runner.optim_wrapper, 'optimizer', None)
-        if optimizer is None:
-            raise PlantingError('ChannelPlantingHook: needs a single optim wrapper '
-                                f'(got {type(runner.optim_wrapper).__name__})')
+        restore_frozen_after_steps(runner, self.planter, type(self).__name__)
         planter = self.planter
-        optimizer.register_step_post_hook(lambda *_: planter.restore_frozen())
         self._started = False
         unit = 'epochs' if self.by_epoch else 'iterations'
         runner.logger.info(

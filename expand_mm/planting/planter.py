@@ -271,12 +271,16 @@ class ChannelPlanter:
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        if always or self.stage < len(self.fractions) - 1:
+        if always or not self._is_final():
             # At the last stage every channel is planted: the stock network runs as is.
             self._handles = [u.module.register_forward_hook(self._unit_hook(u))
                              for u in self.units]
 
     # --------------------------------------------------------------------- stages
+    def _is_final(self) -> bool:
+        """Whether every channel is planted for good (no mask, nothing left to trace)."""
+        return self.stage >= len(self.fractions) - 1
+
     def start(self, stage: int = 0, probe: Callable[[], Any] | None = None) -> None:
         """Apply the masks and the frozen set of ``stage`` to the weights as they are.
 
@@ -313,7 +317,7 @@ class ChannelPlanter:
                 try:
                     if stage > 0 and self.freeze != 'none':
                         self.new_columns = self._trace_readers(probe, 'new')
-                    if stage < len(self.fractions) - 1:
+                    if not self._is_final():
                         self.unplanted_columns = self._trace_readers(probe, 'unplanted')
                 finally:
                     self.model.train(training)
@@ -350,8 +354,7 @@ class ChannelPlanter:
                 conv.weight[self._column_index(conv, cols, old_rows_only=True)] = 0
             after = _flatten_tensors(probe())
             self._check_unchanged(before, after)
-            unplanted = (self._trace_readers(probe, 'unplanted')
-                         if self.stage < len(self.fractions) - 1 else {})
+            unplanted = self._trace_readers(probe, 'unplanted') if not self._is_final() else {}
         except BaseException:
             for conv, weight in saved.items():
                 conv.weight.copy_(weight)
