@@ -14,5 +14,8 @@ optim_wrapper = dict(constructor='ExpandNetOptimWrapperConstructor')
 default_hooks = dict(
     expand_load=dict(type='ExpandCheckpointLoadHook'),
     expand_contract=dict(type='ContractCheckpointHook'),
-    expand_check=dict(type='ExpandNetCheckHook'))
+    expand_check=dict(type='ExpandNetCheckHook'),
+    # Saves that survive a kill and a resume that continues exactly.
+    checkpoint=dict(type='SafeCheckpointHook'),
+    rng_state=dict(type='RNGStateHook'))
 model_wrapper_cfg = dict(type='ExpandNetDistributedDataParallel')

@@ -14,9 +14,10 @@ param_scheduler = [
 ]
 # log_metric_by_epoch=False: the validation metrics are written at their iteration (by
 # default MMEngine writes them at the epoch, always 0 in an iteration-based loop).
+# The analysis hooks sit under keys of default_hooks, which derived configs merge with
+# (a custom_hooks list would be replaced whole): gradient_confusion=None turns one off.
 default_hooks = dict(checkpoint=dict(interval=max_iters),
-                     logger=dict(log_metric_by_epoch=False))
-custom_hooks = [
-    dict(type='GradientConfusionHook', interval=30, num_batches=8),
-    dict(type='WeightDecayTermHook'),
-]
+                     logger=dict(log_metric_by_epoch=False),
+                     gradient_confusion=dict(type='GradientConfusionHook', interval=30,
+                                             num_batches=8),
+                     weight_decay_term=dict(type='WeightDecayTermHook'))

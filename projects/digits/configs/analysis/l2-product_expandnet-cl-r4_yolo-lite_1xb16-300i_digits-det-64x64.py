@@ -5,4 +5,4 @@
 _base_ = './gc-hook_expandnet-cl-r4_yolo-lite_1xb16-300i_digits-det-64x64.py'
 
 optim_wrapper = dict(paramwise_cfg=dict(weight_decay_on='product'))
-custom_hooks = [dict(type='WeightDecayTermHook')]
+default_hooks = dict(gradient_confusion=None)

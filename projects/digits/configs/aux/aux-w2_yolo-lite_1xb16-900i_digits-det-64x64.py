@@ -15,5 +15,8 @@ model = dict(
 default_hooks = dict(
     expand_load=dict(type='ExpandCheckpointLoadHook'),
     expand_contract=dict(type='ContractCheckpointHook'),
-    expand_check=dict(type='ExpandNetCheckHook'))
+    expand_check=dict(type='ExpandNetCheckHook'),
+    # Saves that survive a kill and a resume that continues exactly.
+    checkpoint=dict(type='SafeCheckpointHook'),
+    rng_state=dict(type='RNGStateHook'))
 model_wrapper_cfg = dict(type='ExpandNetDistributedDataParallel')

@@ -25,6 +25,9 @@ model = dict(
 default_hooks = dict(
     expand_load=dict(type='ExpandCheckpointLoadHook'),
     expand_contract=dict(type='ContractCheckpointHook'),
-    expand_check=dict(type='ExpandNetCheckHook'))
+    expand_check=dict(type='ExpandNetCheckHook'),
+    # Saves that survive a kill and a resume that continues exactly.
+    checkpoint=dict(type='SafeCheckpointHook'),
+    rng_state=dict(type='RNGStateHook'))
 custom_hooks = [dict(type='AuxStructureHook')]
 model_wrapper_cfg = dict(type='ExpandNetDistributedDataParallel')
