@@ -27,8 +27,6 @@ from mm_test_utils import shrink_for_test
 from test_integration import assert_same_detections, keep_all_detections
 from wrapper_test_utils import ROOT
 
-pytestmark = pytest.mark.slow
-
 COCO_NAMES = ('person', 'bicycle', 'car')
 
 
@@ -198,6 +196,7 @@ def input_dependence(model, cfg: Config, images: list[str], scope: str) -> float
     return float((a - b).abs().max() / a.abs().max())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name', sorted(CASES))
 def test_a_stock_config_trains_contracts_and_deploys_as_an_expandnet(name, tmp_path, data_dir):
     case = CASES[name]
@@ -260,3 +259,22 @@ def test_a_stock_config_trains_contracts_and_deploys_as_an_expandnet(name, tmp_p
         for key, value in written['state_dict'].items():
             torch.testing.assert_close(contracted[key], value, rtol=1e-5,
                                        atol=1e-6 * float(value.abs().max()) + 1e-7)
+
+
+class _Attention(torch.nn.Module):
+    def __init__(self, kdim: int | None = None):
+        super().__init__()
+        self.attn = torch.nn.MultiheadAttention(8, 2, kdim=kdim, vdim=kdim)
+        self.head = torch.nn.Linear(8, 3)
+
+
+@pytest.mark.parametrize('kdim, raw', [(None, ['in_proj_weight']),
+                                       (4, ['q_proj_weight', 'k_proj_weight', 'v_proj_weight'])])
+def test_the_report_lists_the_attention_input_projections_it_leaves_compact(kdim, raw):
+    model = _Attention(kdim)
+    report = expand_mm.expand_model(model, ratio=2, expand_linear=True)
+    assert {layer.path for layer in report.layers} == {'attn.out_proj', 'head'}
+    skipped = dict(report.skipped)
+    assert sorted(skipped) == sorted(f'attn.{name}' for name in raw)
+    assert all('MultiheadAttention' in reason for reason in skipped.values())
+    assert 'nn.MultiheadAttention' in str(report)
