@@ -3,8 +3,9 @@
 Two kinds of function, and their names say which:
 
 - :func:`contraction_errors` (also importable as :func:`verify_contraction`),
-  :func:`layer_contraction_errors` and :func:`non_finite_tensors` *return* figures and raise only when the
-  models cannot be compared at all; reading them is the caller's job.
+  :func:`layer_contraction_errors` and :func:`non_finite_tensors` *return*
+  figures and raise only when the models cannot be compared at all; reading
+  them is the caller's job.
 - :func:`check_contraction` and :func:`check_layer_contractions` *raise*
   :class:`ContractionCheckError` for a contraction that is wrong, and return
   their figures otherwise.
@@ -27,9 +28,8 @@ import torch
 from torch import Tensor, nn
 
 from .errors import ConfigError, ExpandMMError, VerificationUnavailableError
-from .layers import ExpandConv2d
+from .layers import ExpandConv2d, ExpandedLayer
 from .contraction import expanded_layer_paths
-from .layers import ExpandedLayer
 
 ForwardFn = Callable[[nn.Module, Any], Any]
 
