@@ -322,3 +322,81 @@ def check_training_data(model: nn.Module, dataset: Any) -> None:
                                    data_prefix=dict(getattr(leaf, 'data_prefix', {}) or {}),
                                    ann_subdir=getattr(leaf, 'ann_subdir', 'Annotations'),
                                    metainfo=dict(classes=classes)), 'train_dataloader')
+
+
+#: What one expanded layer's float64 check holds, in units of the layer's
+#: parameter count times 8 bytes: its float64 copy and the composition's
+#: float64 factors and intermediates (measured on SSD300's largest layer: 3.2).
+FLOAT64_WORK_PER_PARAM_BYTES = 3 * 8
+
+#: Below this a save's contraction is not worth a line in the log.
+LARGE_SAVE_BYTES = 1 << 30
+
+
+def contraction_memory(model: nn.Module) -> dict[str, Any] | None:
+    """What writing a compact checkpoint adds to a training process's memory.
+
+    :class:`~expand_mm.hooks.ContractCheckpointHook` contracts the model in
+    memory: it holds the compact model, and checks one expanded layer at a
+    time in float64 (see :func:`~expand_mm.verification.layer_contraction_errors`).
+
+    Args:
+        model: The training model (an ExpandNet or a wrapper of one).
+
+    Returns:
+        ``compact_bytes``, ``layer_bytes`` (the largest layer's float64 work),
+        ``layer`` (its path) and ``total_bytes``; None without expanded layers.
+    """
+    deployable, _ = find_deployable(model)
+    layers = expanded_layers(deployable)
+    if not layers:
+        return None
+    inside = {id(p) for _, layer in layers for p in layer.parameters()}
+    compact_bytes = sum(t.numel() * t.element_size()
+                        for t in list(deployable.parameters()) + list(deployable.buffers())
+                        if id(t) not in inside)
+    compact_bytes += sum(layer.num_params_compact() * next(layer.parameters()).element_size()
+                         for _, layer in layers)
+    path, largest = max(layers, key=lambda item: item[1].num_params_expanded())
+    layer_bytes = largest.num_params_expanded() * FLOAT64_WORK_PER_PARAM_BYTES
+    return dict(compact_bytes=compact_bytes, layer_bytes=layer_bytes, layer=path,
+                total_bytes=compact_bytes + layer_bytes)
+
+
+def available_memory_bytes() -> int | None:
+    """``MemAvailable`` of ``/proc/meminfo`` (None where there is no such file)."""
+    try:
+        with open('/proc/meminfo') as f:
+            for line in f:
+                if line.startswith('MemAvailable:'):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def save_memory_note(model: nn.Module, available: int | None) -> tuple[str, str] | None:
+    """``(level, message)`` saying what each save will need, when that is large.
+
+    Large is at least :data:`LARGE_SAVE_BYTES`; the level is ``'warning'``
+    when it is more than half of ``available`` (the memory free before
+    training starts, which training itself will take a share of).
+    """
+    need = contraction_memory(model)
+    if need is None or need['total_bytes'] < LARGE_SAVE_BYTES:
+        return None
+    gib = 1 << 30
+    message = (f'each checkpoint save writes its compact twin from the model in memory: about '
+               f'{need["total_bytes"] / gib:.1f} GiB on top of training (the compact model, '
+               f'{need["compact_bytes"] / gib:.2f} GiB, and the float64 check of one expanded '
+               f'layer at a time, the largest {need["layer"]!r}: '
+               f'{need["layer_bytes"] / gib:.1f} GiB)')
+    if available is None:
+        return 'info', message
+    message += f'; {available / gib:.1f} GiB of memory is available now'
+    if need['total_bytes'] > available / 2:
+        return 'warning', (message + ': if the save runs out of memory, lower the expansion '
+                           'ratio of the largest layers or set '
+                           'default_hooks.expand_contract.verify=False (the float64 check) and '
+                           'contract afterwards with tools/contract.py')
+    return 'info', message

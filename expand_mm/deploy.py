@@ -272,7 +272,8 @@ def save_checkpoint_file(checkpoint: dict, dst: str, backend_args: dict | None =
 
 def write_compact_checkpoint(model: nn.Module, src: str, dst: str | None = None,
                              probe_shape=DEFAULT_PROBE_SHAPE, rtol: float = 1e-4,
-                             verify: bool = True) -> tuple[str, dict[str, Any] | None]:
+                             verify: bool = True, load_into_model: bool = False
+                             ) -> tuple[str, dict[str, Any] | None]:
     """Read the training checkpoint file ``src`` and write its compact form to ``dst``.
 
     When EMA was on, the source's ``state_dict`` holds the EMA weights
@@ -287,6 +288,12 @@ def write_compact_checkpoint(model: nn.Module, src: str, dst: str | None = None,
         probe_shape: Shape of the random input used to check the contraction.
         rtol: Largest accepted relative error of the check.
         verify: Run the check.
+        load_into_model: Load the weights into ``model``'s deployable network
+            itself (its own weights are overwritten) and drop the file's
+            tensors before contracting: the memory is then the expanded model
+            once, plus the compact model and one layer's float64 check, where
+            the default (a copy of the deployable network) holds the expanded
+            weights twice.
 
     Returns:
         ``(dst, errors)``; ``errors`` is None without ``verify`` and when the
@@ -295,10 +302,33 @@ def write_compact_checkpoint(model: nn.Module, src: str, dst: str | None = None,
     dst = prepare_output_path(src, dst or compact_checkpoint_path(src))
     # Memory-mapped: the optimizer state and whatever else is not contracted is never read.
     checkpoint = read_checkpoint(src, mmap=True)
-    compact, errors = compact_checkpoint(model, checkpoint.get('meta') or {}, src,
-                                         checkpoint['state_dict'], probe_shape, rtol, verify)
+    meta = checkpoint.get('meta') or {}
+    if load_into_model:
+        load_deployable_weights(model, checkpoint['state_dict'], source=src)
+        del checkpoint  # the model holds the weights now; the rest of the file is never read
+        compact, errors = compact_checkpoint(model, meta, src, None, probe_shape, rtol, verify)
+    else:
+        compact, errors = compact_checkpoint(model, meta, src, checkpoint['state_dict'],
+                                             probe_shape, rtol, verify)
     save_checkpoint_file(compact, dst)
     return dst, errors
+
+
+def load_deployable_weights(model: nn.Module, state_dict: Mapping, source: str) -> None:
+    """Load the deployable network's entries of a training ``state_dict`` into ``model``.
+
+    The tensors are assigned, not copied (``load_state_dict(assign=True)``):
+    the model's own tensors are freed one by one as the file's take their
+    place, so the expanded weights are held once, not twice.
+
+    Raises:
+        CheckpointError: If the entries fit neither the expanded nor the
+            compact form of the deployable network.
+    """
+    deployable, _ = find_deployable(model)
+    weights = deployable_state_dict(model, dict(state_dict), source=source)
+    match_state_dict(deployable, weights, source=source)
+    deployable.load_state_dict(weights, strict=True, assign=True)
 
 
 def __getattr__(name: str) -> Any:

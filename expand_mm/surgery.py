@@ -546,7 +546,25 @@ def _survey(model: nn.Module, settings: ExpansionSettings) -> _Survey:
                 survey.skipped[path] = reason
             else:
                 survey.candidates.append((path, module))
+        elif isinstance(module, nn.MultiheadAttention):
+            survey.skipped.update(_raw_attention_projections(path, module))
     return survey
+
+
+def _raw_attention_projections(path: str, attention: nn.MultiheadAttention) -> dict[str, str]:
+    """The q/k/v input projections of ``attention``, each with why it stays compact.
+
+    They are raw parameters (``in_proj_weight``, or ``q_proj_weight``... when
+    the embedding sizes differ), read directly by
+    ``F.multi_head_attention_forward`` and by its fused inference path, so
+    there is no ``nn.Linear`` to replace; the ``out_proj`` is one and is
+    expanded like any linear layer.
+    """
+    names = (['in_proj_weight'] if attention._qkv_same_embed_dim
+             else ['q_proj_weight', 'k_proj_weight', 'v_proj_weight'])
+    reason = ('q/k/v input projection of nn.MultiheadAttention (a raw parameter that '
+              'F.multi_head_attention_forward reads, not an nn.Linear)')
+    return {f'{path}.{name}': reason for name in names}
 
 
 def _refuse_unmatched_patterns(survey: _Survey, settings: ExpansionSettings) -> None:

@@ -2,15 +2,17 @@
 
 Two kinds of function, and their names say which:
 
-- :func:`contraction_errors` (also importable as :func:`verify_contraction`)
-  and :func:`non_finite_tensors` *return* figures and raise only when the
-  models cannot be compared at all; reading them is the caller's job.
+- :func:`contraction_errors` (also importable as :func:`verify_contraction`),
+  :func:`layer_contraction_errors` and :func:`non_finite_tensors` *return*
+  figures and raise only when the models cannot be compared at all; reading
+  them is the caller's job.
 - :func:`check_contraction` and :func:`check_layer_contractions` *raise*
   :class:`ContractionCheckError` for a contraction that is wrong, and return
   their figures otherwise.
 
 The check runs the two models in float32 on a probe; a disagreement there is
-re-checked in float64 on CPU copies, which tells a wrong contraction from
+re-checked in float64 on CPU, one layer at a time (the memory of one layer's
+float64 copy, not of the model's), which tells a wrong contraction from
 float32 rounding that the network amplifies; a probe whose outputs barely
 depend on the input is replaced by a check of every expanded layer on its own.
 A NaN or an Inf in a weight, a buffer or an output is never read as agreement.
@@ -26,8 +28,8 @@ import torch
 from torch import Tensor, nn
 
 from .errors import ConfigError, ExpandMMError, VerificationUnavailableError
-from .layers import ExpandConv2d
-from .contraction import compact_copy, expanded_layers
+from .layers import ExpandConv2d, ExpandedLayer
+from .contraction import expanded_layer_paths
 
 ForwardFn = Callable[[nn.Module, Any], Any]
 
@@ -221,14 +223,18 @@ def check_contraction(expanded: nn.Module, compact: nn.Module, inputs: Any,
     :func:`contraction_errors`; their outputs must be finite. A network can
     amplify float32 rounding far beyond ``rtol`` (eval-mode BatchNorm whose
     running statistics lag the weights, early in training, can take 1e-7 to
-    1e-2), so a float32 error above ``rtol`` is checked again in float64 on CPU
-    copies: the expanded copy runs as it was trained and with its chains
-    explicit -- the paper's form, independent of the composition code -- each
-    against its float64 contraction, and ``compact``'s tensors are compared
-    with that contraction's, each relative to its largest entry (within
-    ``rtol``, or 8 eps of their dtype if that is larger). Only an error there
-    raises; otherwise the float32 figure is put down to rounding, which every
-    float32 copy of that network shares.
+    1e-2), so a float32 error above ``rtol`` is checked again in float64 on CPU,
+    layer by layer (:func:`layer_contraction_errors`): each expanded layer
+    runs as it was trained and with its chain explicit -- the paper's form,
+    independent of the composition code -- against its float64 contraction,
+    and ``compact``'s tensors are compared with that contraction's (and with
+    the expanded model's outside the expanded layers), each relative to its
+    largest entry (within ``rtol``, or 8 eps of their dtype if that is
+    larger). Only an error there raises; otherwise the float32 figure is put
+    down to rounding, which every float32 copy of that network shares. The
+    compact network differs from the expanded one only at those layers, so
+    this is as exact as a float64 run of both whole models, at the memory of
+    one layer's float64 copy instead of the whole model's.
 
     A probe can also be too weak to tell: through an untrained network whose
     batch norms still hold their initial statistics the signal can fade until
@@ -249,8 +255,9 @@ def check_contraction(expanded: nn.Module, compact: nn.Module, inputs: Any,
         When the contraction passes: :func:`contraction_errors`'s dict, with
         ``input_sensitivity`` (how much the outputs depend on the input) and,
         for a weak probe, ``layers_max_rel``; after a float64 re-check also
-        ``float64_max_rel`` (outputs), ``float64_weights_max_rel`` and the
-        tensor it was found in, ``float64_worst_tensor``.
+        :func:`layer_contraction_errors`'s figures (``float64_max_rel`` and
+        ``float64_worst_layer``, ``float64_weights_max_rel`` and
+        ``float64_worst_tensor``, ``layers_max_rel``).
 
     Raises:
         ContractionCheckError: Naming the tensors or outputs that hold a NaN or
@@ -270,7 +277,7 @@ def check_contraction(expanded: nn.Module, compact: nn.Module, inputs: Any,
     if errors['max_rel'] <= rtol:
         _check_with_a_weak_probe_in_mind(expanded, compact, inputs, forward_fn, rtol, errors)
         return errors
-    errors.update(_recheck_in_float64(expanded, compact, inputs, forward_fn, rtol, errors))
+    errors.update(_recheck_in_float64(expanded, compact, rtol, errors))
     return errors
 
 
@@ -286,15 +293,16 @@ def _check_with_a_weak_probe_in_mind(expanded: nn.Module, compact: nn.Module, in
         errors['layers_max_rel'] = check_layer_contractions(expanded, compact, rtol)
 
 
-def _recheck_in_float64(expanded: nn.Module, compact: nn.Module, inputs: Any,
-                        forward_fn: ForwardFn | None, rtol: float,
+def _recheck_in_float64(expanded: nn.Module, compact: nn.Module, rtol: float,
                         errors: dict[str, Any]) -> dict[str, Any]:
     """The float64 figures of a float32 error above ``rtol``; raises if they confirm it."""
     failed = (f'contraction check failed: max relative error {errors["max_rel"]:.3g} > '
               f'{rtol:g} (max abs {errors["max_abs"]:.3g})')
     try:
-        exact = _verify_in_float64(expanded, compact, inputs, forward_fn)
+        exact = layer_contraction_errors(expanded, compact)
     except (RuntimeError, TypeError, NotImplementedError) as err:
+        if isinstance(err, ContractionCheckError):
+            raise
         raise VerificationUnavailableError(
             f'{failed}, and the float64 re-check that tells float32 rounding from a wrong '
             f'contraction could not run ({type(err).__name__}: {err}); the compact model may '
@@ -303,12 +311,12 @@ def _recheck_in_float64(expanded: nn.Module, compact: nn.Module, inputs: Any,
     weights_rtol = max(rtol, 8 * _eps_of(compact))
     if not (exact['float64_max_rel'] <= rtol and exact['float64_weights_max_rel'] <= weights_rtol):
         raise ContractionCheckError(
-            f'{failed}; in float64 the expanded model (as trained, and with explicit chains) '
-            f'and its contraction differ by '
-            f'{exact["float64_max_rel"]:.3g} and the compact tensors differ from that '
-            f'contraction by up to {exact["float64_weights_max_rel"]:.3g} '
-            f'({exact["float64_worst_tensor"]}): the compact model would not compute what the '
-            'expanded one does')
+            f'{failed}; in float64, layer by layer, the expanded layers (as trained, and with '
+            f'explicit chains) and their contractions differ by '
+            f'{exact["float64_max_rel"]:.3g} ({exact["float64_worst_layer"]}) and the compact '
+            f'tensors differ from those contractions by up to '
+            f'{exact["float64_weights_max_rel"]:.3g} ({exact["float64_worst_tensor"]}): the '
+            'compact model would not compute what the expanded one does')
     return exact
 
 
@@ -355,7 +363,8 @@ def check_layer_contractions(expanded: nn.Module, compact: nn.Module,
     random input, against the layer at the same path in ``compact`` (in
     float64 too); the relative error must be within ``rtol``. Independent of
     the network around the layers, so it holds where a whole-model probe
-    cannot tell (see :func:`check_contraction`).
+    cannot tell (see :func:`check_contraction`). One layer's float64 copy
+    exists at a time.
 
     Args:
         expanded: The model with expanded layers.
@@ -370,23 +379,9 @@ def check_layer_contractions(expanded: nn.Module, compact: nn.Module,
         ContractionCheckError: Naming the first layer whose error exceeds
             ``rtol`` or whose chain or contraction gives a NaN or an Inf.
     """
-    gen = torch.Generator().manual_seed(0)
     worst = 0.0
-    for path, layer in expanded_layers(expanded):
-        chain = copy.deepcopy(layer).to(device='cpu', dtype=torch.float64)
-        chain.set_mode('explicit').eval()
-        target = copy.deepcopy(compact.get_submodule(path)).to(device='cpu',
-                                                               dtype=torch.float64).eval()
-        x = _layer_probe(layer, gen)
-        with torch.no_grad():
-            y_chain, y_compact = chain(x), target(x)
-        if not (_all_finite(y_chain) and _all_finite(y_compact)):
-            raise ContractionCheckError(
-                f'contraction check failed at {path}: NaN or Inf in the output of '
-                f"{'its chain' if not _all_finite(y_chain) else 'the contracted layer'} "
-                '(float64, explicit) on a random input')
-        error = float((y_chain - y_compact).abs().max()
-                      / y_chain.abs().max().clamp_min(1e-30))
+    for path, figures in _layers_in_float64(expanded, compact):
+        error = figures['compact_rel']
         if not error <= rtol:
             raise ContractionCheckError(
                 f'contraction check failed at {path}: the contracted layer and its chain '
@@ -395,33 +390,127 @@ def check_layer_contractions(expanded: nn.Module, compact: nn.Module,
     return worst
 
 
+def layer_contraction_errors(expanded: nn.Module, compact: nn.Module) -> dict[str, Any]:
+    """Measure, layer by layer in float64 on CPU, how exact ``compact`` is.
+
+    The compact network differs from the expanded one only where an expanded
+    layer was replaced by its contraction, so the two compute the same
+    function exactly when (a) every expanded layer, run as trained (its own
+    mode) and with its chain explicit (the paper's form, independent of the
+    composition code), computes what its float64 contraction computes, (b)
+    ``compact``'s tensors at each path of that layer equal the contraction's
+    (up to their dtype's rounding) and (c) every other tensor of ``compact``
+    equals the expanded model's. This measures the three without a float64
+    copy of either model: one layer is copied to float64 at a time and
+    freed, so the memory is one layer's float64 work, whatever the model.
+
+    Args:
+        expanded: The model with expanded layers.
+        compact: Its contraction (same module paths).
+
+    Returns:
+        ``float64_max_rel`` (largest output error of (a), relative to the
+        chain's largest output) and the layer it was found at,
+        ``float64_worst_layer``; ``float64_weights_max_rel`` (largest
+        difference of (b) and (c), each tensor relative to its largest exact
+        entry) and the tensor, ``float64_worst_tensor``; ``layers_max_rel``,
+        the largest error of ``compact``'s layers run against the explicit
+        chains (what :func:`check_layer_contractions` bounds).
+
+    Raises:
+        ContractionCheckError: Naming a layer whose chain or contraction gives
+            a NaN or an Inf on a random input.
+        RuntimeError: If ``compact`` has other state-dict keys than the
+            contraction of ``expanded``.
+    """
+    found = dict(float64_max_rel=0.0, float64_worst_layer=None, float64_weights_max_rel=0.0,
+                 float64_worst_tensor=None, layers_max_rel=0.0)
+    for path, figures in _layers_in_float64(expanded, compact):
+        found['layers_max_rel'] = _largest([found['layers_max_rel'], figures['compact_rel']])
+        if figures['contraction_rel'] > found['float64_max_rel'] or not found[
+                'float64_worst_layer']:
+            found.update(float64_max_rel=figures['contraction_rel'], float64_worst_layer=path)
+        if figures['weights_rel'] > found['float64_weights_max_rel'] or not found[
+                'float64_worst_tensor']:
+            found.update(float64_weights_max_rel=figures['weights_rel'],
+                         float64_worst_tensor=figures['worst_tensor'])
+    rel, key = _largest_tensor_difference(_outside_expanded_layers(compact.state_dict(), expanded),
+                                          _outside_expanded_layers(expanded.state_dict(),
+                                                                   expanded))
+    if key is not None and (rel > found['float64_weights_max_rel']
+                            or found['float64_worst_tensor'] is None):
+        found.update(float64_weights_max_rel=rel, float64_worst_tensor=key)
+    return found
+
+
+def _outside_expanded_layers(state_dict: Mapping[str, Any], expanded: nn.Module) -> dict:
+    """The entries of ``state_dict`` that are not under a path of an expanded layer."""
+    prefixes = tuple(f'{path}.' for path, _ in expanded_layer_paths(expanded))
+    return {k: v for k, v in state_dict.items() if not k.startswith(prefixes)}
+
+
+def _layers_in_float64(expanded: nn.Module, compact: nn.Module
+                       ) -> Iterator[tuple[str, dict[str, Any]]]:
+    """``(path, figures)`` of every path to an expanded layer, checked in float64 on CPU.
+
+    A layer shared by several paths is copied and contracted once, and
+    ``compact``'s module at each of its paths is compared with it.
+    """
+    gen = torch.Generator().manual_seed(0)
+    paths: dict[int, list[str]] = {}
+    layers: dict[int, ExpandedLayer] = {}
+    for path, layer in expanded_layer_paths(expanded):
+        paths.setdefault(id(layer), []).append(path)
+        layers[id(layer)] = layer
+    for key, layer in layers.items():
+        yield from _one_layer_in_float64(paths[key], layer, compact, gen)
+
+
+def _one_layer_in_float64(paths: list[str], layer: ExpandedLayer, compact: nn.Module,
+                          gen: torch.Generator) -> Iterator[tuple[str, dict[str, Any]]]:
+    """The float64 figures of one expanded layer, at each of its ``paths`` in ``compact``."""
+    chain = _cpu_float64_copy(layer).eval()
+    exact = chain.contract().eval()
+    x = _layer_probe(layer, gen)
+    with torch.no_grad():
+        outputs = {'its chain as trained': chain(x)}
+        chain.set_mode('explicit')
+        outputs['its chain'] = chain(x)
+        outputs['the contracted layer'] = exact(x)
+    del chain
+    reference = outputs['its chain']
+    scale = reference.abs().max().clamp_min(1e-30)
+
+    def relative(other: Tensor) -> float:
+        return float((other - reference).abs().max() / scale)
+
+    contraction_rel = _largest([relative(outputs['its chain as trained']),
+                                relative(outputs['the contracted layer'])])
+    exact_state = exact.state_dict()
+    for path in paths:
+        target = _cpu_float64_copy(compact.get_submodule(path)).eval()
+        with torch.no_grad():
+            outputs['the compact layer'] = target(x)
+        _refuse_non_finite_layer_outputs(path, outputs)
+        weights_rel, worst = _largest_tensor_difference(compact.get_submodule(path).state_dict(),
+                                                        exact_state)
+        yield path, dict(contraction_rel=contraction_rel,
+                         compact_rel=relative(outputs['the compact layer']),
+                         weights_rel=weights_rel, worst_tensor=f'{path}.{worst}')
+
+
+def _refuse_non_finite_layer_outputs(path: str, outputs: dict[str, Tensor]) -> None:
+    """Raise :class:`ContractionCheckError` if one of a layer's float64 outputs is not finite."""
+    bad = next((name for name, y in outputs.items() if not _all_finite(y)), None)
+    if bad is not None:
+        raise ContractionCheckError(
+            f'contraction check failed at {path}: NaN or Inf in the output of {bad} '
+            '(float64) on a random input')
+
+
 def _eps_of(model: nn.Module) -> float:
     dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
     return max((torch.finfo(d).eps for d in dtypes), default=torch.finfo(torch.float32).eps)
-
-
-def _verify_in_float64(expanded: nn.Module, compact: nn.Module, inputs: Any,
-                       forward_fn: ForwardFn | None) -> dict[str, Any]:
-    """The float64 re-check of :func:`check_contraction`, on CPU copies.
-
-    The expanded copy runs in its own modes (what was trained) and with its
-    chains explicit (independent of the composition code), each against the
-    float64 contraction; ``compact``'s tensors are compared with that
-    contraction's. On CPU, so that a re-check during training takes no
-    accelerator memory.
-    """
-    expanded64 = _cpu_float64_copy(expanded)
-    compact64 = compact_copy(expanded64)
-    inputs64 = _map_tensors(inputs, _cpu_float64)
-    as_trained = contraction_errors(expanded64, compact64, inputs64, forward_fn)
-    for _, layer in expanded_layers(expanded64):
-        layer.set_mode('explicit')
-    explicit = contraction_errors(expanded64, compact64, inputs64, forward_fn)
-    worst_outputs = max(as_trained, explicit, key=lambda e: _largest([e['max_rel']]))
-    worst, worst_key = _largest_tensor_difference(compact.state_dict(), compact64.state_dict())
-    return dict(float64_max_rel=worst_outputs['max_rel'],
-                float64_max_abs=worst_outputs['max_abs'],
-                float64_weights_max_rel=worst, float64_worst_tensor=worst_key)
 
 
 def _largest_tensor_difference(given: dict[str, Any],

@@ -1,4 +1,5 @@
 """A conv shared by several paths (RTMDet's head shares its convs across levels)."""
+import pytest
 import torch
 from torch import nn
 
@@ -29,3 +30,15 @@ def test_a_compact_checkpoint_with_every_path_of_a_shared_conv_is_recognised():
     run = lambda m: m[1][1](m[1][0](m[0](x)))  # noqa: E731
     torch.testing.assert_close(run(net), run(original), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(run(contracted), run(original), rtol=1e-5, atol=1e-6)
+
+
+def test_the_float64_check_compares_every_path_of_a_shared_conv():
+    from expand_mm.verification import ContractionCheckError, check_layer_contractions
+    torch.manual_seed(0)
+    net = shared_net()
+    expand_mm.expand_model(net, ratio=2)
+    compact = expand_mm.contract_model(net)
+    assert check_layer_contractions(net, compact) < 1e-6
+    compact[1][1] = nn.Conv2d(4, 4, 3, padding=1)  # the second path no longer shares it
+    with pytest.raises(ContractionCheckError, match='at 1.1:'):
+        check_layer_contractions(net, compact)

@@ -46,7 +46,7 @@ def test_check_contraction_tells_float32_rounding_from_a_wrong_contraction():
     contract_model(net, verify_inputs=x)
     with torch.no_grad():
         compact[0].weight[0, 0, 0, 0] += 1e-3 * float(compact[0].weight.abs().max())
-    with pytest.raises(RuntimeError, match=r"compact tensors differ from that contraction by "
+    with pytest.raises(RuntimeError, match=r"compact tensors differ from those contractions by "
                                            r"up to 0\.001.*\(0\.weight\)"):
         expand_mm.check_contraction(net, compact, x, rtol=1e-4)
     # A wrong online forward (what was trained) or a wrong contract() is not rounding,
@@ -67,9 +67,11 @@ def test_check_contraction_tells_float32_rounding_from_a_wrong_contraction():
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(ExpandConv2d, method, broken)
             net.eval()
-            with pytest.raises(RuntimeError, match=r'in float64 the expanded model \(as trained, '
-                                                   r'and with explicit chains\) and its '
-                                                   r'contraction differ by (0\.[1-9]|[1-9])'):
+            with pytest.raises(RuntimeError, match=r'in float64, layer by layer, the expanded '
+                                                   r'layers \(as trained, and with explicit '
+                                                   r'chains\) and their contractions differ by '
+                                                   r'(0\.00[1-9]|0\.0[1-9]|0\.[1-9]|[1-9])[^ ]* '
+                                                   r'\(0\)'):
                 expand_mm.check_contraction(net, contract_model(net), x, rtol=1e-4)
     # on a well-conditioned net the float32 check decides alone
     small = _small_net()
@@ -201,3 +203,51 @@ def test_the_check_names_are_importable_from_surgery_and_the_package():
     assert issubclass(ContractionCheckError, (expand_mm.ExpandMMError, RuntimeError))
     with pytest.raises(AttributeError, match='no_such_name'):
         surgery.no_such_name
+
+
+def test_the_float64_recheck_copies_one_layer_at_a_time_never_the_model(monkeypatch):
+    import expand_mm.verification as verification
+    net, x = _amplifying_net_and_input()
+    net = nn.Sequential(net, nn.Conv2d(8, 8, 3))
+    expand_model(net, ratio=2, include=['1'])
+    compact = contract_model(net)
+    copied = []
+    original = verification._cpu_float64_copy
+
+    def recording(module):
+        copied.append(module)
+        return original(module)
+
+    monkeypatch.setattr(verification, '_cpu_float64_copy', recording)
+    errors = check_contraction(net, compact, x, rtol=1e-4)
+    assert errors['max_rel'] > 1e-4 and errors['float64_max_rel'] < 1e-10
+    expanded = [m for m in copied if isinstance(m, expand_mm.layers.ExpandedLayer)]
+    assert len(expanded) == 2 and all(isinstance(m, (nn.Conv2d, expand_mm.layers.ExpandedLayer))
+                                      for m in copied)
+    assert {errors['float64_worst_layer']} <= {'0.0', '1'}
+    # a tensor outside the expanded layers that differs is found too
+    with torch.no_grad():
+        compact[0][1].running_var.mul_(1.01)
+    assert verification.layer_contraction_errors(net, compact)['float64_worst_tensor'] == \
+        '0.1.running_var'
+
+
+def test_what_a_save_needs_is_said_when_it_is_large(monkeypatch):
+    from expand_mm import checks
+    net = _small_net()
+    expand_model(net, ratio=2, expand_linear=True)
+    need = checks.contraction_memory(net)
+    compact = contract_model(net)
+    assert need['compact_bytes'] == sum(t.numel() * t.element_size() for t in
+                                        list(compact.parameters()) + list(compact.buffers()))
+    largest = max(expand_mm.expanded_layers(net), key=lambda item: item[1].num_params_expanded())
+    assert need['layer'] == largest[0]
+    assert need['layer_bytes'] == largest[1].num_params_expanded() * 24
+    assert checks.save_memory_note(net, 1 << 40) is None  # small: nothing to say
+    monkeypatch.setattr(checks, 'LARGE_SAVE_BYTES', 0)
+    level, message = checks.save_memory_note(net, 1 << 40)
+    assert level == 'info' and f'the largest {largest[0]!r}' in message
+    level, message = checks.save_memory_note(net, need['total_bytes'])
+    assert level == 'warning' and 'verify=False' in message
+    assert checks.save_memory_note(nn.Conv2d(1, 1, 1), 1 << 40) is None
+    assert checks.available_memory_bytes() is None or checks.available_memory_bytes() > 0

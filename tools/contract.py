@@ -88,6 +88,7 @@ def main() -> int:
     meta = header.get('meta') or {}
     layers = expanded_layers(deployable)
     keys = set(strip_prefix(header.get('state_dict') or {}))
+    del header
     # A wrapper's training checkpoint holds the deployable part under its prefix; a
     # compact checkpoint of it holds the deployable network alone.
     if layers and any(all(f'{start}{path}.weight' in keys for path, _ in layers)
@@ -104,7 +105,8 @@ def main() -> int:
     # only cost memory (and, on a float32 rounding alarm, a float64 re-run).
     probe_size = tuple(min(side, 512) for side in args.img_size)
     out, errors = write_compact_checkpoint(model, args.checkpoint, args.out,
-                                           probe_shape=(1, 3, *probe_size), verify=args.verify)
+                                           probe_shape=(1, 3, *probe_size), verify=args.verify,
+                                           load_into_model=True)
     compact = contract_model(deployable).eval()
     if expanded_layers(deployable):
         # Counted from the chains' shapes: tracing them would run the explicit model.

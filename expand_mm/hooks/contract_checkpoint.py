@@ -11,6 +11,7 @@ from mmengine.registry import HOOKS
 from torch import nn
 
 from ..checkpoint import NONLINEAR_INIT_META_KEY
+from ..cost import config_input_size
 from ..deploy import compact_checkpoint, compact_checkpoint_path, save_checkpoint_file
 from ..errors import ConfigError, NonFiniteError
 from ..models.deployable import find_deployable, unwrap_model
@@ -62,7 +63,10 @@ class ContractCheckpointHook(Hook):
 
     Args:
         suffix: Added to the checkpoint's stem.
-        probe_shape: Input shape of the contraction check (NCHW).
+        probe_shape: Input shape of the contraction check (NCHW). None: the
+            config's test input size (as ``tools/contract.py`` finds it, each
+            side at most 512; a network such as SSD300 runs at no smaller
+            size), else ``DEFAULT_PROBE_SHAPE``.
         rtol: A relative error above this raises instead of writing, unless a
             float64 re-check shows float32 rounding (then a warning says so;
             see :func:`~expand_mm.surgery.check_contraction`).
@@ -72,18 +76,18 @@ class ContractCheckpointHook(Hook):
     priority = 'LOWEST'
 
     def __init__(self, suffix: str = '_compact',
-                 probe_shape: Sequence[int] = DEFAULT_PROBE_SHAPE,
+                 probe_shape: Sequence[int] | None = None,
                  rtol: float = 1e-4, verify: bool = True) -> None:
         if not isinstance(suffix, str) or not suffix:
             raise ConfigError(f'ContractCheckpointHook: suffix={suffix!r} must be a non-empty '
                               "string (the compact copy of iter_N.pth is iter_N{suffix}.pth; "
                               "default '_compact'): with none it would overwrite its source")
-        if len(tuple(probe_shape)) != 4 or not all(
-                isinstance(d, int) and d > 0 for d in probe_shape):
+        if probe_shape is not None and (len(tuple(probe_shape)) != 4 or not all(
+                isinstance(d, int) and d > 0 for d in probe_shape)):
             raise ConfigError(f'ContractCheckpointHook: probe_shape={probe_shape!r} must be an '
                               'NCHW shape of four positive ints, e.g. (1, 3, 128, 128)')
         self.suffix = suffix
-        self.probe_shape = tuple(probe_shape)
+        self.probe_shape = None if probe_shape is None else tuple(probe_shape)
         self.rtol = rtol
         self.verify = verify
         self._twins: dict[str, str | None] = {}  # saved checkpoint -> its twin (None: none)
@@ -101,6 +105,10 @@ class ContractCheckpointHook(Hook):
         plants it (checkpoints before the last stage get the stage's narrower
         network); a training-time wrapper always has one (its deployable part).
         """
+        if self.probe_shape is None:
+            size = config_input_size(runner.cfg)
+            self.probe_shape = ((1, 3, *(min(side, 512) for side in size[0])) if size
+                                else DEFAULT_PROBE_SHAPE)
         deployable, prefix = find_deployable(runner.model)
         expanded = bool(expanded_layers(deployable))
         self._plain_planting = not prefix and not expanded and any(

@@ -8,7 +8,8 @@ from mmengine.runner import BaseLoop, find_latest_checkpoint
 from ..checkpoint import read_checkpoint
 from ..checks import (check_constructor_for_paramwise_keys, check_load_from_fits,
                       check_plain_load_from, check_training_data, ddp_wrapper_warning,
-                      dropped_base_hooks_warning, missing_setup_warnings, schedule_warnings)
+                      available_memory_bytes, dropped_base_hooks_warning,
+                      missing_setup_warnings, save_memory_note, schedule_warnings)
 from ..models.deployable import find_deployable, unwrap_model
 from ..surgery import expanded_layers
 
@@ -53,7 +54,8 @@ class ExpandNetCheckHook(Hook):
       ``_base_`` config that its own ``custom_hooks`` list replaced), for
       schedulers whose absolute floor undoes the per-factor rates, and for a
       stock DDP wrapper that keeps an ExpandNet from deferring its factor
-      gradients.
+      gradients; and, when it is large, what each save's compact twin will
+      need in memory (:func:`~expand_mm.checks.save_memory_note`).
     """
 
     priority = 'VERY_HIGH'
@@ -83,3 +85,7 @@ class ExpandNetCheckHook(Hook):
             warnings += [dropped] if dropped else []
         for warning in warnings:
             runner.logger.warning(f'ExpandNetCheckHook: {warning}')
+        note = save_memory_note(runner.model, available_memory_bytes())
+        if note:
+            level, message = note
+            getattr(runner.logger, level)(f'ExpandNetCheckHook: {message}')

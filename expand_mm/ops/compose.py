@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from functools import lru_cache
-from typing import Union
+from typing import Callable, Union
 
 import torch
 import torch.nn.functional as F
@@ -226,12 +226,8 @@ def compose_conv_chain(kernels: Sequence[Tensor], groups: int = 1,
     else:
         raise ValueError(f"order must be 'cheapest' or 'sequential', got {order!r}")
 
-    def run(node: ChainTree) -> Tensor:
-        if isinstance(node, int):
-            return kernels[node]
-        return compose_conv_kernels(run(node[0]), run(node[1]), groups)
-
-    return run(tree)
+    return _evaluate_tree(tree, kernels,
+                          lambda first, then: compose_conv_kernels(first, then, groups))
 
 
 def compose_linear_chain(weights: Sequence[Tensor], order: str = 'cheapest') -> Tensor:
@@ -253,9 +249,18 @@ def compose_linear_chain(weights: Sequence[Tensor], order: str = 'cheapest') -> 
     else:
         raise ValueError(f"order must be 'cheapest' or 'sequential', got {order!r}")
 
-    def run(node: ChainTree) -> Tensor:
-        if isinstance(node, int):
-            return weights[node]
-        return run(node[1]) @ run(node[0])
+    return _evaluate_tree(tree, weights, lambda first, then: then @ first)
 
-    return run(tree)
+
+def _evaluate_tree(node: ChainTree, leaves: Sequence[Tensor],
+                   combine: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
+    """Compose ``leaves`` in the order ``node`` gives; ``combine(first, then)``.
+
+    A plain recursive function, not a closure calling itself: such a closure
+    is a reference cycle that keeps ``leaves`` (e.g. float64 copies of a large
+    layer's factors) alive until the garbage collector's next full pass.
+    """
+    if isinstance(node, int):
+        return leaves[node]
+    return combine(_evaluate_tree(node[0], leaves, combine),
+                   _evaluate_tree(node[1], leaves, combine))
