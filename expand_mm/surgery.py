@@ -616,7 +616,9 @@ def _select(survey: _Survey, settings: ExpansionSettings) -> list[tuple[str, nn.
     for path, module in survey.candidates:
         if not settings.selects(path):
             survey.skipped[path] = 'not selected by include/exclude'
-        elif settings.ratio_for(path) == 1:
+        elif not isinstance(settings.ratio, int) and settings.ratio_for(path) == 1:
+            # Only per-layer rules read 1 as "leave compact"; ratio=1 for every
+            # layer is an expansion at the compact width (a chain of three).
             survey.skipped[path] = 'ratio 1 (per-layer ratios leave it compact)'
         else:
             selected.append((path, module))
