@@ -57,15 +57,16 @@ def keep_all_detections(model_cfg) -> None:
             keep_all_detections(value)
 
 
-def assert_same_detections(a, b, top: int = 20) -> None:
-    """Each of ``a``'s best boxes is in ``b`` with the same label, box and score."""
+def assert_same_detections(a, b, top: int = 20, box_rtol: float = 1e-5) -> None:
+    """Each of ``a``'s best boxes is in ``b`` with the same label, box (to ``box_rtol`` of
+    its coordinates) and score."""
     assert len(a) > 0 and abs(len(a) - len(b)) <= 1
     scale = float(a.scores.max())
     for i in torch.argsort(a.scores, descending=True)[:top]:
         # Relative to the coordinates: an untrained YOLOX decodes exp() of raw
         # offsets into huge (even infinite) boxes, equal in both models.
         box = a.bboxes[i]
-        near = ((b.bboxes == box) | ((b.bboxes - box).abs() < 1e-2 + 1e-5 * box.abs()))
+        near = ((b.bboxes == box) | ((b.bboxes - box).abs() < 1e-2 + box_rtol * box.abs()))
         same = ((b.labels == a.labels[i]) & near.all(dim=1)
                 & ((b.scores - a.scores[i]).abs() <= 1e-4 * scale + 1e-6))
         assert same.any(), f'box {a.bboxes[i].tolist()} score {float(a.scores[i])} not found'

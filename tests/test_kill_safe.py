@@ -392,3 +392,19 @@ def test_on_a_remote_backend_checkpoints_are_put_whole_and_retired_after(tmp_pat
     assert (Path(cfg.work_dir) / 'last_checkpoint').read_text() == 'memtest://bucket/work/iter_3.pth'
     assert torch.load(io.BytesIO(MemoryBackend.files['memtest://bucket/work/iter_3.pth']),
                       weights_only=True)['meta']['iter'] == 3
+
+
+def test_the_check_hook_leaves_a_bad_auto_resume_file_to_the_safe_checkpoint_fallback(tmp_path):
+    # ExpandNetCheckHook runs before SafeCheckpointHook in before_run; for a plain model
+    # it reads the auto-resume file, which the fallback is about to pass over.
+    from expand_mm.hooks.setup_checks import check_load_from
+    write_checkpoint(tmp_path / 'iter_10.pth')
+    write_checkpoint(tmp_path / 'iter_20.pth', readable=False)
+    (tmp_path / 'last_checkpoint').write_text(str(tmp_path / 'iter_20.pth'))
+    runner = fake_runner(tmp_path)
+    runner.model = torch.nn.Linear(2, 2)
+    runner.hooks = [expand_mm.SafeCheckpointHook(interval=10, by_epoch=False)]
+    check_load_from(runner)  # no error: the fallback decides
+    runner.hooks = []
+    with pytest.raises(expand_mm.CheckpointError, match='iter_20.pth'):
+        check_load_from(runner)

@@ -51,10 +51,14 @@ CASES = {
     # parameters here (docs/benchmarks.md measures ratio 4 end to end).
     'ssd300': StockCase('mmdet::ssd/ssd300_coco.py', 'coco', (300, 300),
                         model_options=dict(ratio=2)),
-    # base_channels 16 instead of 64 keeps the test a CPU's size; same architecture.
+    # base_channels 16 instead of 64 keeps the test a CPU's size; same architecture, the
+    # heads reading the decoder's 16 (in_index 4) and 32 (in_index 3) channels.
     'unet_s5_d16': StockCase('mmseg::unet/unet-s5-d16_fcn_4xb4-160k_cityscapes-512x1024.py',
                              'cityscapes', (64, 128),
-                             stock_model_options=dict(backbone=dict(base_channels=16))),
+                             stock_model_options=dict(
+                                 backbone=dict(base_channels=16),
+                                 decode_head=dict(in_channels=16, channels=16),
+                                 auxiliary_head=dict(in_channels=32, channels=16))),
     'segformer_b0': StockCase('mmseg::segformer/segformer_mit-b0_8xb2-160k_ade20k-512x512.py',
                               'ade', (64, 64), model_options=dict(expand_linear=True)),
     'yolox_s': StockCase('mmdet::yolox/yolox_s_8xb8-300e_coco.py', 'coco', (64, 64),
@@ -179,7 +183,9 @@ def stock_outputs(model, cfg: Config, image: str):
 def assert_same_outputs(deployed, trained, scope: str) -> None:
     """The compact model's outputs are the trained ExpandNet's, to float32 rounding."""
     if scope == 'mmdet':
-        assert_same_detections(deployed.pred_instances, trained.pred_instances)
+        # An untrained YOLOX decodes exp() of its raw offsets into boxes near 1e10, where
+        # float32 rounding of the offsets is a relative 1e-5..1e-4 of the box.
+        assert_same_detections(deployed.pred_instances, trained.pred_instances, box_rtol=1e-3)
         return
     a, b = deployed.seg_logits.data, trained.seg_logits.data
     assert float(a.std()) > 0, 'constant logits: the comparison would say nothing'

@@ -11,12 +11,24 @@ from ..checks import (check_constructor_for_paramwise_keys, check_load_from_fits
                       available_memory_bytes, dropped_base_hooks_warning,
                       missing_setup_warnings, save_memory_note, schedule_warnings)
 from ..models.deployable import find_deployable, unwrap_model
+from .safe_checkpoint import SafeCheckpointHook, unreadable_reason
 from ..surgery import expanded_layers
 
 
 def _is_training(runner) -> bool:
     """Whether ``runner.train()`` is running (it builds the train loop before ``before_run``)."""
     return isinstance(getattr(runner, '_train_loop', None), BaseLoop)
+
+
+def _safe_checkpoint_falls_back(runner, path: str) -> bool:
+    """Whether ``SafeCheckpointHook`` will pass over the unreadable auto-resume file ``path``.
+
+    It acts in its own ``before_run``, after this hook's (``CheckpointHook``'s
+    priority is ``VERY_LOW``), so the file named in ``last_checkpoint`` is not
+    yet the one that will be resumed from.
+    """
+    return ('://' not in path and any(isinstance(h, SafeCheckpointHook) for h in runner.hooks)
+            and unreadable_reason(path) is not None)
 
 
 def check_load_from(runner) -> None:
@@ -29,6 +41,8 @@ def check_load_from(runner) -> None:
     path = runner._load_from
     if path is None and runner._resume:
         path = find_latest_checkpoint(runner.work_dir)
+        if isinstance(path, str) and _safe_checkpoint_falls_back(runner, path):
+            return  # SafeCheckpointHook resumes from the newest readable one instead
     if isinstance(path, str) and '://' not in path:
         check_plain_load_from(unwrap_model(runner.model), path, bool(runner._resume))
 
