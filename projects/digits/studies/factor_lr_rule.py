@@ -2,8 +2,8 @@
 # the fixed fan-in rule (x0.25; the U-Net config sets x0.1) and with the
 # calibrated rule (no per-config multiplier), same schedule and seeds.
 #   python tools/analysis/study.py projects/digits/studies/factor_lr_rule.py \
-#       --work-dir work_dirs/studies/factor_lr_rule_det
-# (the segmentation half: factor_lr_rule_seg.py; the U-Net config sets x0.1)
+#       --work-dir work_dirs/studies/factor_lr_rule
+# (the segmentation half: factor_lr_rule_seg.py)
 _configs = 'projects/digits/configs/digits/'
 _calibrated = {
     'optim_wrapper.paramwise_cfg.factor_lr': 'calibrated',
