@@ -20,6 +20,7 @@ from ..planting import (FREEZE_MODES, GrowingPlanter, PlantingError, PlantingSea
                         subnet_model_cfg)
 from ..planting.search import PROBE_MODES, check_candidates
 from .channel_planting import model_probe, restore_frozen_after_steps
+from .rng_state import rebuild_batch_iterator
 
 RECORD_FILE = 'planting_search.json'
 PLOT_FILE = 'planting_search.png'
@@ -64,8 +65,7 @@ def carve_heldout(runner, num_samples: int, seed: int, batch_size: int) -> list:
     cfg = copy.deepcopy(runner.cfg.train_dataloader)
     cfg['dataset'] = training
     loop.dataloader = runner.build_dataloader(cfg, seed=runner.seed)
-    if hasattr(loop, 'dataloader_iterator'):  # IterBasedTrainLoop draws from an iterator
-        loop.dataloader_iterator = type(loop.dataloader_iterator)(loop.dataloader)
+    rebuild_batch_iterator(loop)  # keeps RNGStateHook's wrapper around it
     samples = [heldout[i] for i in range(len(heldout))]
     return [pseudo_collate(samples[i:i + batch_size]) for i in range(0, len(samples), batch_size)]
 

@@ -89,6 +89,24 @@ class _RestoreBeforeFetch:
     def __getattr__(self, name: str) -> Any:  # the wrapped iterator's own attributes
         return getattr(self._inner, name)
 
+    def rewrapped(self, dataloader) -> '_RestoreBeforeFetch':
+        """The same wrapper around a fresh batch iterator of ``dataloader``."""
+        return _RestoreBeforeFetch(type(self._inner)(dataloader), self._hook, self._skip)
+
+
+def rebuild_batch_iterator(loop) -> None:
+    """Point an ``IterBasedTrainLoop``'s batch iterator at its (rebuilt) ``dataloader``.
+
+    Hooks that rebuild the train dataloader in ``before_train`` (this one, the
+    planting search's held-out split) call it, so a wrapper another hook put
+    around the iterator (:class:`_RestoreBeforeFetch`) is kept.
+    """
+    current = getattr(loop, 'dataloader_iterator', None)
+    if current is None:  # an epoch-based loop makes its iterator per epoch
+        return
+    loop.dataloader_iterator = (current.rewrapped(loop.dataloader) if hasattr(current, 'rewrapped')
+                                else type(current)(loop.dataloader))
+
 
 @HOOKS.register_module()
 class RNGStateHook(Hook):
@@ -179,8 +197,7 @@ class RNGStateHook(Hook):
         loop.dataloader = runner.build_dataloader(
             runner._train_dataloader, seed=runner.seed,
             diff_rank_seed=runner._randomness_cfg.get('diff_rank_seed', False))
-        if hasattr(loop, 'dataloader_iterator'):
-            loop.dataloader_iterator = type(loop.dataloader_iterator)(loop.dataloader)
+        rebuild_batch_iterator(loop)
 
     def before_train_epoch(self, runner) -> None:
         """Epoch-based loops make a new batch iterator after this: set the generators."""
