@@ -358,7 +358,7 @@ def test_wrapper_protocol_for_checkpoints():
     # ContractCheckpointHook accepts the wrapper, refuses the plain model.
     def fake_runner(model):
         return SimpleNamespace(model=model, logger=MMLogger.get_current_instance(),
-                               optim_wrapper=None, param_schedulers=None,
+                               cfg=Config(dict()), optim_wrapper=None, param_schedulers=None,
                                message_hub=SimpleNamespace(runtime_info={}))
     ContractCheckpointHook().before_train(fake_runner(wrapper))
     with pytest.raises(ValueError, match='no expanded layer'):

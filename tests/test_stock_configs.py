@@ -40,6 +40,9 @@ class StockCase:
     model_options: dict = field(default_factory=dict)  # ExpandNet options (ratio, expand_linear)
     stock_model_options: dict = field(default_factory=dict)  # changes to the stock model
     stock_hooks: tuple[str, ...] = ()  # the stock config's custom hooks, which must run
+    # Compare the heads' raw outputs instead of the detections: an untrained SSD300 scores
+    # its 8,732 anchors nearly alike, and NMS picks among near-ties by float32 rounding.
+    compare_raw_outputs: bool = False
 
 
 CASES = {
@@ -50,7 +53,7 @@ CASES = {
     # SSD300's anchors need 300x300 inputs; ratio 2 keeps its training form near 150 M
     # parameters here (docs/benchmarks.md measures ratio 4 end to end).
     'ssd300': StockCase('mmdet::ssd/ssd300_coco.py', 'coco', (300, 300),
-                        model_options=dict(ratio=2)),
+                        model_options=dict(ratio=2), compare_raw_outputs=True),
     # base_channels 16 instead of 64 keeps the test a CPU's size; same architecture, the
     # heads reading the decoder's 16 (in_index 4) and 32 (in_index 3) channels.
     'unet_s5_d16': StockCase('mmseg::unet/unet-s5-d16_fcn_4xb4-160k_cityscapes-512x1024.py',
@@ -142,10 +145,13 @@ def calibrate_batch_norm(model: torch.nn.Module, runner: Runner) -> None:
     """Set every batch norm's running statistics to those of a training batch.
 
     Batch norms a backbone keeps frozen (``norm_eval``) are calibrated too: the
-    point is statistics that make the outputs depend on the input.
+    point is statistics that make the outputs depend on the input. A model
+    without batch norm (SSD300's VGG) has nothing to calibrate; the caller's
+    input-dependence check guards the comparison either way.
     """
     norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    assert norms, 'no batch norm to calibrate'
+    if not norms:
+        return
     data = model.data_preprocessor(next(iter(runner.train_dataloader)), True)
     model.train()
     for norm in norms:
@@ -190,6 +196,24 @@ def assert_same_outputs(deployed, trained, scope: str) -> None:
     a, b = deployed.seg_logits.data, trained.seg_logits.data
     assert float(a.std()) > 0, 'constant logits: the comparison would say nothing'
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * float(a.abs().max()))
+
+
+def assert_same_raw_outputs(deployed, trained, runner: Runner) -> None:
+    """The networks' ``mode='tensor'`` outputs on a training batch agree to float32 rounding."""
+    data = trained.data_preprocessor(next(iter(runner.train_dataloader)), False)
+    with torch.no_grad():
+        outputs = [torch.cat([t.flatten() for t in _tensors(net(data['inputs'], mode='tensor'))])
+                   for net in (deployed.eval(), trained.eval())]
+    a, b = outputs
+    assert float(a.std()) > 0, 'constant outputs: the comparison would say nothing'
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * float(a.abs().max()))
+
+
+def _tensors(outputs) -> list:
+    """Every tensor of a nested tuple / list of head outputs."""
+    if isinstance(outputs, torch.Tensor):
+        return [outputs]
+    return [t for item in outputs for t in _tensors(item)]
 
 
 def input_dependence(model, cfg: Config, images: list[str], scope: str) -> float:
@@ -254,8 +278,11 @@ def test_a_stock_config_trains_contracts_and_deploys_as_an_expandnet(name, tmp_p
     for head in (model, getattr(model, 'bbox_head', None)):  # built with the thresholds
         keep_all_detections(getattr(head, 'test_cfg', None))
     assert input_dependence(deployed, stock_cfg, images, cfg.default_scope) > 1e-4
-    assert_same_outputs(stock_outputs(deployed, stock_cfg, images[0]),
-                        stock_outputs(model, cfg, images[0]), cfg.default_scope)
+    if case.compare_raw_outputs:
+        assert_same_raw_outputs(deployed, model, runner)
+    else:
+        assert_same_outputs(stock_outputs(deployed, stock_cfg, images[0]),
+                            stock_outputs(model, cfg, images[0]), cfg.default_scope)
 
     if name == 'rtmdet_tiny':  # the run's compact checkpoint starts an ExpandNet run
         again = expandnet_config(case, tmp_path)
