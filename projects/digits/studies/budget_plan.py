@@ -1,0 +1,12 @@
+# Does a budgeted plan keep the gain? The digits detector: compact, ExpandNet-CL r=4 on
+# every layer, and the plan of budget=dict(train_step=1.10, train_memory=1.10).
+#   python tools/analysis/study.py projects/digits/studies/budget_plan.py \
+#       --work-dir work_dirs/studies/budget_plan
+_configs = 'projects/digits/configs/'
+configs = dict(
+    compact=_configs + 'digits/yolo-lite_1xb16-900i_digits-det-64x64.py',
+    r4=_configs + 'digits/expandnet-cl-r4_yolo-lite_1xb16-900i_digits-det-64x64.py',
+    budget=_configs + 'budget/expandnet-cl-budget1.10_yolo-lite_1xb16-900i_digits-det-64x64.py')
+seeds = [0, 1, 2]
+metric = 'coco/bbox_mAP'
+metric_scale = 100
