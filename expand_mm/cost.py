@@ -376,3 +376,32 @@ def _tensors(value: Any) -> list[torch.Tensor]:
     if isinstance(value, dict):
         return [t for v in value.values() for t in _tensors(v)]
     return []
+
+
+def peak_step_bytes(fn, device: torch.device) -> int:
+    """Peak bytes allocated during ``fn()`` above those allocated when it began.
+
+    CUDA: ``max_memory_allocated`` after a peak reset. CPU: the peak of the
+    running sum of the allocation / free events that ``torch.profiler`` records
+    with ``profile_memory=True``, in time order.
+    """
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return int(torch.cuda.max_memory_allocated(device) - base)
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    # The kineto events hold every allocation and free (FunctionEvents fold the
+    # ones made inside an op into that op); nbytes() is negative for a free.
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == '[memory]' and e.device_type() == DeviceType.CPU)
+    running = peak = 0
+    for _, size in events:
+        running += size
+        peak = max(peak, running)
+    return int(peak)

@@ -137,7 +137,6 @@ def test_tiny_grid_trains_tabulates_and_resumes_without_rerunning(study_tool, di
     lines_before = open(osp.join(out, 'results.jsonl')).read()
     assert study_tool.run_study(study, out) == []
     assert open(osp.join(out, 'results.jsonl')).read() == lines_before
-    assert all(json.loads(line)['run_id'] in results for line in lines_before.splitlines())
 
 
 def test_a_run_cut_off_resumes_from_its_last_checkpoint(study_tool, tmp_path):

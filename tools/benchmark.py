@@ -71,11 +71,10 @@ os.environ.setdefault('KINETO_LOG_LEVEL', '5')
 
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
-from torch.autograd import DeviceType  # noqa: E402
 
 import expand_mm  # noqa: E402
 from expand_mm.cli import DefaultsHelpFormatter, run_tool  # noqa: E402
-from expand_mm.cost import count_macs, count_training_macs  # noqa: E402
+from expand_mm.cost import count_macs, count_training_macs, peak_step_bytes  # noqa: E402
 from expand_mm.models import deployable_model_cfg  # noqa: E402
 from expand_mm.models.expandnet import config_training_settings  # noqa: E402
 from expand_mm.probe import probe_forward  # noqa: E402
@@ -346,34 +345,6 @@ def timed(fn: Callable[[], Any], device: torch.device) -> tuple[float, float, An
     out = fn()
     _sync(device)
     return time.perf_counter() - start, time.process_time() - cpu, out
-
-
-def peak_step_bytes(fn: Callable[[], Any], device: torch.device) -> int:
-    """Peak bytes allocated during ``fn()`` above those allocated when it began.
-
-    CUDA: ``max_memory_allocated`` after a peak reset. CPU: the peak of the
-    running sum of the allocation / free events that ``torch.profiler`` records
-    with ``profile_memory=True``, in time order.
-    """
-    if device.type == 'cuda':
-        _sync(device)
-        base = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        fn()
-        _sync(device)
-        return int(torch.cuda.max_memory_allocated(device) - base)
-    from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    # The kineto events hold every allocation and free (FunctionEvents fold the
-    # ones made inside an op into that op); nbytes() is negative for a free.
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                    if e.name() == '[memory]' and e.device_type() == DeviceType.CPU)
-    running = peak = 0
-    for _, size in events:
-        running += size
-        peak = max(peak, running)
-    return int(peak)
 
 
 def state_bytes(model: nn.Module, optim_wrapper) -> int:

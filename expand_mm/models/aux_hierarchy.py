@@ -54,6 +54,7 @@ from mmengine.registry import HOOKS, MODELS
 from torch import Tensor, nn
 
 from ..errors import ConfigError, SetupError
+from ..cost import peak_step_bytes
 from ..surgery import count_params
 from .aux_overparam import (DEFAULT_WIDTH_KEYS, AuxBranchWrapper, check_width_and_weight, head_loss, pick_head,
                             wide_head_cfg)
@@ -561,31 +562,6 @@ class AuxHierarchy(AuxBranchWrapper):
         return (5,) if end is None else (5, end + 5)
 
 
-def _peak_bytes(fn: Callable[[], Any], device: torch.device) -> int:
-    """Peak bytes allocated while ``fn()`` runs, above what was allocated before.
-
-    CUDA: ``max_memory_allocated``; CPU: the running sum of the allocations and
-    frees that ``torch.profiler`` records.
-    """
-    if device.type == 'cuda':
-        torch.cuda.synchronize(device)
-        base = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        fn()
-        torch.cuda.synchronize(device)
-        return int(torch.cuda.max_memory_allocated(device) - base)
-    from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                    if e.name() == '[memory]')
-    running = peak = 0
-    for _, size in events:
-        running += size
-        peak = max(peak, running)
-    return int(peak)
-
-
 def measure_step_cost(model: AuxHierarchy, data: Any, rounds: int = 3) -> dict:
     """Forward + backward time and peak memory of C alone and of C + A on one batch.
 
@@ -615,7 +591,7 @@ def measure_step_cost(model: AuxHierarchy, data: Any, rounds: int = 3) -> dict:
                 torch.cuda.synchronize(device)
             times[key].append(time.perf_counter() - start)
     report = {f'{k}_s': sorted(v)[len(v) // 2] for k, v in times.items()}
-    report.update({f'{k}_peak_mib': _peak_bytes(fn, device) / 2**20 for k, fn in runs.items()})
+    report.update({f'{k}_peak_mib': peak_step_bytes(fn, device) / 2**20 for k, fn in runs.items()})
     model.load_state_dict(buffers)
     torch.set_rng_state(rng)
     for name, param in model.named_parameters():

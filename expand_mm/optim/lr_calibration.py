@@ -153,5 +153,6 @@ def calibrated_multipliers(layer: ExpandedLayer) -> list[float]:
         One multiplier per sub-layer, first sub-layer first: the fan-in shape
         of :func:`factor_lr_multipliers` times :func:`calibrated_scale`.
     """
-    scale = calibrated_scale(layer)
-    return [share * scale for share in factor_lr_multipliers(layer, 'fan_in', 'sum')]
+    shares = factor_lr_multipliers(layer, 'fan_in', 'sum')
+    scale = calibration_scale(layer, reference_rms(layer), shares)
+    return [share * scale for share in shares]
