@@ -94,3 +94,13 @@ def stock_model() -> Callable[[str], nn.Module]:
         return copy.deepcopy(model)
 
     return fresh
+
+
+def pytest_report_header(config) -> str:
+    """Reports the free disk under pytest's temporary root, the resource a full
+    run most often lacks (each slow test writes up to about 3 GB there)."""
+    import shutil
+    import tempfile
+    root = Path(tempfile.gettempdir())
+    free_gib = shutil.disk_usage(root).free / 2**30
+    return f'expand_mm: {free_gib:.1f} GiB free under {root}'
