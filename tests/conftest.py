@@ -50,6 +50,34 @@ def format_each_config_text_once():
         yield
 
 
+def _manager_classes() -> list[type]:
+    """Every class that keeps MMEngine's global, by-name instances."""
+    from mmengine.utils.manager import ManagerMixin
+    found, pending = [], [ManagerMixin]
+    while pending:
+        cls = pending.pop()
+        found.append(cls)
+        pending.extend(cls.__subclasses__())
+    return found
+
+
+@pytest.fixture(autouse=True)
+def forget_instances_a_test_made():
+    """Drops the visualizers, message hubs and loggers a test's Runners made.
+
+    A Runner names them after its start time to the second, and a second Runner
+    started within the same second is handed the first one's visualizer, which
+    still writes under the earlier test's work dir -- a folder pytest removes
+    once that test has passed.
+    """
+    before = {cls: set(cls._instance_dict) for cls in _manager_classes()}
+    yield
+    # Classes imported during the test (mmdet's visualizer, say) count too.
+    for cls in _manager_classes():
+        for name in set(cls._instance_dict) - before.get(cls, set()):
+            cls._instance_dict.pop(name, None)
+
+
 @pytest.fixture(scope='session')
 def digits_data(tmp_path_factory) -> Path:
     """Both tiny digits datasets (``digits_det``, ``digits_seg``) under one root."""

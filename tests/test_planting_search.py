@@ -264,6 +264,8 @@ def test_growing_planter_settings_are_checked():
     from expand_mm.hooks import ChannelPlantingSearchHook
     with pytest.raises(PlantingError, match='interval=0 must be a positive int'):
         ChannelPlantingSearchHook(include=['backbone.*'], interval=0)
+    with pytest.raises(PlantingError, match='begin=0 must be a positive int'):
+        ChannelPlantingSearchHook(include=['backbone.*'], begin=0)
     with pytest.raises(PlantingError, match="probe='grad' must be one of"):
         ChannelPlantingSearchHook(include=['backbone.*'], probe='grad')
     with pytest.raises(PlantingError, match=r"heldout keys \['size'\] are unknown"):
@@ -323,6 +325,19 @@ def test_search_config_in_the_runner_exports_a_subnet_the_stock_api_loads(digits
     resumed = json.loads((tmp_path / 'resumed' / 'planting_search.json').read_text())
     assert [s['grown'] for s in resumed['steps']] == [s['grown'] for s in record['steps']]
     assert resumed['final']['widths'] == record['final']['widths']
+
+
+@pytest.mark.slow
+def test_the_first_step_waits_for_begin(digits_data, tmp_path):
+    """begin=3, interval=2: the narrow network trains three iterations before the first
+    step, then a step every two (iterations 3 and 5 of 7)."""
+    from mmengine.runner import Runner
+    cfg = search_cfg(digits_data, tmp_path, 'work', max_iters=7)
+    cfg.custom_hooks[0].update(begin=3, export=False)
+    cfg.default_hooks.checkpoint = dict(type='CheckpointHook', interval=7, by_epoch=False)
+    Runner.from_cfg(cfg).train()
+    record = json.loads((tmp_path / 'work' / 'planting_search.json').read_text())
+    assert [step['iter'] for step in record['steps']] == [3, 5]
 
 
 YOLOV3_SEARCH = osp.join(ROOT, 'configs', 'planting', 'plant-search-p50_kd-yolov3-d53_yolov3_'

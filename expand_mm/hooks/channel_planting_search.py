@@ -84,8 +84,9 @@ class ChannelPlantingSearchHook(Hook):
 
     Channel planting as an architecture search (Mitsuno et al., ICPR 2020): the
     selected units (mmcv ``ConvModule``) start with ``start_fraction`` of their
-    channels (the rest masked: the narrow network); every ``interval``
-    iterations the candidates are ranked by held-out gain per added parameter
+    channels (the rest masked: the narrow network); at iteration ``begin`` and
+    every ``interval`` iterations after, the candidates are ranked by held-out
+    gain per added parameter
     (:mod:`expand_mm.planting.search`), the best ones gain ``step_fraction``
     of their width, the function is kept and everything that existed is
     frozen; the new channels train (with the teacher when the model is a
@@ -102,7 +103,8 @@ class ChannelPlantingSearchHook(Hook):
     - the first ``before_train_iter``: applies the start widths (or, after a
       resume, every recorded step) and checks that every candidate can be
       planted on its own (else names its units);
-    - ``after_train_iter``: a planting step every ``interval`` iterations;
+    - ``after_train_iter``: a planting step at ``begin`` and every
+      ``interval`` iterations after;
     - ``before_save_checkpoint``: the search's state in
       ``meta['channel_planting_search']`` (resumes with the same choices) and
       ``meta['channel_planting']`` (the compact copy is the narrow network of
@@ -117,6 +119,10 @@ class ChannelPlantingSearchHook(Hook):
         start_fraction: Planted fraction of each unit at the start.
         step_fraction: Fraction of a unit's full width planted per step.
         interval: Iterations between planting steps.
+        begin: Iteration of the first step (default: ``interval``). The paper
+            trains the initial narrow network before planting into it; with
+            ``freeze='all'`` a first step during the warm-up freezes an
+            untrained network for the rest of the run.
         budget: ``dict(params=f)`` and / or ``macs=f`` (fractions of the stock
             network), ``min_rel_gain``, ``max_steps``.
         candidates: Groups of glob patterns whose units grow together
@@ -141,10 +147,14 @@ class ChannelPlantingSearchHook(Hook):
                  exclude: Sequence[str] | None = None, probe: str = 'taylor',
                  units_per_step: int = 1, probe_iters: int = 5, probe_lr: float = 1e-3,
                  heldout: dict | None = None, freeze: str = 'all', export: bool = True,
-                 verify_rtol: float = 1e-5) -> None:
+                 verify_rtol: float = 1e-5, begin: int | None = None) -> None:
         if not isinstance(interval, int) or isinstance(interval, bool) or interval < 1:
             raise PlantingError(f'ChannelPlantingSearchHook: interval={interval!r} must be a '
                                 'positive int (iterations between planting steps)')
+        begin = interval if begin is None else begin
+        if not isinstance(begin, int) or isinstance(begin, bool) or begin < 1:
+            raise PlantingError(f'ChannelPlantingSearchHook: begin={begin!r} must be a positive '
+                                'int (the iteration of the first planting step)')
         if probe not in PROBE_MODES:
             raise PlantingError(f'ChannelPlantingSearchHook: probe={probe!r} must be one of '
                                 f'{PROBE_MODES}')
@@ -163,6 +173,7 @@ class ChannelPlantingSearchHook(Hook):
         self.start_fraction = float(start_fraction)
         self.step_fraction = float(step_fraction)
         self.interval = interval
+        self.begin = begin
         self.candidate_groups = plain_builtins(list(candidates or []))
         self.probe = probe
         self.units_per_step = units_per_step
@@ -194,9 +205,9 @@ class ChannelPlantingSearchHook(Hook):
         self.search = None
         runner.logger.info(
             f'ChannelPlantingSearchHook: {len(planter.units)} units start at '
-            f'{self.start_fraction:.0%} of their channels; a step every {self.interval} '
-            f'iterations, budget {self.budget_cfg}, probe {self.probe!r}, '
-            f'{self.heldout_cfg["num_samples"]} training samples held out')
+            f'{self.start_fraction:.0%} of their channels; steps at iteration {self.begin} '
+            f'and every {self.interval} iterations after, budget {self.budget_cfg}, '
+            f'probe {self.probe!r}, {self.heldout_cfg["num_samples"]} training samples held out')
 
     def _search_data(self, runner, train_batch: Any = None) -> SearchData:
         """The held-out losses and the tracing batch (the first held-out one) of this run."""
@@ -231,9 +242,10 @@ class ChannelPlantingSearchHook(Hook):
     # --------------------------------------------------------------------- steps
     def after_train_iter(self, runner, batch_idx: int, data_batch: Any = None,
                          outputs: Any = None) -> None:
-        """Every ``interval`` iterations (before the last), one planting step."""
+        """At ``begin`` and every ``interval`` iterations after (before the last), one step."""
         done = runner.iter + 1
-        if done % self.interval or done >= runner.max_iters or self.search.stopped:
+        if (done < self.begin or (done - self.begin) % self.interval
+                or done >= runner.max_iters or self.search.stopped):
             return
         whole = _unwrapped(runner.model)
         grads = {p: p.grad for p in whole.parameters()}

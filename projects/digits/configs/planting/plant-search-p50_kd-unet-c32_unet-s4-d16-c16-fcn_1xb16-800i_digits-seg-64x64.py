@@ -4,9 +4,11 @@
 #
 # Every conv unit of the U-Net and the head starts with a quarter of its output
 # channels (the skip connections are concatenations: each unit can grow on its
-# own). Every 50 iterations the units are ranked on 64 training images held out
-# by the hook (not the validation set) by the first-order gain of the held-out
-# loss (cross-entropy + KD) per added parameter; the best two gain a quarter of
+# own). The narrow network trains alone for 300 iterations (as in the paper, the
+# initial network is trained before anything is planted); then, every 50
+# iterations, the units are ranked on 64 training images held out by the hook
+# (not the validation set) by the first-order gain of the held-out loss
+# (cross-entropy + KD) per added parameter; the best three gain a quarter of
 # their width, old weights frozen. In the work dir: planting_search.json / .png
 # and planted_subnet.py + planted_subnet.pth (never-planted channels removed;
 # they load strictly through mmseg.apis.init_model).
@@ -24,8 +26,9 @@ custom_hooks = [
         include=['backbone.*', 'decode_head.*'],
         start_fraction=0.25,
         step_fraction=0.25,
+        begin=300,
         interval=50,
-        units_per_step=2,
+        units_per_step=3,
         budget=dict(params=0.5),
         probe='taylor',
         heldout=dict(num_samples=64, seed=0, batch_size=16)),

@@ -5,11 +5,13 @@
 #
 # The backbone and neck units start with a quarter of their output channels
 # (the rest masked to zero: the network computes what the narrow one would).
-# Every 50 iterations the candidates (each backbone unit, each neck lateral
-# conv, each neck detection block) are ranked on 32 training images held out
-# by the hook (not the validation set) by the first-order gain of the held-out
-# loss (task + distillation) per parameter that planting into them adds; the
-# best two gain a quarter of their width, without changing what the
+# The narrow network trains alone for 300 iterations (the paper trains the
+# initial network before planting; planting during the warm-up would freeze an
+# untrained network). Then, every 50 iterations, the candidates (each backbone
+# unit, each neck lateral conv, each neck detection block) are ranked on 32
+# training images held out by the hook (not the validation set) by the
+# first-order gain of the held-out loss (task + distillation) per parameter that
+# planting into them adds; the best three gain a quarter of their width, without changing what the
 # network computes at that moment, and every weight entry that existed before is
 # frozen: only the new channels train, by the labels and by the teacher. The
 # search stops before the network would exceed half of the stock detector's
@@ -37,8 +39,9 @@ custom_hooks = [
         candidates=[['neck.detect1.*'], ['neck.detect2.*'], ['neck.detect3.*']],
         start_fraction=0.25,
         step_fraction=0.25,
+        begin=300,
         interval=50,
-        units_per_step=2,
+        units_per_step=3,
         budget=dict(params=0.5),
         probe='taylor',
         heldout=dict(num_samples=32, seed=0, batch_size=16)),
