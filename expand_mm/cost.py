@@ -51,7 +51,11 @@ def _flop_analyzer(model: nn.Module, img_size: Sequence[int]) -> Any:
         analyzer.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
         analyzer.tracer_warnings('none')
         with torch.no_grad():  # the counts are the same; autograd would keep every activation
+            buffers = [(b, b.clone()) for b in model.buffers()]
             analyzer.total()  # runs the trace, inside the filter
+            # A trace in train mode updates batch-norm statistics; put them back.
+            for buffer, saved in buffers:
+                buffer.copy_(saved)
     return analyzer
 
 

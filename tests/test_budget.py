@@ -256,3 +256,14 @@ def test_a_planned_expandnet_contracts_exactly_and_round_trips_through_the_stock
     image = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
     assert_same_detections(inference_detector(deployed, image).pred_instances,
                            inference_detector(reloaded, image).pred_instances)
+
+
+def test_counting_macs_in_train_mode_leaves_batch_norm_statistics_alone():
+    from expand_mm.cost import count_macs
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)).train()
+    with torch.no_grad():
+        model[1].running_mean.fill_(0.5)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert count_macs(model, (8, 8)) >= 3 * 4 * 9 * 64  # at least the conv's
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, before[key], rtol=0, atol=0)
