@@ -381,10 +381,15 @@ def test_load_hook_loads_a_deployable_checkpoint_into_the_wrapper():
     for key, value in other.state_dict().items():
         assert torch.equal(compact.state_dict()[key], value), key
     assert torch.equal(wrapper.extra.weight, extra_before)
-    # The wrapper's own checkpoint is left as it is.
+    # The wrapper's own checkpoint is left as it is, and is logged as the wrapper's.
     own = {'state_dict': wrapper.state_dict()}
-    ExpandCheckpointLoadHook().after_load_checkpoint(runner, own)
+    logged = []
+    ExpandCheckpointLoadHook().after_load_checkpoint(
+        SimpleNamespace(model=wrapper, _load_from='own.pth', _resume=False,
+                        logger=SimpleNamespace(info=logged.append)), own)
     assert own['state_dict'].keys() == wrapper.state_dict().keys()
+    assert logged == ["ExpandCheckpointLoadHook: own.pth is a checkpoint of the _Wrapper that "
+                      'is trained, its deployable part a compact one']
     # Resuming from the deployable part alone, or loading another model, is refused.
     runner._resume = True
     with pytest.raises(expand_mm.CheckpointError, match='nothing to resume'):

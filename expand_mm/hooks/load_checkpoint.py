@@ -146,7 +146,9 @@ class ExpandCheckpointLoadHook(Hook):
                 'state, if any, does not fit this ExpandNet: there is nothing to resume. Use '
                 'it with load_from=... to start an ExpandNet from it, or resume from a '
                 'training checkpoint of this config (epoch_N.pth / iter_N.pth)')
-        runner.logger.info(f'ExpandCheckpointLoadHook: {source} is {_article(kind)} {kind} '
-                           'checkpoint'
+        what = (f'a checkpoint of the {type(unwrap_model(runner.model)).__name__} that is '
+                f'trained, its deployable part {_article(kind)} {kind} one' if own
+                else f'{_article(kind)} {kind} checkpoint')
+        runner.logger.info(f'ExpandCheckpointLoadHook: {source} is {what}'
                            + (' (factorised exactly into the expanded layers)'
                               if kind == 'compact' and expanded_layers(deployable) else ''))
