@@ -7,7 +7,11 @@
 _configs = 'projects/digits/configs/planting/'
 configs = dict(
     searched_p50=_configs + 'plant-search-p50_kd-yolo-lite-w2_yolo-lite_1xb16-900i_digits-det-64x64.py',
-    uniform_p50=_configs + 'plant-uniform-p50_kd-yolo-lite-w2_yolo-lite_1xb16-900i_digits-det-64x64.py')
+    uniform_p50=_configs + 'plant-uniform-p50_kd-yolo-lite-w2_yolo-lite_1xb16-900i_digits-det-64x64.py',
+    # The same search with nothing frozen: every planted channel keeps training.
+    searched_p50_unfrozen=dict(
+        config=_configs + 'plant-search-p50_kd-yolo-lite-w2_yolo-lite_1xb16-900i_digits-det-64x64.py',
+        cfg_options={'custom_hooks.0.freeze': 'none'}))
 seeds = [0, 1, 2]
 metric = 'coco/bbox_mAP'
 metric_scale = 100
