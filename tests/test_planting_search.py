@@ -278,7 +278,7 @@ def search_cfg(digits_data, tmp_path, work, max_iters=6):
     cfg = tiny_cfg(SEARCH_DET, digits_data, tmp_path / work, 'det', max_iters=max_iters)
     cfg.model.teacher_ckpt = teacher_checkpoint(TEACHER_DET, tmp_path / 'teacher.pth')
     hook = cfg.custom_hooks[0]
-    hook.update(interval=2, heldout=dict(num_samples=2, batch_size=2))
+    hook.update(begin=2, interval=2, heldout=dict(num_samples=2, batch_size=2))
     cfg.default_hooks.checkpoint = dict(type='CheckpointHook', interval=1, by_epoch=False)
     return cfg
 
@@ -412,7 +412,7 @@ def test_the_heldout_split_is_carved_inside_a_repeat_dataset(digits_data, tmp_pa
     cfg = search_cfg(digits_data, tmp_path, 'work', max_iters=2)
     cfg.train_dataloader.dataset = dict(type='RepeatDataset', times=3,
                                         dataset=cfg.train_dataloader.dataset)
-    cfg.custom_hooks[0].update(interval=1, export=False)
+    cfg.custom_hooks[0].update(begin=1, interval=1, export=False)
     runner = Runner.from_cfg(cfg)
     runner.train()
     dataset = runner.train_loop.dataloader.dataset
