@@ -65,10 +65,10 @@ def _manager_classes() -> list[type]:
 def forget_instances_a_test_made():
     """Drops the visualizers, message hubs and loggers a test's Runners made.
 
-    A Runner names them after its start time to the second, and a second Runner
-    started within the same second is handed the first one's visualizer, which
-    still writes under the earlier test's work dir -- a folder pytest removes
-    once that test has passed.
+    MMEngine keeps them by name for the whole process, and mmdet's / mmseg's
+    configs name their visualizer ``'visualizer'``: every later Runner is handed
+    the first one's, which still writes under the earlier test's work dir -- a
+    folder pytest removes once that test has passed.
     """
     before = {cls: set(cls._instance_dict) for cls in _manager_classes()}
     yield
