@@ -78,6 +78,13 @@ def batch_loss(model: Any, batch: Any) -> torch.Tensor:
     return loss
 
 
+def _check_positive_int(name: str, value: Any, meaning: str) -> None:
+    """Refuses ``value`` for the hook argument ``name`` unless it is a positive int."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise PlantingError(f'ChannelPlantingSearchHook: {name}={value!r} must be a positive '
+                            f'int ({meaning})')
+
+
 @HOOKS.register_module()
 class ChannelPlantingSearchHook(Hook):
     """Grow the deployable model's channels where they help most, up to a budget.
@@ -148,13 +155,9 @@ class ChannelPlantingSearchHook(Hook):
                  units_per_step: int = 1, probe_iters: int = 5, probe_lr: float = 1e-3,
                  heldout: dict | None = None, freeze: str = 'all', export: bool = True,
                  verify_rtol: float = 1e-5, begin: int | None = None) -> None:
-        if not isinstance(interval, int) or isinstance(interval, bool) or interval < 1:
-            raise PlantingError(f'ChannelPlantingSearchHook: interval={interval!r} must be a '
-                                'positive int (iterations between planting steps)')
+        _check_positive_int('interval', interval, 'iterations between planting steps')
         begin = interval if begin is None else begin
-        if not isinstance(begin, int) or isinstance(begin, bool) or begin < 1:
-            raise PlantingError(f'ChannelPlantingSearchHook: begin={begin!r} must be a positive '
-                                'int (the iteration of the first planting step)')
+        _check_positive_int('begin', begin, 'the iteration of the first planting step')
         if probe not in PROBE_MODES:
             raise PlantingError(f'ChannelPlantingSearchHook: probe={probe!r} must be one of '
                                 f'{PROBE_MODES}')
