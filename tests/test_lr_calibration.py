@@ -7,32 +7,15 @@ from mmengine.model import BaseModel
 from mmengine.runner import Runner
 from torch import nn
 
-from expand_mm import ExpandConv2d, ExpandLinear, factor_lr_multipliers
+from expand_mm import ExpandConv2d, factor_lr_multipliers
 from expand_mm.errors import SetupError
 from expand_mm.optim.factor_lr import CALIBRATION_KEY, DEFAULT_FACTOR_LR_MULT
 from expand_mm.optim.lr_calibration import calibrated_multipliers, calibrated_scale
+from expanded_layer_cases import LAYERS, kaiming_conv
 
 # The stated factor: measured one-step relative moves of the composed kernel
 # lie within it of the compact layer's (0.68..1.34 on these layers).
 WITHIN = 1.5
-
-
-def kaiming_conv(channels, kernel, groups=1):
-    conv = nn.Conv2d(channels, channels, kernel, padding=kernel // 2, groups=groups)
-    nn.init.kaiming_normal_(conv.weight, mode='fan_out')  # mmcv ConvModule's init
-    return conv
-
-
-LAYERS = {
-    'cl-3x3': (lambda c: kaiming_conv(c, 3), lambda m, keep: ExpandConv2d.from_conv(
-        m, 'cl', 4, keep_weights=keep), lambda c: (4, c, 12, 12)),
-    'ck-5x5': (lambda c: kaiming_conv(c, 5), lambda m, keep: ExpandConv2d.from_conv(
-        m, 'ck', 4, keep_weights=keep), lambda c: (4, c, 12, 12)),
-    'depthwise': (lambda c: kaiming_conv(c, 3, groups=c), lambda m, keep: ExpandConv2d.from_conv(
-        m, 'cl', 4, keep_weights=keep), lambda c: (4, c, 12, 12)),
-    'linear': (lambda c: nn.Linear(c, c), lambda m, keep: ExpandLinear.from_linear(
-        m, 4, keep_weights=keep), lambda c: (32, c)),
-}
 
 
 def relative_adam_step(module, multipliers, inputs, target, lr=1e-4):

@@ -43,7 +43,7 @@ from .product_decay import (FACTOR_BASE_LR_KEY, FACTOR_LR_MULT_KEY, PRODUCT_DECA
                             ProductWeightDecay, WeightDecayOnCheck, check_weight_decay_on,
                             factor_weights)
 
-FACTOR_LR_RULES = ('fan_in', 'calibrated', 'none')
+FACTOR_LR_RULES = ('fan_in', 'calibrated', 'matched', 'none')
 # Optimizers whose step size does not scale with the gradient's magnitude (per
 # entry or per tensor): the ones the fan-in rule is derived for. 'auto' uses it
 # for these and leaves the rates alone for the others (SGD: the paper's setting).
@@ -95,7 +95,9 @@ def factor_lr_multipliers(layer: ExpandedLayer, rule: str | float = 'fan_in',
         rule: ``'fan_in'``: ``sqrt(f_compact / f_i)``, so that each factor's
             relative Adam step matches the compact layer's; ``'calibrated'``:
             the same shape, which :mod:`~expand_mm.optim.lr_calibration`
-            scales per layer once training starts; ``'none'``: 1; a number:
+            scales per layer once training starts; ``'matched'``: the same
+            shape, the starting point of the running per-layer scale of
+            :mod:`~expand_mm.optim.step_matching`; ``'none'``: 1; a number:
             that multiplier for every factor (then ``chain`` is unused).
         chain: How the factors share the compact step: ``'sum'`` divides by the
             number of factors ``L`` (relative changes of aligned updates add
@@ -108,7 +110,7 @@ def factor_lr_multipliers(layer: ExpandedLayer, rule: str | float = 'fan_in',
         ValueError: On an unknown rule or chain.
     """
     check_factor_lr(rule, chain)
-    if rule not in ('fan_in', 'calibrated'):
+    if rule not in ('fan_in', 'calibrated', 'matched'):
         return [1.0 if rule == 'none' else float(rule)] * len(layer.sublayers)
     fan_ins = layer.factor_fan_ins()
     share = len(fan_ins) if chain == 'sum' else math.sqrt(len(fan_ins))
@@ -244,7 +246,10 @@ class ExpandNetOptimWrapperConstructor(DefaultOptimWrapperConstructor):
             optimizers of :data:`ADAPTIVE_OPTIMIZERS`, ``'none'`` otherwise),
             ``'fan_in'``, ``'calibrated'`` (per-layer scales measured when
             training starts, see :mod:`~expand_mm.optim.lr_calibration`; needs
-            ``FactorLRCalibrationHook``), ``'none'`` or a positive number; and
+            ``FactorLRCalibrationHook``), ``'matched'`` (Adam / AdamW: a
+            per-layer scale kept at every step so the composed kernel moves as
+            far as Adam would move the compact one, see
+            :mod:`~expand_mm.optim.step_matching`), ``'none'`` or a positive number; and
             ``factor_lr_chain``: ``'sum'`` (default) or ``'rss'``; and
             ``factor_lr_mult``: a further factor on every factor's rate
             (default :data:`DEFAULT_FACTOR_LR_MULT` with the ``'fan_in'``
@@ -274,10 +279,11 @@ class ExpandNetOptimWrapperConstructor(DefaultOptimWrapperConstructor):
         if factor_lr == 'auto':
             factor_lr = 'fan_in' if self._optimizer_name in ADAPTIVE_OPTIMIZERS else 'none'
         self.factor_lr = factor_lr
-        # The measured correction belongs to the 'fan_in' rule; 'calibrated'
-        # measures its own per layer; 'none' or a number means what it says.
+        # The measured correction belongs to the 'fan_in' rule, and is where
+        # 'matched' starts from; 'calibrated' measures its own per layer;
+        # 'none' or a number means what it says.
         self.factor_lr_mult = factor_lr_mult if factor_lr_mult is not None else (
-            DEFAULT_FACTOR_LR_MULT if factor_lr == 'fan_in' else 1.0)
+            DEFAULT_FACTOR_LR_MULT if factor_lr in ('fan_in', 'matched') else 1.0)
         super().__init__(optim_wrapper_cfg, paramwise_cfg)
         if self.base_lr is None and self.factor_lr != 'none':
             raise ConfigError('ExpandNetOptimWrapperConstructor: optimizer.lr is not set, so '
@@ -295,7 +301,7 @@ class ExpandNetOptimWrapperConstructor(DefaultOptimWrapperConstructor):
         layers = expanded_layers(inner)
         multipliers: dict[int, float] = {}
         # The calibrated scale absorbs how the factors share the step.
-        chain = 'sum' if self.factor_lr == 'calibrated' else self.factor_lr_chain
+        chain = 'sum' if self.factor_lr in ('calibrated', 'matched') else self.factor_lr_chain
         for _, layer in layers:
             mults = factor_lr_multipliers(layer, self.factor_lr, chain)
             for sub, mult in zip(layer.sublayers, mults):
@@ -329,6 +335,10 @@ class ExpandNetOptimWrapperConstructor(DefaultOptimWrapperConstructor):
             FactorRateCheck(wrapper.optimizer)
         if self.factor_lr == 'calibrated':
             self._mark_calibration_pending(wrapper.optimizer)
+        if self.factor_lr == 'matched' and layers:
+            # Imported here: step_matching reads lr_calibration, which reads this module.
+            from .step_matching import StepMatchedFactorRates
+            wrapper.step_matched_rates = StepMatchedFactorRates(wrapper.optimizer, layers)
         if layers:
             values = sorted(multipliers.values())
             rule = (f"'auto' -> {self.factor_lr!r} ({self._optimizer_name})"
