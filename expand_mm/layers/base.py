@@ -7,7 +7,7 @@ The deferred factor gradients that the layers can train with live in
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -101,9 +101,6 @@ class ExpandedLayer(nn.Module):
         # RMS of the compact kernel this layer stands for, as last known (see
         # remember_compact_reference); read by the calibrated factor rates.
         self.compact_reference_rms: float | None = None
-        # Called with the gradient reaching the online composed kernel (a tensor
-        # hook); set by factor_lr='matched' (expand_mm.optim.step_matching).
-        self.composed_grad_tap: Callable[[Tensor], None] | None = None
         self._mode = 'online'
         self.set_mode(mode)
 
@@ -227,21 +224,11 @@ class ExpandedLayer(nn.Module):
         self._check_linear('composing the compact weight')
         needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
         if needs_grad and self.training and self.defer_factor_grads:
-            return self._tapped(self._composed_deferred())
+            return self._composed_deferred()
         if needs_grad or self.training:
             self._cache = None
-            return self._tapped(self._compose(None))
+            return self._compose(None)
         return self._cached('_cache', lambda: self._compose(None))
-
-    def _tapped(self, composed: tuple[Tensor, Tensor | None]) -> tuple[Tensor, Tensor | None]:
-        """``composed``, its kernel hooked to :attr:`composed_grad_tap` once."""
-        weight = composed[0]
-        if (self.composed_grad_tap is not None and weight.requires_grad
-                and not getattr(weight, '_expand_mm_tapped', False)):
-            # A deferred leaf is handed out once per use; one hook sees each use's gradient.
-            weight.register_hook(self.composed_grad_tap)
-            weight._expand_mm_tapped = True
-        return composed
 
     def _cached(self, slot: str, build) -> tuple[Tensor, Tensor | None]:
         """``build()``, kept in attribute ``slot`` until a parameter changes (see _cache_key)."""

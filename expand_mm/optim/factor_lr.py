@@ -17,9 +17,17 @@ than the sum of relative changes says, and freshly initialised factors compose
 to a smaller kernel than mmcv's kaiming init of the compact conv. One Adam step
 of a fresh CL r=4 chain (dense 3x3, 16-128 channels; checked in
 ``tests/test_optim.py``) moves the composed kernel, relative to its size,
-4.4-4.7x as far as a kaiming-initialised compact conv moves with the rule alone,
-and 1.1-1.2x as far with the default extra factor ``DEFAULT_FACTOR_LR_MULT =
-0.25``. SGD, whose step scales with the gradient, does not need any of it.
+4.4-4.7x as far as a kaiming-initialised compact conv moves with the rule alone.
+
+Over whole trainings the step that works is not a fixed share of the compact
+one: the digits detector (AdamW lr 0.004) trained best with factor base rates
+``lr * mult`` of 1e-3 to 2e-3, and the digits U-Net (AdamW lr 0.016) with 0.8e-3
+to 1.6e-3, where 4e-3 collapsed it (``docs/studies.md``). Matching the compact
+step -- once at the start (``'calibrated'``) or at every step (tried, seed 0:
+det 25.4 and seg 22.5 against 31.5 and 52.4) -- trains worse on both. So the
+default base rate of the factors is ``min(lr, DEFAULT_FACTOR_BASE_RATE)``, an
+absolute ceiling measured on those two tasks, not derived; ``factor_lr_mult``
+overrides it. SGD, whose step scales with the gradient, does not need any of it.
 """
 from __future__ import annotations
 
@@ -43,7 +51,7 @@ from .product_decay import (FACTOR_BASE_LR_KEY, FACTOR_LR_MULT_KEY, PRODUCT_DECA
                             ProductWeightDecay, WeightDecayOnCheck, check_weight_decay_on,
                             factor_weights)
 
-FACTOR_LR_RULES = ('fan_in', 'calibrated', 'matched', 'none')
+FACTOR_LR_RULES = ('fan_in', 'calibrated', 'none')
 # Optimizers whose step size does not scale with the gradient's magnitude (per
 # entry or per tensor): the ones the fan-in rule is derived for. 'auto' uses it
 # for these and leaves the rates alone for the others (SGD: the paper's setting).
@@ -55,15 +63,22 @@ CHAIN_RULES = ('sum', 'rss')
 # so a resumed run keeps its rates).
 CALIBRATION_KEY = 'factor_lr_calibration'
 CALIBRATION_PENDING = 'pending'
-# Extra factor on the 'fan_in' rule (see the module docstring for the
-# measurement). On the digits demo's schedules (calibration record in
-# projects/digits/README.md) it took the ExpandNet detector (AdamW lr 0.004)
-# from mAP 22.1 (factor 1, with an absolute-eta_min schedule) to 31.8
-# (eta_min_ratio; compact 30.2 in the demo, 29.1 via tools/train.py); 0.1 gave 26.8. It calibrates one
-# step; over a schedule at a 4x higher rate (the U-Net's AdamW 0.016) the best
-# factor was lower: mIoU 21.3 / 33.4 / 52.5 / 52.9 at 0.5 / 0.25 / 0.1 / 0.05
-# against 44.3 compact, so that config sets factor_lr_mult=0.1 (seed 0 each).
-DEFAULT_FACTOR_LR_MULT = 0.25
+# Ceiling of the factors' base rate under the 'fan_in' rule (see the module
+# docstring). Calibration record (seed 0 each; projects/digits/README.md):
+# detector, AdamW lr 0.004, mAP 22.1 / 31.5 / 31.3 / 26.8 at multipliers
+# 1 / 0.25 / 0.375 / 0.1 (compact 29.1); distilled 41.2 / 42.0 at 0.25 / 0.375;
+# U-Net, AdamW lr 0.016, mIoU 21.3 / 33.4 / 52.5 / 52.9 at 0.5 / 0.25 / 0.1 /
+# 0.05 (compact 44.3 then). 1.5e-3 is 0.375 and 0.094 of those rates.
+DEFAULT_FACTOR_BASE_RATE = 1.5e-3
+
+
+def default_factor_lr_mult(lr: float) -> float:
+    """The ``'fan_in'`` rule's multiplier when ``factor_lr_mult`` is not set.
+
+    ``min(1, DEFAULT_FACTOR_BASE_RATE / lr)``: the factors' base rate is the
+    compact rate, at most :data:`DEFAULT_FACTOR_BASE_RATE`.
+    """
+    return min(1.0, DEFAULT_FACTOR_BASE_RATE / lr) if lr > 0 else 1.0
 
 
 def _is_positive_number(value: Any) -> bool:
@@ -95,9 +110,7 @@ def factor_lr_multipliers(layer: ExpandedLayer, rule: str | float = 'fan_in',
         rule: ``'fan_in'``: ``sqrt(f_compact / f_i)``, so that each factor's
             relative Adam step matches the compact layer's; ``'calibrated'``:
             the same shape, which :mod:`~expand_mm.optim.lr_calibration`
-            scales per layer once training starts; ``'matched'``: the same
-            shape, the starting point of the running per-layer scale of
-            :mod:`~expand_mm.optim.step_matching`; ``'none'``: 1; a number:
+            scales per layer once training starts; ``'none'``: 1; a number:
             that multiplier for every factor (then ``chain`` is unused).
         chain: How the factors share the compact step: ``'sum'`` divides by the
             number of factors ``L`` (relative changes of aligned updates add
@@ -110,7 +123,7 @@ def factor_lr_multipliers(layer: ExpandedLayer, rule: str | float = 'fan_in',
         ValueError: On an unknown rule or chain.
     """
     check_factor_lr(rule, chain)
-    if rule not in ('fan_in', 'calibrated', 'matched'):
+    if rule not in ('fan_in', 'calibrated'):
         return [1.0 if rule == 'none' else float(rule)] * len(layer.sublayers)
     fan_ins = layer.factor_fan_ins()
     share = len(fan_ins) if chain == 'sum' else math.sqrt(len(fan_ins))
@@ -246,14 +259,11 @@ class ExpandNetOptimWrapperConstructor(DefaultOptimWrapperConstructor):
             optimizers of :data:`ADAPTIVE_OPTIMIZERS`, ``'none'`` otherwise),
             ``'fan_in'``, ``'calibrated'`` (per-layer scales measured when
             training starts, see :mod:`~expand_mm.optim.lr_calibration`; needs
-            ``FactorLRCalibrationHook``), ``'matched'`` (Adam / AdamW: a
-            per-layer scale kept at every step so the composed kernel moves as
-            far as Adam would move the compact one, see
-            :mod:`~expand_mm.optim.step_matching`), ``'none'`` or a positive number; and
+            ``FactorLRCalibrationHook``), ``'none'`` or a positive number; and
             ``factor_lr_chain``: ``'sum'`` (default) or ``'rss'``; and
             ``factor_lr_mult``: a further factor on every factor's rate
-            (default :data:`DEFAULT_FACTOR_LR_MULT` with the ``'fan_in'``
-            rule, 1 otherwise); and ``weight_decay_on``: ``'factors'``
+            (default :func:`default_factor_lr_mult` of ``optimizer.lr`` with
+            the ``'fan_in'`` rule, 1 otherwise); and ``weight_decay_on``: ``'factors'``
             (default: each factor decays as any parameter) or ``'product'``
             (the composed kernel decays as the compact one would; coupled-L2
             and decoupled optimizers, see
@@ -279,15 +289,14 @@ class ExpandNetOptimWrapperConstructor(DefaultOptimWrapperConstructor):
         if factor_lr == 'auto':
             factor_lr = 'fan_in' if self._optimizer_name in ADAPTIVE_OPTIMIZERS else 'none'
         self.factor_lr = factor_lr
-        # The measured correction belongs to the 'fan_in' rule, and is where
-        # 'matched' starts from; 'calibrated' measures its own per layer;
-        # 'none' or a number means what it says.
-        self.factor_lr_mult = factor_lr_mult if factor_lr_mult is not None else (
-            DEFAULT_FACTOR_LR_MULT if factor_lr in ('fan_in', 'matched') else 1.0)
         super().__init__(optim_wrapper_cfg, paramwise_cfg)
         if self.base_lr is None and self.factor_lr != 'none':
             raise ConfigError('ExpandNetOptimWrapperConstructor: optimizer.lr is not set, so '
                               "there is no base rate to scale; set it or use factor_lr='none'")
+        # The measured ceiling belongs to the 'fan_in' rule; 'calibrated'
+        # measures its own per layer; 'none' or a number means what it says.
+        self.factor_lr_mult = factor_lr_mult if factor_lr_mult is not None else (
+            default_factor_lr_mult(self.base_lr) if factor_lr == 'fan_in' else 1.0)
         self._factor_multipliers: dict[int, float] = {}
         self._all_factor_multipliers: dict[int, float] = {}
 
@@ -301,7 +310,7 @@ class ExpandNetOptimWrapperConstructor(DefaultOptimWrapperConstructor):
         layers = expanded_layers(inner)
         multipliers: dict[int, float] = {}
         # The calibrated scale absorbs how the factors share the step.
-        chain = 'sum' if self.factor_lr in ('calibrated', 'matched') else self.factor_lr_chain
+        chain = 'sum' if self.factor_lr == 'calibrated' else self.factor_lr_chain
         for _, layer in layers:
             mults = factor_lr_multipliers(layer, self.factor_lr, chain)
             for sub, mult in zip(layer.sublayers, mults):
@@ -335,10 +344,6 @@ class ExpandNetOptimWrapperConstructor(DefaultOptimWrapperConstructor):
             FactorRateCheck(wrapper.optimizer)
         if self.factor_lr == 'calibrated':
             self._mark_calibration_pending(wrapper.optimizer)
-        if self.factor_lr == 'matched' and layers:
-            # Imported here: step_matching reads lr_calibration, which reads this module.
-            from .step_matching import StepMatchedFactorRates
-            wrapper.step_matched_rates = StepMatchedFactorRates(wrapper.optimizer, layers)
         if layers:
             values = sorted(multipliers.values())
             rule = (f"'auto' -> {self.factor_lr!r} ({self._optimizer_name})"
