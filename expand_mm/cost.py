@@ -19,6 +19,7 @@ from torch import nn
 from .compat import type_name
 from .contraction import expanded_layers
 from .layers import ExpandConv2d, ExpandLinear
+from .verification import flatten_tensors
 
 FLOAT_BYTES = 4  # training runs in float32 (AMP keeps float32 master weights and state)
 
@@ -356,7 +357,7 @@ def count_activation_bytes(model: nn.Module, img_size: Sequence[int]) -> int:
     kept: dict[int, torch.Tensor] = {}  # held so that no storage is reused during the count
 
     def hook(module, args, out):
-        for tensor in _tensors(out):
+        for tensor in flatten_tensors(out):
             kept.setdefault(tensor.untyped_storage().data_ptr(), tensor)
 
     handles = [m.register_forward_hook(hook) for m in model.modules()
@@ -369,17 +370,6 @@ def count_activation_bytes(model: nn.Module, img_size: Sequence[int]) -> int:
         for handle in handles:
             handle.remove()
     return sum(t.untyped_storage().nbytes() for t in kept.values())
-
-
-def _tensors(value: Any) -> list[torch.Tensor]:
-    """The tensors in a module's output (a tensor, or nested tuples / lists / dicts)."""
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, (list, tuple)):
-        return [t for v in value for t in _tensors(v)]
-    if isinstance(value, dict):
-        return [t for v in value.values() for t in _tensors(v)]
-    return []
 
 
 def peak_step_bytes(fn, device: torch.device) -> int:

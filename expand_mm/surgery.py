@@ -37,8 +37,8 @@ from .layers.deferral import deferred_factor_grads  # noqa: F401  (importable fr
 from .contraction import (compact_copy, contract_model_, expanded_layers,  # noqa: F401
                           replace_submodule)
 from .verification import (WEAK_PROBE_SENSITIVITY, ContractionCheckError,  # noqa: F401
-                           _cpu_float64_copy, _flatten_tensors, check_contraction,
-                           check_layer_contractions, verify_contraction)
+                           _cpu_float64_copy, check_contraction, check_layer_contractions,
+                           flatten_tensors, verify_contraction)
 
 STRATEGIES = ('cl', 'ck', 'auto')
 GIB = 1024 ** 3

@@ -109,9 +109,9 @@ def _named_tensors(out: Any, name: str = 'output') -> list[tuple[str, Tensor]]:
     return []
 
 
-def _flatten_tensors(out: Any) -> list[Tensor]:
-    """Every tensor in a model's output (tensors, dicts by sorted key, lists,
-    tuples, mmengine data elements), in a fixed order."""
+def flatten_tensors(out: Any) -> list[Tensor]:
+    """Every tensor in a model's (or a module's) output: tensors, dicts by sorted
+    key, lists, tuples, mmengine data elements, nested, in a fixed order."""
     return [tensor for _, tensor in _named_tensors(out)]
 
 
@@ -339,8 +339,8 @@ def _input_sensitivity(model: nn.Module, inputs: Any,
         return None
     forward_fn = forward_fn or _default_forward
     with torch.no_grad(), _in_eval_mode(model):
-        first = _flatten_tensors(forward_fn(model, inputs))
-        again = _flatten_tensors(forward_fn(model, second))
+        first = flatten_tensors(forward_fn(model, inputs))
+        again = flatten_tensors(forward_fn(model, second))
     scale = _largest(float(t.abs().max()) for t in first if t.numel())
     change = _largest(float((a - b).abs().max()) for a, b in zip(first, again) if a.numel())
     return change / scale if scale > 0 else 0.0

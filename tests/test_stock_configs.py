@@ -22,6 +22,7 @@ from PIL import Image
 
 import expand_mm
 from expand_mm.apis import compact_config
+from expand_mm.verification import flatten_tensors
 from data_factory import make_cityscapes, make_coco
 from mm_test_utils import shrink_for_test
 from test_integration import assert_same_detections, keep_all_detections
@@ -202,18 +203,11 @@ def assert_same_raw_outputs(deployed, trained, runner: Runner) -> None:
     """The networks' ``mode='tensor'`` outputs on a training batch agree to float32 rounding."""
     data = trained.data_preprocessor(next(iter(runner.train_dataloader)), False)
     with torch.no_grad():
-        outputs = [torch.cat([t.flatten() for t in _tensors(net(data['inputs'], mode='tensor'))])
+        outputs = [torch.cat([t.flatten() for t in flatten_tensors(net(data['inputs'], mode='tensor'))])
                    for net in (deployed.eval(), trained.eval())]
     a, b = outputs
     assert float(a.std()) > 0, 'constant outputs: the comparison would say nothing'
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * float(a.abs().max()))
-
-
-def _tensors(outputs) -> list:
-    """Every tensor of a nested tuple / list of head outputs."""
-    if isinstance(outputs, torch.Tensor):
-        return [outputs]
-    return [t for item in outputs for t in _tensors(item)]
 
 
 def input_dependence(model, cfg: Config, images: list[str], scope: str) -> float:

@@ -197,7 +197,7 @@ def test_the_check_names_are_importable_from_surgery_and_the_package():
     import expand_mm.surgery as surgery
     import expand_mm.verification as verification
     for name in ('ContractionCheckError', 'check_contraction', 'check_layer_contractions',
-                 'verify_contraction', 'WEAK_PROBE_SENSITIVITY', '_flatten_tensors'):
+                 'verify_contraction', 'WEAK_PROBE_SENSITIVITY', 'flatten_tensors'):
         assert getattr(surgery, name) is getattr(verification, name), name
     assert expand_mm.verify_contraction is contraction_errors
     assert issubclass(ContractionCheckError, (expand_mm.ExpandMMError, RuntimeError))

@@ -53,8 +53,8 @@ from mmengine.logging import MessageHub, MMLogger
 from mmengine.registry import HOOKS, MODELS
 from torch import Tensor, nn
 
-from ..errors import ConfigError, SetupError
 from ..cost import peak_step_bytes
+from ..errors import ConfigError, SetupError
 from ..surgery import count_params
 from .aux_overparam import (DEFAULT_WIDTH_KEYS, AuxBranchWrapper, check_width_and_weight, head_loss, pick_head,
                             wide_head_cfg)

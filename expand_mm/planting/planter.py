@@ -56,7 +56,7 @@ from torch import Tensor, nn
 from ..errors import ExpandMMError
 from ..layers import ExpandedLayer
 from ..surgery import path_matches
-from ..verification import _flatten_tensors
+from ..verification import flatten_tensors
 
 FREEZE_MODES = ('all', 'none')
 MASK_HOOK_MARK = '_expand_mm_planting_mask'
@@ -345,14 +345,14 @@ class ChannelPlanter:
         self.model.eval()
         saved = {}
         try:
-            before = [t.clone() for t in _flatten_tensors(probe())]
+            before = [t.clone() for t in flatten_tensors(probe())]
             self.stage += 1
             self._install_masks()
             columns = self._trace_readers(probe, 'new')
             for conv, cols in columns.items():
                 saved[conv] = conv.weight.detach().clone()
                 conv.weight[self._column_index(conv, cols, old_rows_only=True)] = 0
-            after = _flatten_tensors(probe())
+            after = flatten_tensors(probe())
             self._check_unchanged(before, after)
             unplanted = self._trace_readers(probe, 'unplanted') if not self._is_final() else {}
         except BaseException:
