@@ -306,9 +306,9 @@ def test_hook_plants_in_the_real_runner_and_resumes(voc_root, tmp_path):
         unmasked.load_state_dict(at1['state_dict'], strict=True)
         raw = unmasked(x, mode='tensor')
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    from expand_mm.verification import _flatten_tensors
+    from expand_mm.verification import flatten_tensors
     assert any((w - r).abs().max() > 1e-3
-               for w, r in zip(_flatten_tensors(want), _flatten_tensors(raw))), \
+               for w, r in zip(flatten_tensors(want), flatten_tensors(raw))), \
         'the unplanted channels matter: the raw weights alone compute something else'
 
     # tools/test.py refuses the raw mid-run checkpoint (the stock model would run the

@@ -312,8 +312,8 @@ def test_search_config_in_the_runner_exports_a_subnet_the_stock_api_loads(digits
     x = torch.rand(1, 3, 64, 64)
     with torch.no_grad():
         want, got = student(x, mode='tensor'), model.eval()(x, mode='tensor')
-    from expand_mm.verification import _flatten_tensors
-    for w, g in zip(_flatten_tensors(want), _flatten_tensors(got)):
+    from expand_mm.verification import flatten_tensors
+    for w, g in zip(flatten_tensors(want), flatten_tensors(got)):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
     assert hook.planter.narrow_cost()['params'] == record['final']['params']
 
@@ -396,10 +396,10 @@ def test_search_configs_student_can_grow_every_candidate_and_export_it(path, sco
     stock_api = init(str(tmp_path / 'subnet.py'), str(tmp_path / 'subnet.pth'), device='cpu')
     stock_api.load_state_dict(state, strict=True)
     assert type(stock_api).__name__ == type(student).__name__
-    from expand_mm.verification import _flatten_tensors
+    from expand_mm.verification import flatten_tensors
     with torch.no_grad():
-        pairs = zip(_flatten_tensors(stock_api.eval()(x, mode='tensor')),
-                    _flatten_tensors(student(x, mode='tensor')))
+        pairs = zip(flatten_tensors(stock_api.eval()(x, mode='tensor')),
+                    flatten_tensors(student(x, mode='tensor')))
         for got, want in pairs:
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 

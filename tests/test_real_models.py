@@ -38,8 +38,8 @@ def float32_rounding_error(model, x) -> float:
     """Largest output difference between ``model`` in float32 and a float64 copy of it."""
     model64 = copy.deepcopy(model).double()
     with torch.no_grad():
-        outputs = expand_mm.surgery._flatten_tensors(probe_forward(model, x))
-        outputs64 = expand_mm.surgery._flatten_tensors(probe_forward(model64, x.double()))
+        outputs = expand_mm.surgery.flatten_tensors(probe_forward(model, x))
+        outputs64 = expand_mm.surgery.flatten_tensors(probe_forward(model64, x.double()))
     return max(float((a.double() - b).abs().max()) for a, b in zip(outputs, outputs64))
 
 
@@ -57,7 +57,7 @@ def test_expand_contract_stock_model(name, strategy, stock_model):
     calibrate_batch_norm(model, x)
     # Every output must depend on the input, or the comparison below could not fail.
     with torch.no_grad():
-        outputs = expand_mm.surgery._flatten_tensors(probe_forward(model, x))
+        outputs = expand_mm.surgery.flatten_tensors(probe_forward(model, x))
     assert outputs and all(float(t.std()) > 1e-3 * float(t.abs().max()) > 0 for t in outputs)
     # Fresh factors change the function; keep the comparison to expanded vs contracted.
     compact = expand_mm.contract_model(model)
@@ -89,7 +89,7 @@ def test_keep_weights_preserves_stock_model(name, stock_model):
     expand_mm.expand_model(model, strategy='cl', ratio=4, keep_weights=True)
     with torch.no_grad():
         after = probe_forward(model.eval(), x)
-    flat = expand_mm.surgery._flatten_tensors
+    flat = expand_mm.surgery.flatten_tensors
     assert len(flat(before)) == len(flat(after)) > 0
     for a, b in zip(flat(before), flat(after)):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4 * float(a.abs().max()))

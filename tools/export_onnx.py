@@ -30,7 +30,7 @@ from expand_mm.cost import config_input_size
 from expand_mm.errors import NonFiniteError
 from expand_mm.models import deployable_model_cfg
 from expand_mm.planting import refuse_unfinished_planting
-from expand_mm.verification import (_flatten_tensors, _largest, listed, non_finite_entries,
+from expand_mm.verification import (_largest, flatten_tensors, listed, non_finite_entries,
                                     non_finite_outputs, non_finite_tensors)
 
 
@@ -43,7 +43,7 @@ class RawOutputs(torch.nn.Module):
 
     def forward(self, inputs: torch.Tensor) -> tuple:
         """Raw network outputs for a normalised NCHW batch."""
-        return tuple(_flatten_tensors(self.model(inputs, mode='tensor')))
+        return tuple(flatten_tensors(self.model(inputs, mode='tensor')))
 
 
 def build_compact(config: str, checkpoint: str) -> torch.nn.Module:
