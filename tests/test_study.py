@@ -156,3 +156,31 @@ def test_dry_run_lists_what_is_done_and_what_is_not(study_tool, tmp_path, capsys
     (out / 'results.jsonl').write_text(json.dumps(dict(run_id=done, value=1.0)) + '\n')
     assert study_tool.main([study_file, '--work-dir', str(out), '--dry-run']) == 0
     assert capsys.readouterr().out.splitlines() == ['done  a_seed0', 'to do a_seed1']
+
+
+STUDY_FILES = sorted((ROOT / 'projects/digits/studies').glob('*.py'))
+
+
+@pytest.mark.parametrize('path', STUDY_FILES, ids=[p.stem for p in STUDY_FILES])
+def test_every_shipped_study_file_builds_the_config_of_each_entry(study_tool, path, tmp_path,
+                                                                  monkeypatch):
+    monkeypatch.chdir(ROOT)  # study files name configs relative to the repository
+    study = study_tool.load_study(str(path))
+    firsts = {run.config_name: run for run in reversed(study.runs())}
+    for run in firsts.values():
+        cfg = study_tool.run_config(study, run, str(tmp_path / run.run_id))
+        assert cfg.randomness.seed == run.seed and cfg.model.type
+
+
+def test_the_width_levels_narrow_every_layer_of_both_detectors(study_tool, tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    study = study_tool.load_study('projects/digits/studies/width_schedule.py')
+    quarter = {run.config_name: run for run in study.runs()
+               if dict(run.levels) == {'width': '0.25x', 'schedule': '4x'} and run.seed == 0}
+    compact = study_tool.run_config(study, quarter['compact'], str(tmp_path / 'c')).model
+    expandnet = study_tool.run_config(study, quarter['r4'], str(tmp_path / 'e')).model.model
+    for model in (compact, expandnet):
+        assert tuple(model.backbone.widths) == (4, 8, 16, 16, 32, 32)
+        assert model.neck.in_channels == [32, 32, 16] and model.neck.out_channels == [16, 8, 8]
+        assert model.bbox_head.in_channels == [16, 8, 8]
+        assert model.bbox_head.out_channels == [32, 16, 16]
