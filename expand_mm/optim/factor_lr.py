@@ -65,8 +65,9 @@ CALIBRATION_KEY = 'factor_lr_calibration'
 CALIBRATION_PENDING = 'pending'
 # Ceiling of the factors' base rate under the 'fan_in' rule (see the module
 # docstring). Calibration record (seed 0 each; projects/digits/README.md):
-# detector, AdamW lr 0.004, mAP 22.1 / 31.5 / 31.3 / 26.8 at multipliers
-# 1 / 0.25 / 0.375 / 0.1 (compact 29.1); distilled 41.2 / 42.0 at 0.25 / 0.375;
+# detector, AdamW lr 0.004, mAP 31.5 / 31.3 at multipliers 0.25 / 0.375
+# (compact 29.1; 22.1 at 1 and 26.8 at 0.1 in older demo runs); distilled
+# 41.2 / 42.0 at 0.25 / 0.375;
 # U-Net, AdamW lr 0.016, mIoU 21.3 / 33.4 / 52.5 / 52.9 at 0.5 / 0.25 / 0.1 /
 # 0.05 (compact 44.3 then). 1.5e-3 is 0.375 and 0.094 of those rates.
 DEFAULT_FACTOR_BASE_RATE = 1.5e-3

@@ -12,7 +12,7 @@ _default_mult = {'optim_wrapper.paramwise_cfg.factor_lr_mult': 0.25}
 configs = dict(
     compact=_digits + 'yolo-lite_1xb16-900i_digits-det-64x64.py',
     r2=dict(config=_expandnet, cfg_options={'model.ratio': 2}),
-    r4=_expandnet,
+    r4=dict(config=_expandnet),
     kd_compact=_distill + 'kd-yolo-lite-w2_yolo-lite_1xb16-900i_digits-det-64x64.py',
     kd_r2=dict(config=_kd_expandnet, cfg_options={'model.student.ratio': 2, **_default_mult}),
     kd_r4=dict(config=_kd_expandnet, cfg_options=_default_mult))
