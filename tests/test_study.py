@@ -139,6 +139,28 @@ def test_tiny_grid_trains_tabulates_and_resumes_without_rerunning(study_tool, di
     assert open(osp.join(out, 'results.jsonl')).read() == lines_before
 
 
+def test_a_failed_run_does_not_stop_the_others_and_is_named_at_the_end(study_tool, tmp_path,
+                                                                      monkeypatch):
+    study = study_tool.load_study(write_study(
+        tmp_path / 'study.py', configs=dict(a=str(COMPACT), b=str(EXPANDNET)), seeds=[0, 1],
+        metric='mIoU'))
+    configs_written = []
+
+    def fake_execute(study, run, config_path):
+        configs_written.append(osp.isfile(config_path))
+        if run.run_id == 'a_seed0':
+            raise study_tool.StudyRunError('run a_seed0 failed (exit 1); see its train.log')
+        return dict(run_id=run.run_id, config=run.config_name, levels={}, seed=run.seed,
+                    metric='mIoU', value=0.5)
+
+    monkeypatch.setattr(study_tool, 'execute_run', fake_execute)
+    out = str(tmp_path / 'out')
+    with pytest.raises(study_tool.StudyRunError, match=r'1 run\(s\) failed: a_seed0'):
+        study_tool.run_study(study, out, jobs=2)
+    assert sorted(study_tool.load_results(out)) == ['a_seed1', 'b_seed0', 'b_seed1']
+    assert configs_written == [True] * 4  # every config written before any training
+
+
 def test_a_run_cut_off_resumes_from_its_last_checkpoint(study_tool, tmp_path):
     run_dir = tmp_path / 'run'
     run_dir.mkdir()

@@ -225,12 +225,18 @@ def train_command(config_path: str, run_dir: str) -> list[str]:
     return command
 
 
-def execute_run(study: Study, run: StudyRun, study_dir: str) -> dict[str, Any]:
-    """Train one run through ``tools/train.py`` and return its result record."""
+def write_run_config(study: Study, run: StudyRun, study_dir: str) -> str:
+    """Write the run's config to ``DIR/runs/RUN/config.py`` and return that path."""
     run_dir = osp.join(study_dir, 'runs', run.run_id)
     os.makedirs(run_dir, exist_ok=True)
     config_path = osp.join(run_dir, 'config.py')
     run_config(study, run, run_dir).dump(config_path)
+    return config_path
+
+
+def execute_run(study: Study, run: StudyRun, config_path: str) -> dict[str, Any]:
+    """Train one run from its written config and return its result record."""
+    run_dir = osp.dirname(config_path)
     log_path = osp.join(run_dir, 'train.log')
     with open(log_path, 'a') as log:
         done = subprocess.run(train_command(config_path, run_dir), stdout=log,
@@ -330,10 +336,18 @@ def run_study(study: Study, study_dir: str, jobs: int = 1) -> list[str]:
     # Seed by seed, so a study cut short has comparable cells.
     pending = sorted((run for run in study.runs() if run.run_id not in done),
                      key=lambda run: run.seed)
+    # Every config is written before any training starts, in this thread: a bad
+    # setting fails at once, and MMEngine's config loading (pkg_resources look-ups
+    # of `mmdet::` bases) is not safe in several threads at once.
+    config_paths = {run.run_id: write_run_config(study, run, study_dir) for run in pending}
     lock = threading.Lock()
 
-    def one(run: StudyRun) -> str:
-        record = execute_run(study, run, study_dir)
+    def one(run: StudyRun) -> str | None:
+        try:
+            record = execute_run(study, run, config_paths[run.run_id])
+        except StudyRunError as err:
+            print(err, flush=True)
+            return None
         with lock:
             with open(osp.join(study_dir, 'results.jsonl'), 'a') as f:
                 f.write(json.dumps(record) + '\n')
@@ -341,8 +355,15 @@ def run_study(study: Study, study_dir: str, jobs: int = 1) -> list[str]:
         print(f'{run.run_id}: {study.metric} = {record["value"]:.4f}', flush=True)
         return run.run_id
 
+    # A failed run does not stop the others; the study fails at the end, naming it.
     with ThreadPoolExecutor(max_workers=jobs) as pool:
-        return list(pool.map(one, pending))
+        trained = list(pool.map(one, pending))
+    failed = [run.run_id for run, done in zip(pending, trained) if done is None]
+    if failed:
+        raise StudyRunError(f'{len(failed)} run(s) failed: {", ".join(failed)} (each run\'s '
+                            f'train.log under {osp.join(study_dir, "runs")} says why); the '
+                            'others are recorded, and running the study again retries these')
+    return [run_id for run_id in trained if run_id is not None]
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
