@@ -51,8 +51,26 @@ def test_init_compact_factorises_every_layer_from_the_stock_init(init, stock_lik
     assert (abs(float(weight.std()) - 0.01) < 0.001) == stock_like, float(weight.std())
 
 
+def test_init_orthogonal_equalises_each_factors_singular_values_and_keeps_its_norm():
+    torch.manual_seed(0)
+    model = build(expandnet_cfg(strategy='cl', ratio=2, init='orthogonal'))
+    fresh_norms = {name: float(p.norm()) for name, p in model.named_parameters()
+                   if '.convs.' in name and name.endswith('weight')}
+    model.init_weights()
+    layers = expand_mm.expanded_layers(model)
+    assert layers
+    for path, layer in layers:
+        for index, conv in enumerate(layer.convs):
+            name = f'{path}.convs.{index}.weight'
+            matrices = conv.weight.detach().double().reshape(conv.groups, conv.out_channels
+                                                             // conv.groups, -1)
+            singular = torch.linalg.svdvals(matrices)
+            assert float(singular.max() / singular.min()) < 1 + 1e-4, name
+            assert abs(float(conv.weight.norm()) / fresh_norms[name] - 1) < 1e-4, name
+
+
 def test_bad_builder_arguments_name_the_key():
-    with pytest.raises(ValueError, match="init='zero'"):
+    with pytest.raises(ValueError, match="init='zero' must be one of \\('fresh', 'orthogonal'"):
         build(expandnet_cfg(init='zero'))
     with pytest.raises(ValueError, match="keep_weights=3 must be True/False or a list"):
         build(expandnet_cfg(keep_weights=3))

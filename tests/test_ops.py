@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from expand_mm.ops import (chain_order, ck_anchors, ck_channels, ck_depth, ck_exact_min_ratio,
                            ck_kernel_sizes, cl_channels, compose_conv_chain,
                            compose_conv_kernels, compose_linear_chain, factorize_ck,
-                           factorize_cl, factorize_linear, padding_amounts,
+                           factorize_cl, factorize_linear, orthogonal_like, padding_amounts,
                            propagate_conv_bias, propagate_linear_bias, random_orthonormal)
 
 F64 = torch.float64
@@ -154,6 +154,20 @@ def test_random_orthonormal_columns():
     assert (q.transpose(1, 2) @ q - eye).abs().max() <= 1e-12
     with pytest.raises(ValueError):
         random_orthonormal(1, 2, 3)
+
+
+@pytest.mark.parametrize('shape, groups', [((32, 16, 1, 1), 1), ((16, 32, 3, 3), 1),
+                                           ((8, 2, 3, 3), 4), ((12, 5), 1)])
+def test_orthogonal_like_keeps_shape_and_norm_and_equalises_singular_values(shape, groups):
+    kernel = torch.randn(shape, dtype=F64)
+    ortho = orthogonal_like(kernel, groups, generator=torch.Generator().manual_seed(0))
+    assert ortho.shape == kernel.shape
+    assert abs(float(ortho.norm() / kernel.norm()) - 1) <= 1e-12
+    per_group = ortho.reshape(groups, shape[0] // groups, -1)
+    singular = torch.linalg.svdvals(per_group)
+    assert float(singular.max() / singular.min()) <= 1 + 1e-9, singular
+    with pytest.raises(ValueError, match='groups=5'):
+        orthogonal_like(kernel, 5)
 
 
 @FAST

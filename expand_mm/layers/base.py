@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError
+from ..ops import orthogonal_like
 from .deferred_grads import defer_leaf_gradient
 
 MODES = ('online', 'explicit')
@@ -147,6 +148,21 @@ class ExpandedLayer(nn.Module):
                 if sub.bias is not None:
                     sub.bias.zero_()
             self.sublayers[-1].bias.copy_(bias)
+
+    def orthogonalise_factors(self, *, generator: torch.Generator | None = None) -> None:
+        """Give every factor equal singular values, each factor's norm kept.
+
+        ``init='orthogonal'`` of an ExpandNet: the composed kernel then has the
+        spectrum of one random orthogonal projection at every ratio, instead of
+        the near-zero singular values that products of near-square random
+        factors have at small ratios (see :func:`expand_mm.ops.orthogonal_like`).
+        """
+        with torch.no_grad():
+            for sub in self.sublayers:
+                sub.weight.copy_(orthogonal_like(sub.weight, getattr(sub, 'groups', 1),
+                                                 generator=generator))
+        self._cache = None
+        self._deferred = None
 
     def compact_weight_shape(self) -> tuple[int, ...]:
         """Shape of the compact layer's weight."""

@@ -37,6 +37,7 @@ from .deployable import (compact_model_cfg, declares_deployable_cfg,  # noqa: F4
                          wraps_a_model)
 from .model_cfg import API_MODEL_KEYS, apply_data_preprocessor, check_model_overrides
 
+EXPANDNET_INITS = ('fresh', 'orthogonal', 'compact')
 EXPANDNET_KEYS = ('strategy', 'ratio', 'mode', 'include', 'exclude', 'expand_1x1',
                   'expand_linear', 'keep_weights', 'init', 'defer_factor_grads', 'budget',
                   'max_train_memory')
@@ -95,7 +96,10 @@ def build_expandnet(model: dict | None = None,
             module with a ``Pretrained`` ``init_cfg`` always keep their
             (pretrained) weights.
         init: ``'fresh'``: the other expanded layers keep the standalone init of
-            each sub-layer (the paper); ``'compact'``: every expanded layer
+            each sub-layer (the paper); ``'orthogonal'``: the same norms, every
+            factor's singular values made equal (see
+            :meth:`~expand_mm.layers.ExpandedLayer.orthogonalise_factors`);
+            ``'compact'``: every expanded layer
             starts from the compact model's initialisation (= ``keep_weights=True``).
         defer_factor_grads: During ``model.train_step`` (MMEngine's training
             loop on one device) online layers compose each weight once and give
@@ -133,8 +137,8 @@ def build_expandnet(model: dict | None = None,
             "ExpandNet: `model`, the compact model's config, is missing"
             + (f' ({typo[0]!r}: did you mean \'model\'?)' if typo else '')
             + ": model=dict(_delete_=True, type='ExpandNet', model={{_base_.model}}, ...)")
-    if init not in ('fresh', 'compact'):
-        raise ConfigError(f"ExpandNet: init={init!r} must be 'fresh' or 'compact'")
+    if init not in EXPANDNET_INITS:
+        raise ConfigError(f'ExpandNet: init={init!r} must be one of {EXPANDNET_INITS}')
     if not isinstance(defer_factor_grads, bool):
         raise ConfigError(f'ExpandNet: defer_factor_grads={defer_factor_grads!r} must be '
                           'True or False')
@@ -261,6 +265,7 @@ def init_expanded_weights(model: BaseModule) -> None:
         for path, layer in layers:
             replace_submodule(model, path, layer)
     keep = model.expandnet_cfg['keep_paths']
+    orthogonalise = model.expandnet_cfg['init'] == 'orthogonal'
     kept = 0
     for path, layer in layers:
         stand_in = stand_ins[path]
@@ -270,12 +275,15 @@ def init_expanded_weights(model: BaseModule) -> None:
             kept += 1
             continue
         layer.remember_compact_reference(stand_in.weight)
+        if orthogonalise:
+            layer.orthogonalise_factors()
         if stand_in.bias is not None:
             layer.set_composed_bias(stand_in.bias.detach())
+    orthogonal = ' (orthogonalised)' if orthogonalise else ''
     MMLogger.get_current_instance().info(
         f'ExpandNet: initialised the compact form; {kept} of {len(layers)} expanded layers '
         'factorised from it exactly'
-        + (', the others keep fresh factors' if kept < len(layers) else ''))
+        + (f', the others keep fresh factors{orthogonal}' if kept < len(layers) else ''))
 
 
 def train_step_deferring_factor_grads(model: nn.Module, data: Any, optim_wrapper: Any) -> Any:

@@ -40,6 +40,36 @@ def random_orthonormal(batch: int, rows: int, cols: int, *,
     return (q * d.unsqueeze(-2)).to(dtype=dtype, device=device)
 
 
+def orthogonal_like(kernel: Tensor, groups: int = 1, *,
+                    generator: torch.Generator | None = None) -> Tensor:
+    """A kernel of ``kernel``'s shape and Frobenius norm whose every singular value is equal.
+
+    Per group, the ``(out/g, in/g * kh * kw)`` matrix gets orthonormal rows or
+    columns (whichever are fewer), scaled so that the whole kernel keeps
+    ``kernel``'s norm: a chain of such factors composes to a kernel whose
+    spectrum is that of one random orthogonal projection, whatever the ratio,
+    where products of near-square Gaussian factors (small ratios) have many
+    near-zero singular values.
+
+    Args:
+        kernel: ``(out, in / g, ...)`` (conv) or ``(out, in)`` (linear).
+        groups: ``g``.
+        generator: Optional RNG, drawn on the CPU.
+
+    Returns:
+        The new kernel, in ``kernel``'s dtype and device.
+    """
+    out = kernel.shape[0]
+    if out % groups:
+        raise ValueError(f'cannot split {tuple(kernel.shape)} into groups={groups}')
+    rows, cols = out // groups, kernel[0].numel()
+    tall = random_orthonormal(groups, max(rows, cols), min(rows, cols), generator=generator)
+    mats = tall if rows >= cols else tall.transpose(1, 2)
+    norm = kernel.detach().to(torch.float64).norm()
+    scaled = mats * (norm / mats.norm()) if norm > 0 else mats
+    return scaled.reshape(kernel.shape).to(dtype=kernel.dtype, device=kernel.device)
+
+
 def factorize_cl(weight: Tensor, groups: int, ratio: int, *,
                  generator: torch.Generator | None = None
                  ) -> tuple[Tensor, Tensor, Tensor]:
