@@ -3,6 +3,7 @@ import json
 import os.path as osp
 
 import pytest
+import torch
 from mmengine.config import Config
 
 from expand_mm.errors import ConfigError
@@ -206,3 +207,26 @@ def test_the_width_levels_narrow_every_layer_of_both_detectors(study_tool, tmp_p
         assert model.neck.in_channels == [32, 32, 16] and model.neck.out_channels == [16, 8, 8]
         assert model.bbox_head.in_channels == [16, 8, 8]
         assert model.bbox_head.out_channels == [32, 16, 16]
+
+
+def test_the_width_levels_narrow_every_conv_of_both_unets(study_tool, tmp_path, monkeypatch):
+    from mmengine.registry import DefaultScope
+    from mmseg.registry import MODELS
+    monkeypatch.chdir(ROOT)
+    study = study_tool.load_study('projects/digits/studies/width_schedule_seg.py')
+    runs = {(run.config_name, dict(run.levels)['width']): run for run in study.runs()
+            if dict(run.levels)['schedule'] == '1x' and run.seed == 0}
+
+    def model_cfg(name, width):
+        cfg = study_tool.run_config(study, runs[(name, width)], str(tmp_path / name / width))
+        return cfg.model if name == 'compact' else cfg.model.model
+
+    assert model_cfg('r4', '0.25x') == model_cfg('compact', '0.25x')
+    with DefaultScope.overwrite_default_scope('mmseg'):
+        full, quarter = (MODELS.build(model_cfg('compact', w)) for w in ('1x', '0.25x'))
+    full_convs = [m for m in full.modules() if isinstance(m, torch.nn.Conv2d)]
+    quarter_convs = [m for m in quarter.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(full_convs) == len(quarter_convs) > 20
+    for wide, narrow in zip(full_convs, quarter_convs):
+        classifier = wide.out_channels == 11
+        assert narrow.out_channels == (11 if classifier else wide.out_channels // 4)
