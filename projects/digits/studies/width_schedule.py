@@ -8,7 +8,8 @@
 _digits = 'projects/digits/configs/digits/'
 configs = dict(
     compact=_digits + 'yolo-lite_1xb16-900i_digits-det-64x64.py',
-    r4=_digits + 'expandnet-cl-r4_yolo-lite_1xb16-900i_digits-det-64x64.py')
+    r4=dict(config=_digits + 'expandnet-cl-r4_yolo-lite_1xb16-900i_digits-det-64x64.py',
+            cfg_options={'model.init': 'fresh'}))
 
 
 def _width(scale):
