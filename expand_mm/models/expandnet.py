@@ -252,7 +252,8 @@ def init_expanded_weights(model: BaseModule) -> None:
     the optimizer is unaffected); those selected by ``keep_paths`` (pretrained
     modules, ``keep_weights``, ``init='compact'``) are factorised exactly from
     their initialised compact stand-in, the others keep their fresh factor
-    weights but take the stand-in's bias as their composed bias, so an
+    weights (orthogonalised under ``init='orthogonal'``, the default) but take
+    the stand-in's bias as their composed bias, so an
     initialised bias (a detection head's prior, ``bias_prob=0.01``) survives
     when such a conv is expanded (``expand_1x1=True`` on YOLO heads).
     """
@@ -280,11 +281,11 @@ def init_expanded_weights(model: BaseModule) -> None:
             layer.orthogonalise_factors()
         if stand_in.bias is not None:
             layer.set_composed_bias(stand_in.bias.detach())
-    orthogonal = ' (orthogonalised)' if orthogonalise else ''
+    others = f"{'orthogonal' if orthogonalise else 'fresh'} factors"
     MMLogger.get_current_instance().info(
         f'ExpandNet: initialised the compact form; {kept} of {len(layers)} expanded layers '
         'factorised from it exactly'
-        + (f', the others keep fresh factors{orthogonal}' if kept < len(layers) else ''))
+        + (f', the others start from {others}' if kept < len(layers) else ''))
 
 
 def train_step_deferring_factor_grads(model: nn.Module, data: Any, optim_wrapper: Any) -> Any:
