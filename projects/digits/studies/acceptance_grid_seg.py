@@ -9,7 +9,7 @@ _distill = 'projects/digits/configs/distill/'
 _expandnet = _digits + 'expandnet-cl-r4_unet-s4-d16-c16-fcn_1xb16-800i_digits-seg-64x64.py'
 _kd_expandnet = _distill + 'kd-unet-c32_expandnet-cl-r4_unet-s4-d16-c16-fcn_1xb16-800i_digits-seg-64x64.py'
 _default_mult = {'optim_wrapper.paramwise_cfg.factor_lr_mult': 0.25}
-# The factors' initialisation of these runs; the default is now 'orthogonal' (factor_init*.py).
+# The factors' initialisation of these runs, pinned (factor_init*.py: 'orthogonal').
 _fresh, _kd_fresh = {'model.init': 'fresh'}, {'model.student.init': 'fresh'}
 configs = dict(
     compact=_digits + 'unet-s4-d16-c16_fcn_1xb16-800i_digits-seg-64x64.py',

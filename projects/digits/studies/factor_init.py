@@ -1,6 +1,6 @@
 # Issue 25: the factors' initialisation on the digits detector. 'fresh' (each factor
 # PyTorch's standalone init, the paper) vs 'orthogonal' (the same norms, equal singular
-# values; the default since these runs) at r = 2 and 4, default factor rates, plain and
+# values) at r = 2 and 4, default factor rates, plain and
 # distilled; the other cells are the acceptance grid's. Teacher first
 # (projects/digits/configs/distill), then:
 #   python tools/analysis/study.py projects/digits/studies/factor_init.py \
