@@ -168,6 +168,7 @@ def test_orthogonal_like_keeps_shape_and_norm_and_equalises_singular_values(shap
     assert float(singular.max() / singular.min()) <= 1 + 1e-9, singular
     with pytest.raises(ValueError, match='groups=5'):
         orthogonal_like(kernel, 5)
+    assert not orthogonal_like(torch.zeros(shape), groups).any()
 
 
 @FAST

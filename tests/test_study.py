@@ -145,10 +145,12 @@ def test_a_failed_run_does_not_stop_the_others_and_is_named_at_the_end(study_too
     study = study_tool.load_study(write_study(
         tmp_path / 'study.py', configs=dict(a=str(COMPACT), b=str(EXPANDNET)), seeds=[0, 1],
         metric='mIoU'))
+    all_configs = [osp.join(str(tmp_path / 'out'), 'runs', run.run_id, 'config.py')
+                   for run in study.runs()]
     configs_written = []
 
     def fake_execute(study, run, config_path):
-        configs_written.append(osp.isfile(config_path))
+        configs_written.append(all(osp.isfile(path) for path in all_configs))
         if run.run_id == 'a_seed0':
             raise study_tool.StudyRunError('run a_seed0 failed (exit 1); see its train.log')
         return dict(run_id=run.run_id, config=run.config_name, levels={}, seed=run.seed,
@@ -159,7 +161,7 @@ def test_a_failed_run_does_not_stop_the_others_and_is_named_at_the_end(study_too
     with pytest.raises(study_tool.StudyRunError, match=r'1 run\(s\) failed: a_seed0'):
         study_tool.run_study(study, out, jobs=2)
     assert sorted(study_tool.load_results(out)) == ['a_seed1', 'b_seed0', 'b_seed1']
-    assert configs_written == [True] * 4  # every config written before any training
+    assert configs_written == [True] * 4  # every run's config written before the first training
 
 
 def test_a_run_cut_off_resumes_from_its_last_checkpoint(study_tool, tmp_path):

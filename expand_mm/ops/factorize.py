@@ -66,7 +66,9 @@ def orthogonal_like(kernel: Tensor, groups: int = 1, *,
     tall = random_orthonormal(groups, max(rows, cols), min(rows, cols), generator=generator)
     mats = tall if rows >= cols else tall.transpose(1, 2)
     norm = kernel.detach().to(torch.float64).norm()
-    scaled = mats * (norm / mats.norm()) if norm > 0 else mats
+    if norm == 0:  # a zero kernel has no norm to keep: it stays zero
+        return kernel.detach().clone()
+    scaled = mats * (norm / mats.norm())
     return scaled.reshape(kernel.shape).to(dtype=kernel.dtype, device=kernel.device)
 
 

@@ -6,12 +6,10 @@
 #   python tools/analysis/study.py projects/digits/studies/factor_init.py \
 #       --work-dir work_dirs/studies/factor_init
 _base_ = './acceptance_grid_rate_cap.py'
-_expandnet = 'projects/digits/configs/digits/expandnet-cl-r4_yolo-lite_1xb16-900i_digits-det-64x64.py'
-_kd_expandnet = ('projects/digits/configs/distill/'
-                 'kd-yolo-lite-w2_expandnet-cl-r4_yolo-lite_1xb16-900i_digits-det-64x64.py')
+_orth, _kd_orth = {'model.init': 'orthogonal'}, {'model.student.init': 'orthogonal'}
 configs = dict(
-    r2_orth=dict(config=_expandnet, cfg_options={'model.ratio': 2, 'model.init': 'orthogonal'}),
-    r4_orth=dict(config=_expandnet, cfg_options={'model.init': 'orthogonal'}),
-    kd_r2_orth=dict(config=_kd_expandnet, cfg_options={'model.student.ratio': 2,
-                                                        'model.student.init': 'orthogonal'}),
-    kd_r4_orth=dict(config=_kd_expandnet, cfg_options={'model.student.init': 'orthogonal'}))
+    r2_orth=dict(config={{_base_.configs.r4.config}}, cfg_options={'model.ratio': 2, **_orth}),
+    r4_orth=dict(config={{_base_.configs.r4.config}}, cfg_options=_orth),
+    kd_r2_orth=dict(config={{_base_.configs.kd_r4.config}},
+                    cfg_options={'model.student.ratio': 2, **_kd_orth}),
+    kd_r4_orth=dict(config={{_base_.configs.kd_r4.config}}, cfg_options=_kd_orth))
