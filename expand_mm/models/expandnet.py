@@ -64,7 +64,7 @@ def build_expandnet(model: dict | None = None,
                     expand_1x1: bool = False,
                     expand_linear: bool = False,
                     keep_weights: bool | Sequence[str] = False,
-                    init: str = 'fresh',
+                    init: str = 'orthogonal',
                     defer_factor_grads: bool = True,
                     budget: dict | None = None,
                     max_train_memory: float | None = None,
@@ -95,11 +95,12 @@ def build_expandnet(model: dict | None = None,
             exactly what the initialised compact layer does. Layers under a
             module with a ``Pretrained`` ``init_cfg`` always keep their
             (pretrained) weights.
-        init: ``'fresh'`` (default): the other expanded layers keep the standalone
-            init of each sub-layer (the paper); ``'orthogonal'``: the same norms,
-            with every factor's singular values made equal (see
+        init: ``'orthogonal'`` (default): the other expanded layers keep the
+            norms of each sub-layer's standalone init, with every factor's
+            singular values made equal (see
             :meth:`~expand_mm.layers.ExpandedLayer.orthogonalise_factors`; measured
-            in ``docs/studies.md``); ``'compact'``: every expanded layer
+            in ``docs/studies.md``); ``'fresh'``: the standalone init as it is (the
+            paper); ``'compact'``: every expanded layer
             starts from the compact model's initialisation (= ``keep_weights=True``).
         defer_factor_grads: During ``model.train_step`` (MMEngine's training
             loop on one device) online layers compose each weight once and give
@@ -251,7 +252,7 @@ def init_expanded_weights(model: BaseModule) -> None:
     the optimizer is unaffected); those selected by ``keep_paths`` (pretrained
     modules, ``keep_weights``, ``init='compact'``) are factorised exactly from
     their initialised compact stand-in, the others keep their fresh factor
-    weights (orthogonalised under ``init='orthogonal'``) but take
+    weights (orthogonalised under ``init='orthogonal'``, the default) but take
     the stand-in's bias as their composed bias, so an
     initialised bias (a detection head's prior, ``bias_prob=0.01``) survives
     when such a conv is expanded (``expand_1x1=True`` on YOLO heads).
