@@ -28,6 +28,15 @@ det 25.4 and seg 22.5 against 31.5 and 52.4) -- trains worse on both. So the
 default base rate of the factors is ``min(lr, DEFAULT_FACTOR_BASE_RATE)``, an
 absolute ceiling measured on those two tasks, not derived; ``factor_lr_mult``
 overrides it. SGD, whose step scales with the gradient, does not need any of it.
+
+The fan-in shape leaves the composed kernel's step depending on the chain: one
+sign step at unit rate moves an orthogonal CL chain's kernel by 0.31 per entry
+at r = 2, 0.50 at r = 4, 0.89 at r = 8, a depthwise chain's by 0.30-0.41.
+``'kernel_step'`` divides the shape by that measured response
+(:mod:`~expand_mm.optim.step_response`), so one step at rate ``b`` moves every
+composed kernel by ``b``; its ceiling, ``DEFAULT_KERNEL_STEP``, gives r = 4 CL
+chains the ``'fan_in'`` default's rates. Opt-in: on the digits tasks it trains
+distilled r = 2 models better and plain ones worse (``docs/studies.md``).
 """
 from __future__ import annotations
 
@@ -50,8 +59,9 @@ from ..surgery import expanded_layers
 from .product_decay import (FACTOR_BASE_LR_KEY, FACTOR_LR_MULT_KEY, PRODUCT_DECAY_KEY,
                             ProductWeightDecay, WeightDecayOnCheck, check_weight_decay_on,
                             factor_weights)
+from .step_response import orthogonal_step_response
 
-FACTOR_LR_RULES = ('fan_in', 'calibrated', 'none')
+FACTOR_LR_RULES = ('fan_in', 'kernel_step', 'calibrated', 'none')
 # Optimizers whose step size does not scale with the gradient's magnitude (per
 # entry or per tensor): the ones the fan-in rule is derived for. 'auto' uses it
 # for these and leaves the rates alone for the others (SGD: the paper's setting).
@@ -71,6 +81,12 @@ CALIBRATION_PENDING = 'pending'
 # U-Net, AdamW lr 0.016, mIoU 21.3 / 33.4 / 52.5 / 52.9 at 0.5 / 0.25 / 0.1 /
 # 0.05 (compact 44.3 then). 1.5e-3 is 0.375 and 0.094 of those rates.
 DEFAULT_FACTOR_BASE_RATE = 1.5e-3
+# Ceiling of the composed kernel's per-entry step under the 'kernel_step' rule:
+# the 'fan_in' ceiling times the response of the chains it was measured on
+# (orthogonal CL r=4 3x3 chains of both digits models: 0.48..0.53 per unit rate),
+# so that rule reproduces the 'fan_in' default at r = 4 and keeps that kernel
+# step at other ratios (r = 2 responds 0.31, r = 8 0.89: docs/studies.md).
+DEFAULT_KERNEL_STEP = 7.5e-4
 
 
 def default_factor_lr_mult(lr: float) -> float:
@@ -80,6 +96,15 @@ def default_factor_lr_mult(lr: float) -> float:
     compact rate, at most :data:`DEFAULT_FACTOR_BASE_RATE`.
     """
     return min(1.0, DEFAULT_FACTOR_BASE_RATE / lr) if lr > 0 else 1.0
+
+
+def default_kernel_step_mult(lr: float) -> float:
+    """The ``'kernel_step'`` rule's multiplier when ``factor_lr_mult`` is not set.
+
+    ``min(1, DEFAULT_KERNEL_STEP / lr)``: one step moves the composed kernel's
+    entries by ``min(lr, DEFAULT_KERNEL_STEP)`` (RMS).
+    """
+    return min(1.0, DEFAULT_KERNEL_STEP / lr) if lr > 0 else 1.0
 
 
 def _is_positive_number(value: Any) -> bool:
@@ -109,7 +134,11 @@ def factor_lr_multipliers(layer: ExpandedLayer, rule: str | float = 'fan_in',
     Args:
         layer: The expanded layer.
         rule: ``'fan_in'``: ``sqrt(f_compact / f_i)``, so that each factor's
-            relative Adam step matches the compact layer's; ``'calibrated'``:
+            relative Adam step matches the compact layer's; ``'kernel_step'``:
+            that shape divided by the layer's measured response
+            (:func:`~expand_mm.optim.step_response.orthogonal_step_response`),
+            so that one Adam step at unit rate moves the composed kernel's
+            entries by 1 (RMS) at any ratio or strategy; ``'calibrated'``:
             the same shape, which :mod:`~expand_mm.optim.lr_calibration`
             scales per layer once training starts; ``'none'``: 1; a number:
             that multiplier for every factor (then ``chain`` is unused).
@@ -124,12 +153,16 @@ def factor_lr_multipliers(layer: ExpandedLayer, rule: str | float = 'fan_in',
         ValueError: On an unknown rule or chain.
     """
     check_factor_lr(rule, chain)
-    if rule not in ('fan_in', 'calibrated'):
+    if rule not in ('fan_in', 'kernel_step', 'calibrated'):
         return [1.0 if rule == 'none' else float(rule)] * len(layer.sublayers)
     fan_ins = layer.factor_fan_ins()
     share = len(fan_ins) if chain == 'sum' else math.sqrt(len(fan_ins))
     compact = layer.compact_fan_in()
-    return [math.sqrt(compact / f) / share for f in fan_ins]
+    shares = [math.sqrt(compact / f) / share for f in fan_ins]
+    if rule != 'kernel_step':
+        return shares
+    response = orthogonal_step_response(layer, shares)
+    return [m / response for m in shares]
 
 
 # What DefaultOptimWrapperConstructor reads (mmengine 0.10), and what this one adds.
@@ -258,13 +291,16 @@ class ExpandNetOptimWrapperConstructor(DefaultOptimWrapperConstructor):
         paramwise_cfg: As ``DefaultOptimWrapperConstructor``, plus
             ``factor_lr``: ``'auto'`` (default: ``'fan_in'`` for the adaptive
             optimizers of :data:`ADAPTIVE_OPTIMIZERS`, ``'none'`` otherwise),
-            ``'fan_in'``, ``'calibrated'`` (per-layer scales measured when
+            ``'fan_in'``, ``'kernel_step'`` (the fan-in shape normalised by each
+            layer's measured step response, see :func:`factor_lr_multipliers`),
+            ``'calibrated'`` (per-layer scales measured when
             training starts, see :mod:`~expand_mm.optim.lr_calibration`; needs
             ``FactorLRCalibrationHook``), ``'none'`` or a positive number; and
             ``factor_lr_chain``: ``'sum'`` (default) or ``'rss'``; and
             ``factor_lr_mult``: a further factor on every factor's rate
             (default :func:`default_factor_lr_mult` of ``optimizer.lr`` with
-            the ``'fan_in'`` rule, 1 otherwise); and ``weight_decay_on``: ``'factors'``
+            the ``'fan_in'`` rule, :func:`default_kernel_step_mult` with
+            ``'kernel_step'``, 1 otherwise); and ``weight_decay_on``: ``'factors'``
             (default: each factor decays as any parameter) or ``'product'``
             (the composed kernel decays as the compact one would; coupled-L2
             and decoupled optimizers, see
@@ -294,12 +330,20 @@ class ExpandNetOptimWrapperConstructor(DefaultOptimWrapperConstructor):
         if self.base_lr is None and self.factor_lr != 'none':
             raise ConfigError('ExpandNetOptimWrapperConstructor: optimizer.lr is not set, so '
                               "there is no base rate to scale; set it or use factor_lr='none'")
-        # The measured ceiling belongs to the 'fan_in' rule; 'calibrated'
-        # measures its own per layer; 'none' or a number means what it says.
+        # The measured ceilings belong to the 'fan_in' and 'kernel_step' rules;
+        # 'calibrated' measures its own per layer; 'none' or a number means what it says.
         self.factor_lr_mult = factor_lr_mult if factor_lr_mult is not None else (
-            default_factor_lr_mult(self.base_lr) if factor_lr == 'fan_in' else 1.0)
+            self._default_mult(factor_lr))
         self._factor_multipliers: dict[int, float] = {}
         self._all_factor_multipliers: dict[int, float] = {}
+
+    def _default_mult(self, rule: str) -> float:
+        """``factor_lr_mult`` when not given: the rule's ceiling on ``optimizer.lr``."""
+        if rule == 'fan_in':
+            return default_factor_lr_mult(self.base_lr)
+        if rule == 'kernel_step':
+            return default_kernel_step_mult(self.base_lr)
+        return 1.0
 
     def __call__(self, model: nn.Module) -> OptimWrapper:
         """Build the optim wrapper with per-parameter groups and scaled factor rates.

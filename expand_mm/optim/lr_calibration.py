@@ -34,79 +34,11 @@ opt-in and ``'auto'`` does not pick it.
 """
 from __future__ import annotations
 
-import copy
-import math
-
 import torch
-from torch import Tensor
 
 from ..layers import ExpandedLayer
 from .factor_lr import factor_lr_multipliers
-
-# Gaussian gradient draws averaged per layer: the response varies by a few
-# percent between draws (sign patterns of large random matrices concentrate).
-CALIBRATION_DRAWS = 2
-
-
-def rms(tensor: Tensor) -> float:
-    """Root mean square of the entries, in float64."""
-    return float(tensor.detach().double().pow(2).mean().sqrt())
-
-
-def _factor_weights(layer: ExpandedLayer) -> list[Tensor]:
-    return [sub.weight for sub in layer.sublayers]
-
-
-def _composed_weight(layer: ExpandedLayer) -> Tensor:
-    """The composed kernel, freshly composed (no cache, no deferred leaves)."""
-    return layer._compose(None)[0]
-
-
-def _kernel_with_factor(layer: ExpandedLayer, index: int, value: Tensor) -> Tensor:
-    """The composed kernel with factor ``index``'s weight replaced by ``value``."""
-    weight = layer.sublayers[index].weight
-    saved = weight.data
-    weight.data = value
-    try:
-        return _composed_weight(layer)
-    finally:
-        weight.data = saved
-
-
-def sign_step_response(layer: ExpandedLayer, shares: list[float],
-                       draws: int = CALIBRATION_DRAWS, seed: int = 0) -> float:
-    """Per-entry RMS move of the composed kernel per unit rate, under sign steps.
-
-    Each factor ``i`` steps by ``shares[i] * sign(G_i)``, where ``G_i`` is a
-    Gaussian gradient of the composed kernel pulled back to the factor; the
-    first-order move of the kernel is exact (the composition is multilinear in
-    the factors' weights). Computed on a float64 copy of the layer, so the
-    layer itself is untouched.
-
-    Args:
-        layer: The expanded layer.
-        shares: Rate multiplier of each sub-layer (first first).
-        draws: Gradient draws averaged.
-        seed: Seed of the draws (the result is deterministic).
-
-    Returns:
-        The response ``R`` (``rms`` of the kernel's move, in units of the rate).
-    """
-    ref = copy.deepcopy(layer).double().eval()
-    factors = _factor_weights(ref)
-    generator = torch.Generator(device='cpu').manual_seed(seed)
-    responses = []
-    for _ in range(draws):
-        with torch.enable_grad():
-            kernel = _composed_weight(ref)
-            grad = torch.randn(kernel.shape, generator=generator, dtype=kernel.dtype)
-            pulled = torch.autograd.grad(kernel, factors, grad.to(kernel.device))
-        with torch.no_grad():
-            move = sum(share * _kernel_with_factor(ref, i, g.sign())
-                       for i, (share, g) in enumerate(zip(shares, pulled)))
-        responses.append(rms(move))
-    return math.fsum(responses) / len(responses)
-
+from .step_response import composed_weight, rms, sign_step_response
 
 def calibration_scale(layer: ExpandedLayer, reference_rms: float, shares: list[float]) -> float:
     """The layer's scale ``c`` (module docstring): its relative step equals the compact one's.
@@ -120,7 +52,7 @@ def calibration_scale(layer: ExpandedLayer, reference_rms: float, shares: list[f
         ``rms(W) / (reference_rms * R)``.
     """
     with torch.no_grad():
-        kernel_rms = rms(_composed_weight(layer))
+        kernel_rms = rms(composed_weight(layer))
     return kernel_rms / (reference_rms * sign_step_response(layer, shares))
 
 
@@ -134,7 +66,7 @@ def reference_rms(layer: ExpandedLayer) -> float:
     if layer.compact_reference_rms:
         return layer.compact_reference_rms
     with torch.no_grad():
-        return rms(_composed_weight(layer))
+        return rms(composed_weight(layer))
 
 
 def calibrated_scale(layer: ExpandedLayer) -> float:
