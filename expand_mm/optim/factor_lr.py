@@ -89,22 +89,21 @@ DEFAULT_FACTOR_BASE_RATE = 1.5e-3
 DEFAULT_KERNEL_STEP = 7.5e-4
 
 
-def default_factor_lr_mult(lr: float) -> float:
-    """The ``'fan_in'`` rule's multiplier when ``factor_lr_mult`` is not set.
+# The ceiling each rule's default multiplier puts on what ``optimizer.lr`` would give.
+RULE_CEILINGS = {'fan_in': DEFAULT_FACTOR_BASE_RATE, 'kernel_step': DEFAULT_KERNEL_STEP}
 
-    ``min(1, DEFAULT_FACTOR_BASE_RATE / lr)``: the factors' base rate is the
-    compact rate, at most :data:`DEFAULT_FACTOR_BASE_RATE`.
+
+def default_factor_lr_mult(lr: float, rule: str = 'fan_in') -> float:
+    """The multiplier a rule uses when ``factor_lr_mult`` is not set.
+
+    ``min(1, ceiling / lr)`` with the rule's ceiling (:data:`RULE_CEILINGS`):
+    under ``'fan_in'`` the factors' base rate is the compact rate, at most
+    :data:`DEFAULT_FACTOR_BASE_RATE`; under ``'kernel_step'`` one step moves the
+    composed kernel's entries by ``min(lr, DEFAULT_KERNEL_STEP)`` (RMS). Other
+    rules: 1.
     """
-    return min(1.0, DEFAULT_FACTOR_BASE_RATE / lr) if lr > 0 else 1.0
-
-
-def default_kernel_step_mult(lr: float) -> float:
-    """The ``'kernel_step'`` rule's multiplier when ``factor_lr_mult`` is not set.
-
-    ``min(1, DEFAULT_KERNEL_STEP / lr)``: one step moves the composed kernel's
-    entries by ``min(lr, DEFAULT_KERNEL_STEP)`` (RMS).
-    """
-    return min(1.0, DEFAULT_KERNEL_STEP / lr) if lr > 0 else 1.0
+    ceiling = RULE_CEILINGS.get(rule)
+    return min(1.0, ceiling / lr) if ceiling is not None and lr > 0 else 1.0
 
 
 def _is_positive_number(value: Any) -> bool:
@@ -298,9 +297,9 @@ class ExpandNetOptimWrapperConstructor(DefaultOptimWrapperConstructor):
             ``FactorLRCalibrationHook``), ``'none'`` or a positive number; and
             ``factor_lr_chain``: ``'sum'`` (default) or ``'rss'``; and
             ``factor_lr_mult``: a further factor on every factor's rate
-            (default :func:`default_factor_lr_mult` of ``optimizer.lr`` with
-            the ``'fan_in'`` rule, :func:`default_kernel_step_mult` with
-            ``'kernel_step'``, 1 otherwise); and ``weight_decay_on``: ``'factors'``
+            (default :func:`default_factor_lr_mult` of ``optimizer.lr`` and
+            the rule: a ceiling under ``'fan_in'`` and ``'kernel_step'``, 1
+            otherwise); and ``weight_decay_on``: ``'factors'``
             (default: each factor decays as any parameter) or ``'product'``
             (the composed kernel decays as the compact one would; coupled-L2
             and decoupled optimizers, see
@@ -333,17 +332,9 @@ class ExpandNetOptimWrapperConstructor(DefaultOptimWrapperConstructor):
         # The measured ceilings belong to the 'fan_in' and 'kernel_step' rules;
         # 'calibrated' measures its own per layer; 'none' or a number means what it says.
         self.factor_lr_mult = factor_lr_mult if factor_lr_mult is not None else (
-            self._default_mult(factor_lr))
+            default_factor_lr_mult(self.base_lr, factor_lr))
         self._factor_multipliers: dict[int, float] = {}
         self._all_factor_multipliers: dict[int, float] = {}
-
-    def _default_mult(self, rule: str) -> float:
-        """``factor_lr_mult`` when not given: the rule's ceiling on ``optimizer.lr``."""
-        if rule == 'fan_in':
-            return default_factor_lr_mult(self.base_lr)
-        if rule == 'kernel_step':
-            return default_kernel_step_mult(self.base_lr)
-        return 1.0
 
     def __call__(self, model: nn.Module) -> OptimWrapper:
         """Build the optim wrapper with per-parameter groups and scaled factor rates.

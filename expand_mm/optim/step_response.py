@@ -67,7 +67,25 @@ def sign_step_response(layer: ExpandedLayer, shares: list[float],
     Returns:
         The response ``R`` (``rms`` of the kernel's move, in units of the rate).
     """
-    ref = copy.deepcopy(layer).double().eval()
+    return _response_of_copy(copy.deepcopy(layer).double().eval(), shares, draws, seed)
+
+
+def orthogonal_step_response(layer: ExpandedLayer, shares: list[float]) -> float:
+    """:func:`sign_step_response` of ``layer``'s chain with orthogonal factors.
+
+    A float64 copy gets factors of the layer's own norms and equal singular
+    values (``init='orthogonal'``, the default start) before it is measured,
+    so the response is that of the chain's shapes and its factors' norms,
+    whatever values the layer holds when the optimizer is built (before
+    ``init_weights`` and ``load_from``).
+    """
+    probe = copy.deepcopy(layer).double().eval()
+    probe.orthogonalise_factors(generator=torch.Generator(device='cpu').manual_seed(0))
+    return _response_of_copy(probe, shares, RESPONSE_DRAWS, 0)
+
+
+def _response_of_copy(ref: ExpandedLayer, shares: list[float], draws: int, seed: int) -> float:
+    """:func:`sign_step_response` of ``ref``, a float64 copy it may change."""
     factors = _factor_weights(ref)
     generator = torch.Generator(device='cpu').manual_seed(seed)
     responses = []
@@ -81,17 +99,3 @@ def sign_step_response(layer: ExpandedLayer, shares: list[float],
                        for i, (share, g) in enumerate(zip(shares, pulled)))
         responses.append(rms(move))
     return math.fsum(responses) / len(responses)
-
-
-def orthogonal_step_response(layer: ExpandedLayer, shares: list[float]) -> float:
-    """:func:`sign_step_response` of ``layer``'s chain with orthogonal factors.
-
-    A float64 copy gets factors of the layer's own norms and equal singular
-    values (``init='orthogonal'``, the default start) before it is measured,
-    so the response is that of the chain's shapes and its factors' norms,
-    whatever values the layer holds when the optimizer is built (before
-    ``init_weights`` and ``load_from``).
-    """
-    probe = copy.deepcopy(layer).double()
-    probe.orthogonalise_factors(generator=torch.Generator(device='cpu').manual_seed(0))
-    return sign_step_response(probe, shares)
