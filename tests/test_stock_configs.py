@@ -7,6 +7,7 @@ barely depend on the input, and a comparison would say little).
 """
 from __future__ import annotations
 
+import math
 import os
 import os.path as osp
 import re
@@ -16,12 +17,14 @@ import numpy as np
 import pytest
 import torch
 from mmengine.config import Config
+from mmengine.optim import build_optim_wrapper
 from mmengine.registry import MODELS, DefaultScope
 from mmengine.runner import Runner
 from PIL import Image
 
 import expand_mm
 from expand_mm.apis import compact_config
+from expand_mm.models.deployable import find_deployable
 from expand_mm.verification import flatten_tensors
 from data_factory import make_cityscapes, make_coco
 from mm_test_utils import shrink_for_test
@@ -332,3 +335,51 @@ def test_the_report_lists_the_attention_input_projections_it_leaves_compact(kdim
     assert sorted(skipped) == sorted(f'attn.{name}' for name in raw)
     assert all('MultiheadAttention' in reason for reason in skipped.values())
     assert 'nn.MultiheadAttention' in str(report)
+
+
+def optimizer_settings(model: torch.nn.Module, optim_wrapper: dict) -> dict:
+    """Parameter name -> ``(lr, weight_decay)`` of the optimizer the config builds."""
+    optimizer = build_optim_wrapper(model, optim_wrapper).optimizer
+    of_param = {id(p): (group['lr'], group.get('weight_decay', 0.0))
+                for group in optimizer.param_groups for p in group['params']}
+    return {name: of_param[id(p)] for name, p in model.named_parameters() if id(p) in of_param}
+
+
+# The stock optimizers issue 25 names: AdamW at 0.004 (above the factor-rate ceiling of
+# 1.5e-3: multiplier 0.375), AdamW at 6e-5 (below it: 1), and SGD (rates left alone).
+STOCK_OPTIMIZERS = [('rtmdet_tiny', 0.375), ('segformer_b0', 1.0), ('yolox_s', None)]
+
+
+@pytest.mark.parametrize('name, default_mult', STOCK_OPTIMIZERS)
+def test_a_stock_optimizer_keeps_its_settings_and_the_factors_get_the_documented_rates(
+        name, default_mult, tmp_path):
+    """Every parameter the ExpandNet shares with the stock model trains as the stock
+    constructor sets it (custom_keys, norm and bias decay); each factor of an expanded
+    layer has the compact weight's decay and, under an adaptive optimizer, the rate
+    ``min(lr, 1.5e-3) * sqrt(f_compact / f_i) / L`` (SGD: the compact weight's rate)."""
+    cfg = expandnet_config(CASES[name], tmp_path)
+    stock_cfg = compact_config(cfg)
+    with DefaultScope.overwrite_default_scope(cfg.default_scope):
+        expandnet, stock = MODELS.build(cfg.model), MODELS.build(stock_cfg.model)
+        ours = optimizer_settings(expandnet, cfg.optim_wrapper)
+        theirs = optimizer_settings(stock, stock_cfg.optim_wrapper)
+    deployable, prefix = find_deployable(expandnet)
+    layers = expand_mm.expanded_layers(deployable)
+    assert len(layers) > 10
+    in_layers = tuple(f'{prefix}{path}.' for path, _ in layers)
+    shared = [n for n in ours if not n.startswith(in_layers)]
+    assert len(shared) > 10
+    for name_ in shared:
+        assert ours[name_] == theirs[name_[len(prefix):]], name_
+    compact_weights = dict(stock.named_parameters())
+    names = {id(p): n for n, p in expandnet.named_parameters()}
+    for path, layer in layers:
+        compact_lr, compact_decay = theirs[f'{path}.weight']
+        compact_fan_in = compact_weights[f'{path}.weight'][0].numel()
+        for index, sub in enumerate(layer.sublayers):
+            lr, decay = ours[names[id(sub.weight)]]
+            assert decay == compact_decay
+            expected = compact_lr if default_mult is None else (
+                compact_lr * default_mult * math.sqrt(compact_fan_in / sub.weight[0].numel())
+                / len(layer.sublayers))
+            assert lr == pytest.approx(expected, rel=1e-9), (path, index)
