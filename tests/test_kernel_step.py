@@ -112,3 +112,20 @@ def test_the_constructor_steps_every_composed_kernel_by_the_capped_rate():
     moves = constructor_kernel_moves('kernel_step')
     assert all(1 / WITHIN < move < WITHIN for move in moves.values()), moves
     assert constructor_kernel_moves('fan_in')['conv'] < 0.75
+
+
+@pytest.mark.parametrize('name', ['cl-3x3', 'ck-5x5', 'linear'])
+def test_giving_the_composed_kernel_the_compact_size_shrinks_its_relative_step_by_s_to_minus_1_over_l(
+        name):
+    # docs/studies.md's reading of projects/digits/tools/kernel_scale.py: scaling the L
+    # factors alike by s^(1/L) scales the composed kernel by s and, under sign-like steps,
+    # its relative step by s^(-1/L): the same as that change of the factor rate.
+    from projects.digits.tools.kernel_scale import relative_step, rescaled
+    make_compact, expand, _ = CHAINS[name]
+    torch.manual_seed(0)
+    layer = expand(make_compact(32), 4)
+    scale = 7.3
+    bigger = rescaled(layer, scale)
+    torch.testing.assert_close(bigger.weight, scale * layer.weight, rtol=1e-4, atol=1e-6)
+    ratio = relative_step(bigger) / relative_step(layer)
+    assert ratio == pytest.approx(scale ** (-1 / len(layer.sublayers)), rel=0.02)
