@@ -18,6 +18,7 @@ import copy
 import io
 import os
 import os.path as osp
+import warnings
 from typing import Any, Mapping
 
 import torch
@@ -332,11 +333,13 @@ def load_deployable_weights(model: nn.Module, state_dict: Mapping, source: str) 
 
 
 def __getattr__(name: str) -> Any:
-    """Deprecated aliases: the cost, probe, planting and deployable-protocol names are
-    also importable from here; import them from their own modules."""
+    """Deprecated aliases: the cost, probe, planting and deployable-protocol names, once
+    importable from here, warn and name their own module."""
     from . import cost, planting, probe
     from .models import deployable
     for module in (cost, planting, probe, deployable):
         if hasattr(module, name) and not name.startswith('_'):
+            warnings.warn(f'expand_mm.deploy.{name} is deprecated: import it from '
+                          f'{module.__name__}', DeprecationWarning, stacklevel=2)
             return getattr(module, name)
     raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

@@ -127,6 +127,15 @@ def test_a_failed_write_leaves_no_temporary_file(tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == ['iter_1.pth']
 
 
+def test_the_old_deploy_aliases_warn_and_name_their_module():
+    import expand_mm.cost
+    import expand_mm.deploy
+    with pytest.warns(DeprecationWarning, match=r'import it from expand_mm\.cost'):
+        assert expand_mm.deploy.count_macs is expand_mm.cost.count_macs
+    with pytest.raises(AttributeError, match="has no attribute 'no_such_name'"):
+        expand_mm.deploy.no_such_name
+
+
 @pytest.mark.slow
 def test_contract_creates_the_output_folder(expandnet_checkpoint, tmp_path, capsys):
     out = tmp_path / 'new' / 'folder' / 'compact.pth'

@@ -518,7 +518,8 @@ def check_checkpoint_fits(model: nn.Module, checkpoint: str) -> None:
     """
     from ..checkpoint import (check_plain_model_checkpoint, match_state_dict,
                               read_checkpoint, strip_prefix)
-    from ..deploy import find_deployable, refuse_unfinished_planting
+    from ..models.deployable import find_deployable
+    from ..planting import refuse_unfinished_planting
     from ..surgery import expanded_layers
     # Memory-mapped: meta, keys and shapes are all the check needs; the runner reads it next.
     saved = read_checkpoint(checkpoint, mmap=True)

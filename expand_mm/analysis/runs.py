@@ -101,7 +101,7 @@ def check_run_files(runs: Sequence[dict[str, Any]], out: str) -> None:
             :func:`~expand_mm.analysis.gradient_confusion.check_checkpoint_fits`).
     """
     from ..checkpoint import read_checkpoint
-    from ..deploy import refuse_unfinished_planting
+    from ..planting import refuse_unfinished_planting
     for run in runs:
         if isinstance(run['config'], str) and not osp.isfile(run['config']):
             raise RunSettingsError(f'config {run["config"]!r} does not exist')

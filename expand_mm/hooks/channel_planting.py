@@ -74,7 +74,7 @@ class ChannelPlantingHook(Hook):
     One saved earlier holds channels that are still masked (their weights are
     kept: they start training when planted); its compact copy
     (``ContractCheckpointHook``, ``tools/contract.py``) has them zeroed, the
-    narrower network of its stage (:func:`~expand_mm.deploy.bake_planting_masks`).
+    narrower network of its stage (:func:`~expand_mm.planting.bake_planting_masks`).
     An ``EMAHook``
     validates by copying its averaged weights into this model, so the masks
     apply there too; its averaged weights of a stage's new channels and of

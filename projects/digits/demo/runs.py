@@ -16,7 +16,8 @@ from mmengine.logging import MMLogger
 from mmengine.runner import Runner
 
 import expand_mm  # noqa: F401  (registers ExpandNet, YOLOLite, the hooks)
-from expand_mm.deploy import compact_checkpoint_path, count_macs
+from expand_mm.cost import count_macs
+from expand_mm.deploy import compact_checkpoint_path
 from expand_mm.models import deployable_model
 from expand_mm.surgery import count_params, expanded_layers
 
