@@ -1,4 +1,6 @@
 """factor_lr='kernel_step': one Adam step moves the composed kernel by the rate, at any ratio."""
+import copy
+
 import pytest
 import torch
 from mmengine.optim import build_optim_wrapper
@@ -8,6 +10,7 @@ import expand_mm
 from expand_mm import ExpandConv2d, ExpandLinear, factor_lr_multipliers
 from expand_mm.optim import ExpandNetOptimWrapperConstructor
 from expand_mm.optim.factor_lr import DEFAULT_KERNEL_STEP
+from expand_mm.optim.step_response import composed_weight, rms, sign_step_response
 from expanded_layer_cases import kaiming_conv
 
 # The stated factor: the measured per-entry move of the composed kernel lies
@@ -117,15 +120,22 @@ def test_the_constructor_steps_every_composed_kernel_by_the_capped_rate():
 @pytest.mark.parametrize('name', ['cl-3x3', 'ck-5x5', 'linear'])
 def test_giving_the_composed_kernel_the_compact_size_shrinks_its_relative_step_by_s_to_minus_1_over_l(
         name):
-    # docs/studies.md's reading of projects/digits/tools/kernel_scale.py: scaling the L
+    # What projects/digits/tools/kernel_scale.py and docs/studies.md state: scaling the L
     # factors alike by s^(1/L) scales the composed kernel by s and, under sign-like steps,
     # its relative step by s^(-1/L): the same as that change of the factor rate.
-    from projects.digits.tools.kernel_scale import relative_step, rescaled
     make_compact, expand, _ = CHAINS[name]
     torch.manual_seed(0)
     layer = expand(make_compact(32), 4)
+    shares = factor_lr_multipliers(layer, 'fan_in')
     scale = 7.3
-    bigger = rescaled(layer, scale)
-    torch.testing.assert_close(bigger.weight, scale * layer.weight, rtol=1e-4, atol=1e-6)
-    ratio = relative_step(bigger) / relative_step(layer)
-    assert ratio == pytest.approx(scale ** (-1 / len(layer.sublayers)), rel=0.02)
+    bigger = copy.deepcopy(layer)
+    with torch.no_grad():
+        for sub in bigger.sublayers:
+            sub.weight.mul_(scale ** (1 / len(bigger.sublayers)))
+    torch.testing.assert_close(composed_weight(bigger), scale * composed_weight(layer),
+                               rtol=1e-4, atol=1e-6)
+
+    def relative(chain):
+        return sign_step_response(chain, shares) / rms(composed_weight(chain))
+    ratio = relative(bigger) / relative(layer)
+    assert ratio == pytest.approx(scale ** (-1 / len(layer.sublayers)), rel=1e-6)
